@@ -1,0 +1,75 @@
+"""The `aim-llama` command: `config` shows the effective settings; `run` launches a program instrumented."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .settings import ENV_NAMES, load_settings, redact_for_display
+
+    try:
+        loaded = load_settings()
+    except ConfigError as exc:
+        print(f"aim-llama: error: {exc}", file=sys.stderr)
+        return 1
+    rows: list[dict[str, Any]] = []
+    for name, value in loaded.settings.model_dump().items():
+        rows.append(
+            {
+                "setting": name,
+                "value": redact_for_display(name, value),
+                "source": loaded.sources[name],
+                "env": ENV_NAMES[name],
+            }
+        )
+    if args.json:
+        print(json.dumps({r["setting"]: {"value": r["value"], "source": r["source"]}
+                          for r in rows}, indent=2, default=str))
+        return 0
+    width = max(len(r["setting"]) for r in rows)
+    for r in rows:
+        value = json.dumps(r["value"], default=str)
+        print(f"{r['setting']:<{width}}  {value:<30}  ({r['source']})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .launcher import run_command
+
+    return run_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="aim-llama",
+        description="Record what LlamaIndex applications do into the Aim experiment tracker.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    config = sub.add_parser(
+        "config",
+        help="print the effective settings and where each came from; exit 1 if invalid",
+    )
+    config.add_argument("--json", action="store_true", help="machine-readable output")
+    config.set_defaults(func=_cmd_config)
+    try:
+        from .launcher import add_run_parser
+    except ImportError:  # pragma: no cover - launcher not available
+        pass
+    else:
+        add_run_parser(sub, _cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `aim-llama` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result

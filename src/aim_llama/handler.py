@@ -1,0 +1,233 @@
+"""LlamaIndex callback events → aim-llama records (a pure mapping; nothing here touches Aim).
+
+`AimLlamaHandler` sits on `Settings.callback_manager`. For each event end it builds a few
+`Track` records and hands them to `submit` (the writer's hot path). Contexts hold only bounded
+values (`{"kind": "llm"}` …) so that a thousand LLM calls make a handful of Aim sequences;
+steps, not contexts, tell calls apart: the Nth LLM call's prompt, response and latency all
+carry step N.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from llama_index.core.callbacks.base_handler import BaseCallbackHandler
+from llama_index.core.callbacks.schema import CBEventType, EventPayload
+
+from .log import warn_once
+from .records import LogError, Record, Track
+
+log = logging.getLogger("aim_llama")
+
+MAX_OPEN_EVENTS = 10_000  # start times kept for events whose end never came (e.g. aborted streams)
+
+Submit = Callable[[Record], None]
+
+
+def _ctx(kind: str) -> dict[str, Any]:
+    return {"kind": kind}
+
+
+def render_messages(messages: Iterable[Any]) -> str:
+    """Chat messages as `role: content` lines (tool calls included by LlamaIndex's own str())."""
+    lines = []
+    for message in messages:
+        role = getattr(getattr(message, "role", None), "value", None)
+        content = getattr(message, "content", None)
+        if role is not None and content is not None:
+            lines.append(f"{role}: {content}")
+        else:
+            lines.append(str(message))
+    return "\n".join(lines)
+
+
+def response_text(response: Any) -> str:
+    """The text of a CompletionResponse / ChatResponse / Response, without consuming streams."""
+    if response is None:
+        return ""
+    text = getattr(response, "text", None)
+    if isinstance(text, str):
+        return text
+    message = getattr(response, "message", None)
+    if message is not None:
+        content = getattr(message, "content", None)
+        return content if isinstance(content, str) else str(message)
+    inner = getattr(response, "response", None)
+    if isinstance(inner, str):
+        return inner
+    if hasattr(response, "response_gen"):  # a streaming response: never str() it
+        return ""
+    return str(response)
+
+
+def error_records(kind: str, exc: BaseException, step: int | None = None) -> list[Record]:
+    """An `errors` count for the kind plus a Logs-tab entry naming operation, type and message."""
+    return [
+        Track("errors", 1, "metric", _ctx(kind), step),
+        LogError(
+            f"{kind} failed: {type(exc).__name__}: {exc}",
+            {"operation": kind, "exception_type": type(exc).__name__, "message": str(exc)[:2000]},
+        ),
+    ]
+
+
+def records_for_end(
+    event_type: str,
+    payload: dict[str, Any] | None,
+    latency_ms: float | None,
+    llm_step: Callable[[], int],
+    start_payload: dict[str, Any] | None = None,
+) -> list[Record]:
+    """Map one finished callback event to records. Pure: no I/O, no Aim."""
+    payload = payload or {}
+    kind = str(getattr(event_type, "value", event_type))
+    exc = payload.get(EventPayload.EXCEPTION)
+    out: list[Record] = []
+    if kind == CBEventType.LLM.value:
+        step = llm_step()
+        if isinstance(exc, BaseException):
+            out.extend(error_records(kind, exc, step))
+        else:
+            if EventPayload.PROMPT in payload:
+                prompt = str(payload[EventPayload.PROMPT])
+                completion = response_text(payload.get(EventPayload.COMPLETION))
+            else:
+                messages = payload.get(EventPayload.MESSAGES) or []
+                prompt = render_messages(messages)
+                completion = response_text(payload.get(EventPayload.RESPONSE))
+            out.append(Track("prompt", prompt, "text", _ctx(kind), step))
+            out.append(Track("response", completion, "text", _ctx(kind), step))
+        if latency_ms is not None:
+            out.append(Track("latency_ms", latency_ms, "metric", _ctx(kind), step))
+        return out
+
+    if isinstance(exc, BaseException):
+        out.extend(error_records(kind, exc))
+    elif kind == CBEventType.CHUNKING.value:
+        for chunk in payload.get(EventPayload.CHUNKS) or []:
+            out.append(Track("chunk", str(chunk), "text", _ctx(kind)))
+    elif kind == CBEventType.EMBEDDING.value:
+        chunks = payload.get(EventPayload.CHUNKS)
+        if chunks is not None:
+            out.append(Track("embedded_texts", len(chunks), "metric", _ctx(kind)))
+    elif kind == CBEventType.RETRIEVE.value:
+        nodes = payload.get(EventPayload.NODES)
+        if nodes is not None:
+            out.append(Track("retrieved_nodes", len(nodes), "metric", _ctx(kind)))
+            scores = [n.score for n in nodes if getattr(n, "score", None) is not None]
+            if scores:
+                out.append(Track("top_score", float(max(scores)), "metric", _ctx(kind)))
+    elif kind == CBEventType.QUERY.value:
+        question = (start_payload or {}).get(EventPayload.QUERY_STR)
+        if question is not None:
+            out.append(Track("question", str(question), "text", _ctx(kind)))
+        response = payload.get(EventPayload.RESPONSE)
+        if response is not None:
+            answer = response_text(response)
+            if answer:
+                out.append(Track("answer", answer, "text", _ctx(kind)))
+    if latency_ms is not None:
+        out.append(Track("latency_ms", latency_ms, "metric", _ctx(kind)))
+    return out
+
+
+class AimLlamaHandler(BaseCallbackHandler):
+    """A LlamaIndex callback handler that turns events into records for the Aim writer.
+
+    It never raises into the application: a failure inside it is logged once per kind and
+    counted (`handler_errors`), and the event is skipped.
+    """
+
+    def __init__(
+        self,
+        submit: Submit,
+        event_starts_to_ignore: list[str] | None = None,
+        event_ends_to_ignore: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            event_starts_to_ignore=[CBEventType(e) for e in event_starts_to_ignore or []],
+            event_ends_to_ignore=[CBEventType(e) for e in event_ends_to_ignore or []],
+        )
+        self.submit = submit
+        self.handler_errors = 0
+        self._open: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._llm_steps = itertools.count()
+        self._lock = threading.Lock()
+
+    def _next_llm_step(self) -> int:
+        return next(self._llm_steps)
+
+    def on_event_start(
+        self,
+        event_type: CBEventType,
+        payload: dict[str, Any] | None = None,
+        event_id: str = "",
+        parent_id: str = "",
+        **kwargs: Any,
+    ) -> str:
+        """Remember when the event started (and the query text, for QUERY events)."""
+        try:
+            keep = None
+            if event_type == CBEventType.QUERY and payload:
+                keep = {EventPayload.QUERY_STR: payload.get(EventPayload.QUERY_STR)}
+            opened = self._open
+            if len(opened) >= MAX_OPEN_EVENTS:
+                with self._lock:
+                    for key in list(itertools.islice(opened, MAX_OPEN_EVENTS // 10)):
+                        opened.pop(key, None)
+            opened[event_id] = (time.perf_counter(), keep)
+        except Exception as exc:
+            self._failed("start", event_type, exc)
+        return event_id
+
+    def on_event_end(
+        self,
+        event_type: CBEventType,
+        payload: dict[str, Any] | None = None,
+        event_id: str = "",
+        **kwargs: Any,
+    ) -> None:
+        """Map the finished event to records and queue them; never raises."""
+        try:
+            started = self._open.pop(event_id, None)
+            latency = None
+            start_payload = None
+            if started is not None:
+                latency = (time.perf_counter() - started[0]) * 1000.0
+                start_payload = started[1]
+            submit = self.submit
+            for record in records_for_end(
+                event_type, payload, latency, self._next_llm_step, start_payload
+            ):
+                submit(record)
+        except Exception as exc:
+            self._failed("end", event_type, exc)
+
+    def _failed(self, phase: str, event_type: Any, exc: Exception) -> None:
+        self.handler_errors += 1
+        kind = str(getattr(event_type, "value", event_type))
+        warn_once(
+            f"handler:{phase}:{kind}:{type(exc).__name__}",
+            "could not record a LlamaIndex %s event (%s): %s: %s; the application continues",
+            kind,
+            phase,
+            type(exc).__name__,
+            exc,
+        )
+        try:
+            self.submit(Track("handler_errors", self.handler_errors, "metric", {"kind": kind}))
+        except Exception:
+            pass
+
+    def start_trace(self, trace_id: str | None = None) -> None:
+        """Traces are labels shared by concurrent requests in LlamaIndex; nothing to do."""
+
+    def end_trace(
+        self, trace_id: str | None = None, trace_map: dict[str, list[str]] | None = None
+    ) -> None:
+        """See `start_trace`."""

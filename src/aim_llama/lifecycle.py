@@ -1,0 +1,111 @@
+"""Process-exit plumbing: flush at normal exit, on SIGTERM/SIGINT, and the terminal-output tee.
+
+Signal handling chains: our handler flushes (bounded by the flush timeout), then hands the
+signal to whatever was installed before — the application's handler, or the default action
+re-raised so a SIGTERMed process still dies with SIGTERM's status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+class SignalChain:
+    """Installs a flush-then-chain handler for SIGTERM (and SIGINT when it has no Python handler)."""
+
+    def __init__(self, on_signal: Callable[[int], None]) -> None:
+        self._on_signal = on_signal
+        self._previous: dict[int, SignalHandler] = {}
+
+    def install(self) -> bool:
+        """Install on the main thread only (Python's rule); returns whether anything was installed."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            current = signal.getsignal(signum)
+            if current is signal.SIG_IGN or current is None:
+                continue  # the app wants it ignored, or a non-Python handler owns it
+            if signum == signal.SIGINT and current is signal.default_int_handler:
+                continue  # KeyboardInterrupt unwinds normally; the atexit flush covers it
+            self._previous[signum] = current
+            signal.signal(signum, self._handle)
+        return bool(self._previous)
+
+    def uninstall(self) -> None:
+        """Put back the previous handlers where ours is still the installed one."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        try:
+            self._on_signal(signum)
+        except Exception:
+            pass
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+            return
+        # Default action: restore it and re-deliver, so the exit status is the signal's.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+class TerminalTee:
+    """Copies what the application writes to stdout/stderr to a callback (Aim's `logs`)."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self._sink = sink
+        self._patched: list[tuple[Any, Any]] = []
+        self._busy = threading.local()
+
+    def install(self) -> None:
+        """Patch `write` of the current sys.stdout and sys.stderr, as Aim itself does."""
+        for stream in (sys.stdout, sys.stderr):
+            if stream is None or any(s is stream for s, _ in self._patched):
+                continue
+            original = stream.write
+
+            def write(data: Any, _original: Any = original) -> Any:
+                result = _original(data)
+                if not getattr(self._busy, "on", False):
+                    self._busy.on = True
+                    try:
+                        if isinstance(data, str) and data:
+                            self._sink(data)
+                    except Exception:
+                        pass
+                    finally:
+                        self._busy.on = False
+                return result
+
+            try:
+                stream.write = write
+            except (AttributeError, TypeError):
+                continue
+            self._patched.append((stream, original))
+
+    def uninstall(self) -> None:
+        """Restore the original `write` methods."""
+        for stream, original in self._patched:
+            try:
+                if getattr(original, "__self__", None) is stream and getattr(
+                    original, "__func__", None
+                ) is getattr(type(stream), "write", None):
+                    del stream.write  # drop our instance attribute; the class method shows again
+                else:
+                    stream.write = original
+            except (AttributeError, TypeError):
+                pass
+        self._patched.clear()

@@ -1,0 +1,51 @@
+"""The small, picklable records that flow from the handler to the writer.
+
+They are plain named tuples of built-in values (no Aim or LlamaIndex objects) so that making
+one on the application's thread costs about a microsecond and sending a batch to a writer
+process is one `pickle.dumps` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+ValueKind = Literal["metric", "text", "distribution"]
+
+
+class Track(NamedTuple):
+    """One value for sequence (name, context). `step=None` lets the writer number it."""
+
+    name: str
+    value: Any
+    kind: ValueKind = "metric"
+    context: dict[str, Any] | None = None
+    step: int | None = None
+
+
+class Param(NamedTuple):
+    """A run parameter: `run[key] = value` (nested dicts allowed)."""
+
+    key: str
+    value: Any
+
+
+class LogError(NamedTuple):
+    """An entry for the run's Logs tab (`run.log_error`)."""
+
+    message: str
+    details: dict[str, Any]
+
+
+class TerminalOutput(NamedTuple):
+    """Raw text the application wrote to stdout/stderr; the writer splits it into Aim `logs` lines."""
+
+    text: str
+
+
+class Flush(NamedTuple):
+    """Barrier: the writer acknowledges `token` once every earlier record is stored."""
+
+    token: int
+
+
+Record = Track | Param | LogError | TerminalOutput | Flush

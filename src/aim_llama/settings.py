@@ -1,0 +1,508 @@
+"""aim-llama's settings: one pydantic-settings model, several sources, and where each value came from.
+
+Precedence, highest first: keyword arguments to `instrument()` > environment > the TOML file
+(`AIM_LLAMA_CONFIG`, else `./aim_llama.toml`) > `[tool.aim_llama]` in `./pyproject.toml` >
+defaults. Every invalid value becomes one `ConfigError` line naming the setting, its source and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    PyprojectTomlConfigSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from typing_extensions import Annotated
+
+from .errors import ConfigError
+
+CONFIG_ENV = "AIM_LLAMA_CONFIG"
+DEFAULT_TOML = "aim_llama.toml"
+PYPROJECT = "pyproject.toml"
+
+# LlamaIndex's CBEventType values (llama_index.core.callbacks.schema). Kept here so that
+# validating a configuration never imports LlamaIndex; a test checks they stay in sync.
+EVENT_TYPES: tuple[str, ...] = (
+    "chunking",
+    "node_parsing",
+    "embedding",
+    "llm",
+    "query",
+    "retrieve",
+    "synthesize",
+    "tree",
+    "sub_question",
+    "templating",
+    "function_call",
+    "reranking",
+    "exception",
+    "agent_step",
+)
+
+_OFF_WORDS = {"none", "off", "false", "no", "disable", "disabled"}
+
+# One line of "what is allowed" per setting, appended to every error about it.
+ALLOWED: dict[str, str] = {
+    "repo": "a directory path or aim://host:port",
+    "experiment": "any non-empty experiment name",
+    "system_tracking_interval": "a whole number of seconds >= 1, or none/off/0 to disable",
+    "log_system_params": "true or false",
+    "capture_terminal_logs": "true or false",
+    "event_starts_to_ignore": "LlamaIndex event types: " + ", ".join(EVENT_TYPES),
+    "event_ends_to_ignore": "LlamaIndex event types: " + ", ".join(EVENT_TYPES),
+    "run_params": "a JSON object / TOML table of run parameters",
+    "enabled": "true or false",
+    "strict": "true or false",
+    "queue_size": "a whole number of records >= 100",
+    "flush_timeout": "a number of seconds > 0 (e.g. 10 or 2.5)",
+    "writer": "process or thread",
+    "propagate": "true or false",
+}
+
+
+def _parse_event_list(value: Any) -> Any:
+    """Accept a JSON list, a comma-separated string, or a list; normalise names to lower case."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a valid JSON list ({exc.msg})") from None
+        else:
+            value = [part for part in (p.strip() for p in text.split(",")) if part]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("must be a list of event types")
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not an event type name")
+        name = item.strip().lower()
+        if name.startswith("cbeventtype."):
+            name = name.split(".", 1)[1]
+        if name not in EVENT_TYPES:
+            close = difflib.get_close_matches(name, EVENT_TYPES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown event type {item!r}{hint}")
+        names.append(name)
+    return names
+
+
+def _parse_bool_strict(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in {"1", "true", "yes", "on", "y", "t"}:
+            return True
+        if text in {"0", "false", "no", "off", "n", "f"}:
+            return False
+        raise ValueError(f"{value!r} is not a boolean")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+StrictishBool = Annotated[bool, NoDecode]
+
+
+class AimLlamaSettings(BaseSettings):
+    """Everything aim-llama can be told. Field names are the TOML keys; env names are aliases."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        validate_default=True,
+        pyproject_toml_table_header=("tool", "aim_llama"),
+        frozen=True,
+    )
+
+    repo: str | None = Field(None, validation_alias="AIM_REPO")
+    experiment: str | None = Field(None, validation_alias="AIM_EXPERIMENT")
+    system_tracking_interval: Annotated[int | None, NoDecode] = Field(
+        1, validation_alias="AIM_SYSTEM_TRACKING_INTERVAL"
+    )
+    log_system_params: StrictishBool = Field(True, validation_alias="AIM_LOG_SYSTEM_PARAMS")
+    capture_terminal_logs: StrictishBool = Field(True, validation_alias="AIM_CAPTURE_TERMINAL_LOGS")
+    event_starts_to_ignore: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="AIM_EVENT_STARTS_TO_IGNORE"
+    )
+    event_ends_to_ignore: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="AIM_EVENT_ENDS_TO_IGNORE"
+    )
+    run_params: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, validation_alias="AIM_RUN_PARAMS"
+    )
+    enabled: StrictishBool = Field(True, validation_alias="AIM_LLAMA_ENABLED")
+    strict: StrictishBool = Field(False, validation_alias="AIM_LLAMA_STRICT")
+    queue_size: int = Field(50_000, validation_alias="AIM_LLAMA_QUEUE_SIZE")
+    flush_timeout: float = Field(10.0, validation_alias="AIM_LLAMA_FLUSH_TIMEOUT")
+    writer: Literal["process", "thread"] = Field("process", validation_alias="AIM_LLAMA_WRITER")
+    propagate: StrictishBool = Field(True, validation_alias="AIM_LLAMA_PROPAGATE")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """kwargs > env (exact names, empty = unset) > TOML file > pyproject.toml > defaults."""
+        return (
+            init_settings,
+            ExactEnvSource(settings_cls),
+            *_file_sources(settings_cls, os.environ),
+        )
+
+    @field_validator("repo", "experiment", mode="before")
+    @classmethod
+    def _non_empty_str(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("repo", mode="after")
+    @classmethod
+    def _check_repo(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            match = re.fullmatch(r"aim://([^:/\s]+):(\d{1,5})/?", value)
+            if not match or not 0 < int(match.group(2)) < 65536:
+                raise ValueError(f"{value!r} is not an aim://host:port address")
+        return value
+
+    @field_validator("system_tracking_interval", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        if value is None or value is False:
+            return None
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _OFF_WORDS or text == "0":
+                return None
+            if not re.fullmatch(r"[+]?\d+", text):
+                raise ValueError(f"{value!r} is not a whole number of seconds")
+            value = int(text)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not a whole number of seconds")
+        if value == 0:
+            return None
+        if value < 0:
+            raise ValueError(f"{value} is negative")
+        return value
+
+    @field_validator(
+        "log_system_params", "capture_terminal_logs", "enabled", "strict", "propagate", mode="before"
+    )
+    @classmethod
+    def _bool(cls, value: Any) -> Any:
+        return _parse_bool_strict(value)
+
+    @field_validator("event_starts_to_ignore", "event_ends_to_ignore", mode="before")
+    @classmethod
+    def _events(cls, value: Any) -> Any:
+        return _parse_event_list(value)
+
+    @field_validator("run_params", mode="before")
+    @classmethod
+    def _run_params(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be an object of key/value pairs, got {type(value).__name__}")
+        for key in value:
+            if not isinstance(key, str) or not key or key.startswith("__"):
+                raise ValueError(f"key {key!r} is not allowed (empty or starting with '__')")
+        return value
+
+    @field_validator("queue_size", mode="before")
+    @classmethod
+    def _queue_size(cls, value: Any) -> Any:
+        value = _whole_number(value)
+        if value < 100:
+            raise ValueError(f"{value} is below 100")
+        return value
+
+    @field_validator("flush_timeout", mode="before")
+    @classmethod
+    def _flush_timeout(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
+        if not isinstance(value, (int, float)) or value != value:  # NaN
+            raise ValueError(f"{value!r} is not a number")
+        if value <= 0 or value == float("inf"):
+            raise ValueError(f"{value} is not > 0 and finite")
+        return float(value)
+
+    @field_validator("writer", mode="before")
+    @classmethod
+    def _writer(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip().lower()
+        return value
+
+
+def _whole_number(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a whole number")
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"{value!r} is not a whole number")
+
+
+FIELDS: dict[str, FieldInfo] = AimLlamaSettings.model_fields
+ENV_NAMES: dict[str, str] = {name: str(info.validation_alias) for name, info in FIELDS.items()}
+
+
+class ExactEnvSource(PydanticBaseSettingsSource):
+    """Reads each setting from its exact env var name; an empty variable counts as unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str] | None = None):
+        super().__init__(settings_cls)
+        self._environ = os.environ if environ is None else environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raw = self._environ.get(ENV_NAMES[field_name], "")
+        return (raw if raw.strip() else None), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in FIELDS:
+            raw, _, _ = self.get_field_value(FIELDS[name], name)
+            if raw is not None:
+                values[name] = raw
+        return values
+
+
+def _file_sources(
+    settings_cls: type[BaseSettings], environ: Mapping[str, str]
+) -> list[PydanticBaseSettingsSource]:
+    toml_path, _ = config_file_path(environ)
+    sources: list[PydanticBaseSettingsSource] = []
+    if toml_path is not None and toml_path.is_file():
+        sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+    # Always present (an absent file reads as empty) so pydantic-settings sees the table header used.
+    sources.append(PyprojectTomlConfigSettingsSource(settings_cls, toml_file=Path.cwd() / PYPROJECT))
+    return sources
+
+
+def config_file_path(environ: Mapping[str, str]) -> tuple[Path | None, bool]:
+    """The TOML file to read and whether the user named it explicitly (then it must exist)."""
+    explicit = environ.get(CONFIG_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser(), True
+    default = Path.cwd() / DEFAULT_TOML
+    return default, False
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    """Validated settings plus, for every field, the source its value came from."""
+
+    settings: AimLlamaSettings
+    sources: dict[str, str]
+
+
+def _fmt_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def _describe(source_kind: str, field: str, value: Any, file_label: str = "") -> str:
+    if source_kind == "env":
+        return f"env {ENV_NAMES[field]}={_fmt_value(value)}"
+    if source_kind == "kwargs":
+        return f"instrument({field}={_fmt_value(value)})"
+    return f"{file_label}: {field} = {_fmt_value(value)}"
+
+
+def _read_toml_source(
+    source_factory: Any, path: Path, label: str, table: str
+) -> dict[str, Any]:
+    """Read one TOML file through pydantic-settings, turning every failure into a ConfigError."""
+    try:
+        data: dict[str, Any] = source_factory()()
+    except PermissionError:
+        raise ConfigError(
+            f"cannot read config file {path}: permission denied; make it readable or set "
+            f"{CONFIG_ENV} to another file",
+            setting=CONFIG_ENV,
+            source=str(path),
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror or exc}", setting=CONFIG_ENV,
+            source=str(path),
+        ) from None
+    except Exception as exc:  # tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError …
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"{label} is not valid TOML: {detail}; fix the syntax (https://toml.io)",
+            setting=table or None,
+            source=str(path),
+        ) from None
+    unknown = [key for key in data if key not in FIELDS]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"{label}: unknown setting {key!r}; {hint}known settings: {', '.join(FIELDS)}",
+            setting=key,
+            source=label,
+        )
+    return data
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> LoadedSettings:
+    """Read every source in precedence order and validate; raise ConfigError (one line) if invalid."""
+    env = os.environ if environ is None else environ
+    overrides = dict(overrides or {})
+    layers: list[tuple[str, str, dict[str, Any]]] = []  # (kind, label, values), lowest first
+
+    pyproject = Path.cwd() / PYPROJECT
+    if pyproject.is_file():
+        label = f"{PYPROJECT} [tool.aim_llama]"
+        data = _read_toml_source(
+            lambda: PyprojectTomlConfigSettingsSource(AimLlamaSettings, toml_file=pyproject),
+            pyproject,
+            label,
+            "tool.aim_llama",
+        )
+        layers.append(("file", label, data))
+
+    toml_path, explicit = config_file_path(env)
+    assert toml_path is not None
+    if explicit and not toml_path.exists():
+        raise ConfigError(
+            f"config file {str(toml_path)!r} named by env {CONFIG_ENV} does not exist; "
+            "point it at a readable TOML file or unset it",
+            setting=CONFIG_ENV,
+            source=f"env {CONFIG_ENV}",
+        )
+    if toml_path.exists():
+        if toml_path.is_dir():
+            raise ConfigError(
+                f"config file {str(toml_path)!r} is a directory; "
+                f"{CONFIG_ENV} must name a TOML file",
+                setting=CONFIG_ENV,
+                source=f"env {CONFIG_ENV}" if explicit else str(toml_path),
+            )
+        label = str(toml_path) if explicit else toml_path.name
+        path = toml_path
+        data = _read_toml_source(
+            lambda: TomlConfigSettingsSource(AimLlamaSettings, toml_file=path), path, label, ""
+        )
+        layers.append(("file", label, data))
+
+    layers.append(("env", "env", ExactEnvSource(AimLlamaSettings, env)()))
+
+    for key in overrides:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"instrument(): unknown setting {key!r}; {hint}known settings: {', '.join(FIELDS)}",
+                setting=key,
+                source="instrument()",
+            )
+    layers.append(("kwargs", "instrument()", overrides))
+
+    merged: dict[str, Any] = {}
+    origin: dict[str, tuple[str, str]] = {}
+    for kind, label, values in layers:
+        for key, value in values.items():
+            merged[key] = value
+            origin[key] = (kind, label)
+
+    try:
+        settings = AimLlamaSettings.model_validate(merged)
+    except ValidationError as exc:
+        raise _to_config_error(exc, merged, origin) from None
+
+    sources = {}
+    for name in FIELDS:
+        if name in origin:
+            kind, label = origin[name]
+            sources[name] = (
+                f"env {ENV_NAMES[name]}" if kind == "env"
+                else "instrument()" if kind == "kwargs"
+                else f"{label}: {name}"
+            )
+        else:
+            sources[name] = "default"
+    return LoadedSettings(settings=settings, sources=sources)
+
+
+def _to_config_error(
+    exc: ValidationError, merged: dict[str, Any], origin: dict[str, tuple[str, str]]
+) -> ConfigError:
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    message = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if error["type"] == "literal_error":
+        message = f"{merged.get(field)!r} is not one of the choices"
+    elif error["type"] in {"int_type", "int_parsing", "float_type", "float_parsing", "string_type"}:
+        message = f"{merged.get(field)!r} has the wrong type"
+    elif error["type"] == "dict_type":
+        message = f"must be a table/object, got {type(merged.get(field)).__name__}"
+    kind, label = origin.get(field, ("default", "default"))
+    where = _describe(kind, field, merged.get(field), label) if field in merged else "default"
+    allowed = ALLOWED.get(field, "")
+    return ConfigError(
+        f"invalid setting {field} ({where}): {message}; allowed: {allowed}",
+        setting=field,
+        source=where,
+    )
+
+
+_SECRET_KEY = re.compile(r"(secret|key|token|password|passwd|credential|auth)", re.IGNORECASE)
+
+
+def redact_for_display(name: str, value: Any) -> Any:
+    """Mask secrets before printing settings: credentials in URLs, secret-looking param names."""
+    if isinstance(value, str):
+        value = re.sub(r"//([^/@\s:]+):([^/@\s]+)@", r"//\1:***@", value)
+        return value
+    if isinstance(value, dict):
+        return {
+            k: ("***" if _SECRET_KEY.search(str(k)) else redact_for_display(str(k), v))
+            for k, v in value.items()
+        }
+    return value
