@@ -3,13 +3,13 @@
 Run it with `AIM_REPO=./aim-demo python examples/rag_app.py`, then `aim up --repo ./aim-demo`.
 """
 
-import aim_llama.auto  # noqa: F401  (activates Aim recording; settings from env / aim_llama.toml)
-
 import sys
 
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.llms import MockLLM
+
+import aim_llama.auto  # noqa: F401  (activates Aim recording; settings from env / aim_llama.toml)
 
 FACTS = [
     "Aim is an open-source experiment tracker with a web UI started by `aim up`.",

@@ -85,19 +85,17 @@ def read_run(path: str | Path, run_hash: str, with_texts: bool = True) -> RunDat
     for metric in run.metrics():
         steps, (values, _epochs, _times) = metric.data.items_list()
         ctx = tuple(sorted(metric.context.to_dict().items()))
-        data.metrics[(metric.name, ctx)] = list(zip(steps, values))
+        data.metrics[(metric.name, ctx)] = list(zip(steps, values, strict=False))
     if with_texts:
         query = f'run.hash == "{run_hash}"'
         for seq in repo.query_texts(query, report_mode=0).iter():
             ctx = tuple(sorted(seq.context.to_dict().items()))
             steps, (values, _e, _t) = seq.data.items_list()
             texts = []
-            for step, value in zip(steps, values):
+            for step, value in zip(steps, values, strict=False):
                 item = value[0] if isinstance(value, list) else value
                 texts.append((int(step), str(getattr(item, "data", item))))
             data.texts[(seq.name, ctx)] = texts
-        for seq in repo.query_logs(query, report_mode=0).iter() if hasattr(repo, "query_logs") else []:
-            pass
     return data
 
 

@@ -82,7 +82,7 @@ class RunSink:
             return False
         try:
             import aim
-            from aim import Run
+            from aim import Run  # type: ignore[attr-defined]
 
             self._aim = aim
             repo = resolve_repo(self.config.repo)
@@ -277,7 +277,7 @@ def _install_group_commit() -> bool:
     return True
 
 
-class group_commit:  # noqa: N801 - used as a context manager
+class group_commit:
     """Context manager: defer and merge RocksDB writes made by this thread until exit."""
 
     def __enter__(self) -> None:

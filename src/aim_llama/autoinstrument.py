@@ -9,6 +9,7 @@ application carries on uninstrumented, unless strict mode asks for an exception.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -221,10 +222,8 @@ def uninstrument() -> None:
         active, _active = _active, None
         if active is None:
             return
-        try:
+        with contextlib.suppress(Exception):
             active.callback_manager.remove_handler(active.handler)
-        except Exception:
-            pass
         if active.tee is not None:
             active.tee.uninstall()
         active.signals.uninstall()

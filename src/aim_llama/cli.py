@@ -42,7 +42,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .launcher import run_command
 
-    return run_command(args)
+    return int(run_command(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ carry step N.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -172,7 +173,7 @@ class AimLlamaHandler(BaseCallbackHandler):
     ) -> str:
         """Remember when the event started (and the query text, for QUERY events)."""
         try:
-            keep = None
+            keep: dict[str, Any] | None = None
             if event_type == CBEventType.QUERY and payload:
                 keep = {EventPayload.QUERY_STR: payload.get(EventPayload.QUERY_STR)}
             opened = self._open
@@ -219,10 +220,8 @@ class AimLlamaHandler(BaseCallbackHandler):
             type(exc).__name__,
             exc,
         )
-        try:
+        with contextlib.suppress(Exception):
             self.submit(Track("handler_errors", self.handler_errors, "metric", {"kind": kind}))
-        except Exception:
-            pass
 
     def start_trace(self, trace_id: str | None = None) -> None:
         """Traces are labels shared by concurrent requests in LlamaIndex; nothing to do."""

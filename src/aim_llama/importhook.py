@@ -7,6 +7,7 @@ LlamaIndex, Aim and pydantic-settings are imported only when the application its
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections.abc import Callable
@@ -72,10 +73,8 @@ class PostImportFinder:
 
 def remove(finder: PostImportFinder) -> None:
     """Take the finder off `sys.meta_path` (no-op if it is not there)."""
-    try:
+    with contextlib.suppress(ValueError):
         sys.meta_path.remove(finder)
-    except ValueError:
-        pass
 
 
 def when_imported(module_name: str, callback: Callable[[], None]) -> PostImportFinder | None:

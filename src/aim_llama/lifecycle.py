@@ -7,6 +7,7 @@ re-raised so a SIGTERMed process still dies with SIGTERM's status.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -45,14 +46,12 @@ class SignalChain:
             return
         for signum, previous in self._previous.items():
             if signal.getsignal(signum) == self._handle:
-                signal.signal(signum, previous)  # type: ignore[arg-type]
+                signal.signal(signum, previous)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._on_signal(signum)
-        except Exception:
-            pass
         previous = self._previous.get(signum, signal.SIG_DFL)
         if callable(previous):
             previous(signum, frame)
@@ -91,7 +90,7 @@ class TerminalTee:
                 return result
 
             try:
-                stream.write = write
+                stream.write = write  # type: ignore[method-assign]
             except (AttributeError, TypeError):
                 continue
             self._patched.append((stream, original))
@@ -99,13 +98,14 @@ class TerminalTee:
     def uninstall(self) -> None:
         """Restore the original `write` methods."""
         for stream, original in self._patched:
+            stream_: Any = stream
             try:
                 if getattr(original, "__self__", None) is stream and getattr(
                     original, "__func__", None
                 ) is getattr(type(stream), "write", None):
-                    del stream.write  # drop our instance attribute; the class method shows again
+                    del stream_.write  # drop our instance attribute; the class method shows again
                 else:
-                    stream.write = original
+                    stream_.write = original
             except (AttributeError, TypeError):
                 pass
         self._patched.clear()

@@ -1,0 +1,102 @@
+"""Shared fixtures: run a real LlamaIndex program in a subprocess, then read its Aim repo back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from aimread import RunData, read_all, run_hashes  # noqa: E402
+
+APPS = Path(__file__).parent / "apps"
+ROOT = Path(__file__).resolve().parent.parent
+
+# Variables a developer's shell may carry that would change what a test means.
+_CLEAN = [
+    k for k in os.environ if k.startswith(("AIM_", "AIM_LLAMA_", "__AIM")) or k == "PYTHONSTARTUP"
+]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment minus any AIM_* settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in _CLEAN}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("AIM_SYSTEM_TRACKING_INTERVAL", "off")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """An empty working directory (no pyproject.toml or aim_llama.toml of ours in sight)."""
+    d = tmp_path / "work"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """Path of a fresh Aim repo directory (created on first write)."""
+    return tmp_path / "aimrepo"
+
+
+RunPy = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def run_py(workdir: Path, repo: Path) -> RunPy:
+    """Run Python code (a string) or an app script in a subprocess with AIM_REPO set to `repo`."""
+
+    def _run(
+        code: str | None = None,
+        *,
+        script: str | Path | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+        check: bool = True,
+        use_repo: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        extra = {"AIM_REPO": str(repo)} if use_repo else {}
+        extra.update(env or {})
+        cmd = [sys.executable]
+        if code is not None:
+            cmd += ["-c", textwrap.dedent(code)]
+        else:
+            cmd += [str(script)]
+        cmd += args or []
+        proc = subprocess.run(
+            cmd, cwd=workdir, env=clean_env(**extra), capture_output=True, text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            )
+        return proc
+
+    return _run
+
+
+@pytest.fixture
+def read_runs(repo: Path) -> Callable[..., list[RunData]]:
+    """Read every run of `repo` back as Aim's UI would (indexing first)."""
+
+    def _read(with_texts: bool = True) -> list[RunData]:
+        return read_all(repo, with_texts)
+
+    return _read
+
+
+def only_run(repo: Path) -> RunData:
+    """The single run in `repo` (fails if there is not exactly one)."""
+    hashes = run_hashes(repo)
+    assert len(hashes) == 1, f"expected one run, found {hashes}"
+    return read_all(repo)[0]
