@@ -1,0 +1,85 @@
+"""Test app for the writer alone (no LlamaIndex): submit records, then end in a chosen way.
+
+Usage: writer_app.py N_RECORDS MODE [--queue-size Q] [--flush-timeout T] [--backend B] [--threads K]
+MODE: exit (normal exit right after submitting), flush-wait (flush, print FLUSHED, wait for stdin),
+      sigterm-wait (print READY, sleep), app-handler (own SIGTERM handler exiting 7), kill-wait
+      (flush half, submit the rest, print READY, sleep for SIGKILL).
+"""
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+from aim_llama.aimrun import RunConfig
+from aim_llama.records import Track
+from aim_llama.writer import Writer
+
+p = argparse.ArgumentParser()
+p.add_argument("n", type=int)
+p.add_argument("mode")
+p.add_argument("--queue-size", type=int, default=50_000)
+p.add_argument("--flush-timeout", type=float, default=10.0)
+p.add_argument("--backend", default="process")
+p.add_argument("--threads", type=int, default=1)
+p.add_argument("--text", action="store_true")
+a = p.parse_args()
+
+writer = Writer(
+    RunConfig(repo=os.environ["AIM_REPO"], app_pid=os.getpid(), system_tracking_interval=None,
+              log_system_params=False, version="test"),
+    queue_size=a.queue_size, flush_timeout=a.flush_timeout, backend=a.backend,
+)
+
+import atexit  # noqa: E402
+
+atexit.register(writer.close)
+
+if a.mode == "app-handler":
+    def on_term(signum, frame):
+        sys.stdout.write("APP HANDLER\n")
+        sys.stdout.flush()
+        os._exit(7)
+    signal.signal(signal.SIGTERM, on_term)
+
+if a.mode in ("sigterm-wait", "app-handler"):
+    from aim_llama.lifecycle import SignalChain
+
+    SignalChain(lambda signum: writer.close()).install()
+
+
+def submit(start: int, count: int, thread: int = 0) -> None:
+    for i in range(start, start + count):
+        if a.text:
+            writer.submit(Track("note", f"record {i}", "text", {"kind": "t"}))
+        else:
+            writer.submit(Track("value", float(i), "metric", {"kind": f"t{thread}"}))
+
+
+t0 = time.perf_counter()
+if a.mode == "kill-wait":
+    half = a.n // 2
+    submit(0, half)
+    assert writer.flush(60), "flush timed out"
+    print("FLUSHED", half, writer.run_hash, flush=True)
+    submit(half, a.n - half)
+elif a.threads > 1:
+    per = a.n // a.threads
+    ts = [threading.Thread(target=submit, args=(k * per, per, k)) for k in range(a.threads)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+else:
+    submit(0, a.n)
+print(f"SUBMITTED {a.n} in {time.perf_counter() - t0:.3f}s dropped={writer.dropped}", flush=True)
+
+if a.mode == "flush-wait":
+    ok = writer.flush(60)
+    print("FLUSHED", ok, writer.run_hash, flush=True)
+    sys.stdin.readline()
+elif a.mode in ("sigterm-wait", "app-handler", "kill-wait"):
+    print("READY", flush=True)
+    time.sleep(60)
+    print("NOT KILLED", flush=True)
+print("EXITING", time.time(), flush=True)

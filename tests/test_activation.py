@@ -1,0 +1,235 @@
+"""Activation and the run lifecycle, end to end through real subprocesses and a real Aim repo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aimread import run_hashes
+from conftest import APPS, only_run
+
+COUNT_HANDLERS = """
+        from llama_index.core import Settings
+        from aim_llama.handler import AimLlamaHandler
+        n = sum(isinstance(h, AimLlamaHandler) for h in Settings.callback_manager.handlers)
+        print("HANDLERS", n)
+"""
+
+
+def test_idempotent_and_thread_safe_activation(run_py, repo):
+    proc = run_py(
+        """
+        import importlib, threading
+        import aim_llama.auto
+        import aim_llama.auto
+        importlib.reload(aim_llama.auto)
+        import aim_llama
+        threads = [threading.Thread(target=aim_llama.instrument) for _ in range(8)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        assert aim_llama.instrument() is True
+        """
+        + COUNT_HANDLERS
+        + """
+        from llama_index.core.instrumentation import get_dispatcher
+        print("INSTRUMENTED", aim_llama.is_instrumented())
+        """
+    )
+    assert "HANDLERS 1" in proc.stdout
+    assert "INSTRUMENTED True" in proc.stdout
+    assert run_hashes(repo) == []  # nothing was recorded, so no empty run was left behind
+
+
+def test_uninstrument_flushes_finalizes_and_removes(run_py, repo):
+    proc = run_py(
+        """
+        import aim_llama
+        from llama_index.core.llms import MockLLM
+        assert aim_llama.instrument(experiment="unit")
+        llm = MockLLM(max_tokens=4)
+        llm.complete("hello there")
+        aim_llama.uninstrument()
+        print("INSTRUMENTED", aim_llama.is_instrumented())
+        """
+        + COUNT_HANDLERS
+        + """
+        llm.complete("after uninstrument: not recorded")
+        import os; os._exit(0)  # skip atexit: uninstrument() alone must have finalized the run
+        """
+    )
+    assert "INSTRUMENTED False" in proc.stdout and "HANDLERS 0" in proc.stdout
+    run = only_run(repo)
+    assert run.end_time is not None and not run.active
+    prompts = [t for _, t in run.text("prompt", kind="llm")]
+    assert prompts == ["hello there"]
+
+
+def test_kill_switch_creates_nothing(run_py, repo):
+    proc = run_py(script=APPS / "rag.py", args=["2"], env={"AIM_LLAMA_ENABLED": "false"})
+    assert "DONE" in proc.stdout
+    assert run_hashes(repo) == []
+    assert not Path(repo).exists()
+
+
+def test_kill_switch_beats_a_broken_config(run_py, repo):
+    proc = run_py(
+        script=APPS / "rag.py",
+        args=["1"],
+        env={"AIM_LLAMA_ENABLED": "0", "AIM_SYSTEM_TRACKING_INTERVAL": "abc"},
+    )
+    assert proc.stderr.strip() == ""
+    assert run_hashes(repo) == []
+
+
+def test_bad_config_fails_open_with_one_line(run_py, repo):
+    proc = run_py(
+        script=APPS / "rag.py",
+        args=["2", "--exit-code", "3"],
+        env={"AIM_SYSTEM_TRACKING_INTERVAL": "abc"},
+        check=False,
+    )
+    assert proc.returncode == 3  # the app's own exit code, unchanged
+    assert "DONE" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if "aim_llama" in line]
+    assert len(lines) == 1, proc.stderr
+    assert "AIM_SYSTEM_TRACKING_INTERVAL='abc'" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert run_hashes(repo) == []
+
+
+def test_bad_toml_key_reported_with_file_and_suggestion(run_py, repo, workdir):
+    (workdir / "aim_llama.toml").write_text('experimnet = "x"\n')
+    proc = run_py(script=APPS / "rag.py", args=["1"])
+    assert "aim_llama.toml: unknown setting 'experimnet'; did you mean 'experiment'?" in proc.stderr
+    assert run_hashes(repo) == []
+
+
+def test_strict_mode_raises_config_error(run_py):
+    proc = run_py(
+        "import aim_llama.auto\nprint('NOT REACHED')",
+        env={"AIM_LLAMA_STRICT": "true", "AIM_LLAMA_QUEUE_SIZE": "-1"},
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "NOT REACHED" not in proc.stdout
+    assert "aim_llama.errors.ConfigError: invalid setting queue_size" in proc.stderr
+
+
+def test_strict_instrument_kwarg_raises(run_py):
+    proc = run_py(
+        """
+        import aim_llama
+        try:
+            aim_llama.instrument(strict=True, writer="carrier-pigeon")
+        except aim_llama.ConfigError as exc:
+            print("CONFIG ERROR:", exc)
+        """
+    )
+    assert "CONFIG ERROR: invalid setting writer (instrument(writer='carrier-pigeon'))" in proc.stdout
+
+
+def test_no_run_when_llamaindex_is_never_called(run_py, repo):
+    run_py("import aim_llama.auto\nfrom llama_index.core import Settings\nprint('ok')")
+    assert run_hashes(repo) == []
+
+
+def test_system_params_and_run_params(run_py, repo, workdir):
+    (workdir / "aim_llama.toml").write_text(
+        'experiment = "params"\n[run_params]\nteam = "search"\nnested = { depth = 2 }\n'
+    )
+    run_py(
+        script=APPS / "rag.py",
+        args=["1"],
+        env={"AIM_RUN_PARAMS": json.dumps({"dataset": "faq-v2"}), "MY_API_TOKEN": "hunter2"},
+    )
+    run = only_run(repo)
+    assert run.experiment == "params"
+    # env beats the file for run_params as a whole
+    assert run.params["dataset"] == "faq-v2" and "team" not in run.params
+    system = run.params["__system_params"]
+    assert set(system) == {"packages", "env_variables", "git_info", "executable", "arguments"}
+    assert "llama-index-core" in system["packages"] and "aim" in system["packages"]
+    assert "MY_API_TOKEN" not in system["env_variables"]
+    assert system["env_variables"]["AIM_REPO"] == str(repo)
+    assert system["arguments"][0].endswith("rag.py")
+    assert run.params["aim_llama"]["role"] == "main"
+
+
+def test_toml_run_params_when_env_absent(run_py, repo, workdir):
+    (workdir / "aim_llama.toml").write_text('[run_params]\nteam = "search"\n')
+    run_py(script=APPS / "rag.py", args=["1"], env={"AIM_LOG_SYSTEM_PARAMS": "false"})
+    run = only_run(repo)
+    assert run.params["team"] == "search"
+    assert "__system_params" not in run.params
+
+
+def test_llm_exception_passes_through_unchanged(run_py, repo):
+    proc = run_py(
+        """
+        import aim_llama.auto
+        from typing import Any
+        from llama_index.core import Document, Settings, VectorStoreIndex
+        from llama_index.core.embeddings import MockEmbedding
+        from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+        from llama_index.core.llms.callbacks import llm_completion_callback
+
+        class Exploding(CustomLLM):
+            @property
+            def metadata(self) -> LLMMetadata:
+                return LLMMetadata(model_name="exploding")
+            @llm_completion_callback()
+            def complete(self, prompt: str, formatted: bool = False, **kw: Any) -> CompletionResponse:
+                raise RuntimeError("model is down")
+            @llm_completion_callback()
+            def stream_complete(self, prompt: str, formatted: bool = False, **kw: Any):
+                raise RuntimeError("model is down")
+
+        Settings.llm = Exploding()
+        Settings.embed_model = MockEmbedding(embed_dim=8)
+        engine = VectorStoreIndex.from_documents([Document(text="a b c")]).as_query_engine()
+        try:
+            engine.query("will this work?")
+        except Exception as exc:
+            print("CAUGHT", type(exc).__name__, exc)
+        """
+    )
+    assert "CAUGHT RuntimeError model is down" in proc.stdout
+    run = only_run(repo)
+    errors = run.metric("errors", kind="llm")
+    assert len(errors) == 1 and errors[0][1] == 1
+    assert run.end_time is not None
+
+
+def test_ignore_lists_are_honored(run_py, repo):
+    run_py(
+        script=APPS / "rag.py",
+        args=["2"],
+        env={"AIM_EVENT_ENDS_TO_IGNORE": "LLM", "AIM_EVENT_STARTS_TO_IGNORE": "query"},
+    )
+    run = only_run(repo)
+    names = {name for name, _ in run.sequences()}
+    assert "prompt" not in names and "response" not in names
+    assert run.text("chunk", kind="chunking")  # other events still recorded
+    assert not run.metric("latency_ms", kind="query")  # its start was ignored: no latency
+
+
+def test_contexts_stay_low_cardinality(run_py, repo):
+    run_py(
+        """
+        import aim_llama.auto
+        from llama_index.core import Settings
+        from llama_index.core.llms import MockLLM
+        Settings.llm = MockLLM(max_tokens=2)
+        llm = Settings.llm
+        for i in range(1000):
+            llm.complete(f"prompt number {i}")
+        """,
+        timeout=240,
+    )
+    run = only_run(repo)
+    prompts = run.text("prompt", kind="llm")
+    assert [s for s, _ in prompts] == list(range(1000))
+    assert prompts[999][1] == "prompt number 999"
+    user_sequences = {seq for seq in run.sequences() if not seq[0].startswith("__")}
+    assert len(user_sequences) <= 6, user_sequences
+    for _, context in user_sequences:
+        assert all(key in {"kind", "model", "source", "tool"} for key, _ in context)

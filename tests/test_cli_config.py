@@ -1,0 +1,68 @@
+"""`aim-llama config`: effective settings with sources; exit 1 with the one-line error when invalid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, clean_env
+
+from aim_llama.settings import FIELDS
+
+
+def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aim_llama", *args], cwd=cwd, env=clean_env(**env),
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_config_shows_values_and_sources(workdir: Path) -> None:
+    (workdir / "aim_llama.toml").write_text('experiment = "from-file"\n')
+    proc = cli("config", cwd=workdir, AIM_REPO="aim://127.0.0.1:53800", AIM_LLAMA_QUEUE_SIZE="")
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert '"from-file"' in lines["experiment"] and "(aim_llama.toml: experiment)" in lines["experiment"]
+    assert "(env AIM_REPO)" in lines["repo"]
+    assert "(default)" in lines["queue_size"]  # empty env var = unset
+    assert set(lines) == set(FIELDS)
+
+
+def test_config_json_and_secret_redaction(workdir: Path) -> None:
+    proc = cli(
+        "config", "--json", cwd=workdir,
+        AIM_RUN_PARAMS='{"api_key": "sk-live-123", "team": "x"}',
+        AIM_REPO="/data/user:pw@host/repo",
+    )
+    data = json.loads(proc.stdout)
+    assert data["run_params"]["value"] == {"api_key": "***", "team": "x"}
+    assert data["run_params"]["source"] == "env AIM_RUN_PARAMS"
+    assert "sk-live-123" not in proc.stdout
+    assert data["strict"] == {"value": False, "source": "default"}
+
+
+def test_config_invalid_exits_1_with_one_line(workdir: Path) -> None:
+    proc = cli("config", cwd=workdir, AIM_SYSTEM_TRACKING_INTERVAL="abc")
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1
+    assert "AIM_SYSTEM_TRACKING_INTERVAL='abc'" in err[0] and "Traceback" not in proc.stderr
+
+
+def test_console_script_is_installed(workdir: Path) -> None:
+    exe = Path(sys.executable).parent / "aim-llama"
+    proc = subprocess.run([str(exe), "config", "--json"], cwd=workdir, env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "system_tracking_interval" in json.loads(proc.stdout)
+
+
+def test_example_config_documents_every_setting_and_is_valid(workdir: Path) -> None:
+    example = ROOT / "config" / "aim_llama.toml"
+    text = example.read_text()
+    for name in FIELDS:
+        assert f"{name} =" in text or f"[{name}]" in text, f"{name} undocumented"
+    proc = cli("config", "--json", cwd=workdir, AIM_LLAMA_CONFIG=str(example))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["writer"]["source"].endswith("aim_llama.toml: writer")

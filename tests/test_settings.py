@@ -1,0 +1,206 @@
+"""Settings: precedence, provenance, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from aim_llama.errors import ConfigError
+from aim_llama.settings import EVENT_TYPES, AimLlamaSettings, load_settings
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for key in list(os.environ):
+        if key.startswith("AIM_"):
+            monkeypatch.delenv(key)
+    return tmp_path
+
+
+def test_event_types_match_llamaindex() -> None:
+    from llama_index.core.callbacks.schema import CBEventType
+
+    assert set(EVENT_TYPES) == {e.value for e in CBEventType}
+
+
+def test_defaults(cwd: Path) -> None:
+    loaded = load_settings(environ={})
+    s = loaded.settings
+    assert s.repo is None and s.experiment is None
+    assert s.system_tracking_interval == 1
+    assert s.log_system_params and s.capture_terminal_logs and s.enabled and not s.strict
+    assert s.event_starts_to_ignore == [] and s.run_params == {}
+    assert set(loaded.sources.values()) == {"default"}
+
+
+def test_precedence_kwargs_env_toml_pyproject(cwd: Path) -> None:
+    (cwd / "pyproject.toml").write_text(
+        '[tool.aim_llama]\nrepo = "from-pyproject"\nexperiment = "pp"\n'
+        'system_tracking_interval = 7\nqueue_size = 1234\n'
+    )
+    (cwd / "aim_llama.toml").write_text('experiment = "toml"\nsystem_tracking_interval = 5\n')
+    env = {"AIM_SYSTEM_TRACKING_INTERVAL": "3", "AIM_EXPERIMENT": ""}  # empty = unset
+    loaded = load_settings({"system_tracking_interval": 2}, environ=env)
+    s = loaded.settings
+    assert s.system_tracking_interval == 2 and loaded.sources["system_tracking_interval"] == "instrument()"
+    assert s.experiment == "toml" and loaded.sources["experiment"] == "aim_llama.toml: experiment"
+    assert s.repo == "from-pyproject"
+    assert loaded.sources["repo"] == "pyproject.toml [tool.aim_llama]: repo"
+    assert s.queue_size == 1234
+    env_only = load_settings(environ=env)
+    assert env_only.settings.system_tracking_interval == 3
+    assert env_only.sources["system_tracking_interval"] == "env AIM_SYSTEM_TRACKING_INTERVAL"
+
+
+def test_explicit_config_file_wins_over_default_file(cwd: Path) -> None:
+    (cwd / "aim_llama.toml").write_text('experiment = "default-file"\n')
+    other = cwd / "conf" / "prod.toml"
+    other.parent.mkdir()
+    other.write_text('experiment = "named"\n[run_params]\nteam = "search"\n')
+    s = load_settings(environ={"AIM_LLAMA_CONFIG": str(other)}).settings
+    assert s.experiment == "named" and s.run_params == {"team": "search"}
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"AIM_SYSTEM_TRACKING_INTERVAL": "none"}, None),
+        ({"AIM_SYSTEM_TRACKING_INTERVAL": "OFF"}, None),
+        ({"AIM_SYSTEM_TRACKING_INTERVAL": "0"}, None),
+        ({"AIM_SYSTEM_TRACKING_INTERVAL": "15"}, 15),
+    ],
+)
+def test_interval_forms(cwd: Path, env: dict[str, str], expected: int | None) -> None:
+    assert load_settings(environ=env).settings.system_tracking_interval == expected
+
+
+def test_event_lists_comma_json_and_case(cwd: Path) -> None:
+    s = load_settings(
+        environ={
+            "AIM_EVENT_STARTS_TO_IGNORE": "LLM, chunking",
+            "AIM_EVENT_ENDS_TO_IGNORE": '["Embedding", "CBEventType.QUERY"]',
+        }
+    ).settings
+    assert s.event_starts_to_ignore == ["llm", "chunking"]
+    assert s.event_ends_to_ignore == ["embedding", "query"]
+
+
+def test_plain_pydantic_settings_model_reads_env(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIM_EXPERIMENT", "via-model")
+    monkeypatch.setenv("AIM_RUN_PARAMS", '{"a": 1}')
+    s = AimLlamaSettings()
+    assert s.experiment == "via-model" and s.run_params == {"a": 1}
+
+
+# (environment, files {name: text}, overrides, fragments the one-line message must contain)
+BAD: list[tuple[str, dict[str, str], dict[str, str], dict[str, object], list[str]]] = [
+    ("interval-word", {"AIM_SYSTEM_TRACKING_INTERVAL": "abc"}, {}, {},
+     ["system_tracking_interval", "env AIM_SYSTEM_TRACKING_INTERVAL='abc'", "whole number"]),
+    ("interval-negative", {"AIM_SYSTEM_TRACKING_INTERVAL": "-5"}, {}, {},
+     ["system_tracking_interval", "AIM_SYSTEM_TRACKING_INTERVAL='-5'", "negative"]),
+    ("interval-float", {"AIM_SYSTEM_TRACKING_INTERVAL": "1.5"}, {}, {},
+     ["system_tracking_interval", "'1.5'", "none/off/0"]),
+    ("interval-toml-string", {}, {"aim_llama.toml": 'system_tracking_interval = "soon"\n'}, {},
+     ["system_tracking_interval", "aim_llama.toml: system_tracking_interval = 'soon'"]),
+    ("interval-toml-float", {}, {"aim_llama.toml": "system_tracking_interval = 2.5\n"}, {},
+     ["system_tracking_interval", "aim_llama.toml", "2.5"]),
+    ("bool-env", {"AIM_LOG_SYSTEM_PARAMS": "maybe"}, {}, {},
+     ["log_system_params", "env AIM_LOG_SYSTEM_PARAMS='maybe'", "true or false"]),
+    ("bool-terminal", {"AIM_CAPTURE_TERMINAL_LOGS": "2"}, {}, {},
+     ["capture_terminal_logs", "AIM_CAPTURE_TERMINAL_LOGS='2'"]),
+    ("bool-enabled-toml", {}, {"aim_llama.toml": 'enabled = "sometimes"\n'}, {},
+     ["enabled", "aim_llama.toml: enabled", "true or false"]),
+    ("bool-strict-int", {}, {"aim_llama.toml": "strict = 3\n"}, {},
+     ["strict", "aim_llama.toml: strict = 3"]),
+    ("event-unknown", {"AIM_EVENT_STARTS_TO_IGNORE": "llm,retreive"}, {}, {},
+     ["event_starts_to_ignore", "AIM_EVENT_STARTS_TO_IGNORE", "'retreive'", "did you mean 'retrieve'"]),
+    ("event-bad-json", {"AIM_EVENT_ENDS_TO_IGNORE": '["llm",'}, {}, {},
+     ["event_ends_to_ignore", "not a valid JSON list"]),
+    ("event-not-string", {"AIM_EVENT_ENDS_TO_IGNORE": "[1, 2]"}, {}, {},
+     ["event_ends_to_ignore", "1 is not an event type name"]),
+    ("event-toml-type", {}, {"aim_llama.toml": "event_starts_to_ignore = 5\n"}, {},
+     ["event_starts_to_ignore", "aim_llama.toml", "list of event types"]),
+    ("event-toml-unknown", {}, {"aim_llama.toml": 'event_ends_to_ignore = ["lm"]\n'}, {},
+     ["event_ends_to_ignore", "unknown event type 'lm'", "did you mean 'llm'"]),
+    ("run-params-json", {"AIM_RUN_PARAMS": "{team: x}"}, {}, {},
+     ["run_params", "env AIM_RUN_PARAMS", "not valid JSON"]),
+    ("run-params-list", {"AIM_RUN_PARAMS": "[1, 2]"}, {}, {},
+     ["run_params", "must be an object", "list"]),
+    ("run-params-dunder", {"AIM_RUN_PARAMS": '{"__system_params": 1}'}, {}, {},
+     ["run_params", "'__system_params' is not allowed"]),
+    ("run-params-toml-scalar", {}, {"aim_llama.toml": "run_params = 3\n"}, {},
+     ["run_params", "aim_llama.toml: run_params = 3"]),
+    ("repo-empty-toml", {}, {"aim_llama.toml": 'repo = "  "\n'}, {},
+     ["repo", "aim_llama.toml: repo", "must not be empty"]),
+    ("repo-bad-url", {"AIM_REPO": "aim://host"}, {}, {},
+     ["repo", "env AIM_REPO='aim://host'", "aim://host:port"]),
+    ("repo-bad-port", {"AIM_REPO": "aim://127.0.0.1:99999"}, {}, {},
+     ["repo", "aim://host:port"]),
+    ("repo-not-string", {}, {"aim_llama.toml": "repo = 12\n"}, {},
+     ["repo", "aim_llama.toml: repo = 12", "not a string"]),
+    ("experiment-table", {}, {"aim_llama.toml": "[experiment]\nname = 'x'\n"}, {},
+     ["experiment", "aim_llama.toml", "not a string"]),
+    ("unknown-toml-key", {}, {"aim_llama.toml": 'experimnet = "x"\n'}, {},
+     ["aim_llama.toml", "unknown setting 'experimnet'", "did you mean 'experiment'"]),
+    ("unknown-pyproject-key", {}, {"pyproject.toml": "[tool.aim_llama]\nrepoo = '.'\n"}, {},
+     ["pyproject.toml [tool.aim_llama]", "unknown setting 'repoo'", "did you mean 'repo'"]),
+    ("toml-syntax", {}, {"aim_llama.toml": 'experiment = "x\n'}, {},
+     ["aim_llama.toml is not valid TOML", "line 1"]),
+    ("pyproject-syntax", {}, {"pyproject.toml": "[tool.aim_llama\nrepo='x'\n"}, {},
+     ["pyproject.toml [tool.aim_llama] is not valid TOML"]),
+    ("config-missing", {"AIM_LLAMA_CONFIG": "nope/missing.toml"}, {}, {},
+     ["nope/missing.toml", "env AIM_LLAMA_CONFIG", "does not exist"]),
+    ("config-directory", {"AIM_LLAMA_CONFIG": "."}, {}, {},
+     ["is a directory", "AIM_LLAMA_CONFIG"]),
+    ("queue-size-small", {"AIM_LLAMA_QUEUE_SIZE": "5"}, {}, {},
+     ["queue_size", "AIM_LLAMA_QUEUE_SIZE='5'", "below 100"]),
+    ("queue-size-word", {"AIM_LLAMA_QUEUE_SIZE": "lots"}, {}, {},
+     ["queue_size", "'lots' is not a whole number"]),
+    ("flush-timeout-zero", {"AIM_LLAMA_FLUSH_TIMEOUT": "0"}, {}, {},
+     ["flush_timeout", "AIM_LLAMA_FLUSH_TIMEOUT='0'", "> 0"]),
+    ("flush-timeout-nan", {"AIM_LLAMA_FLUSH_TIMEOUT": "nan"}, {}, {},
+     ["flush_timeout", "not a number"]),
+    ("writer-choice", {"AIM_LLAMA_WRITER": "fork"}, {}, {},
+     ["writer", "env AIM_LLAMA_WRITER='fork'", "process or thread"]),
+    ("kwarg-unknown", {}, {}, {"experimant": "x"},
+     ["instrument(): unknown setting 'experimant'", "did you mean 'experiment'"]),
+    ("kwarg-bad-type", {}, {}, {"system_tracking_interval": "x"},
+     ["system_tracking_interval", "instrument(system_tracking_interval='x')"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "files", "overrides", "fragments"),
+    [case[1:] for case in BAD],
+    ids=[case[0] for case in BAD],
+)
+def test_bad_input_gives_one_clear_line(
+    cwd: Path,
+    env: dict[str, str],
+    files: dict[str, str],
+    overrides: dict[str, object],
+    fragments: list[str],
+) -> None:
+    for name, text in files.items():
+        (cwd / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides, environ=env)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_at_least_25_bad_inputs_are_covered() -> None:
+    assert len(BAD) >= 25
+
+
+def test_unreadable_file_as_a_bad_encoding(cwd: Path) -> None:
+    """An unreadable file (bytes that are not UTF-8 TOML) is reported, not a traceback."""
+    (cwd / "aim_llama.toml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={})
+    assert "aim_llama.toml is not valid TOML" in str(info.value)

@@ -1,0 +1,216 @@
+"""The writer: never blocks the app, never loses data silently, flushes at exit and on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aimread import read_run, run_hashes
+from conftest import APPS, clean_env, only_run
+
+WRITER_APP = APPS / "writer_app.py"
+
+
+def start(repo: Path, workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(WRITER_APP), *args],
+        cwd=workdir,
+        env=clean_env(AIM_REPO=str(repo), **(env or {})),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(proc: subprocess.Popen[str], word: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(word):
+            return line
+    raise AssertionError(f"{word} not seen; stderr: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def values(run, name: str = "value", **ctx) -> list[float]:
+    return [v for _, v in run.metric(name, **ctx)]
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_normal_exit_with_full_queue_flushes_everything(repo, workdir, backend):
+    proc = start(repo, workdir, "20000", "exit", "--backend", backend, "--flush-timeout", "100")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    run = only_run(repo)
+    assert values(run, kind="t0") == [float(i) for i in range(20000)]
+    assert run.end_time is not None and not run.active
+    assert run.params["aim_llama"]["writer"] == backend
+
+
+def test_flush_makes_records_readable_while_the_app_runs(repo, workdir):
+    proc = start(repo, workdir, "3000", "flush-wait")
+    try:
+        line = wait_for(proc, "FLUSHED")
+        _, ok, run_hash = line.split()
+        assert ok == "True"
+        run = read_run(repo, run_hash)  # the app is still alive and holds the run open
+        assert len(values(run, kind="t0")) == 3000
+        assert run.end_time is None  # not finalized yet: the app has not exited
+    finally:
+        proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0
+    assert read_run(repo, run_hash).end_time is not None
+
+
+def test_queue_overflow_drops_are_counted_and_reported(repo, workdir):
+    proc = start(repo, workdir, "100000", "exit", "--queue-size", "500")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    dropped = int(out.split("dropped=")[1].split()[0])
+    assert dropped > 0
+    run = only_run(repo)
+    stored = len(values(run, kind="t0"))
+    drops = run.metric("dropped_records", kind="queue")
+    assert drops and drops[-1][1] == dropped  # the final count is on the run
+    assert stored + dropped == 100000  # nothing vanished without being counted
+    warnings = [line for line in err.splitlines() if "queue is full" in line]
+    assert len(warnings) == 1  # reported once, not per record
+    assert f"{dropped} dropped because the queue was full" in err  # and summarized at exit
+
+
+def test_threads_get_explicit_steps_and_lose_nothing(repo, workdir):
+    proc = start(repo, workdir, "16000", "exit", "--threads", "8")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    run = only_run(repo)
+    for k in range(8):
+        points = run.metric("value", kind=f"t{k}")
+        assert [s for s, _ in points] == list(range(2000))
+        assert sorted(v for _, v in points) == [float(i) for i in range(k * 2000, (k + 1) * 2000)]
+
+
+def test_sigterm_flushes_finalizes_and_keeps_sigterm_status(repo, workdir):
+    proc = start(repo, workdir, "5000", "sigterm-wait", "--text")
+    wait_for(proc, "READY")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert "NOT KILLED" not in out
+    run = only_run(repo)
+    texts = run.text("note", kind="t")
+    assert len(texts) == 5000 and texts[-1][1] == "record 4999"
+    assert run.end_time is not None and not run.active
+
+
+def test_sigterm_chains_to_the_apps_own_handler(repo, workdir):
+    proc = start(repo, workdir, "2000", "app-handler")
+    wait_for(proc, "READY")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 7 and "APP HANDLER" in out
+    run = only_run(repo)
+    assert len(values(run, kind="t0")) == 2000 and run.end_time is not None
+
+
+def test_sigterm_through_auto_on_a_real_pipeline(repo, workdir):
+    code = (
+        "import aim_llama.auto, time, sys\n"
+        "from llama_index.core import Settings\n"
+        "from llama_index.core.llms import MockLLM\n"
+        "llm = MockLLM(max_tokens=3)\n"
+        "for i in range(300): llm.complete(f'q{i}')\n"
+        "print('READY', flush=True); time.sleep(60); print('NOT KILLED')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=workdir, env=clean_env(AIM_REPO=str(repo)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_for(proc, "READY")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == [f"q{i}" for i in range(300)]
+    assert run.end_time is not None and not run.active
+
+
+def test_sigkill_keeps_what_was_handed_over_and_the_writer_finalizes(repo, workdir):
+    proc = start(repo, workdir, "4000", "kill-wait")
+    line = wait_for(proc, "FLUSHED")
+    run_hash = line.split()[2]
+    wait_for(proc, "READY")
+    proc.kill()
+    proc.communicate(timeout=60)
+    # The writer process sees the pipe close, stores what it received and finalizes the run.
+    deadline = time.monotonic() + 30
+    run = read_run(repo, run_hash)
+    while run.end_time is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run = read_run(repo, run_hash)
+    got = values(run, kind="t0")
+    assert got[:2000] == [float(i) for i in range(2000)]  # everything flushed before the kill
+    assert got == [float(i) for i in range(len(got))]  # in order, no holes
+    assert run.end_time is not None
+
+
+def test_unusable_repo_leaves_app_unaffected_with_one_error(run_py, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the repo's parent directory should be")
+    proc = run_py(
+        script=APPS / "rag.py", args=["3", "--exit-code", "0"],
+        env={"AIM_REPO": str(blocker / "repo")},
+    )
+    assert "DONE" in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "cannot create the Aim run" in line]
+    assert len(errors) == 1, proc.stderr
+    assert str(blocker / "repo") in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_exit_never_exceeds_the_flush_timeout(repo, workdir):
+    """50k texts take the writer several seconds; with a 1 s timeout the app must not wait for them."""
+    proc = start(repo, workdir, "50000", "exit", "--text", "--flush-timeout", "1", "--backend", "thread")
+    out, err = proc.communicate(timeout=120)
+    exiting = float(out.split("EXITING ")[1].split()[0])
+    ended = time.time()
+    assert proc.returncode == 0
+    assert ended - exiting < 1.0 + 1.5  # the timeout plus interpreter teardown
+    assert "did not finish within the flush timeout (1s" in err
+    assert "records not written" in err
+
+
+def test_writer_needs_no_llamaindex(repo, workdir):
+    code = (
+        "import sys, os\n"
+        "from aim_llama.aimrun import RunConfig\nfrom aim_llama.writer import Writer\n"
+        "from aim_llama.records import Track\n"
+        "w = Writer(RunConfig(repo=os.environ['AIM_REPO'], system_tracking_interval=None), backend='thread')\n"
+        "w.submit(Track('x', 1.0))\nw.close()\n"
+        "print('LLAMA', any(m.startswith('llama_index') for m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=clean_env(AIM_REPO=str(repo)),
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert "LLAMA False" in out
+    assert [v for _, v in only_run(repo).metric("x")] == [1.0]
+
+
+def test_app_thread_never_imports_aim(run_py):
+    """With the process writer, Aim is imported by the writer process, not by the application."""
+    check = run_py(
+        "import aim_llama.auto, sys\n"
+        "from llama_index.core.llms import MockLLM\n"
+        "MockLLM().complete('x')\n"
+        "import aim_llama; aim_llama.flush()\n"
+        "print('AIM', 'aim' in sys.modules, 'aim.sdk' in sys.modules)\n"
+    )
+    assert "AIM False False" in check.stdout
