@@ -6,9 +6,9 @@ The programmatic API is imported lazily so that importing this package costs alm
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .errors import ConfigError
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds at start-up
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
+
     from .autoinstrument import current_run_hash, flush, instrument, is_instrumented, uninstrument
 
 _LAZY = {"instrument", "uninstrument", "is_instrumented", "flush", "current_run_hash"}

@@ -8,20 +8,27 @@ and finalizes the run on `close()` so Aim never shows it as still active.
 
 from __future__ import annotations
 
+import atexit
+import collections
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import remote
+from .log import warn_once
 from .records import Flush, LogError, Param, Record, TerminalOutput, Track
 
 log = logging.getLogger("aim_llama")
 
 DROPPED_METRIC = "dropped_records"
+CONNECT_TIMEOUT = 2.0  # seconds for the TCP check before each attempt to reach an Aim server
+STALL_WARNING = 5.0  # seconds without confirmation from a server before we say it is gone
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class RunConfig:
     writer: str = "process"
     role: str = "main"
     version: str = ""
+    flush_timeout: float = 10.0  # how long closing may wait for a remote server
+    buffer_size: int = 50_000  # records kept in memory while an aim:// server is unreachable
 
 
 def resolve_repo(repo: str | None) -> str:
@@ -50,10 +59,127 @@ def resolve_repo(repo: str | None) -> str:
     return path
 
 
+def ensure_repo_initialized(repo: str) -> None:
+    """Create a new local repo once, under an inter-process lock, before a Run opens it.
+
+    Aim makes `.aim` first and writes `.aim/VERSION` last (after its DB migrations); another
+    process opening the repo in between reads it as "out of date" and refuses. Writers that
+    start together on a new repo (forked or spawned workers) would lose their runs to that.
+    """
+    if "://" in repo:
+        return
+    root = os.path.dirname(repo) if os.path.basename(repo) == ".aim" else repo
+    version = os.path.join(root, ".aim", "VERSION")
+    if _has_version(version):
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16]
+    lock_path = os.path.join(tempfile.gettempdir(), f"aim-llama-init-{digest}.lock")
+    os.makedirs(root, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            if not _has_version(version):
+                from aim.sdk.repo import Repo
+
+                Repo.from_path(root, init=True)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _has_version(path: str) -> bool:
+    try:
+        with open(path) as fh:
+            return bool(fh.read().strip())
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _tolerant_atexit() -> Iterator[None]:
+    """Let Aim create a Run while the interpreter is already running atexit callbacks.
+
+    Aim registers an atexit hook per Run, and importing it pulls in concurrent.futures, which
+    registers one too; during shutdown both raise. We finalize the run ourselves in `close()`,
+    so a registration refused at shutdown can be skipped safely (thread writer only: the
+    writer process never opens its run at shutdown).
+    """
+    original = atexit.register
+    original_threading = getattr(threading, "_register_atexit", None)
+
+    def register(func: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(func, *args, **kwargs)
+        except RuntimeError:
+            return func
+
+    def register_threading(func: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            if original_threading is not None:
+                original_threading(func, *args, **kwargs)
+        except RuntimeError:
+            pass  # e.g. concurrent.futures imported during shutdown
+
+    atexit.register = register  # type: ignore[assignment]
+    if original_threading is not None:
+        threading._register_atexit = register_threading  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        atexit.register = original
+        if original_threading is not None:
+            threading._register_atexit = original_threading  # type: ignore[attr-defined]
+
+
 def _ctx_key(context: dict[str, Any] | None) -> str:
     if not context:
         return ""
     return json.dumps(context, sort_keys=True, default=str)
+
+
+def _release_aim_exit() -> None:
+    """Unblock Aim's exit cleanup after we gave up on a vanished server.
+
+    Aim's `AutoClean.cleanup` runs its finalizers in a thread and waits for a signal that thread
+    sets only when all succeeded; a finalizer that raises (a request to the dead server) leaves
+    the interpreter waiting forever. Once that thread is gone, set the signal ourselves, and
+    keep the failed requests' tracebacks out of the application's stderr.
+    """
+    try:
+        from aim.ext.cleanup import AutoClean, RobustExec
+    except Exception:
+        return
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if not isinstance(args.thread, RobustExec):
+            previous(args)
+
+    threading.excepthook = hook
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not AutoClean.stop_signal.is_set():
+        if not any(isinstance(t, RobustExec) and t.is_alive() for t in threading.enumerate()):
+            time.sleep(0.2)  # it may be about to start, or just finished
+            if not any(isinstance(t, RobustExec) and t.is_alive() for t in threading.enumerate()):
+                AutoClean.stop_signal.set()
+                return
+        time.sleep(0.1)
+
+
+def _address_of(repo: str | None) -> remote.Address | None:
+    """The server address for an aim:// repo (None for a local one or a malformed address)."""
+    if not remote.is_remote(repo):
+        return None
+    try:
+        return remote.parse_address(str(repo))
+    except ValueError:
+        return None
 
 
 class RunSink:
@@ -66,6 +192,7 @@ class RunSink:
         self.failed: str | None = None
         self.lost = 0  # records that could not be stored (run creation or tracking failed)
         self.stored = 0
+        self.abort = False  # set by an exiting application: stop between records, count the rest
         self._steps: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
         self._stats_stop = threading.Event()
@@ -73,6 +200,21 @@ class RunSink:
         self._log_line = 0
         self._log_tail = ""
         self._aim: Any = None
+        # aim:// repos: retry with backoff, hold records while the server is unreachable, and
+        # count what the server confirmed (see `remote.add_marker`).
+        self.address = _address_of(config.repo)
+        self.delivered = 0  # records confirmed by the server (remote only)
+        self.on_ack: Any = None  # acknowledge flush tokens once the server confirmed them
+        self.exit_guard = True  # bound Aim's exit cleanup (off in the writer process: os._exit)
+        self._backoff = remote.Backoff()
+        self._held: collections.deque[Record] = collections.deque()
+        self._held_records = 0
+        self._marked = 0
+        self._client: Any = None
+        self._last_delivery = 0.0
+        self._unreachable_since: float | None = None
+        self._gave_up = False
+        self._closed = threading.Event()
 
     # -- run lifecycle -------------------------------------------------------------------
     def _open(self) -> bool:
@@ -80,19 +222,28 @@ class RunSink:
             return True
         if self.failed is not None:
             return False
+        if self.address is not None and not self._backoff.due():
+            return False
         try:
-            import aim
-            from aim import Run  # type: ignore[attr-defined]
+            if self.address is not None:
+                reason = remote.tcp_check(self.address, CONNECT_TIMEOUT)
+                if reason is not None:
+                    raise ConnectionError(reason)
+            with _tolerant_atexit():
+                import aim
+                from aim import Run  # type: ignore[attr-defined]
 
             self._aim = aim
             repo = resolve_repo(self.config.repo)
-            run = Run(
-                repo=repo,
-                experiment=self.config.experiment,
-                system_tracking_interval=None,
-                log_system_params=False,
-                capture_terminal_logs=False,
-            )
+            ensure_repo_initialized(repo)
+            with _tolerant_atexit():
+                run = Run(
+                    repo=repo,
+                    experiment=self.config.experiment,
+                    system_tracking_interval=None,
+                    log_system_params=False,
+                    capture_terminal_logs=False,
+                )
             if getattr(run, "_resources", None) is None and not hasattr(run, "hash"):
                 raise RuntimeError("Aim returned an unusable Run")
             for key, value in self.config.run_params.items():
@@ -108,6 +259,9 @@ class RunSink:
 
                 run["__system_params"] = system_params(self.config.executable, self.config.argv)
         except Exception as exc:
+            if self.address is not None:
+                self._connect_failed(exc)
+                return False
             self.failed = f"{type(exc).__name__}: {exc}"
             log.error(
                 "cannot create the Aim run in repo %r (%s); recording is off for this process, "
@@ -118,6 +272,8 @@ class RunSink:
             return False
         self.run = run
         self.run_hash = str(run.hash)
+        if self.address is not None:
+            self._connected()
         if self.config.system_tracking_interval:
             self._stats_thread = threading.Thread(
                 target=self._track_system_stats, name="aim-llama-sysstats", daemon=True
@@ -125,43 +281,281 @@ class RunSink:
             self._stats_thread.start()
         return True
 
-    def close(self) -> None:
-        """Store what is pending and finalize the run (end time set, locks released)."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Store what is pending and finalize the run (end time set, locks released).
+
+        Local repos close inline. For an aim:// server the close runs in a helper thread and
+        is abandoned after `timeout` (default: the flush timeout), because Aim's `close()`
+        waits forever for a server that is gone; the records the server never confirmed are
+        then counted in `lost`. Returns False when it had to give up.
+        """
         self._stats_stop.set()
         if self._stats_thread is not None:
-            self._stats_thread.join(timeout=5)
+            self._stats_thread.join(timeout=5 if timeout is None else min(5.0, timeout))
+        if self.address is None:
+            self._finalize(None)
+            return True
+        limit = self.config.flush_timeout if timeout is None else timeout
+        deadline = time.monotonic() + max(0.0, limit)
+        helper = threading.Thread(
+            target=self._finalize, args=(deadline,), name="aim-llama-close", daemon=True
+        )
+        helper.start()
+        helper.join(max(0.0, deadline - time.monotonic()))
+        if helper.is_alive():
+            self.give_up()
+            return False
+        return True
+
+    def _finalize(self, deadline: float | None) -> None:
         with self._lock:
+            if self.address is not None and self.run is None and self._held_records:
+                self._last_chance(deadline)
             if self.run is None:
+                if self._held_records and not self._gave_up:
+                    self._report_lost(self._held_records, "it never became reachable")
+                    self.lost += self._held_records
+                    self._held.clear()
+                    self._held_records = 0
                 return
             if self._log_tail:
                 self._track_log_line(self._log_tail)
                 self._log_tail = ""
+            self._mark([])
             try:
                 self.run.close()
             except Exception as exc:
                 log.error("could not finalize Aim run %s: %s", self.run_hash, exc)
+            if self._client is not None:
+                remote.disconnect(self._client)
             self.run = None
+            self._closed.set()
+
+    def _bound_exit(self) -> None:
+        """Interpreter exit in the application: Aim's cleanup (next) waits forever for a server
+        that is gone; after the flush timeout, give up on what it still holds."""
+        if self.run is None:
+            return
+
+        def watch() -> None:
+            # Keep about a second for what follows (Aim stops its heartbeat thread, our writer
+            # closes), so the whole exit stays within the flush timeout.
+            if self._closed.wait(max(0.2, self.config.flush_timeout - 1.0)):
+                return
+            self.give_up()
+            _release_aim_exit()
+
+        threading.Thread(target=watch, name="aim-llama-exit-deadline", daemon=True).start()
+
+    def _last_chance(self, deadline: float | None) -> None:
+        """Closing with records held for an unreachable server: keep trying until the deadline."""
+        while True:
+            self._backoff.next_at = 0.0
+            if self._open():
+                self._apply_held([])
+                return
+            left = (deadline or 0.0) - time.monotonic()
+            if left <= 0.05:
+                return
+            time.sleep(min(0.5, left))
+
+    def give_up(self, received: int | None = None) -> None:
+        """The deadline passed: count what the server never confirmed and release Aim's waiters.
+
+        `received`: records the writer was handed in all (some may not have reached this sink).
+        """
+        if self._gave_up:
+            return
+        missing = self.unconfirmed()
+        if received is not None:
+            missing = max(missing, received - self.confirmed)
+        self.lost += missing
+        self._gave_up = True  # counted once, as lost; nothing is unconfirmed any more
+        if self._client is not None:
+            remote.abandon_queue(self._client)
+        self._report_lost(
+            missing,
+            f"the flush timeout ({self.config.flush_timeout:g}s, AIM_LLAMA_FLUSH_TIMEOUT) ran out",
+        )
+
+    def _report_lost(self, count: int, why: str) -> None:
+        if count:
+            log.error(
+                "%d records were not delivered to the Aim server %s because %s; they are lost",
+                count,
+                self.address.url if self.address else self.config.repo,
+                why,
+            )
+
+    # -- remote servers ------------------------------------------------------------------
+    @property
+    def confirmed(self) -> int:
+        """Records known to be in the repo: stored (local) or confirmed by the server (remote)."""
+        return self.delivered if self.address is not None else self.stored
+
+    def unconfirmed(self) -> int:
+        """Records accepted but not (yet) confirmed by the server: held plus in Aim's queue."""
+        if self.address is None or self._gave_up:
+            return 0
+        return self._held_records + max(0, self.stored - self.delivered)
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        delay = self._backoff.failed(now)
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        assert self.address is not None
+        warn_once(
+            "remote-unreachable",
+            "the Aim server %s is not reachable (%s); the application continues, up to %d "
+            "records are kept in memory and sent when it answers (retrying with backoff)",
+            self.address.url,
+            remote.describe_failure(exc),
+            self.config.buffer_size,
+        )
+        log.debug("next attempt to reach %s in %.1fs", self.address.url, delay)
+
+    def _connected(self) -> None:
+        self._client = remote.client_of(self.run)
+        self._last_delivery = time.monotonic()
+        if self.exit_guard:  # a writer thread inside the application (no writer process)
+            with contextlib.suppress(Exception):
+                atexit.register(self._bound_exit)  # runs before Aim's own exit cleanup (LIFO)
+        if self._unreachable_since is not None:
+            log.info(
+                "connected to the Aim server %s after %.1fs; sending %d held records",
+                self.address.url if self.address else "",
+                time.monotonic() - self._unreachable_since,
+                self._held_records,
+            )
+            self._unreachable_since = None
+
+    def _hold(self, rec: Record) -> None:
+        """Keep a record while the server is unreachable, within the buffer bound."""
+        if isinstance(rec, Flush):
+            self._held.append(rec)
+            return
+        if self.unconfirmed() >= self.config.buffer_size:
+            self._drop_unconfirmed()
+            return
+        self._held.append(rec)
+        self._held_records += 1
+
+    def _drop_unconfirmed(self) -> None:
+        self.lost += 1
+        warn_once(
+            "remote-buffer-full",
+            "%d records are waiting for the Aim server %s (the buffer bound); newer records "
+            "are dropped and counted until it answers",
+            self.config.buffer_size,
+            self.address.url if self.address else "",
+        )
+
+    def _apply_held(self, tokens: list[int]) -> None:
+        """Replay what was held, in order, now that the run exists."""
+        while self._held:
+            rec = self._held.popleft()
+            if isinstance(rec, Flush):
+                self._flush_token(rec.token, tokens)
+                continue
+            self._held_records -= 1
+            self._store(rec)
+
+    def _flush_token(self, token: int, tokens: list[int]) -> None:
+        if self.address is not None and self.on_ack is not None:
+            self._mark([token])
+        else:
+            tokens.append(token)
+
+    def _mark(self, tokens: list[int]) -> None:
+        """Queue a marker on Aim's client: when it runs, the server has what preceded it."""
+        client = self._client
+        if client is None or self.address is None:
+            return
+        count = self.stored - self._marked
+        if not count and not tokens:
+            return
+        if self._marked == self.delivered:
+            self._last_delivery = time.monotonic()  # the backlog starts now, not at the last delivery
+        self._marked = self.stored
+        on_ack = self.on_ack
+
+        def delivered() -> None:
+            self.delivered += count
+            self._last_delivery = time.monotonic()
+            if on_ack is not None:
+                for token in tokens:
+                    on_ack(token)
+
+        if not remote.add_marker(client, delivered):
+            delivered()  # Aim's internals changed: fall back to "handed over"
+
+    def poll(self) -> list[int]:
+        """Idle-time work for aim:// repos: retry a due connection, notice a silent server."""
+        tokens: list[int] = []
+        if self.address is None:
+            return tokens
+        with self._lock:
+            if self.run is None:
+                if self._held_records and self._open():
+                    self._apply_held(tokens)
+                    self._mark([])
+                return tokens
+            waiting = self.stored - self.delivered
+            if waiting and time.monotonic() - self._last_delivery > STALL_WARNING:
+                warn_once(
+                    "remote-unreachable",
+                    "the Aim server %s has not confirmed %d records for %.0fs; they are kept "
+                    "in memory (up to %d) and sent when it answers",
+                    self.address.url,
+                    waiting,
+                    STALL_WARNING,
+                    self.config.buffer_size,
+                )
+        return tokens
 
     # -- applying records ----------------------------------------------------------------
     def apply(self, records: Iterable[Record]) -> list[int]:
-        """Store records in order; return the flush tokens seen (each acknowledges what preceded it)."""
+        """Store records in order; return the flush tokens seen (each acknowledges what preceded it).
+
+        For an aim:// server with `on_ack` set, tokens are acknowledged through `on_ack` once
+        the server confirmed everything before them, instead of being returned.
+        """
         tokens: list[int] = []
-        with self._lock, group_commit():
+        # Group commit batches local RocksDB writes; an aim:// run has none (and importing Aim
+        # for it would delay reporting an unreachable server).
+        batching = group_commit() if self.address is None else contextlib.nullcontext()
+        with self._lock, batching:
             for rec in records:
+                if self.abort and not isinstance(rec, Flush):
+                    self.lost += 1  # the application is exiting: count instead of storing
+                    continue
+                if self.address is not None and self.run is None:
+                    if not self._open():
+                        self._hold(rec)
+                        continue
+                    self._apply_held(tokens)
                 if isinstance(rec, Flush):
-                    tokens.append(rec.token)
+                    self._flush_token(rec.token, tokens)
                     continue
                 if not self._open():
                     self.lost += 1
                     continue
-                try:
-                    self._apply_one(rec)
-                    self.stored += 1
-                except Exception as exc:
-                    self.lost += 1
-                    log.error("could not store %s in Aim: %s: %s", type(rec).__name__,
-                              type(exc).__name__, exc)
+                if self.address is not None and self.unconfirmed() >= self.config.buffer_size:
+                    self._drop_unconfirmed()
+                    continue
+                self._store(rec)
+            self._mark([])
         return tokens
+
+    def _store(self, rec: Record) -> None:
+        try:
+            self._apply_one(rec)
+            self.stored += 1
+        except Exception as exc:
+            self.lost += 1
+            log.error("could not store %s in Aim: %s: %s", type(rec).__name__,
+                      type(exc).__name__, exc)
 
     def _next_step(self, name: str, context: dict[str, Any] | None, step: int | None) -> int:
         key = (name, _ctx_key(context))
@@ -176,6 +570,10 @@ class RunSink:
             value = rec.value
             if rec.kind == "text":
                 value = self._aim.Text(str(value))
+            elif rec.kind == "token_estimate":
+                from .tokens import count_in_writer
+
+                value = count_in_writer(value)
             elif rec.kind == "distribution":
                 value = self._aim.Distribution(samples=list(value))
             step = self._next_step(rec.name, rec.context, rec.step)

@@ -2,34 +2,85 @@
 
 Cheap by design: if the kill switch is off it returns at once; otherwise it instruments now
 when LlamaIndex is already imported, or waits (a post-import hook) until the application
-imports `llama_index.core`. It never raises, unless strict mode is on.
+imports `llama_index.core`. It imports neither LlamaIndex, Aim nor pydantic-settings before
+that moment. It never raises, unless strict mode is on. The launcher's start-up hook
+(`aim-llama run`) activates through this same module, so every path behaves the same.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from .importhook import when_imported
 
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 
+ROLE_ENV = "AIM_LLAMA_ROLE"
+PROPAGATE_ENV = "AIM_LLAMA_PROPAGATE"
+# Directory of the launcher's start-up `sitecustomize.py` (what `aim-llama run` puts on PYTHONPATH).
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher", "bootstrap")
+_BOOTSTRAP_KEY = os.path.normcase(BOOTSTRAP_DIR)
+
+# pid of the process that activated; survives `importlib.reload` so activation runs once per process.
+_activated_pid: int = globals().get("_activated_pid", 0)
+
+
+def _env_is(name: str, words: set[str]) -> bool:
+    return os.environ.get(name, "").strip().lower() in words
+
+
+def strip_bootstrap_from_env(environ: dict[str, str] | None = None) -> None:
+    """Remove the launcher's bootstrap directory from PYTHONPATH so child processes start plain."""
+    env = os.environ if environ is None else environ
+    entries = env.get("PYTHONPATH", "").split(os.pathsep)
+    kept = [e for e in entries if e and os.path.normcase(os.path.abspath(e)) != _BOOTSTRAP_KEY]
+    if len(kept) == len([e for e in entries if e]):
+        return
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    else:
+        env.pop("PYTHONPATH", None)
+
+
+
+def _mark_spawned_child() -> None:
+    """Tag `multiprocessing` spawn/forkserver children so their runs say which role they play."""
+    if ROLE_ENV not in os.environ and "--multiprocessing-fork" in getattr(sys, "orig_argv", ()):
+        os.environ[ROLE_ENV] = "spawn-child"
+
 
 def _instrument_now() -> None:
-    from .autoinstrument import instrument
+    from . import autoinstrument
 
-    instrument()
+    autoinstrument.instrument()
+    active = autoinstrument._active
+    if active is not None and not getattr(active.settings, "propagate", True):
+        strip_bootstrap_from_env()  # propagate = false (e.g. from TOML): children start plain
 
 
 def activate() -> None:
-    """What importing this module does; safe to call any number of times."""
-    if os.environ.get("AIM_LLAMA_ENABLED", "").strip().lower() in _FALSE:
+    """What importing this module does; runs once per process however often it is called."""
+    global _activated_pid
+    pid = os.getpid()
+    if _activated_pid == pid:
         return
-    if os.environ.get("AIM_LLAMA_STRICT", "").strip().lower() in _TRUE:
+    if _env_is("AIM_LLAMA_ENABLED", _FALSE):
+        return
+    _activated_pid = pid
+    if _env_is(PROPAGATE_ENV, _FALSE):
+        strip_bootstrap_from_env()
+    _mark_spawned_child()
+    if _env_is("AIM_LLAMA_STRICT", _TRUE):
         # Strict mode wants configuration errors at the import line, so validate eagerly.
         from .settings import load_settings
 
-        load_settings()
+        try:
+            load_settings()
+        except BaseException:
+            _activated_pid = 0
+            raise
     when_imported("llama_index.core", _instrument_now)
 
 

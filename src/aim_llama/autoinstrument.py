@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -142,6 +143,8 @@ def _run_config(settings: Any, role: str) -> Any:
         writer=settings.writer,
         role=role,
         version=__version__,
+        flush_timeout=settings.flush_timeout,
+        buffer_size=settings.queue_size,
     )
 
 
@@ -160,7 +163,9 @@ def _activate(settings: Any) -> _Active:
     global _atexit_registered, _fork_hook_registered
     from llama_index.core import Settings as LlamaSettings
 
-    from .handler import AimLlamaHandler
+    from . import dispatcher
+    from .content import ContentPolicy
+    from .handler import DISPATCHER_OWNED, AimLlamaHandler
     from .lifecycle import SignalChain, TerminalTee
     from .records import TerminalOutput
 
@@ -169,12 +174,16 @@ def _activate(settings: Any) -> _Active:
         writer.submit,
         event_starts_to_ignore=settings.event_starts_to_ignore,
         event_ends_to_ignore=settings.event_ends_to_ignore,
+        skip_kinds=DISPATCHER_OWNED,
+        policy=ContentPolicy.from_settings(settings),
     )
     manager = LlamaSettings.callback_manager  # LlamaIndex creates one if there is none
     for existing in list(manager.handlers):
         if isinstance(existing, AimLlamaHandler):
             manager.remove_handler(existing)
     manager.add_handler(handler)
+    # Spans, LLM calls, tools … come from the global dispatcher (one span + one event handler).
+    handler.observer = dispatcher.install(handler, settings)
 
     tee = None
     if settings.capture_terminal_logs:
@@ -224,6 +233,10 @@ def uninstrument() -> None:
             return
         with contextlib.suppress(Exception):
             active.callback_manager.remove_handler(active.handler)
+        with contextlib.suppress(Exception):
+            from . import dispatcher
+
+            dispatcher.uninstall()  # writes the traces of requests still open, then unregisters
         if active.tee is not None:
             active.tee.uninstall()
         active.signals.uninstall()
@@ -248,16 +261,105 @@ def _on_signal(signum: int) -> None:
 
 
 def _after_fork_in_child() -> None:
-    """A forked child must not touch the parent's run: give it a fresh writer (and run) of its own."""
-    global _active, _lock
+    """A forked child must not touch the parent's run: it gets a writer (and run) of its own.
+
+    The parent's writer is left alone (its pipe ends closed in the child, its Aim objects never
+    finalized here). The child's writer starts at the child's first record, so a child that
+    records nothing leaves no run, and it is finalized at exit, including by multiprocessing's
+    `os._exit` path (a `multiprocessing.util.Finalize`) and by SIGTERM (`Pool.terminate()`).
+    """
+    global _lock
     _lock = threading.RLock()  # the parent may have held it while forking
     active = _active
     if active is None:
         return
-    from .log import reset_reported
+    from . import log as log_module
 
-    reset_reported()
-    writer = _new_writer(active.settings, "fork-child")
-    active.handler.submit = writer.submit
-    active.writer = writer
+    log_module._reported_lock = threading.Lock()  # may have been held by a vanished thread
+    log_module.reset_reported()
+    _disown_inherited_writer(active.writer)
+    handler = active.handler
+    with contextlib.suppress(Exception):
+        handler._lock = threading.Lock()
+        handler._llm_steps = itertools.count()  # the child's run numbers its calls from 0
+        handler.handler_errors = 0
+    pending = _ForkChildWriter(active.settings)
+    active.writer = pending
+    handler.submit = pending.submit
     active.pid = os.getpid()
+
+
+_inherited_writers: list[Any] = []  # parents' writers, kept alive (never closed) in a forked child
+
+
+def _disown_inherited_writer(writer: Any) -> None:
+    """Close this child's copies of the parent writer's pipes; detach Aim's exit hooks for its run."""
+    _inherited_writers.append(writer)
+    backend = getattr(writer, "_backend", None)
+    proc = getattr(backend, "proc", None)
+    for stream in (getattr(proc, "stdin", None), getattr(proc, "stdout", None)):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.close()  # raw pipes (bufsize=0): no lock that a vanished thread may hold
+    cleanup = sys.modules.get("aim.ext.cleanup")
+    if cleanup is not None:  # the thread writer opened a Run in the parent: never close it here
+        with contextlib.suppress(Exception):
+            for _priority, finalizer in list(cleanup.AutoClean._finalizers.values()):
+                finalizer.detach()
+            cleanup.AutoClean._finalizers.clear()
+        repo_module = sys.modules.get("aim.sdk.repo")
+        with contextlib.suppress(Exception):
+            repo_module.Repo._pool.clear()  # type: ignore[union-attr]
+
+
+def _fork_role() -> str:
+    return "fork-child"
+
+
+class _ForkChildWriter:
+    """Stands in for a forked child's writer until the child records something."""
+
+    _started = False
+    run_hash: str | None = None
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def submit(self, record: Any) -> None:
+        """Start the child's own writer (and exit hooks), then hand it the record."""
+        writer = _start_fork_child_writer(self)
+        writer.submit(record)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        return True
+
+
+def _start_fork_child_writer(pending: _ForkChildWriter) -> Any:
+    with _lock:
+        active = _active
+        if active is None or active.writer is not pending:
+            return active.writer if active is not None else pending
+        settings = pending.settings
+        if getattr(settings, "writer", "process") != "process":
+            # An in-process Aim Run does not survive fork; a fresh writer process always does.
+            with contextlib.suppress(Exception):
+                settings = settings.model_copy(update={"writer": "process"})
+        writer = _new_writer(settings, _fork_role())
+        active.writer = writer
+        active.handler.submit = writer.submit
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:
+            # multiprocessing children leave through os._exit: atexit never runs, these do.
+            with contextlib.suppress(Exception):
+                mp_util.Finalize(None, _close_fork_child_writer, args=(writer,), exitpriority=100)
+        return writer
+
+
+def _close_fork_child_writer(writer: Any) -> None:
+    active = _active
+    if active is not None and active.writer is writer and active.tee is not None:
+        active.tee.uninstall()
+    writer.close()

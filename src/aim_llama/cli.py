@@ -45,6 +45,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return int(run_command(args))
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor_command
+
+    return doctor_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -64,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_run_parser(sub, _cmd_run)
+    from .doctor import add_doctor_parser
+
+    add_doctor_parser(sub, _cmd_doctor)
     return parser
 
 

@@ -20,12 +20,20 @@ from typing import Any
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 
+from .content import ContentPolicy
 from .log import warn_once
 from .records import LogError, Record, Track
 
 log = logging.getLogger("aim_llama")
 
 MAX_OPEN_EVENTS = 10_000  # start times kept for events whose end never came (e.g. aborted streams)
+
+# What the root instrumentation dispatcher records when it is registered too (`dispatcher.py`):
+# these event types are skipped here so every LLM call, retrieval … is recorded exactly once.
+DISPATCHER_OWNED = frozenset({
+    "llm", "embedding", "retrieve", "query", "reranking", "function_call", "agent_step",
+    "exception", "sub_question",
+})
 
 Submit = Callable[[Record], None]
 
@@ -72,7 +80,7 @@ def error_records(kind: str, exc: BaseException, step: int | None = None) -> lis
         Track("errors", 1, "metric", _ctx(kind), step),
         LogError(
             f"{kind} failed: {type(exc).__name__}: {exc}",
-            {"operation": kind, "exception_type": type(exc).__name__, "message": str(exc)[:2000]},
+            {"operation": kind, "exception_type": type(exc).__name__, "error": str(exc)[:2000]},
         ),
     ]
 
@@ -141,7 +149,8 @@ class AimLlamaHandler(BaseCallbackHandler):
     """A LlamaIndex callback handler that turns events into records for the Aim writer.
 
     It never raises into the application: a failure inside it is logged once per kind and
-    counted (`handler_errors`), and the event is skipped.
+    counted (`handler_errors`), and the event is skipped. `skip_kinds` names event types another
+    channel records (the dispatcher); `policy` redacts, truncates or drops every text.
     """
 
     def __init__(
@@ -149,6 +158,9 @@ class AimLlamaHandler(BaseCallbackHandler):
         submit: Submit,
         event_starts_to_ignore: list[str] | None = None,
         event_ends_to_ignore: list[str] | None = None,
+        *,
+        skip_kinds: frozenset[str] | set[str] = frozenset(),
+        policy: ContentPolicy | None = None,
     ) -> None:
         super().__init__(
             event_starts_to_ignore=[CBEventType(e) for e in event_starts_to_ignore or []],
@@ -159,6 +171,9 @@ class AimLlamaHandler(BaseCallbackHandler):
         self._open: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._llm_steps = itertools.count()
         self._lock = threading.Lock()
+        self.skip_kinds = frozenset(skip_kinds)
+        self.policy = policy or ContentPolicy()
+        self.observer: Any = None  # the dispatcher observer registered alongside, if any
 
     def _next_llm_step(self) -> int:
         return next(self._llm_steps)
@@ -172,6 +187,8 @@ class AimLlamaHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> str:
         """Remember when the event started (and the query text, for QUERY events)."""
+        if event_type.value in self.skip_kinds:
+            return event_id
         try:
             keep: dict[str, Any] | None = None
             if event_type == CBEventType.QUERY and payload:
@@ -194,6 +211,8 @@ class AimLlamaHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Map the finished event to records and queue them; never raises."""
+        if event_type.value in self.skip_kinds:
+            return
         try:
             started = self._open.pop(event_id, None)
             latency = None
@@ -202,9 +221,19 @@ class AimLlamaHandler(BaseCallbackHandler):
                 latency = (time.perf_counter() - started[0]) * 1000.0
                 start_payload = started[1]
             submit = self.submit
+            policy = self.policy
+            observer = self.observer
+            sampled = observer is None or policy.sample_rate >= 1.0 or observer.current_sampled()
             for record in records_for_end(
                 event_type, payload, latency, self._next_llm_step, start_payload
             ):
+                if isinstance(record, Track) and record.kind == "text":
+                    text = policy.text(record.value) if sampled else None
+                    if text is None:
+                        continue
+                    record = record._replace(value=text)
+                elif isinstance(record, LogError):
+                    record = record._replace(message=policy.redact(record.message))
                 submit(record)
         except Exception as exc:
             self._failed("end", event_type, exc)

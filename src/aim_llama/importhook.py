@@ -2,16 +2,19 @@
 
 This is what keeps activation cheap: `import aim_llama.auto` installs this finder and returns;
 LlamaIndex, Aim and pydantic-settings are imported only when the application itself imports
-`llama_index.core`. Uses nothing but `sys` so that installing it costs microseconds.
+`llama_index.core`. It imports nothing but `sys` and `_thread` (both already loaded at
+interpreter start), so installing it costs microseconds — not even `typing` is imported.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
-from collections.abc import Callable
-from typing import Any
+from _thread import _local
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+    from typing import Any
 
 
 class _NotifyingLoader:
@@ -45,7 +48,7 @@ class PostImportFinder:
     def __init__(self, module_name: str, callback: Callable[[], None]) -> None:
         self.module_name = module_name
         self.callback = callback
-        self._busy = threading.local()
+        self._busy = _local()
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname != self.module_name or getattr(self._busy, "on", False):
@@ -73,8 +76,10 @@ class PostImportFinder:
 
 def remove(finder: PostImportFinder) -> None:
     """Take the finder off `sys.meta_path` (no-op if it is not there)."""
-    with contextlib.suppress(ValueError):
+    try:
         sys.meta_path.remove(finder)
+    except ValueError:
+        pass
 
 
 def when_imported(module_name: str, callback: Callable[[], None]) -> PostImportFinder | None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-ValueKind = Literal["metric", "text", "distribution"]
+# "token_estimate": the value is a tuple of texts; the writer stores their estimated token
+# count (tokenizing is too slow for the application's thread).
+ValueKind = Literal["metric", "text", "distribution", "token_estimate"]
 
 
 class Track(NamedTuple):

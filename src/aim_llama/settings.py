@@ -71,6 +71,11 @@ ALLOWED: dict[str, str] = {
     "flush_timeout": "a number of seconds > 0 (e.g. 10 or 2.5)",
     "writer": "process or thread",
     "propagate": "true or false",
+    "capture_content": "true or false",
+    "max_text_length": "a whole number of characters >= 1, or none/off/0 for no limit",
+    "redact": "regular expressions (JSON list, or comma/newline separated in env; list in TOML)",
+    "redact_secrets": "true or false",
+    "sample_rate": "a number from 0 to 1 (fraction of root requests whose texts are recorded)",
 }
 
 
@@ -102,6 +107,31 @@ def _parse_event_list(value: Any) -> Any:
             raise ValueError(f"unknown event type {item!r}{hint}")
         names.append(name)
     return names
+
+
+def _parse_regex_list(value: Any) -> Any:
+    """Accept a JSON list, comma/newline-separated text, or a list; every item must compile."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a valid JSON list ({exc.msg})") from None
+        else:
+            value = [p.strip() for p in re.split(r"[\n,]", text) if p.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("must be a list of regular expressions")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{item!r} is not a regular expression")
+        try:
+            re.compile(item)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {item!r} ({exc})") from None
+    return list(value)
 
 
 def _parse_bool_strict(value: Any) -> Any:
@@ -155,6 +185,15 @@ class AimLlamaSettings(BaseSettings):
     flush_timeout: float = Field(10.0, validation_alias="AIM_LLAMA_FLUSH_TIMEOUT")
     writer: Literal["process", "thread"] = Field("process", validation_alias="AIM_LLAMA_WRITER")
     propagate: StrictishBool = Field(True, validation_alias="AIM_LLAMA_PROPAGATE")
+    capture_content: StrictishBool = Field(True, validation_alias="AIM_LLAMA_CAPTURE_CONTENT")
+    max_text_length: Annotated[int | None, NoDecode] = Field(
+        20_000, validation_alias="AIM_LLAMA_MAX_TEXT_LENGTH"
+    )
+    redact: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="AIM_LLAMA_REDACT"
+    )
+    redact_secrets: StrictishBool = Field(True, validation_alias="AIM_LLAMA_REDACT_SECRETS")
+    sample_rate: float = Field(1.0, validation_alias="AIM_LLAMA_SAMPLE_RATE")
 
     @classmethod
     def settings_customise_sources(
@@ -201,7 +240,7 @@ class AimLlamaSettings(BaseSettings):
             text = value.strip().lower()
             if text in _OFF_WORDS or text == "0":
                 return None
-            if not re.fullmatch(r"[+]?\d+", text):
+            if not re.fullmatch(r"[+-]?\d+", text):
                 raise ValueError(f"{value!r} is not a whole number of seconds")
             value = int(text)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -213,7 +252,8 @@ class AimLlamaSettings(BaseSettings):
         return value
 
     @field_validator(
-        "log_system_params", "capture_terminal_logs", "enabled", "strict", "propagate", mode="before"
+        "log_system_params", "capture_terminal_logs", "enabled", "strict", "propagate",
+        "capture_content", "redact_secrets", mode="before"
     )
     @classmethod
     def _bool(cls, value: Any) -> Any:
@@ -261,6 +301,41 @@ class AimLlamaSettings(BaseSettings):
             raise ValueError(f"{value!r} is not a number")
         if value <= 0 or value == float("inf"):
             raise ValueError(f"{value} is not > 0 and finite")
+        return float(value)
+
+    @field_validator("max_text_length", mode="before")
+    @classmethod
+    def _max_text_length(cls, value: Any) -> Any:
+        if value is None or value is False:
+            return None
+        if isinstance(value, str) and (value.strip().lower() in _OFF_WORDS):
+            return None
+        value = _whole_number(value)
+        if value == 0:
+            return None
+        if value < 0:
+            raise ValueError(f"{value} is negative")
+        return value
+
+    @field_validator("redact", mode="before")
+    @classmethod
+    def _redact(cls, value: Any) -> Any:
+        return _parse_regex_list(value)
+
+    @field_validator("sample_rate", mode="before")
+    @classmethod
+    def _sample_rate(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
+        if not isinstance(value, (int, float)) or value != value:  # NaN
+            raise ValueError(f"{value!r} is not a number")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{value} is not between 0 and 1")
         return float(value)
 
     @field_validator("writer", mode="before")
@@ -352,7 +427,7 @@ def _read_toml_source(
 ) -> dict[str, Any]:
     """Read one TOML file through pydantic-settings, turning every failure into a ConfigError."""
     try:
-        data: dict[str, Any] = source_factory()()
+        data: dict[str, Any] = dict(source_factory().toml_data)
     except PermissionError:
         raise ConfigError(
             f"cannot read config file {path}: permission denied; make it readable or set "

@@ -53,6 +53,7 @@ class ThreadBackend:
 
     def __init__(self, config: RunConfig, on_ack: Any, on_run: Any) -> None:
         self.sink = RunSink(config)
+        self.sink.on_ack = on_ack  # aim:// repos: flush tokens are acknowledged once delivered
         self._on_ack = on_ack
         self._on_run = on_run
 
@@ -64,7 +65,7 @@ class ThreadBackend:
             self._on_ack(token)
 
     def close(self, deadline: float) -> bool:
-        self.sink.close()
+        self.sink.close(max(0.0, deadline - time.monotonic()))
         return True
 
 
@@ -79,14 +80,25 @@ def write_frame(fd: int, obj: Any) -> None:
 
 def read_frame(stream: Any) -> Any:
     """Read one frame from a binary stream; None at end of file."""
-    header = stream.read(_HEADER.size)
+    header = _read_exact(stream, _HEADER.size)
     if len(header) < _HEADER.size:
         return None
     (size,) = _HEADER.unpack(header)
-    data = stream.read(size)
+    data = _read_exact(stream, size)
     if len(data) < size:
         return None
     return pickle.loads(data)
+
+
+def _read_exact(stream: Any, size: int) -> bytes:
+    """Read `size` bytes (fewer only at end of file); raw pipes may return short reads."""
+    data = stream.read(size) or b""
+    while 0 < len(data) < size:
+        more = stream.read(size - len(data))
+        if not more:
+            break
+        data += more
+    return bytes(data)
 
 
 class ProcessBackend:
@@ -97,11 +109,16 @@ class ProcessBackend:
         env["AIM_LLAMA_ENABLED"] = "false"  # the writer must never instrument itself
         env["AIM_LLAMA_ROLE"] = "writer"
         env.pop("__AIM_CLIENT_QUEUE_MAX_MEMORY__", None)  # breaks remote Runs (read as a string)
+        # The child must import this very copy of aim_llama, even if the app put it on sys.path
+        # by hand: put its parent directory first.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aim_llama.writer_process"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,
+            bufsize=0,  # raw pipes: a buffered reader's lock held by the ack thread hangs a forked child
             env=env,
             start_new_session=True,  # group signals (Ctrl-C, kill -TERM -pgid) go to the app only
             close_fds=True,
@@ -147,7 +164,7 @@ class ProcessBackend:
     def close(self, deadline: float) -> bool:
         try:
             if not self.broken:
-                write_frame(self._fd, CLOSE)
+                write_frame(self._fd, (*CLOSE, max(0.0, deadline - time.monotonic())))
             self.proc.stdin.close()  # type: ignore[union-attr]
         except OSError:
             pass
@@ -293,6 +310,31 @@ class Writer:
                 if isinstance(r, Flush):
                     self._ack(r.token)
 
+    def _report_close(self, ok: bool, limit: float, pending: int) -> None:
+        """Say what did not make it into the repo; silence means everything did."""
+        backend = self._backend
+        if not ok:
+            background = isinstance(backend, ProcessBackend) and backend.proc.poll() is None
+            log.warning(
+                "the Aim writer did not finish within the flush timeout (%gs, "
+                "AIM_LLAMA_FLUSH_TIMEOUT): %d records not written%s; %d dropped earlier because "
+                "the queue was full",
+                limit,
+                pending,
+                f" (the writer process, pid {backend.proc.pid}, goes on storing what it already "
+                "received)" if background and isinstance(backend, ProcessBackend)
+                else " (plus any batch the writer thread was storing)",
+                self.dropped,
+            )
+        elif self.lost or self.dropped:
+            log.warning(
+                "Aim writer closed: %d records could not be stored, %d dropped because the queue "
+                "was full (AIM_LLAMA_QUEUE_SIZE=%d)",
+                self.lost,
+                self.dropped,
+                self.queue_size,
+            )
+
     # -- public control -----------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted so far is stored; False if `timeout` ran out first."""
@@ -326,20 +368,21 @@ class Writer:
         if thread is not None:
             thread.join(max(0.0, deadline - time.monotonic()))
         ok = thread is None or not thread.is_alive()
+        pending = 0
+        if not ok and isinstance(self._backend, ThreadBackend) and thread is not None:
+            # Out of time: make the writer thread leave Aim's native code between records, so the
+            # interpreter does not tear down under it (that can crash the process at exit).
+            self._backend.sink.abort = True
+            thread.join(1.0)
+            if not thread.is_alive():
+                self._backend.sink.close()  # finalize what was stored; the rest is reported below
+                pending += self._backend.sink.lost
         if ok and self._backend is not None:
             ok = self._backend.close(deadline)
             if isinstance(self._backend, ProcessBackend) and self._backend.closed_info:
                 self.lost += int(self._backend.closed_info[1])
             elif isinstance(self._backend, ThreadBackend):
                 self.lost += self._backend.sink.lost
-        pending = sum(1 for r in self._queue if not isinstance(r, Flush))
-        if not ok or pending or self.lost or self.dropped:
-            not_written = pending + self.lost
-            log.warning(
-                "%s; %d records not written, %d dropped because the queue was full",
-                "the Aim writer did not finish within the flush timeout "
-                f"({limit:g}s, AIM_LLAMA_FLUSH_TIMEOUT)" if not ok else "Aim writer closed",
-                not_written,
-                self.dropped,
-            )
+        pending += sum(1 for r in self._queue if not isinstance(r, Flush))
+        self._report_close(ok, limit, pending)
         return ok

@@ -4,14 +4,87 @@ Reads length-prefixed pickled frames from stdin (first a `RunConfig`, then batch
 records, then a close request or end of file), stores them through a `RunSink`, and writes
 acknowledgements to the original stdout. It finalizes the run when the application closes
 the pipe, asks it to, or dies, so a SIGKILLed application still leaves a finished run.
+
+It never lives forever: once the application has closed the pipe (or died), a watchdog gives
+the writer a deadline — the application's remaining flush timeout for an aim:// server, whose
+`close()` blocks forever when the server is gone, and a generous grace period for a local repo.
+At the deadline it reports how many records were lost and leaves with `os._exit`.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sys
+import threading
+import time
 from typing import Any
+
+POLL_INTERVAL = 0.25  # seconds between idle-time retries of an unreachable server
+INBOX_BATCHES = 4  # batches read ahead of the sink; beyond that the pipe pushes back on the app
+
+
+def local_grace(flush_timeout: float) -> float:
+    """How long a writer for a local repo may go on storing after the application left."""
+    return max(60.0, 6.0 * flush_timeout)
+
+
+def margin(budget: float) -> float:
+    """Time kept back so the application receives our report before its own deadline."""
+    return min(0.5, 0.25 * budget)
+
+
+class _Channel:
+    """The acknowledgement pipe to the application, shared by several threads."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        from .writer import write_frame
+
+        if not self.lock.acquire(timeout=1.0):
+            return
+        try:
+            write_frame(self.fd, msg)
+        except OSError:
+            pass  # the application is gone; keep storing what we have
+        finally:
+            self.lock.release()
+
+
+class _Shutdown:
+    """When the writer must be done: set once, by a close request, end of file or the app's death."""
+
+    def __init__(self, flush_timeout: float, is_remote: bool) -> None:
+        self.flush_timeout = flush_timeout
+        self.is_remote = is_remote
+        self.deadline: float | None = None
+        self.slack = 0.0
+        self.lock = threading.Lock()
+        self.started = threading.Event()
+
+    def begin(self, app_budget: float | None) -> None:
+        """Start the countdown; `app_budget` is how long the application still waits for us."""
+        with self.lock:
+            if self.deadline is not None:
+                return
+            budget = self.flush_timeout if app_budget is None else max(0.0, app_budget)
+            if self.is_remote:
+                self.slack = margin(budget) / 2
+                budget -= margin(budget)
+            else:
+                budget = max(budget, local_grace(self.flush_timeout))
+            self.deadline = time.monotonic() + budget
+            self.started.set()
+
+    def left(self) -> float:
+        """Seconds until the deadline (a large number before shutdown started)."""
+        if self.deadline is None:
+            return 1e9
+        return self.deadline - time.monotonic()
 
 
 def main() -> int:
@@ -23,37 +96,131 @@ def main() -> int:
     sys.stdout = sys.stderr
 
     from .aimrun import RunConfig, RunSink
-    from .writer import CLOSE, read_frame, write_frame
+    from .log import logger as log  # importing it installs the stderr fallback
+    from .records import Flush
+    from .writer import read_frame
 
     stdin = os.fdopen(0, "rb", buffering=1 << 16)
     config = read_frame(stdin)
     if not isinstance(config, RunConfig):
         return 2
 
-    def send(msg: tuple[Any, ...]) -> None:
-        try:
-            write_frame(ack_fd, msg)
-        except OSError:
-            pass  # the application is gone; keep storing what we have
-
+    channel = _Channel(ack_fd)
     sink = RunSink(config)
+    remote = sink.address is not None
+    if remote:
+        sink.on_ack = lambda token: channel.send(("ack", token))
+        sink.exit_guard = False  # this process leaves through os._exit at its deadline
+        _quiet_aim_transport()
+        sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+    shutdown = _Shutdown(float(config.flush_timeout), remote)
+    inbox: queue.Queue[Any] = queue.Queue(maxsize=INBOX_BATCHES)
+    counts = {"received": 0}
+
+    def report() -> tuple[Any, ...]:
+        confirmed = sink.confirmed
+        return ("closed", confirmed, max(0, counts["received"] - confirmed), sink.failed)
+
+    def reader() -> None:
+        while True:
+            try:
+                msg = read_frame(stdin)
+            except Exception:
+                msg = None
+            if isinstance(msg, list):
+                counts["received"] += sum(1 for r in msg if not isinstance(r, Flush))
+                inbox.put(msg)
+                continue
+            budget = None
+            if isinstance(msg, tuple) and msg[:1] == ("close",) and len(msg) > 1:
+                budget = float(msg[1])
+            shutdown.begin(budget)
+            inbox.put(None)
+            return
+
+    def watchdog() -> None:
+        parent = os.getppid()
+        while not shutdown.started.wait(0.2):
+            if parent > 1 and os.getppid() != parent:  # the application died
+                shutdown.begin(None)
+        while shutdown.left() + shutdown.slack > 0:
+            time.sleep(min(0.1, max(0.01, shutdown.left() + shutdown.slack)))
+        # Still here: storage is stuck (a server that went away, a hung connection).
+        if remote:
+            sink.give_up(counts["received"])
+        else:
+            missing = counts["received"] - sink.confirmed
+            sink.lost = max(sink.lost, missing)
+            log.error("the Aim writer for %s gave up after %.0fs: %d records not stored",
+                      config.repo or "the local repo", local_grace(config.flush_timeout), missing)
+        channel.send(report())
+        _exit_now(3)
+
+    threading.Thread(target=reader, name="aim-llama-reader", daemon=True).start()
+    threading.Thread(target=watchdog, name="aim-llama-watchdog", daemon=True).start()
+
     announced = False
     while True:
         try:
-            msg = read_frame(stdin)
-        except Exception:
-            msg = None
-        if msg is None or msg == CLOSE:
-            break
-        tokens = sink.apply(msg)
+            batch = inbox.get(timeout=POLL_INTERVAL)
+        except queue.Empty:
+            tokens = sink.poll()
+        else:
+            if batch is None:
+                break
+            tokens = sink.apply(batch)
         if not announced and sink.run_hash:
             announced = True
-            send(("run", sink.run_hash))
+            channel.send(("run", sink.run_hash))
         for token in tokens:
-            send(("ack", token))
-    sink.close()
-    send(("closed", sink.stored, sink.lost, sink.failed))
+            channel.send(("ack", token))
+    if remote:
+        sink.close(max(0.0, shutdown.left()))
+    else:
+        sink.close()
+    if not announced and sink.run_hash:
+        channel.send(("run", sink.run_hash))
+    channel.send(report())
+    if remote:
+        _exit_now(0)  # skip Aim's exit-time cleanup: it waits for a server that may be gone
     return 0
+
+
+def _quiet_aim_transport() -> None:
+    """Aim's client logs a warning per reconnect attempt; ours says it once, with the address."""
+    import logging
+
+    logging.getLogger("aim.ext.transport").setLevel(logging.ERROR)
+
+
+def _unraisable_hook(previous: Any) -> Any:
+    """Silence a known Aim 3.29 bug instead of printing its traceback into the app's stderr.
+
+    After a reconnect to a restarted server, Aim's resource finalizers raise `KeyError` in
+    `Client.release_resource` when garbage-collected; the data is unaffected.
+    """
+
+    def hook(unraisable: Any) -> None:
+        tb, files = unraisable.exc_traceback, []
+        while tb is not None:
+            files.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        in_transport = any(os.path.join("aim", "ext", "transport") in f for f in files)
+        if isinstance(unraisable.exc_value, KeyError) and in_transport:
+            return
+        previous(unraisable)
+
+    return hook
+
+
+def _exit_now(status: int) -> None:
+    """Leave at once (no atexit, no finalizers): flush our streams first."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
 
 
 if __name__ == "__main__":

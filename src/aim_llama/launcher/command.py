@@ -1,0 +1,271 @@
+"""The `aim-llama run` sub-command: options → child environment, then exec (or spawn) the command.
+
+Every option sets one environment variable for the child, so the child validates it exactly as
+if the user had exported it (errors name the env var). The command's exit status comes back
+unchanged: with exec it *is* the command; with `--spawn` the launcher waits, forwards signals,
+and returns the status (128+N when the command was killed by signal N, as shells report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from . import BOOTSTRAP_DIR
+
+PROPAGATE_ENV = "AIM_LLAMA_PROPAGATE"
+
+
+class Option(NamedTuple):
+    """One `aim-llama run` option: the setting (TOML key) and the env var it sets for the command."""
+
+    flag: str
+    setting: str
+    env: str
+    metavar: str
+    help: str
+
+
+# One option per setting. Kept here (not generated) so that the launcher never imports
+# pydantic; a test checks that it matches `aim_llama.settings.ENV_NAMES`.
+OPTIONS: tuple[Option, ...] = (
+    Option("--repo", "repo", "AIM_REPO", "PATH|URL", "Aim repo: a directory or aim://host:port"),
+    Option("--experiment", "experiment", "AIM_EXPERIMENT", "NAME", "Aim experiment name"),
+    Option("--config", "", "AIM_LLAMA_CONFIG", "FILE", "TOML file with aim-llama settings"),
+    Option("--system-tracking-interval", "system_tracking_interval", "AIM_SYSTEM_TRACKING_INTERVAL",
+           "SECONDS", "system metrics interval; none/off/0 disables"),
+    Option("--log-system-params", "log_system_params", "AIM_LOG_SYSTEM_PARAMS", "BOOL",
+           "record packages, env, git info on the run"),
+    Option("--capture-terminal-logs", "capture_terminal_logs", "AIM_CAPTURE_TERMINAL_LOGS", "BOOL",
+           "copy stdout/stderr to the run's logs"),
+    Option("--event-starts-to-ignore", "event_starts_to_ignore", "AIM_EVENT_STARTS_TO_IGNORE",
+           "TYPES", "LlamaIndex event types, comma-separated"),
+    Option("--event-ends-to-ignore", "event_ends_to_ignore", "AIM_EVENT_ENDS_TO_IGNORE", "TYPES",
+           "LlamaIndex event types, comma-separated"),
+    Option("--run-params", "run_params", "AIM_RUN_PARAMS", "JSON",
+           "JSON object of params set on every run"),
+    Option("--enabled", "enabled", "AIM_LLAMA_ENABLED", "BOOL", "kill switch: false records nothing"),
+    Option("--strict", "strict", "AIM_LLAMA_STRICT", "BOOL",
+           "fail on configuration errors instead of running uninstrumented (bare flag = true)"),
+    Option("--queue-size", "queue_size", "AIM_LLAMA_QUEUE_SIZE", "N",
+           "records buffered before dropping"),
+    Option("--flush-timeout", "flush_timeout", "AIM_LLAMA_FLUSH_TIMEOUT", "SECONDS",
+           "max wait for the writer at exit"),
+    Option("--writer", "writer", "AIM_LLAMA_WRITER", "process|thread", "where Aim writes happen"),
+    Option("--propagate", "propagate", PROPAGATE_ENV, "BOOL",
+           "instrument Python child processes too (default true)"),
+    Option("--capture-content", "capture_content", "AIM_LLAMA_CAPTURE_CONTENT", "BOOL",
+           "record prompt/response texts (false: only sizes and timings)"),
+    Option("--max-text-length", "max_text_length", "AIM_LLAMA_MAX_TEXT_LENGTH", "N",
+           "truncate recorded texts; none/off/0 for no limit"),
+    Option("--redact", "redact", "AIM_LLAMA_REDACT", "REGEXES",
+           "regular expressions masked in recorded texts (JSON list or comma-separated)"),
+    Option("--redact-secrets", "redact_secrets", "AIM_LLAMA_REDACT_SECRETS", "BOOL",
+           "mask API keys and tokens in recorded texts"),
+    Option("--sample-rate", "sample_rate", "AIM_LLAMA_SAMPLE_RATE", "FRACTION",
+           "fraction of root requests whose texts are recorded"),
+)
+
+
+def env_for(name: str) -> str | None:
+    """The env var of a setting named by TOML key, option name, or env name (`--set NAME=VALUE`)."""
+    key = name.strip().lstrip("-").replace("-", "_")
+    for opt in OPTIONS:
+        if key.upper() == opt.env or (opt.setting and key.lower() == opt.setting):
+            return opt.env
+    try:  # a setting newer than this table: ask the settings model (imports pydantic)
+        from ..settings import ENV_NAMES
+    except Exception:
+        return None
+    return ENV_NAMES.get(key.lower()) or (key.upper() if key.upper() in ENV_NAMES.values() else None)
+
+
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+
+
+def _dest(opt: Option) -> str:
+    return "opt_" + opt.flag[2:].replace("-", "_")
+
+
+def add_run_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """Add `run` to the `aim-llama` CLI; each option is documented with the env var it sets."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "run",
+        help="run a command with aim-llama active (no code changes): aim-llama run -- python app.py",
+        description=(
+            "Run CMD with aim-llama active in every Python process it starts, without touching "
+            "its code. The options set the matching environment variables for CMD (unset ones "
+            "keep their env / TOML values). The exit status is CMD's."
+        ),
+        epilog="example: aim-llama run --repo ./runs --experiment rag -- python app.py",
+    )
+    for opt in OPTIONS:
+        extra: dict[str, Any] = {}
+        if opt.flag == "--strict":
+            extra = {"nargs": "?", "const": "true"}
+        parser.add_argument(
+            opt.flag, dest=_dest(opt), metavar=opt.metavar, default=None,
+            help=f"{opt.help} (sets {opt.env})", **extra,
+        )
+    parser.add_argument(
+        "--no-propagate", dest="opt_propagate", action="store_const", const="false",
+        help=f"instrument only CMD itself, not the Python processes it starts (sets {PROPAGATE_ENV}=false)",
+    )
+    parser.add_argument(
+        "--disable", dest="opt_enabled", action="store_const", const="false",
+        help="run CMD with aim-llama switched off (sets AIM_LLAMA_ENABLED=false)",
+    )
+    parser.add_argument(
+        "--set", dest="opt_set", action="append", default=[], metavar="NAME=VALUE",
+        help="any setting by TOML key or env name, e.g. --set capture_content=false",
+    )
+    parser.add_argument(
+        "--spawn", action="store_true",
+        help="keep the launcher as CMD's parent (forwarding signals) instead of exec-ing CMD",
+    )
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...",
+                        help="the command to run, e.g. python app.py, python -m pkg, uvicorn app:app")
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _toml_propagate(environ: Mapping[str, str]) -> str | None:
+    """`propagate` from the TOML files (explicit config, ./aim_llama.toml, pyproject), cheaply.
+
+    Only this one key is read here (no pydantic); the child validates the whole file itself.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    explicit = environ.get("AIM_LLAMA_CONFIG", "").strip()
+    candidates: list[tuple[Path, tuple[str, ...]]] = []
+    if explicit:
+        candidates.append((Path(explicit).expanduser(), ()))
+    else:
+        candidates.append((Path.cwd() / "aim_llama.toml", ()))
+    candidates.append((Path.cwd() / "pyproject.toml", ("tool", "aim_llama")))
+    for path, table in candidates:
+        try:
+            with open(path, "rb") as fh:
+                data: Any = tomllib.load(fh)
+        except (OSError, ValueError):
+            continue
+        for key in table:
+            data = data.get(key, {}) if isinstance(data, dict) else {}
+        if isinstance(data, dict) and "propagate" in data:
+            return str(data["propagate"]).lower()
+    return None
+
+
+def prepend_bootstrap(pythonpath: str | None) -> str:
+    """PYTHONPATH with the bootstrap directory first (and only once)."""
+    key = os.path.normcase(BOOTSTRAP_DIR)
+    rest = [p for p in (pythonpath or "").split(os.pathsep)
+            if p and os.path.normcase(os.path.abspath(p)) != key]
+    return os.pathsep.join([BOOTSTRAP_DIR, *rest])
+
+
+def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The command's environment: ours, plus the options' env vars, plus the bootstrap on PYTHONPATH."""
+    env = dict(os.environ if environ is None else environ)
+    for item in getattr(args, "opt_set", None) or []:
+        name, sep, value = str(item).partition("=")
+        var = env_for(name) if sep else None
+        if var is None:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME an aim-llama setting "
+                             "(see `aim-llama config`)")
+        env[var] = value
+    for opt in OPTIONS:
+        given = getattr(args, _dest(opt), None)
+        if given is not None:
+            env[opt.env] = str(given)
+    propagate = env.get(PROPAGATE_ENV, "").strip().lower() or _toml_propagate(env)
+    if propagate in _FALSE:
+        env[PROPAGATE_ENV] = "false"  # the bootstrap takes itself off PYTHONPATH for grandchildren
+    env["PYTHONPATH"] = prepend_bootstrap(env.get("PYTHONPATH"))
+    return env
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(getattr(args, "cmd", None) or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return cmd
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: the exit code, or 128+N for death by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+_FORWARDED = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+
+
+def _spawn(cmd: list[str], env: dict[str, str]) -> int:
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    except FileNotFoundError:
+        return _not_found(cmd)
+    except PermissionError as exc:
+        print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 126
+
+    def forward(signum: int, _frame: Any) -> None:
+        try:
+            proc.send_signal(signum)
+        except OSError:
+            pass
+
+    previous: dict[int, Any] = {}
+    for name in _FORWARDED:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous[signum] = signal.signal(signum, forward)
+    # Ctrl-C reaches the whole foreground process group already; let the command handle it.
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return exit_status(proc.wait())
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _not_found(cmd: list[str]) -> int:
+    print(f"aim-llama run: command not found: {cmd[0]!r}", file=sys.stderr)
+    return 127
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the command with aim-llama active; returns its status (exec: does not return on success)."""
+    cmd = _command(args)
+    if not cmd:
+        print("aim-llama run: missing command, e.g. aim-llama run -- python app.py", file=sys.stderr)
+        return 2
+    try:
+        env = child_env(args)
+    except ValueError as exc:
+        print(f"aim-llama run: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "spawn", False) or not hasattr(os, "execvpe"):
+        return _spawn(cmd, env)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except FileNotFoundError:
+        return _not_found(cmd)
+    except PermissionError as exc:
+        print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 126
+    except OSError as exc:
+        print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc}", file=sys.stderr)
+        return 126
+    return 0  # pragma: no cover - execvpe does not return

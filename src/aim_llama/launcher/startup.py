@@ -1,0 +1,79 @@
+"""What the launcher's start-up hook does in every Python process it reaches.
+
+Called from the bootstrap `sitecustomize.py` while the interpreter starts, so it must be nearly
+free: it looks at the command line to leave tools alone (pip, the `aim` CLI), then imports
+`aim_llama.auto`, which only installs a post-import hook. In strict mode a configuration error
+ends the process with the one-line message and status 1, as the failing import would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Commands never instrumented: package installers and Aim's own CLI (`aim up` reads the repo).
+SKIP_COMMANDS = frozenset({"pip", "pip3", "aim", "aim_llama", "aim-llama"})
+
+
+def command_name(orig_argv: list[str] | None = None, argv0: str | None = None) -> str:
+    """The program this interpreter runs: `-m` module's top package, or the script's base name."""
+    orig: list[str] = list(getattr(sys, "orig_argv", ()) if orig_argv is None else orig_argv)
+    arg0: str = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
+    if arg0 == "-m" or (not arg0 and "-m" in orig):
+        for i, token in enumerate(orig[1:], 1):
+            if token == "-m" and i + 1 < len(orig):
+                return orig[i + 1].partition(".")[0]
+            if token.startswith("-m") and len(token) > 2 and not token.startswith("--"):
+                return token[2:].partition(".")[0]
+        return ""
+    if arg0 in ("", "-c", "-"):
+        return ""
+    name = os.path.basename(arg0).lower()
+    for suffix in (".exe", "-script.py", ".py"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def is_skipped(name: str) -> bool:
+    """True for commands aim-llama must never instrument (`pip`, `pip3.11`, `aim`, ...)."""
+    if name in SKIP_COMMANDS:
+        return True
+    return name.startswith("pip") and name[3:].replace(".", "").isdigit()
+
+
+def activate() -> None:
+    """Activate aim-llama lazily for this process unless it runs a tool we leave alone."""
+    try:
+        if is_skipped(command_name()):
+            return
+    except Exception:
+        return
+    from ..errors import ConfigError
+
+    try:
+        import aim_llama.auto  # noqa: F401  (installs the post-import hook; nothing heavy)
+    except ConfigError as exc:  # strict mode only: the program must not run with a bad config
+        _die(f"aim_llama: error: {exc}")
+    except Exception as exc:  # never break a program that merely inherited our PYTHONPATH
+        try:
+            from ..log import warn_once
+
+            warn_once("bootstrap", "aim-llama start-up hook failed (%s: %s); not instrumenting",
+                      type(exc).__name__, exc)
+        except Exception:
+            pass
+
+
+def _die(message: str) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+    try:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(1)  # SystemExit is fatal during `site` start-up; leave with the error status

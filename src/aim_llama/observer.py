@@ -1,0 +1,885 @@
+"""What the LlamaIndex instrumentation dispatcher reports → aim-llama records.
+
+The root dispatcher (`llama_index.core.instrumentation.get_dispatcher()`) sees every span
+(decorated method call, with its parent id carried by context variables) and every
+instrumentation event, whenever the component was built. `Observer` owns these data:
+
+* LLM calls (chat and completion, streaming or not) — exactly once per user-level call: an
+  LLM call made inside another in-flight LLM call (MockLLM's `acomplete` → `complete`,
+  `chat` → `complete`) belongs to the outer one.
+* embeddings, retrieval, reranking, tools, agent / workflow steps, errors;
+* per root request (query, chat, agent or workflow run, retrieval): question,
+  answer, end-to-end latency and one `trace` Text built from span parent ids.
+
+State is bounded: span bookkeeping is freed when a span ends, a request's tree is freed when
+its trace is written, and requests idle longer than `ROOT_TTL` seconds expire.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import render
+from .content import NOT_CAPTURED, ContentPolicy
+from .log import warn_once
+from .records import LogError, Param, Record, Track
+from .tokens import TokenCounts, can_defer, estimate, estimated_counts, provider_counts, rough
+
+log = logging.getLogger("aim_llama")
+
+ROOT_TTL = 1800.0  # seconds without any activity after which a request's state expires
+SWEEP_INTERVAL = 5.0
+MAX_OPEN_ROOTS = 10_000
+MAX_TRACE_NODES = 400  # lines per trace; further spans are counted, not listed
+MAX_INPUT_LINE = 300  # characters of the request input on a trace's first line
+# Root spans of these kinds are requests with a `trace` (a bare LLM call at the root is not:
+# its prompt / response / metrics say everything, and a trace per call would be noise).
+REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
+ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
+ERROR_KINDS = frozenset({
+    "llm", "embedding", "retrieve", "query", "chat", "agent", "workflow", "tool",
+    "postprocess", "synthesize", "agent_step", "workflow_step",
+})
+# Our record families → the LlamaIndex CBEventType names whose ignore lists suppress them.
+IGNORE_NAMES = {
+    "llm": "llm", "embedding": "embedding", "retrieve": "retrieve", "rerank": "reranking",
+    "tool": "function_call", "agent_step": "agent_step", "workflow_step": "agent_step",
+    "query": "query", "chat": "query", "agent": "query", "workflow": "query",
+    "errors": "exception",
+}
+
+Submit = Callable[[Record], None]
+
+_awaiting: contextvars.ContextVar[_Root | None] = contextvars.ContextVar(
+    "aim_llama_awaiting_stream", default=None
+)
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+class _Node:
+    """One span. Shown spans form the trace tree; hidden ones (private methods, the same
+    object's nested calls, internals) only point at the shown ancestor they belong to."""
+
+    __slots__ = (
+        "children",
+        "disp",
+        "end",
+        "id",
+        "inst",
+        "inst_id",
+        "kind",
+        "name",
+        "nested",
+        "note",
+        "parent",
+        "root",
+        "start",
+        "status",
+    )
+
+    def __init__(self, id_: str, name: str, kind: str, parent: _Node | None, start: float) -> None:
+        self.id = id_
+        self.name = name
+        self.kind = kind
+        self.parent = parent
+        self.root: _Root
+        self.disp: _Node = self
+        self.start = start
+        self.end: float | None = None
+        self.status = "ok"
+        self.note = ""
+        self.children: list[_Node] = []
+        self.inst: Any = None
+        self.inst_id = 0
+        self.nested = False
+
+
+class _Root:
+    """A root request: counts what is still running under it and what to write at the end."""
+
+    __slots__ = (
+        "answer",
+        "end",
+        "errors",
+        "finalized",
+        "hold",
+        "input",
+        "kind",
+        "last_llm_text",
+        "last_seen",
+        "llm_calls",
+        "node",
+        "omitted",
+        "open",
+        "pending",
+        "sampled",
+        "shown",
+        "streams",
+        "tokens",
+    )
+
+    def __init__(self, node: _Node, kind: str, sampled: bool, input_: str, now: float) -> None:
+        self.node = node
+        self.kind = kind
+        self.open = 0
+        self.pending = 0  # LLM calls in flight (streams outlive their spans)
+        self.hold = 0  # a streaming result not yet consumed
+        self.sampled = sampled
+        self.input = input_
+        self.answer: str | None = None
+        self.last_llm_text: str | None = None
+        self.finalized = False
+        self.last_seen = now
+        self.errors: list[BaseException] = []
+        self.tokens = 0
+        self.llm_calls = 0
+        self.streams = 0  # streamed LLM calls finished under this request
+        self.shown = 1
+        self.omitted = 0
+        self.end: float | None = None
+
+
+class _Call:
+    """An LLM call between its start and end events."""
+
+    __slots__ = (
+        "first",
+        "last",
+        "messages",
+        "model",
+        "nested",
+        "node",
+        "prompt",
+        "root",
+        "start",
+        "tools",
+    )
+
+    def __init__(self, start: float, node: _Node | None, nested: bool) -> None:
+        self.start = start
+        self.first: float | None = None
+        self.last: Any = None
+        self.prompt: str | None = None
+        self.messages: Any = None
+        self.tools: list[str] = []
+        self.model: dict[str, Any] = {}
+        self.node = node
+        self.root = node.root if node is not None else None
+        self.nested = nested
+
+
+_GENERATION_PARAMS = ("model", "temperature", "max_tokens", "top_p", "top_k", "seed",
+                      "frequency_penalty", "presence_penalty", "max_retries", "timeout",
+                      "reasoning_effort", "api_version")
+_SECRETISH = ("key", "token", "secret", "password", "auth", "header", "credential")
+
+
+def _model_params(model_dict: dict[str, Any], metadata: Any) -> tuple[str, dict[str, Any]]:
+    """(model name, scalar parameters without secrets) for the run's `llm_models` param."""
+    params: dict[str, Any] = {}
+    if metadata is not None:
+        try:
+            params.update(metadata.model_dump())
+        except Exception:
+            pass
+    for key, value in model_dict.items():
+        params.setdefault(key, value)
+    params = {
+        k: (v.value if isinstance(v, enum.Enum) else v) for k, v in params.items()
+        if isinstance(v, (str, int, float, bool)) and not any(s in k.lower() for s in _SECRETISH)
+    }
+    params = {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}
+    return _model_key(params), params
+
+
+def _model_key(params: dict[str, Any]) -> str:
+    for key in ("model", "model_name"):
+        value = params.get(key)
+        if isinstance(value, str) and value and value != "unknown":
+            return value
+    return str(params.get("class_name") or "unknown")
+
+
+class Observer:
+    """Turns dispatcher spans and events into records; never raises into LlamaIndex."""
+
+    def __init__(self, submit: Submit, policy: ContentPolicy | None = None,
+                 ignored: frozenset[str] | set[str] = frozenset()) -> None:
+        self.submit = submit
+        self.policy = policy or ContentPolicy()
+        self.ignored = frozenset(ignored)
+        self.handler_errors = 0
+        self._lock = threading.RLock()
+        self._spans: dict[str, _Node] = {}
+        self._roots: dict[str, _Root] = {}
+        self._calls: dict[str | None, _Call] = {}
+        self._timed: dict[tuple[str, str | None], tuple[float, Any]] = {}
+        self._llm_steps = itertools.count()
+        self._models: dict[str, dict[str, Any]] = {}
+        self._seen_models: set[str] = set()
+        self._next_sweep = _now() + SWEEP_INTERVAL
+        self._kinds: dict[type, str] = {}
+        self._classes = _component_classes()
+        self._events: dict[str, Callable[[Any, float], None]] = {
+            "LLMChatStartEvent": self._llm_start,
+            "LLMCompletionStartEvent": self._llm_start,
+            "LLMChatInProgressEvent": self._llm_progress,
+            "LLMCompletionInProgressEvent": self._llm_progress,
+            "LLMChatEndEvent": self._llm_end,
+            "LLMCompletionEndEvent": self._llm_end,
+            "EmbeddingStartEvent": self._timed_start,
+            "SparseEmbeddingStartEvent": self._timed_start,
+            "EmbeddingEndEvent": self._embedding_end,
+            "SparseEmbeddingEndEvent": self._embedding_end,
+            "RetrievalStartEvent": self._timed_start,
+            "RetrievalEndEvent": self._retrieval_end,
+            "ReRankStartEvent": self._timed_start,
+            "ReRankEndEvent": self._rerank_end,
+            "ExceptionEvent": self._exception,
+            "StreamChatEndEvent": self._stream_done,
+            "StreamChatErrorEvent": self._stream_done,
+        }
+
+    # -- helpers ----------------------------------------------------------------------
+    @property
+    def _defer_tokens(self) -> bool:
+        """Count tokens in the writer unless the app installed its own tokenizer."""
+        return can_defer()
+
+    def _off(self, family: str) -> bool:
+        return IGNORE_NAMES.get(family, family) in self.ignored
+
+    def _kind(self, instance: Any) -> str:
+        cls = type(instance)
+        kind = self._kinds.get(cls)
+        if kind is None:
+            kind = next((k for c, k in self._classes if isinstance(instance, c)), "")
+            self._kinds[cls] = kind
+        return kind
+
+    def _text(self, out: list[Record], name: str, value: Any, ctx: dict[str, Any],
+              step: int | None = None, sampled: bool = True) -> None:
+        if not sampled:
+            return
+        text = self.policy.text(value)
+        if text is not None:
+            out.append(Track(name, text, "text", ctx, step))
+
+    def _error(self, out: list[Record], kind: str, name: str, err: BaseException) -> None:
+        if self._off("errors"):
+            return
+        message = self.policy.redact(str(err))[:2000]
+        out.append(Track("errors", 1, "metric", {"kind": kind}))
+        out.append(LogError(
+            f"{kind} failed: {type(err).__name__}: {message}",
+            # not "message": Aim's LogRecord takes that name for the log line itself
+            {"operation": kind, "span": name, "exception_type": type(err).__name__,
+             "error": message},
+        ))
+
+    def _emit(self, out: list[Record]) -> None:
+        submit = self.submit
+        for record in out:
+            submit(record)
+
+    def failed(self, where: str, exc: BaseException) -> None:
+        """Count and report (once per kind) a failure inside the observer itself."""
+        self.handler_errors += 1
+        warn_once(f"observer:{where}:{type(exc).__name__}",
+                  "could not record a LlamaIndex %s (%s: %s); the application continues",
+                  where, type(exc).__name__, exc)
+        try:
+            self.submit(Track("handler_errors", self.handler_errors, "metric",
+                              {"kind": "dispatcher"}))
+        except Exception:
+            pass
+
+    # -- spans ------------------------------------------------------------------------
+    def span_enter(self, id_: str, bound_args: Any, instance: Any, parent_id: str | None) -> None:
+        """A decorated method started: attach it to its parent (or start a new request)."""
+        now = _now()
+        name = id_[:-37] if len(id_) > 37 and id_[-37] == "-" else id_
+        kind = self._kind(instance) if instance is not None else ""
+        method = name.rsplit(".", 1)[-1]
+        out: list[Record] = []
+        with self._lock:
+            if now >= self._next_sweep or len(self._roots) > MAX_OPEN_ROOTS:
+                out.extend(self._sweep(now))
+            parent = self._spans.get(parent_id) if parent_id else None
+            if parent is None and parent_id:
+                # A request that returned a stream is still open: a thread it started may
+                # enter its first span only after the request's own span has exited.
+                waiting_root = self._roots.get(parent_id)
+                parent = waiting_root.node if waiting_root is not None else None
+            if parent is None and kind == "llm" and "stream" in method:
+                waiting = _awaiting.get()
+                if waiting is not None and not waiting.finalized and waiting.hold > 0:
+                    parent = waiting.node  # the deferred LLM stream of a streaming query
+                    waiting.hold = 0
+                    _awaiting.set(None)
+            node = _Node(id_, name, kind, parent, now)
+            if parent is None:
+                input_ = ""
+                if kind in REQUEST_KINDS:
+                    try:
+                        input_ = render.input_text(dict(bound_args.arguments))
+                    except Exception:
+                        input_ = ""
+                root = _Root(node, kind, self.policy.sample(), input_, now)
+                self._roots[id_] = root
+            else:
+                root = parent.root
+                if instance is None and parent.kind in ("agent", "workflow"):
+                    node.kind = kind = parent.kind + "_step"
+                shown_parent = parent.disp
+                same = instance is not None and shown_parent.inst_id == id(instance)
+                node.nested = same
+                if kind and not same and not method.startswith("_"):
+                    if root.shown < MAX_TRACE_NODES:
+                        shown_parent.children.append(node)
+                        root.shown += 1
+                    else:
+                        root.omitted += 1
+                        node.disp = shown_parent
+                else:
+                    node.disp = shown_parent
+            node.root = root
+            if instance is not None:
+                node.inst = instance
+                node.inst_id = id(instance)
+            root.open += 1
+            root.last_seen = now
+            self._spans[id_] = node
+        if out:
+            self._emit(out)
+
+    def span_exit(self, id_: str, bound_args: Any, result: Any) -> None:
+        """A decorated method returned: step/tool records; the request may be complete."""
+        now = _now()
+        out: list[Record] = []
+        with self._lock:
+            node = self._spans.pop(id_, None)
+            if node is None:
+                return
+            node.end = now
+            node.inst, instance = None, node.inst
+            root = node.root
+            root.last_seen = now
+            kind = node.kind
+            if kind == "tool" and not node.nested:
+                self._tool(out, node, instance, bound_args, result, None)
+            elif kind.endswith("_step") and not self._off(kind):
+                ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
+                out.append(Track("latency_ms", (now - node.start) * 1000.0, "metric", ctx))
+            if node is root.node:
+                root.end = now
+                if kind in ANSWER_KINDS:
+                    answer = render.answer_text(result)
+                    if answer is not None:
+                        root.answer = answer
+                    elif render.is_streaming(result) and not root.pending and not root.streams:
+                        # the stream has not run yet: wait for it (its LLM call, or expiry)
+                        root.hold = 1
+                        _awaiting.set(root)
+            root.open -= 1
+            out.extend(self._maybe_finish(root, now))
+        if out:
+            self._emit(out)
+
+    def span_drop(self, id_: str, bound_args: Any, err: BaseException | None) -> None:
+        """A decorated method raised: error records once per exception, status in the trace."""
+        now = _now()
+        out: list[Record] = []
+        with self._lock:
+            node = self._spans.pop(id_, None)
+            if node is None:
+                return
+            node.end = now
+            node.inst, instance = None, node.inst
+            root = node.root
+            root.last_seen = now
+            cancelled = err is None or isinstance(err, GeneratorExit) or type(err).__name__ == \
+                "CancelledError"
+            node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
+            call = self._calls.pop(id_, None)
+            for family in ("embedding", "retrieve", "rerank"):
+                self._timed.pop((family, id_), None)
+            recorded = err is not None and any(e is err for e in root.errors)
+            if call is not None:
+                if not call.nested:  # a nested call's failure is recorded by the outer call
+                    if call.root is not None:
+                        call.root.pending -= 1
+                    self._llm_records(out, call, call.last, now, err)
+                recorded = True
+            elif node.kind == "tool" and not node.nested:
+                self._tool(out, node, instance, bound_args, None, err)
+                recorded = True
+            elif node.kind in ERROR_KINDS and not recorded and not cancelled and err is not None:
+                self._error(out, node.kind, node.name, err)
+                recorded = True
+            if recorded and err is not None and not any(e is err for e in root.errors):
+                root.errors.append(err)
+                del root.errors[:-8]
+            if node is root.node:
+                root.end = now
+            root.open -= 1
+            out.extend(self._maybe_finish(root, now))
+        if out:
+            self._emit(out)
+
+    # -- events -----------------------------------------------------------------------
+    def handle(self, event: Any) -> None:
+        """Route one instrumentation event by its class name."""
+        method = self._events.get(type(event).__name__)
+        if method is not None:
+            method(event, _now())
+
+    def _llm_start(self, event: Any, now: float) -> None:
+        if self._off("llm"):
+            return
+        sid = event.span_id
+        with self._lock:
+            node = self._spans.get(sid) if sid else None
+            nested = False
+            p = node.parent if node is not None else None
+            while p is not None:
+                if p.id in self._calls:
+                    nested = True
+                    break
+                p = p.parent
+            if not nested and node is not None and node.inst_id:
+                # A stream's body runs when it is consumed, outside the span that returned it
+                # (CustomLLM.astream_chat → stream_chat): same LLM, same request, no chunk yet.
+                nested = any(
+                    c.node is not None and c.node.end is not None and c.first is None
+                    and not c.nested and c.node.inst_id == node.inst_id and c.root is node.root
+                    for c in self._calls.values()
+                )
+            call = _Call(now, node, nested)
+            if not nested:
+                call.prompt = getattr(event, "prompt", None)
+                call.messages = getattr(event, "messages", None)
+                extra = getattr(event, "additional_kwargs", None) or {}
+                tools = extra.get("tools") if isinstance(extra, dict) else None
+                if isinstance(tools, list):
+                    call.tools = [str((t.get("function") or {}).get("name", "?"))
+                                  if isinstance(t, dict) else str(t) for t in tools[:50]]
+                model_dict = getattr(event, "model_dict", None) or {}
+                call.model = model_dict if isinstance(model_dict, dict) else {}
+                self._model_param(call, node)
+                if call.root is not None:
+                    call.root.pending += 1
+                    call.root.last_seen = now
+            self._calls[sid] = call
+
+    def _model_param(self, call: _Call, node: _Node | None) -> None:
+        key = _model_key(call.model)
+        if key in self._seen_models:
+            return
+        self._seen_models.add(key)
+        metadata = None
+        model = dict(call.model)
+        if node is not None and node.inst is not None:
+            try:
+                metadata = node.inst.metadata
+            except Exception:
+                metadata = None
+            for attr in _GENERATION_PARAMS:  # an allow-list: never credentials or headers
+                value = getattr(node.inst, attr, None)
+                if isinstance(value, (str, int, float, bool)):
+                    model.setdefault(attr, value)
+        name, params = _model_params(model, metadata)
+        self._models[name] = params
+        if len(self._models) <= 100:
+            self.submit(Param("llm_models", {k: dict(v) for k, v in self._models.items()}))
+
+    def _llm_progress(self, event: Any, now: float) -> None:
+        call = self._calls.get(event.span_id)
+        if call is not None:
+            if call.first is None:
+                call.first = now
+            call.last = event.response
+            if call.root is not None:
+                call.root.last_seen = now
+
+    def _llm_end(self, event: Any, now: float) -> None:
+        with self._lock:
+            call = self._calls.pop(event.span_id, None)
+        if call is None or call.nested:
+            return
+        out: list[Record] = []
+        response = getattr(event, "response", None) or call.last
+        self._llm_records(out, call, response, now, None)
+        root = call.root
+        with self._lock:
+            if root is not None:
+                root.pending -= 1
+                if root.hold and root.node.end is not None:
+                    root.hold = 0  # the stream of a streaming chat finished
+                out.extend(self._maybe_finish(root, now))
+        self._emit(out)
+
+    def _exception(self, event: Any, now: float) -> None:
+        """A failure (or `GeneratorExit`: an abandoned stream) while a stream was consumed."""
+        with self._lock:
+            call = self._calls.pop(event.span_id, None)
+        if call is None or call.nested:
+            return
+        out: list[Record] = []
+        err = event.exception
+        self._llm_records(out, call, call.last, now, err)
+        root = call.root
+        with self._lock:
+            if root is not None:
+                if isinstance(err, BaseException):
+                    root.errors.append(err)
+                root.pending -= 1
+                root.hold = 0
+                out.extend(self._maybe_finish(root, now))
+        self._emit(out)
+
+    def _stream_done(self, event: Any, now: float) -> None:
+        with self._lock:
+            node = self._spans.get(event.span_id) if event.span_id else None
+            if node is not None and node.root.hold:
+                node.root.hold = 0
+                out = self._maybe_finish(node.root, now)
+            else:
+                out = []
+        self._emit(out)
+
+    def _llm_records(self, out: list[Record], call: _Call, response: Any, now: float,
+                     err: BaseException | None) -> None:
+        """prompt, response, latency, tokens (and ttft for streams) at one step; or the error."""
+        step = next(self._llm_steps)
+        root = call.root
+        sampled = root.sampled if root is not None else True
+        capture = self.policy.capture and sampled
+        ctx = {"kind": "llm"}
+        abandoned = isinstance(err, GeneratorExit)
+        counts = provider_counts(response) if response is not None else None
+        prompt_text = response_text = ""
+        if capture or counts is None:
+            if call.messages is not None:
+                prompt_text = render.render_messages(call.messages)
+            else:
+                prompt_text = call.prompt or ""
+            if call.tools:
+                prompt_text += "\n[tools: " + ", ".join(call.tools) + "]"
+            response_text = render.render_response(response)
+        if capture:
+            self._text(out, "prompt", prompt_text, ctx, step)
+            shown = response_text
+            if err is not None:
+                shown += ("\n[stream abandoned]" if abandoned
+                          else f"\n[error: {type(err).__name__}]")
+            self._text(out, "response", shown, ctx, step)
+        latency = (now - call.start) * 1000.0
+        out.append(Track("latency_ms", latency, "metric", ctx, step))
+        if call.first is not None:
+            out.append(Track("ttft_ms", (call.first - call.start) * 1000.0, "metric", ctx, step))
+        if err is None or abandoned or response is not None:
+            if counts is None and self._defer_tokens:
+                # Tokenizing costs ~0.25 ms/KB: the writer counts; traces get a rough figure.
+                tctx = {"kind": "llm", "source": "estimated"}
+                out.append(Track("prompt_tokens", (prompt_text,), "token_estimate", tctx, step))
+                out.append(Track("completion_tokens", (response_text,), "token_estimate", tctx,
+                                 step))
+                out.append(Track("total_tokens", (prompt_text, response_text), "token_estimate",
+                                 tctx, step))
+                p, c = rough(prompt_text), rough(response_text)
+                counts = TokenCounts(p, c, p + c, "rough")
+            else:
+                if counts is None:
+                    counts = estimated_counts(prompt_text, response_text)
+                tctx = {"kind": "llm", "source": counts.source}
+                out.append(Track("prompt_tokens", counts.prompt, "metric", tctx, step))
+                out.append(Track("completion_tokens", counts.completion, "metric", tctx, step))
+                out.append(Track("total_tokens", counts.total, "metric", tctx, step))
+        if err is not None and not abandoned:
+            self._error(out, "llm", call.node.name if call.node else "llm", err)
+        node = call.node
+        if node is not None:
+            shown_node = node.disp
+            note = f" llm {latency:.1f}ms"
+            if counts is not None:
+                approx = "~" if counts.source == "rough" else ""
+                note += f" tokens={approx}{counts.prompt}+{approx}{counts.completion}"
+            if call.first is not None:
+                note = " stream" + note
+            if abandoned:
+                note += " abandoned"
+            elif err is not None:
+                note += f" error {type(err).__name__}"
+            shown_node.note += note
+        if root is not None:
+            root.llm_calls += 1
+            if call.first is not None:
+                root.streams += 1
+            root.tokens += counts.total if counts is not None else 0
+            if response_text:
+                root.last_llm_text = response_text
+            elif response is not None:
+                root.last_llm_text = render.render_response(response)
+
+    def _timed_start(self, event: Any, now: float) -> None:
+        name = type(event).__name__
+        family = ("embedding" if name.endswith("EmbeddingStartEvent")
+                  else "retrieve" if name == "RetrievalStartEvent" else "rerank")
+        if self._off(family):
+            return
+        self._timed[(family, event.span_id)] = (now, event)
+
+    def _sampled(self, span_id: str | None) -> bool:
+        node = self._spans.get(span_id) if span_id else None
+        return node.root.sampled if node is not None else True
+
+    def _embedding_end(self, event: Any, now: float) -> None:
+        started = self._timed.pop(("embedding", event.span_id), None)
+        if started is None:
+            return
+        chunks = event.chunks or []
+        ctx = {"kind": "embedding"}
+        out: list[Record] = [
+            Track("embedded_texts", len(chunks), "metric", ctx),
+            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx),
+            Track("embedding_tokens", tuple(chunks), "token_estimate",
+                  {"kind": "embedding", "source": "estimated"})
+            if self._defer_tokens
+            else Track("embedding_tokens", _estimate_many(chunks), "metric",
+                       {"kind": "embedding", "source": "estimated"}),
+        ]
+        self._emit(out)
+
+    def _retrieval_end(self, event: Any, now: float) -> None:
+        started = self._timed.pop(("retrieve", event.span_id), None)
+        if started is None:
+            return
+        nodes = list(event.nodes or [])
+        ctx = {"kind": "retrieve"}
+        scores = render.scores_of(nodes)
+        out: list[Record] = [
+            Track("retrieved_nodes", len(nodes), "metric", ctx),
+            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx),
+        ]
+        if scores:
+            out.append(Track("top_score", max(scores), "metric", ctx))
+            out.append(Track("retrieval_scores", scores, "distribution", ctx))
+        if self.policy.capture:
+            query = render.query_text(event.str_or_query_bundle)
+            self._text(out, "retrieved", render.render_nodes(nodes, query), ctx,
+                       sampled=self._sampled(event.span_id))
+        node = self._spans.get(event.span_id) if event.span_id else None
+        if node is not None:
+            top = f" top={max(scores):.3f}" if scores else ""
+            node.disp.note += f" nodes={len(nodes)}{top}"
+        self._emit(out)
+
+    def _rerank_end(self, event: Any, now: float) -> None:
+        started = self._timed.pop(("rerank", event.span_id), None)
+        if started is None:
+            return
+        before = list(getattr(started[1], "nodes", None) or [])
+        after = list(event.nodes or [])
+        ctx = {"kind": "rerank"}
+        out: list[Record] = [
+            Track("rerank_nodes_in", len(before), "metric", ctx),
+            Track("rerank_nodes_out", len(after), "metric", ctx),
+            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx),
+        ]
+        scores = render.scores_of(after)
+        if scores:
+            out.append(Track("top_score", max(scores), "metric", ctx))
+        if self.policy.capture:
+            query = render.query_text(getattr(started[1], "query", None))
+            text = ("before:\n" + render.render_nodes(before, query) + "\nafter:\n"
+                    + render.render_nodes(after))
+            self._text(out, "reranked", text, ctx, sampled=self._sampled(event.span_id))
+        self._emit(out)
+
+    # -- tools ------------------------------------------------------------------------
+    def _tool(self, out: list[Record], node: _Node, instance: Any, bound_args: Any,
+              result: Any, err: BaseException | None) -> None:
+        if self._off("tool"):
+            return
+        name = "tool"
+        try:
+            name = str(instance.metadata.name)
+        except Exception:
+            name = node.name.split(".", 1)[0]
+        ctx = {"kind": "tool", "tool": name}
+        latency = ((node.end or _now()) - node.start) * 1000.0
+        out.append(Track("latency_ms", latency, "metric", ctx))
+        if err is None and getattr(result, "is_error", False):
+            err = RuntimeError(str(getattr(result, "content", "tool error")))
+        if err is not None:
+            self._error(out, "tool", name, err)
+            node.status = f"error {type(err).__name__}"
+            output = f"error: {type(err).__name__}: {err}"
+        else:
+            content = getattr(result, "content", None)
+            output = content if isinstance(content, str) else render.render_value(result)
+        node.note += f" tool={name}"
+        if self.policy.capture and node.root.sampled:
+            try:
+                arguments = dict(bound_args.arguments)
+            except Exception:
+                arguments = {}
+            self._text(out, "tool_call", render.render_tool_call(name, arguments, output), ctx)
+
+    # -- requests ---------------------------------------------------------------------
+    def _maybe_finish(self, root: _Root, now: float) -> list[Record]:
+        if root.finalized or root.open > 0 or root.pending > 0 or root.hold > 0:
+            return []
+        return self._finish(root, now, None)
+
+    def _finish(self, root: _Root, now: float, status: str | None) -> list[Record]:
+        root.finalized = True
+        self._roots.pop(root.node.id, None)
+        kind = root.kind
+        out: list[Record] = []
+        if kind not in REQUEST_KINDS:
+            return out
+        # A request ends when the last thing under it ends (a stream may outlive the span);
+        # an expired one at its last sign of activity.
+        end = now if status is None else (root.end or root.last_seen)
+        latency = (end - root.node.start) * 1000.0
+        ctx = {"kind": kind}
+        if kind in ANSWER_KINDS and not self._off(kind):
+            out.append(Track("latency_ms", latency, "metric", ctx))
+            if self.policy.capture and root.sampled:
+                self._text(out, "question", root.input, ctx)
+                answer = root.answer if root.answer is not None else root.last_llm_text
+                if answer is not None:
+                    self._text(out, "answer", answer, ctx)
+        if root.sampled:
+            out.append(Track("trace", self._trace_text(root, latency, status), "text", ctx))
+        root.node.children = []  # free the tree even if a context variable still points here
+        return out
+
+    def _trace_text(self, root: _Root, latency: float, status: str | None) -> str:
+        node = root.node
+        if self.policy.capture:
+            first = " ".join(self.policy.redact(root.input[: MAX_INPUT_LINE + 256]).split())
+            if len(first) > MAX_INPUT_LINE:
+                first = first[:MAX_INPUT_LINE] + "…"
+        else:
+            first = NOT_CAPTURED
+        state = status or node.status
+        lines = [
+            f"{root.kind}: {first}",
+            f"{latency:.1f} ms · {state} · llm calls {root.llm_calls} · tokens {root.tokens}",
+        ]
+        stack: list[tuple[_Node, int]] = [(node, 0)]
+        while stack:
+            current, depth = stack.pop()
+            end = current.end
+            duration = "open" if end is None else f"{(end - current.start) * 1000.0:.1f}ms"
+            lines.append(f"{'  ' * depth}{current.name} {duration} {current.status}{current.note}")
+            stack.extend((child, depth + 1) for child in reversed(current.children))
+        if root.omitted:
+            lines.append(f"… {root.omitted} more spans not listed")
+        return "\n".join(lines)
+
+    # -- bounded state ----------------------------------------------------------------
+    def _sweep(self, now: float) -> list[Record]:
+        """Expire requests idle for `ROOT_TTL` (and the oldest beyond `MAX_OPEN_ROOTS`)."""
+        self._next_sweep = now + SWEEP_INTERVAL
+        expired = [r for r in self._roots.values() if now - r.last_seen > ROOT_TTL]
+        excess = len(self._roots) - len(expired) - MAX_OPEN_ROOTS
+        if excess > 0:
+            expired.extend(list(self._roots.values())[:excess])
+        return self._expire(expired, now, "expired (incomplete)")
+
+    def _expire(self, roots: list[_Root], now: float, status: str) -> list[Record]:
+        if not roots:
+            return []
+        out: list[Record] = []
+        dead = {id(r) for r in roots}
+        for span_id in [k for k, n in self._spans.items() if id(n.root) in dead]:
+            self._spans.pop(span_id, None)
+        for call_id in [k for k, c in self._calls.items() if c.root is not None and id(c.root) in dead]:
+            self._calls.pop(call_id, None)
+        for root in roots:
+            if not root.finalized:
+                out.extend(self._finish(root, now, status))
+        return out
+
+    def current_sampled(self) -> bool:
+        """Whether the request running in this context records texts (see `sample_rate`)."""
+        from llama_index.core.instrumentation.span import active_span_id
+
+        span_id = active_span_id.get()
+        node = self._spans.get(span_id) if span_id else None
+        return node.root.sampled if node is not None else True
+
+    def open_state(self) -> dict[str, int]:
+        """Sizes of the bookkeeping (for tests and diagnostics)."""
+        with self._lock:
+            return {"spans": len(self._spans), "roots": len(self._roots),
+                    "calls": len(self._calls), "timed": len(self._timed)}
+
+    def close(self) -> None:
+        """Write the traces of requests still open (marked incomplete) and free all state."""
+        with self._lock:
+            out = self._expire(list(self._roots.values()), _now(), "incomplete at shutdown")
+            self._spans.clear()
+            self._calls.clear()
+            self._timed.clear()
+        self._emit(out)
+
+
+def _estimate_many(texts: list[str]) -> int:
+    """Estimated tokens of many texts, tokenizing at most ~100k characters."""
+    budget = 100_000
+    sample: list[str] = []
+    total_chars = 0
+    sampled_chars = 0
+    for text in texts:
+        n = len(text)
+        total_chars += n
+        if sampled_chars < budget:
+            sample.append(text)
+            sampled_chars += n
+    if not sample:
+        return 0
+    count = estimate("\n".join(sample))
+    if total_chars > sampled_chars and sampled_chars:
+        count = round(count * total_chars / sampled_chars)
+    return count
+
+
+def _component_classes() -> list[tuple[type, str]]:
+    """LlamaIndex base classes → our span kinds (most specific first); missing ones skipped."""
+    wanted = [
+        ("llama_index.core.agent.workflow.base_agent", "BaseWorkflowAgent", "agent"),
+        ("llama_index.core.agent.workflow.multi_agent_workflow", "AgentWorkflow", "agent"),
+        ("llama_index.core.workflow", "Workflow", "workflow"),
+        ("llama_index.core.base.llms.base", "BaseLLM", "llm"),
+        ("llama_index.core.base.embeddings.base", "BaseEmbedding", "embedding"),
+        ("llama_index.core.base.base_retriever", "BaseRetriever", "retrieve"),
+        ("llama_index.core.base.base_query_engine", "BaseQueryEngine", "query"),
+        ("llama_index.core.chat_engine.types", "BaseChatEngine", "chat"),
+        ("llama_index.core.tools.types", "BaseTool", "tool"),
+        ("llama_index.core.postprocessor.types", "BaseNodePostprocessor", "postprocess"),
+        ("llama_index.core.response_synthesizers.base", "BaseSynthesizer", "synthesize"),
+    ]
+    import importlib
+
+    classes: list[tuple[type, str]] = []
+    for module, name, kind in wanted:
+        try:
+            classes.append((getattr(importlib.import_module(module), name), kind))
+        except Exception as exc:
+            log.debug("aim-llama: %s.%s unavailable (%s)", module, name, exc)
+    return classes

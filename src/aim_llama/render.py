@@ -1,0 +1,178 @@
+"""Readable text for what LlamaIndex passes around: messages, responses, nodes, tool calls, inputs.
+
+Everything here is defensive (unknown shapes fall back to `str()`, except streaming responses,
+which are never stringified because that would consume the user's stream) and bounded: callers
+cut long texts through the content policy afterwards, and lists are rendered up to a limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+MAX_ITEMS = 50  # nodes / messages rendered per text
+SNIPPET = 200  # characters of each retrieved node's text
+
+
+def is_streaming(value: Any) -> bool:
+    """True for StreamingResponse, AsyncStreamingResponse, StreamingAgentChatResponse …
+
+    (`AgentChatResponse` also has a `response_gen`, for dummy streams: the type name decides.)
+    """
+    return value is not None and "Streaming" in type(value).__name__
+
+
+def _tool_calls(additional_kwargs: Any) -> list[str]:
+    if not isinstance(additional_kwargs, dict):
+        return []
+    calls = additional_kwargs.get("tool_calls") or []
+    out = []
+    for call in calls if isinstance(calls, list) else []:
+        fn = call.get("function") if isinstance(call, dict) else getattr(call, "function", None)
+        if isinstance(fn, dict):
+            name, args = fn.get("name"), fn.get("arguments")
+        else:
+            name, args = getattr(fn, "name", None), getattr(fn, "arguments", None)
+        out.append(f"tool_call: {name}({args if isinstance(args, str) else json.dumps(args)})")
+    return out
+
+
+def _content(message: Any) -> str:
+    try:
+        content = message.content
+    except Exception:
+        content = None
+    return content if isinstance(content, str) else ""
+
+
+def render_message(message: Any) -> str:
+    """`role: content`, with any tool calls the message carries on following lines."""
+    role = getattr(getattr(message, "role", None), "value", None) or "message"
+    lines = [f"{role}: {_content(message)}"]
+    lines.extend("  " + c for c in _tool_calls(getattr(message, "additional_kwargs", None)))
+    return "\n".join(lines)
+
+
+def render_messages(messages: Iterable[Any]) -> str:
+    """Chat messages, one block per message (the last `MAX_ITEMS`)."""
+    items = list(messages)
+    skipped = len(items) - MAX_ITEMS
+    lines = [f"… {skipped} earlier messages"] if skipped > 0 else []
+    lines.extend(render_message(m) for m in items[-MAX_ITEMS:])
+    return "\n".join(lines)
+
+
+def render_response(response: Any) -> str:
+    """The text of a Completion/ChatResponse (tool calls shown); never consumes a stream."""
+    if response is None:
+        return ""
+    message = getattr(response, "message", None)
+    if message is not None:
+        parts = [_content(message), *_tool_calls(getattr(message, "additional_kwargs", None))]
+        return "\n".join(p for p in parts if p)
+    text = getattr(response, "text", None)
+    return text if isinstance(text, str) else ""
+
+
+def answer_text(result: Any) -> str | None:
+    """The final answer of a query / chat / agent / workflow result, or None (streams: None)."""
+    if result is None or is_streaming(result):
+        return None
+    inner = getattr(result, "response", None)
+    if isinstance(inner, str):
+        return inner
+    if inner is not None and hasattr(inner, "content"):  # AgentOutput.response: ChatMessage
+        return _content(inner)
+    if hasattr(result, "result") and type(result).__name__.endswith("StopEvent"):
+        return answer_text(result.result) if not isinstance(result.result, str) else result.result
+    if isinstance(result, str):
+        return result
+    return str(result) if type(result).__module__ == "builtins" else None
+
+
+def query_text(value: Any) -> str:
+    """A query given as a string or a QueryBundle."""
+    if isinstance(value, str):
+        return value
+    q = getattr(value, "query_str", None)
+    return q if isinstance(q, str) else ("" if value is None else str(value))
+
+
+_INPUT_KEYS = ("str_or_query_bundle", "query_str", "query", "message", "user_msg", "prompt",
+               "messages", "input", "start_event")
+
+
+def input_text(arguments: dict[str, Any]) -> str:
+    """The request input from a span's bound arguments (the question, user message, prompt …)."""
+    args = dict(arguments)
+    args.pop("self", None)
+    extra = args.pop("kwargs", None)
+    if isinstance(extra, dict):
+        args.update(extra)
+    for key in _INPUT_KEYS:
+        value = args.get(key)
+        if value is None:
+            continue
+        if key == "start_event":  # a workflow StartEvent: its fields live in a dict-like model
+            try:
+                fields = dict(value.items())
+            except Exception:
+                fields = {}
+            found = input_text(fields) if fields else ""
+            if found:
+                return found
+            continue
+        if key == "messages" and isinstance(value, list):
+            users = [m for m in value if getattr(getattr(m, "role", None), "value", "") == "user"]
+            return _content(users[-1]) if users else render_messages(value[-1:])
+        if hasattr(value, "role") and hasattr(value, "content"):
+            return _content(value)
+        return query_text(value)
+    for value in args.values():
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+def render_value(value: Any, limit: int = 2_000) -> str:
+    """A short repr-like rendering of a tool argument or output."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def render_tool_call(name: str, arguments: dict[str, Any], output: str) -> str:
+    """`name(arg=value, …) -> output` from a tool span's bound arguments."""
+    args = dict(arguments)
+    args.pop("self", None)
+    parts = [render_value(a, 500) for a in args.pop("args", ()) or ()]
+    kwargs = args.pop("kwargs", None)
+    if isinstance(kwargs, dict):
+        args.update(kwargs)
+    parts.extend(f"{k}={render_value(v, 500)}" for k, v in args.items())
+    return f"{name}({', '.join(parts)})\n-> {output}"
+
+
+def render_nodes(nodes: list[Any], query: str | None = None) -> str:
+    """`query: …` then one line per node: rank, id, score and a snippet of its text."""
+    lines = [f"query: {query}"] if query is not None else []
+    for i, n in enumerate(nodes[:MAX_ITEMS], 1):
+        inner = getattr(n, "node", n)
+        node_id = getattr(inner, "node_id", None) or getattr(inner, "id_", "?")
+        score = getattr(n, "score", None)
+        try:
+            text = inner.get_content()
+        except Exception:
+            text = getattr(inner, "text", "") or ""
+        snippet = " ".join(str(text)[:SNIPPET].split())
+        score_txt = f"{score:.4f}" if isinstance(score, (int, float)) else "-"
+        lines.append(f"{i}. {node_id} score={score_txt} | {snippet}")
+    if len(nodes) > MAX_ITEMS:
+        lines.append(f"… {len(nodes) - MAX_ITEMS} more nodes")
+    return "\n".join(lines)
+
+
+def scores_of(nodes: list[Any]) -> list[float]:
+    """The numeric scores of NodeWithScore items."""
+    return [float(s) for s in (getattr(n, "score", None) for n in nodes)
+            if isinstance(s, (int, float))]

@@ -1,0 +1,574 @@
+"""The fidelity matrix: real LlamaIndex pipelines recorded through both channels, read back from Aim.
+
+Each test instruments in-process (thread writer), runs one scenario with MockLLM / MockEmbedding
+or a small offline fake from `apps/fakellm.py`, uninstruments (which finalizes its run) and reads
+that run back the way Aim's UI does. The tests share one repo (creating an Aim repo costs
+seconds), each reading only its own run by hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import APPS
+
+sys.path.insert(0, str(APPS))
+
+from fakellm import USAGE, FailingLLM, RuleLLM, ScriptedToolLLM
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.llms import MockLLM
+
+import aim_llama
+from aimread import RunData, read_run
+
+QUESTIONS = [f"question {i}: what about topic {i % 3}?" for i in range(5)]
+
+
+@pytest.fixture(autouse=True)
+def _mock_models() -> Iterator[None]:
+    Settings.llm = MockLLM(max_tokens=8)
+    Settings.embed_model = MockEmbedding(embed_dim=8)
+    yield
+    aim_llama.uninstrument()
+
+
+def _index() -> VectorStoreIndex:
+    docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(6)]
+    return VectorStoreIndex.from_documents(docs)
+
+
+@pytest.fixture(scope="module")
+def shared_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("capture") / "aimrepo"
+
+
+@pytest.fixture
+def repo(shared_repo: Path) -> Iterator[Path]:
+    """The shared repo; `only_run(repo)` then reads the run this test recorded."""
+    _runs.clear()
+    yield shared_repo
+
+
+_runs: list[str] = []
+
+
+def only_run(repo: Path) -> RunData:
+    assert len(_runs) == 1, _runs
+    return read_run(repo, _runs[0])
+
+
+@contextmanager
+def recording(repo: Path, **overrides: Any) -> Iterator[None]:
+    """Instrument into `repo` with an in-process writer; uninstrument (finalize) on exit."""
+    assert aim_llama.instrument(
+        repo=str(repo), writer="thread", system_tracking_interval=None, log_system_params=False,
+        capture_terminal_logs=False, **overrides,
+    )
+    try:
+        yield
+    finally:
+        from aim_llama.autoinstrument import _active
+
+        writer = _active.writer if _active is not None else None
+        aim_llama.uninstrument()
+        if writer is not None and writer.run_hash:
+            _runs.append(writer.run_hash)
+
+
+def steps(run: RunData, name: str, kind: str = "llm", **ctx: Any) -> list[int]:
+    seq = run.text(name, kind=kind, **ctx) or run.metric(name, kind=kind, **ctx)
+    return [s for s, _ in seq]
+
+
+def traces(run: RunData, kind: str) -> list[str]:
+    return [t for _, t in run.text("trace", kind=kind)]
+
+
+def assert_llm_steps_line_up(run: RunData, n: int, source: str = "estimated") -> None:
+    expected = list(range(n))
+    assert steps(run, "prompt") == expected
+    assert steps(run, "response") == expected
+    assert steps(run, "latency_ms") == expected
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert steps(run, name, source=source) == expected, name
+    if source == "estimated":  # the writer's count is exactly LlamaIndex's default tokenizer's
+        from llama_index.core import Settings
+
+        prompts = dict(run.text("prompt", kind="llm"))
+        for step, value in run.metric("prompt_tokens", kind="llm", source="estimated"):
+            if "[REDACTED]" not in prompts[step] and "[truncated" not in prompts[step]:
+                assert value == len(Settings.tokenizer(prompts[step])), step
+
+
+# -- index, query, streaming ------------------------------------------------------------
+def test_index_build_records_embeddings_and_chunks(repo: Path) -> None:
+    with recording(repo):
+        _index()
+    run = only_run(repo)
+    assert [v for _, v in run.metric("embedded_texts", kind="embedding")] == [6.0]
+    assert run.metric("embedding_tokens", kind="embedding", source="estimated")[0][1] > 6
+    assert len(run.text("chunk", kind="chunking")) == 6
+    assert not run.text("prompt", kind="llm")
+    assert not [k for k in run.texts if k[0] == "trace"]  # building an index is not a request
+
+
+def test_query_sync_exactly_once_steps_and_trace(repo: Path) -> None:
+    index = _index()
+    engine = index.as_query_engine(similarity_top_k=2)
+    with recording(repo):
+        for q in QUESTIONS[:3]:
+            engine.query(q)
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 3)
+    prompts = [t for _, t in run.text("prompt", kind="llm")]
+    assert all(q in p for q, p in zip(QUESTIONS, prompts, strict=False))
+    assert [t for _, t in run.text("question", kind="query")] == QUESTIONS[:3]
+    assert len(run.text("answer", kind="query")) == 3
+    assert len(run.metric("latency_ms", kind="query")) == 3
+    assert [v for _, v in run.metric("retrieved_nodes", kind="retrieve")] == [2.0] * 3
+    retrieved = run.text("retrieved", kind="retrieve")
+    assert retrieved[0][1].startswith(f"query: {QUESTIONS[0]}\n1. ")
+    tr = traces(run, "query")
+    assert len(tr) == 3
+    for q, t in zip(QUESTIONS, tr, strict=False):
+        assert t.splitlines()[0] == f"query: {q}"
+        assert "VectorIndexRetriever.retrieve" in t and "MockLLM" in t and "tokens=" in t
+    # contexts are bounded: the same handful of sequences however many calls
+    assert all(set(dict(ctx)) <= {"kind", "source", "tool", "step"} for _, ctx in run.sequences())
+
+
+def test_query_async_counts_each_llm_call_once(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2)
+
+    async def main() -> None:
+        for q in QUESTIONS[:2]:
+            await engine.aquery(q)
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    # MockLLM.acomplete calls complete: two LLM events per call on both channels, one record.
+    assert_llm_steps_line_up(run, 2)
+    assert len(traces(run, "query")) == 2
+
+
+def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
+    # RuleLLM streams cumulative text (MockLLM's last chunk lags its deltas by one word)
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=RuleLLM())
+    with recording(repo):
+        response = engine.query(QUESTIONS[0])
+        consumed = "".join(response.response_gen)
+    assert consumed  # the user's stream is intact
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 1)
+    assert run.text("response", kind="llm")[0][1] == consumed
+    assert len(run.metric("ttft_ms", kind="llm")) == 1
+    assert [t for _, t in run.text("answer", kind="query")] == [consumed]
+    (trace,) = traces(run, "query")
+    assert trace.splitlines()[0] == f"query: {QUESTIONS[0]}"
+    assert "stream llm" in trace  # the deferred LLM stream joined its query's trace
+
+
+def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
+    llm = RuleLLM()
+    with recording(repo):
+        finished = "".join(r.delta or "" for r in llm.stream_complete("first"))
+        abandoned = llm.stream_complete("second")
+        next(abandoned)
+        abandoned.close()  # the user stops reading: GeneratorExit inside LlamaIndex's wrapper
+        broken = RuleLLM(fail_after=2).stream_complete("third")
+        with pytest.raises(RuntimeError, match="stream broke"):
+            list(broken)
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 3)
+    responses = [t for _, t in run.text("response", kind="llm")]
+    assert responses[0] == finished == "an answer from the rule llm"
+    assert responses[1] == "an\n[stream abandoned]"
+    assert responses[2] == "an answer\n[error: RuntimeError]"
+    assert steps(run, "ttft_ms") == [0, 1, 2]
+    assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]  # abandoning is no error
+    assert not [k for k in run.texts if k[0] == "trace"]  # bare LLM calls are not requests
+
+
+# -- chat engines --------------------------------------------------------------------------
+def test_chat_engines_condense_context_and_stream_chat(repo: Path) -> None:
+    index = _index()
+    with recording(repo):
+        index.as_chat_engine(chat_mode="condense_plus_context").chat("hello condense")
+        index.as_chat_engine(chat_mode="context").chat("hello context")
+        streaming = index.as_chat_engine(chat_mode="context", llm=RuleLLM()).stream_chat(
+            "hello stream")
+        streamed = "".join(streaming.response_gen)
+        for _ in range(500):  # the engine writes the answer to its history in a thread
+            if streaming.is_done:
+                break
+            time.sleep(0.01)
+    run = only_run(repo)
+    n = len(run.text("prompt", kind="llm"))
+    assert n == 3
+    assert_llm_steps_line_up(run, n)
+    tr = traces(run, "chat")
+    assert sorted(t.splitlines()[0] for t in tr) == [
+        "chat: hello condense", "chat: hello context", "chat: hello stream"]
+    answers = [t for _, t in run.text("answer", kind="chat")]
+    assert streamed in answers
+    assert len(run.metric("latency_ms", kind="chat")) == 3
+
+
+def test_retriever_alone(repo: Path) -> None:
+    retriever = _index().as_retriever(similarity_top_k=3)
+    with recording(repo):
+        nodes = retriever.retrieve("which topic?")
+    run = only_run(repo)
+    assert [v for _, v in run.metric("retrieved_nodes", kind="retrieve")] == [float(len(nodes))]
+    assert run.metric("top_score", kind="retrieve")
+    (trace,) = traces(run, "retrieve")
+    assert trace.startswith("retrieve: which topic?\n")
+
+
+def test_structured_llm_rerank(repo: Path) -> None:
+    from llama_index.core.postprocessor.structured_llm_rerank import StructuredLLMRerank
+
+    engine = _index().as_query_engine(
+        similarity_top_k=3, node_postprocessors=[StructuredLLMRerank(llm=RuleLLM(), top_n=2)])
+    with recording(repo):
+        engine.query("rank these")
+    run = only_run(repo)
+    assert [v for _, v in run.metric("rerank_nodes_in", kind="rerank")] == [3.0]
+    assert [v for _, v in run.metric("rerank_nodes_out", kind="rerank")] == [2.0]
+    assert [v for _, v in run.metric("top_score", kind="rerank")] == [9.0]
+    text = run.text("reranked", kind="rerank")[0][1]
+    assert text.startswith("before:\nquery: rank these\n") and "\nafter:\n" in text
+    assert_llm_steps_line_up(run, 2)  # the reranker's structured call + the answer
+
+
+def test_sub_question_query_engine(repo: Path) -> None:
+    from llama_index.core.query_engine import SubQuestionQueryEngine
+    from llama_index.core.question_gen import LLMQuestionGenerator
+    from llama_index.core.tools import QueryEngineTool
+
+    rule = RuleLLM()
+    tool = QueryEngineTool.from_defaults(_index().as_query_engine(), name="docs",
+                                         description="the docs")
+    engine = SubQuestionQueryEngine.from_defaults(
+        query_engine_tools=[tool], llm=rule,
+        question_gen=LLMQuestionGenerator.from_defaults(llm=rule), use_async=False)
+    with recording(repo):
+        engine.query("compare topic 1 and topic 2")
+    run = only_run(repo)
+    # question generation + 2 sub-answers (MockLLM) + the final synthesis
+    assert_llm_steps_line_up(run, 4)
+    (trace,) = traces(run, "query")  # nested queries stay inside the one root request
+    assert trace.startswith("query: compare topic 1 and topic 2\n")
+    assert trace.count("RetrieverQueryEngine.query") == 2
+    assert [t for _, t in run.text("question", kind="query")] == ["compare topic 1 and topic 2"]
+
+
+# -- agents and workflows ------------------------------------------------------------------
+async def _run(workflow: Any, **kwargs: Any) -> Any:
+    return await workflow.run(**kwargs)
+
+
+def _add(a: int, b: int) -> int:
+    """Add two numbers."""
+    if a < 0:
+        raise ValueError("negative numbers are not supported")
+    return a + b
+
+
+def test_function_agent_with_tool(repo: Path) -> None:
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    llm = ScriptedToolLLM()
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(_add, name="add")], llm=llm)
+
+    async def main() -> Any:
+        return await agent.run(user_msg="what is 2+3?")
+
+    with recording(repo):
+        result = asyncio.run(main())
+    assert "final: 5" in str(result)
+    run = only_run(repo)
+    assert llm.calls == 2
+    assert_llm_steps_line_up(run, 2, source="provider")
+    assert [v for _, v in run.metric("total_tokens", kind="llm", source="provider")] == [
+        float(USAGE["total_tokens"])] * 2
+    assert "tool_call: add" in run.text("response", kind="llm")[0][1]
+    (call,) = [t for _, t in run.text("tool_call", kind="tool", tool="add")]
+    assert call == "add(a=2, b=3)\n-> 5"
+    assert len(run.metric("latency_ms", kind="tool", tool="add")) == 1
+    assert run.metric("latency_ms", kind="agent_step", step="run_agent_step")
+    (trace,) = traces(run, "agent")
+    assert trace.startswith("agent: what is 2+3?\n")
+    assert "FunctionTool.acall" in trace and "tool=add" in trace
+    assert [t for _, t in run.text("answer", kind="agent")] == ["final: 5"]
+    assert "scripted-tool-llm" in run.params["llm_models"]
+
+
+def test_tool_that_raises(repo: Path) -> None:
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    llm = ScriptedToolLLM(tool_args={"a": -1, "b": 3})
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(_add, name="add")], llm=llm)
+    with recording(repo):
+        result = asyncio.run(_run(agent, user_msg="what is -1+3?"))
+    assert "negative numbers" in str(result)  # the agent carried on with the tool's error
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    (call,) = [t for _, t in run.text("tool_call", kind="tool", tool="add")]
+    assert "-> error: ValueError: negative numbers are not supported" in call
+    assert "error ValueError" in traces(run, "agent")[0]
+    (entry,) = _log_records(repo, run.hash)
+    assert entry["args"]["operation"] == "tool" and entry["args"]["span"] == "add"
+    assert entry["args"]["exception_type"] == "ValueError"
+
+
+def test_react_agent(repo: Path) -> None:
+    from llama_index.core.agent.workflow import ReActAgent
+    from llama_index.core.tools import FunctionTool
+
+    llm = RuleLLM()
+    agent = ReActAgent(tools=[FunctionTool.from_defaults(_add, name="add")], llm=llm)
+    with recording(repo):
+        result = asyncio.run(_run(agent, user_msg="what is 2+3?"))
+    assert "the sum is 5" in str(result)
+    run = only_run(repo)
+    assert llm.calls == 2
+    assert_llm_steps_line_up(run, 2)
+    assert [t for _, t in run.text("tool_call", kind="tool", tool="add")] == [
+        "add(a=2, b=3)\n-> 5"]
+    (trace,) = traces(run, "agent")
+    assert trace.startswith("agent: what is 2+3?\n") and "ReActAgent.run" in trace
+
+
+def test_plain_workflow_step_calling_llm(repo: Path) -> None:
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    class Poet(Workflow):
+        @step
+        async def write(self, ev: StartEvent) -> StopEvent:
+            response = await Settings.llm.acomplete(f"write about {ev.topic}")
+            return StopEvent(result=str(response))
+
+    with recording(repo):
+        result = asyncio.run(_run(Poet(), topic="llamas"))
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 1)
+    assert "write about llamas" in run.text("prompt", kind="llm")[0][1]
+    assert run.metric("latency_ms", kind="workflow_step", step="write")
+    (trace,) = traces(run, "workflow")
+    assert trace.startswith("workflow: llamas\n") and "Poet.write" in trace
+    assert [t for _, t in run.text("answer", kind="workflow")] == [result]
+
+
+# -- concurrency ---------------------------------------------------------------------------
+def _assert_isolated(run: RunData, questions: list[str]) -> None:
+    tr = traces(run, "query")
+    assert len(tr) == len(questions)
+    assert sorted(t.splitlines()[0] for t in tr) == sorted(f"query: {q}" for q in questions)
+    for t in tr:
+        assert t.count("VectorIndexRetriever.") == 1  # retrieve or aretrieve
+        assert t.count("MockLLM") == 1
+        assert "llm calls 1 " in t
+    assert_llm_steps_line_up(run, len(questions))
+    # each prompt holds exactly one of the questions
+    for _, prompt in run.text("prompt", kind="llm"):
+        assert sum(q in prompt for q in questions) == 1
+
+
+def test_five_concurrent_asyncio_requests(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2)
+
+    async def main() -> None:
+        await asyncio.gather(*(engine.aquery(q) for q in QUESTIONS))
+
+    with recording(repo):
+        asyncio.run(main())
+    _assert_isolated(only_run(repo), QUESTIONS)
+
+
+def test_five_concurrent_threads(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2)
+    barrier = threading.Barrier(5)
+
+    def ask(q: str) -> None:
+        barrier.wait()
+        engine.query(q)
+
+    with recording(repo):
+        threads = [threading.Thread(target=ask, args=(q,)) for q in QUESTIONS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    _assert_isolated(only_run(repo), QUESTIONS)
+
+
+# -- errors --------------------------------------------------------------------------------
+def test_llm_that_raises_keeps_the_app_exception(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2, llm=FailingLLM())
+    with recording(repo), pytest.raises(RuntimeError) as caught:
+        engine.query("will fail")
+    assert type(caught.value) is RuntimeError
+    assert str(caught.value) == "backend down sk-abcdefghijklmnopqrstuvwx"
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]
+    assert not run.metric("errors", kind="query")  # one exception, counted once
+    assert steps(run, "prompt") == [0] and steps(run, "latency_ms") == [0]
+    (trace,) = traces(run, "query")
+    assert "error RuntimeError" in trace
+    (entry,) = _log_records(repo, run.hash)  # the run page's Logs tab
+    assert entry["message"] == "llm failed: RuntimeError: backend down [REDACTED]"
+    assert entry["log_level"] == "ERROR"
+    assert entry["args"] == {"operation": "llm", "span": "FailingLLM.complete",
+                             "exception_type": "RuntimeError", "error": "backend down [REDACTED]"}
+
+
+def _log_records(repo: Path, run_hash: str) -> list[dict[str, Any]]:
+    from aim import Repo
+
+    run = Repo.from_path(str(repo)).get_run(run_hash)  # already indexed by read_run
+    seq = run.get_log_records()
+    if seq is None:
+        return []
+    _steps, (values, *_rest) = seq.data.items_list()
+    return [(v[0] if isinstance(v, list) else v).json() for v in values]
+
+
+def test_instrumenting_after_the_engine_was_built(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2)  # built before any handler exists
+    engine.query("before")
+    with recording(repo):
+        engine.query("after")
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 1)
+    assert "Query: after" in run.text("prompt", kind="llm")[0][1]
+    assert [t.splitlines()[0] for t in traces(run, "query")] == ["query: after"]
+
+
+# -- content controls ----------------------------------------------------------------------
+def test_capture_content_false_keeps_structure_and_metrics(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo, capture_content=False):
+        engine.query("secret question")
+    run = only_run(repo)
+    names = {name for name, _ in run.texts}
+    assert names == {"trace"}, names
+    (trace,) = traces(run, "query")
+    assert "secret question" not in trace and trace.startswith("query: [content not captured]")
+    assert steps(run, "latency_ms") == [0]
+    assert steps(run, "total_tokens", source="estimated") == [0]
+
+
+def test_redaction_truncation_and_default_secrets(repo: Path) -> None:
+    aws = "AKIA" + "ABCDEFGHIJKLMNOP"
+    question = f"my key is sk-{'a1' * 12} and {aws}, Bearer abc.def.ghi123, ssn 123-45-6789 " + (
+        "x" * 500)
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo, redact=[r"\d{3}-\d{2}-\d{4}"], max_text_length=200):
+        engine.query(question)
+    run = only_run(repo)
+    texts = [t for seq in run.texts.values() for _, t in seq]
+    joined = "\n".join(texts)
+    for secret in ("sk-a1a1", aws, "abc.def.ghi123", "123-45-6789"):
+        assert secret not in joined, secret
+    q = run.text("question", kind="query")[0][1]
+    assert q.startswith("my key is [REDACTED] and [REDACTED], [REDACTED], ssn [REDACTED] ")
+    assert q.endswith(f"… [truncated {len(question) - 200} chars]")
+    assert "[truncated" in run.text("prompt", kind="llm")[0][1]
+
+
+def test_sample_rate_zero_keeps_counters(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo, sample_rate=0.0):
+        for q in QUESTIONS[:3]:
+            engine.query(q)
+    run = only_run(repo)
+    assert not run.texts  # no request was sampled: no text at all
+    assert steps(run, "latency_ms") == [0, 1, 2]
+    assert steps(run, "total_tokens", source="estimated") == [0, 1, 2]
+    assert len(run.metric("retrieved_nodes", kind="retrieve")) == 3
+
+
+def test_ignore_lists_suppress_dispatcher_data(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo, event_ends_to_ignore=["llm"], event_starts_to_ignore=["retrieve"]):
+        engine.query("ignored")
+    run = only_run(repo)
+    assert not run.text("prompt", kind="llm") and not run.metric("latency_ms", kind="llm")
+    assert not run.metric("retrieved_nodes", kind="retrieve")
+    assert run.metric("embedded_texts", kind="embedding")  # the rest still lands
+    assert len(traces(run, "query")) == 1
+
+
+# -- registration and bounded state ------------------------------------------------------
+def test_registration_is_idempotent_and_state_is_freed(repo: Path) -> None:
+    from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
+
+    from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
+
+    def counts() -> tuple[int, int]:
+        d = get_dispatcher()
+        return (sum(isinstance(h, AimSpanHandler) for h in d.span_handlers),
+                sum(isinstance(h, AimEventHandler) for h in d.event_handlers))
+
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo):
+        aim_llama.instrument()
+        aim_llama.instrument(repo=str(repo))
+        assert counts() == (1, 1)
+        engine.query("one")
+        from aim_llama.autoinstrument import _active
+
+        observer = _active.handler.observer  # type: ignore[union-attr]
+        assert observer.open_state() == {"spans": 0, "roots": 0, "calls": 0, "timed": 0}
+    assert counts() == (0, 0)
+
+
+def test_abandoned_stream_expires(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aim_llama import observer as observer_module
+
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True)
+    retriever = _index().as_retriever()
+    with recording(repo):
+        from aim_llama.autoinstrument import _active
+
+        observer = _active.handler.observer  # type: ignore[union-attr]
+        engine.query("never consumed")  # the StreamingResponse is dropped unread
+        assert observer.open_state()["roots"] == 1  # waiting for its stream
+        monkeypatch.setattr(observer_module, "ROOT_TTL", 0.2)
+        monkeypatch.setattr(observer_module, "SWEEP_INTERVAL", 0.0)
+        observer._next_sweep = 0.0
+        time.sleep(0.3)
+        retriever.retrieve("later request")  # the next request's spans sweep
+        assert observer.open_state() == {"spans": 0, "roots": 0, "calls": 0, "timed": 0}
+    run = only_run(repo)
+    expired = [t for t in traces(run, "query") if t.startswith("query: never consumed")]
+    assert len(expired) == 1 and "expired" in expired[0]
+
+
+def test_auto_import_subprocess_with_process_writer(run_py: Any, repo: Path) -> None:
+    """`import aim_llama.auto` in a real program: both channels feed the writer process."""
+    proc = run_py(script=APPS / "rag.py", args=["3", "--print-hash"])
+    run_hash = proc.stdout.split("RUN ", 1)[1].split()[0]
+    run = read_run(repo, run_hash)
+    assert run.end_time is not None and not run.active
+    assert_llm_steps_line_up(run, 3)
+    tr = traces(run, "query")
+    assert [t.splitlines()[0] for t in tr] == [
+        f"query: question {i}: what about topic {i % 3}?" for i in range(3)]
+    chunks = [t for _, t in run.text("chunk", kind="chunking")]  # the CallbackManager channel
+    assert chunks[:6] == [f"Document number {i} talks about topic {i % 3}." for i in range(6)]
+    assert run.metric("embedded_texts", kind="embedding")[0] == (0, 6.0)

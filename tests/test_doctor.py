@@ -1,0 +1,126 @@
+"""`aim-llama doctor` against real targets: a live `aim server`, a dead port, a web server that is
+not Aim, local repos that are fine or unusable, and invalid configuration."""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aimread import run_hashes
+from aimserver import free_port
+from conftest import clean_env
+
+pytest_plugins = ("aimserver",)  # the aim_process fixture
+
+
+def doctor(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aim_llama", "doctor", "--timeout", "10", *args], cwd=workdir,
+        env=clean_env(**env), capture_output=True, text=True, timeout=120,
+    )
+
+
+def lines(proc: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """check name -> its whole line."""
+    out = {}
+    for line in proc.stdout.splitlines():
+        status, name = line.split()[:2]
+        assert status in ("ok", "FAIL"), line
+        out[name] = line
+    return out
+
+
+def test_live_server_passes_every_check_and_the_probe_is_read_back(aim_process, workdir):
+    server = aim_process("server")
+    proc = doctor(workdir, "--probe", AIM_REPO=server.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = lines(proc)
+    assert list(got) == ["config", "reachable", "protocol", "version", "probe"]
+    assert all(line.startswith("ok") for line in got.values())
+    from importlib.metadata import version
+
+    assert f"Aim {version('aim')}" in got["version"]
+    assert "read it back and removed it" in got["probe"]
+    assert "Traceback" not in proc.stderr
+    server.stop()
+    assert run_hashes(server.repo) == []  # the probe cleaned up after itself
+
+
+def test_server_down_fails_with_a_fix_naming_aim_server(workdir):
+    port = free_port()
+    proc = doctor(workdir, "--probe", AIM_REPO=f"aim://127.0.0.1:{port}")
+    assert proc.returncode == 1
+    got = lines(proc)
+    assert got["config"].startswith("ok")
+    assert got["reachable"].startswith("FAIL")
+    assert f"aim://127.0.0.1:{port}" in got["reachable"]
+    assert f"fix: start the server (aim server --repo DIR --host 0.0.0.0 --port {port})" in got[
+        "reachable"]
+    assert got["probe"].startswith("FAIL") and "skipped" in got["probe"]
+
+
+@pytest.fixture
+def not_aim() -> Iterator[int]:
+    """A plain HTTP server on a loopback port: something answers, but it is not Aim."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_port_that_is_not_an_aim_server_fails_the_protocol_check(workdir, not_aim):
+    proc = doctor(workdir, AIM_REPO=f"aim://127.0.0.1:{not_aim}")
+    assert proc.returncode == 1
+    got = lines(proc)
+    assert got["reachable"].startswith("ok")
+    assert got["protocol"].startswith("FAIL")
+    assert "not `aim up`" in got["protocol"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"AIM_LLAMA_FLUSH_TIMEOUT": "abc"}, "AIM_LLAMA_FLUSH_TIMEOUT='abc'"),
+        ({"AIM_REPO": "aim://no-port-here"}, "aim://host:port"),
+        ({"AIM_SYSTEM_TRACKING_INTERVAL": "-3"}, "AIM_SYSTEM_TRACKING_INTERVAL"),
+    ],
+)
+def test_invalid_configuration_fails_the_config_check(workdir, env, expected):
+    proc = doctor(workdir, **env)
+    assert proc.returncode == 1
+    got = lines(proc)
+    assert list(got) == ["config"]
+    assert got["config"].startswith("FAIL") and expected in got["config"]
+    assert "fix: correct that value" in got["config"]
+
+
+def test_local_repo_probe_writes_reads_back_and_cleans_up(workdir, repo):
+    proc = doctor(workdir, "--probe", AIM_REPO=str(repo))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = lines(proc)
+    assert list(got) == ["config", "repo", "probe"]
+    assert "will be created" in got["repo"]
+    assert "read it back and removed it" in got["probe"]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert (repo / ".aim").is_dir() and run_hashes(repo) == []
+    again = lines(doctor(workdir, AIM_REPO=str(repo)))
+    assert "exists and is writable" in again["repo"]
+
+
+def test_unusable_local_repo_fails_with_a_fix(workdir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = doctor(workdir, "--probe", AIM_REPO=str(blocker / "repo"))
+    assert proc.returncode == 1
+    got = lines(proc)
+    assert got["repo"].startswith("FAIL") and "is not a directory" in got["repo"]
+    assert "fix:" in got["repo"]
+    assert got["probe"].startswith("FAIL")

@@ -1,0 +1,156 @@
+"""Fork safety: forked and spawned children each get their own finalized run; the parent's is untouched."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from aimread import RunData, read_all
+from conftest import clean_env
+
+AIM_LLAMA = str(Path(sys.executable).with_name("aim-llama"))
+
+
+@pytest.fixture(scope="module")
+def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialized, empty Aim repo, made once: creating one costs ~2 s of CPU (Aim's migrations)."""
+    path = tmp_path_factory.mktemp("template") / "aimrepo"
+    subprocess.run([sys.executable, "-c", f"from aim import Repo; Repo.from_path({str(path)!r}, init=True)"],
+                   check=True, env=clean_env(), timeout=120)
+    return path
+
+
+@pytest.fixture
+def ready_repo(repo: Path, template_repo: Path) -> Path:
+    """`repo`, already initialized (a copy of the template)."""
+    shutil.copytree(template_repo, repo)
+    return repo
+
+
+def prompts(run: RunData) -> list[str]:
+    return [text for _, text in run.text("prompt", kind="llm")]
+
+
+def run_app(
+    workdir: Path, repo: Path, code: str, launcher: bool, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    script = workdir / "app.py"
+    script.write_text(textwrap.dedent(code))
+    cmd = [sys.executable, str(script), *args]
+    if launcher:
+        cmd = [AIM_LLAMA, "run", "--", *cmd]
+    proc = subprocess.run(
+        cmd, cwd=workdir, env=clean_env(AIM_REPO=str(repo)), capture_output=True, text=True,
+        timeout=150,  # a hang in a child (the failure this guards against) fails the test
+    )
+    assert proc.returncode == 0, f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    return proc
+
+
+def value_of(stdout: str, key: str) -> str:
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith(key + " ")]
+    return line.split(" ", 1)[1]
+
+
+def assert_finalized(runs: list[RunData]) -> None:
+    for run in runs:
+        assert run.end_time is not None and not run.active, run.hash
+
+
+def test_os_fork_child_gets_its_own_run_and_parent_run_is_untouched(workdir, ready_repo):
+    proc = run_app(workdir, ready_repo, """
+        import os, sys
+        import aim_llama.auto
+        import aim_llama
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=3)
+        llm.complete("parent before fork")
+        print("PARENT", os.getpid(), aim_llama.current_run_hash(), flush=True)
+        child = os.fork()
+        if child == 0:
+            llm.complete("child call 0")
+            llm.complete("child call 1")
+            sys.exit(0)
+        quiet = os.fork()
+        if quiet == 0:
+            print("a child that records nothing", flush=True)
+            sys.exit(0)
+        assert os.waitpid(child, 0)[1] == 0 and os.waitpid(quiet, 0)[1] == 0
+        llm.complete("parent after fork")
+        print("CHILD", child, flush=True)
+    """, launcher=False)
+    parent_pid, parent_hash = value_of(proc.stdout, "PARENT").split()
+    child_pid = int(value_of(proc.stdout, "CHILD"))
+    runs = {r.params["aim_llama"]["pid"]: r for r in read_all(ready_repo)}
+    assert set(runs) == {int(parent_pid), child_pid}  # the quiet child left no run
+    parent, child = runs[int(parent_pid)], runs[child_pid]
+    assert parent.hash == parent_hash
+    assert prompts(parent) == ["parent before fork", "parent after fork"]
+    assert [s for s, _ in parent.text("prompt", kind="llm")] == [0, 1]
+    assert parent.params["aim_llama"]["role"] == "main"
+    assert prompts(child) == ["child call 0", "child call 1"]
+    assert [s for s, _ in child.text("prompt", kind="llm")] == [0, 1]  # numbered from 0 again
+    assert child.params["aim_llama"]["role"] == "fork-child"
+    assert_finalized([parent, child])
+
+
+POOL_APP = """
+    import multiprocessing as mp, os, sys
+    from llama_index.core.llms import MockLLM
+
+    def work(i):
+        MockLLM(max_tokens=3).complete(f"task {i}")
+        return os.getpid()
+
+    if __name__ == "__main__":
+        MockLLM(max_tokens=3).complete("parent call")
+        ctx = mp.get_context("{context}")
+        pids = set()
+        pool = ctx.Pool(2)  # workers leave through os._exit after close()/join()
+        pids.update(pool.map(work, range(0, 4), chunksize=1))
+        pool.close()
+        pool.join()
+        if "--terminate" in sys.argv:
+            with ctx.Pool(1) as pool:  # __exit__ calls terminate(): the worker gets SIGTERM
+                pids.update(pool.map(work, range(4, 6), chunksize=1))
+        print("PARENT", os.getpid(), flush=True)
+        print("TASKS", 6 if "--terminate" in sys.argv else 4, flush=True)
+        print("WORKERS", " ".join(map(str, sorted(pids))), flush=True)
+"""
+
+
+def check_pool_runs(stdout: str, repo: Path, role: str) -> None:
+    parent_pid = int(value_of(stdout, "PARENT"))
+    workers = {int(p) for p in value_of(stdout, "WORKERS").split()}
+    runs = read_all(repo)
+    by_pid = {r.params["aim_llama"]["pid"]: r for r in runs}
+    assert len(by_pid) == len(runs)  # one run per process
+    assert set(by_pid) == workers | {parent_pid}  # every worker that recorded has its own run
+    assert prompts(by_pid[parent_pid]) == ["parent call"]
+    assert by_pid[parent_pid].params["aim_llama"]["role"] == "main"
+    recorded: list[str] = []
+    for pid in workers:
+        run = by_pid[pid]
+        assert run.params["aim_llama"]["role"] == role
+        assert [s for s, _ in run.text("prompt", kind="llm")] == list(range(len(prompts(run))))
+        recorded += prompts(run)
+    tasks = int(value_of(stdout, "TASKS"))
+    assert sorted(recorded) == sorted(f"task {i}" for i in range(tasks))  # each call exactly once
+    assert_finalized(runs)
+
+
+def test_fork_pool_under_the_launcher_gives_each_worker_its_own_finalized_run(workdir, repo):
+    # A fresh repo on purpose: the workers' writers then race to create it (see aimrun).
+    proc = run_app(workdir, repo, POOL_APP.replace("{context}", "fork"), launcher=True,
+                   args=("--terminate",))
+    check_pool_runs(proc.stdout, repo, "fork-child")
+
+
+def test_spawn_pool_under_the_launcher_activates_the_children(workdir, repo):
+    proc = run_app(workdir, repo, POOL_APP.replace("{context}", "spawn"), launcher=True)
+    check_pool_runs(proc.stdout, repo, "spawn-child")

@@ -1,0 +1,368 @@
+"""`aim-llama run` and its start-up hook, end to end through real subprocesses and a real Aim repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from aim_llama.launcher import BOOTSTRAP_DIR
+from aim_llama.launcher.command import OPTIONS, exit_status, prepend_bootstrap
+from aim_llama.launcher.startup import command_name, is_skipped
+from aimread import run_hashes
+from conftest import APPS, clean_env, only_run
+
+AIM_LLAMA = str(Path(sys.executable).with_name("aim-llama"))
+HEAVY = ("llama_index", "aim", "pydantic_settings", "pydantic")
+
+# Prints what activation did in this process (used as a child program under the launcher).
+PROBE = f"""
+import json, os, sys
+from aim_llama.importhook import PostImportFinder
+print("PROBE", json.dumps({{
+    "pid": os.getpid(),
+    "auto": "aim_llama.auto" in sys.modules,
+    "hooks": sum(isinstance(f, PostImportFinder) for f in sys.meta_path),
+    "heavy": sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r})),
+    "bootstrap_on_pythonpath": {BOOTSTRAP_DIR!r} in os.environ.get("PYTHONPATH", ""),
+}}), flush=True)
+"""
+
+
+# A small LlamaIndex program with no aim-llama line: N completions through MockLLM.
+LIGHT = (
+    "import sys, aim_llama\n"
+    "from llama_index.core.llms import MockLLM\n"
+    "llm = MockLLM(max_tokens=3)\n"
+    "for i in range(int(sys.argv[1])): llm.complete(f'light {i}')\n"
+    "print('INSTRUMENTED', aim_llama.is_instrumented(), flush=True)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialized, empty Aim repo, made once: creating one costs ~2 s of CPU (Aim's migrations)."""
+    path = tmp_path_factory.mktemp("template") / "aimrepo"
+    subprocess.run([sys.executable, "-c", f"from aim import Repo; Repo.from_path({str(path)!r}, init=True)"],
+                   check=True, env=clean_env(), timeout=120)
+    return path
+
+
+@pytest.fixture
+def ready_repo(repo: Path, template_repo: Path) -> Path:
+    """`repo`, already initialized (a copy of the template)."""
+    shutil.copytree(template_repo, repo)
+    return repo
+
+
+def probe_of(stdout: str) -> list[dict[str, object]]:
+    return [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith("PROBE ")]
+
+
+def launch(
+    args: list[str],
+    cwd: Path,
+    repo: Path | None = None,
+    env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    extra = {"AIM_REPO": str(repo)} if repo is not None else {}
+    extra.update(env or {})
+    return subprocess.run(
+        [*(launcher or [AIM_LLAMA]), "run", *args], cwd=cwd, env=clean_env(**extra),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_example_app_records_its_prompts_and_exit_code_passes_through(workdir, ready_repo):
+    proc = launch(
+        ["--experiment", "launched", "--run-params", '{"team": "search"}', "--",
+         sys.executable, str(APPS / "rag.py"), "3", "--no-auto", "--exit-code", "3"],
+        workdir, ready_repo,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "DONE" in proc.stdout
+    run = only_run(ready_repo)
+    assert run.experiment == "launched"
+    assert run.params["team"] == "search"
+    assert run.end_time is not None and not run.active
+    prompts = run.text("prompt", kind="llm")
+    assert [s for s, _ in prompts] == [0, 1, 2]
+    assert "question 2: what about topic 2?" in prompts[2][1]
+    assert run.params["aim_llama"]["role"] == "main"
+
+
+def test_python_dash_m_launcher_runs_a_python_dash_m_package(workdir, ready_repo):
+    pkg = workdir / "ragpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(LIGHT)
+    proc = launch(["--", sys.executable, "-m", "ragpkg", "2"], workdir, ready_repo,
+                  launcher=[sys.executable, "-m", "aim_llama"])
+    assert proc.returncode == 0, proc.stderr
+    run = only_run(ready_repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["light 0", "light 1"]
+    assert run.end_time is not None
+
+
+def test_console_script_on_path_is_launched(workdir, ready_repo, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "rag-tool"
+    script.write_text(f"#!{sys.executable}\n" + LIGHT)
+    script.chmod(0o755)
+    path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+    proc = launch(["rag-tool", "1"], workdir, ready_repo, env={"PATH": path})
+    assert proc.returncode == 0, proc.stderr
+    assert [t for _, t in only_run(ready_repo).text("prompt", kind="llm")] == ["light 0"]
+
+
+def test_process_without_llamaindex_is_lazy_and_leaves_no_run(workdir, repo):
+    code = PROBE + "import json, email.parser, sqlite3\nprint('ok')\n"
+    proc = launch(["--", sys.executable, "-c", code], workdir, repo)
+    assert proc.returncode == 0, proc.stderr
+    (probe,) = probe_of(proc.stdout)
+    probe.pop("pid")
+    assert probe == {"auto": True, "hooks": 1, "heavy": [], "bootstrap_on_pythonpath": True}
+    assert proc.stderr == ""
+    assert run_hashes(repo) == []
+    assert not repo.exists()  # not even an empty repo
+
+
+def test_users_own_sitecustomize_still_runs(workdir, repo, tmp_path):
+    site = tmp_path / "usersite"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\nos.environ['USER_SITE_RAN'] = 'yes'\nprint('USER SITECUSTOMIZE', sys.argv[0])\n"
+    )
+    code = PROBE + "import os, sitecustomize\nprint('ENV', os.environ.get('USER_SITE_RAN'))\n" \
+        "print('MODULE', sitecustomize.__file__)\n"
+    proc = launch(["--", sys.executable, "-c", code], workdir, repo, env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    # once in the program (the launcher's own interpreter ran it too, before exec-ing)
+    assert proc.stdout.count("USER SITECUSTOMIZE -c\n") == 1
+    assert "ENV yes" in proc.stdout
+    assert f"MODULE {site / 'sitecustomize.py'}" in proc.stdout
+    assert probe_of(proc.stdout)[0]["auto"] is True
+
+
+def test_broken_user_sitecustomize_is_reported_like_site_does_and_app_runs(workdir, tmp_path):
+    site = tmp_path / "usersite"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("raise ValueError('user bug')\n")
+    proc = launch(["--", sys.executable, "-c", PROBE], workdir, env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0
+    assert "Error in sitecustomize; set PYTHONVERBOSE for traceback:\nValueError: user bug" in proc.stderr
+    assert probe_of(proc.stdout)[0]["auto"] is True
+
+
+def test_activation_happens_once_with_every_path_combined(workdir, ready_repo, tmp_path):
+    site = tmp_path / "usersite"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import aim_llama.auto\n")
+    code = PROBE + textwrap.dedent(
+        """
+        import aim_llama.auto, aim_llama
+        from llama_index.core import Settings
+        from llama_index.core.llms import MockLLM
+        from aim_llama.handler import AimLlamaHandler
+        aim_llama.instrument()
+        MockLLM(max_tokens=3).complete("only once")
+        print("HANDLERS", sum(isinstance(h, AimLlamaHandler) for h in Settings.callback_manager.handlers))
+        """
+    )
+    proc = launch(["--", sys.executable, "-c", code], workdir, ready_repo, env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    assert probe_of(proc.stdout)[0]["hooks"] == 1
+    assert "HANDLERS 1" in proc.stdout
+    assert [t for _, t in only_run(ready_repo).text("prompt", kind="llm")] == ["only once"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "code", "expected"),
+    [
+        ("exec", "raise SystemExit(7)", 7),
+        ("spawn", "raise SystemExit(7)", 7),
+        ("exec", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)", -signal.SIGTERM),
+        ("spawn", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM),
+    ],
+)
+def test_exit_status_is_the_commands(workdir, mode, code, expected):
+    args = ["--spawn"] if mode == "spawn" else []
+    proc = launch([*args, "--", sys.executable, "-c", code], workdir)
+    assert proc.returncode == expected
+
+
+def test_missing_command_and_unknown_program(workdir):
+    assert launch([], workdir).returncode == 2
+    proc = launch(["--", "no-such-program-xyz"], workdir)
+    assert proc.returncode == 127
+    assert "command not found" in proc.stderr
+
+
+def test_help_lists_every_setting_with_its_env_var():
+    from aim_llama.settings import ENV_NAMES
+
+    proc = subprocess.run([AIM_LLAMA, "run", "--help"], capture_output=True, text=True, env=clean_env())
+    assert proc.returncode == 0
+    flat = " ".join(proc.stdout.split())
+    for env in [*ENV_NAMES.values(), "AIM_LLAMA_CONFIG"]:
+        assert env in flat, env
+    assert {o.setting: o.env for o in OPTIONS if o.setting} == ENV_NAMES  # table in sync
+    assert "--set NAME=VALUE" in flat
+    for flag in ("--repo", "--experiment", "--no-propagate", "--disable", "--spawn", "--strict"):
+        assert flag in flat
+
+
+def _parent_with_child(extra: str = "") -> str:
+    return PROBE + textwrap.dedent(
+        f"""
+        import subprocess, sys
+        {extra}
+        subprocess.run([sys.executable, "-c", {PROBE!r}], check=True)
+        """
+    )
+
+
+def test_children_inherit_activation_by_default(workdir):
+    proc = launch(["--", sys.executable, "-c", _parent_with_child()], workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert [p["auto"] for p in probe_of(proc.stdout)] == [True, True]
+
+
+@pytest.mark.parametrize("how", ["option", "env", "toml"])
+def test_propagation_can_be_turned_off(workdir, how):
+    args: list[str] = []
+    env: dict[str, str] = {}
+    if how == "option":
+        args = ["--no-propagate"]
+    elif how == "env":
+        env = {"AIM_LLAMA_PROPAGATE": "false"}
+    else:
+        (workdir / "aim_llama.toml").write_text("propagate = false\n")
+    proc = launch([*args, "--", sys.executable, "-c", _parent_with_child()], workdir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    parent, child = probe_of(proc.stdout)
+    assert parent["auto"] is True and parent["bootstrap_on_pythonpath"] is False
+    assert child["auto"] is False and child["hooks"] == 0
+
+
+def test_pip_and_aim_cli_are_never_instrumented(workdir, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name in ("pip", "pip3.11", "aim", "myapp"):
+        script = bindir / name
+        script.write_text(f"#!{sys.executable}\n{PROBE}")
+        script.chmod(0o755)
+    for name, expected in (("pip", False), ("pip3.11", False), ("aim", False), ("myapp", True)):
+        proc = launch(["--", str(bindir / name)], workdir)
+        assert proc.returncode == 0, proc.stderr
+        assert probe_of(proc.stdout)[0]["auto"] is expected, name
+    # the real pip, as `python -m pip`, works and is left alone too
+    proc = launch(["--", sys.executable, "-m", "pip", "--version"], workdir)
+    assert proc.returncode == 0 and "pip" in proc.stdout
+
+
+def test_command_name_parsing():
+    assert command_name(["py", "-m", "pip", "install", "x"], "-m") == "pip"
+    assert command_name(["py", "-X", "importtime", "-mpip"], "-m") == "pip"
+    assert command_name(["py", "-m", "aim.cli", "up"], "-m") == "aim"
+    assert command_name(["py", "/v/bin/pip3.12", "list"], "/v/bin/pip3.12") == "pip3.12"
+    assert command_name(["py", "-c", "pass"], "-c") == ""
+    assert command_name(["py", "app.py"], "app.py") == "app"
+    assert is_skipped("pip") and is_skipped("pip3.12") and is_skipped("aim")
+    assert not is_skipped("pipeline") and not is_skipped("app") and not is_skipped("")
+
+
+def test_options_and_set_map_to_env():
+    import argparse
+
+    from aim_llama.launcher.command import add_run_parser, child_env, env_for
+    from aim_llama.settings import ENV_NAMES
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    parser = add_run_parser(sub, lambda a: 0)
+    args = parser.parse_args(["--repo", "r", "--strict", "--no-propagate", "--set", "sample_rate=0.5",
+                              "--set", "AIM_EXPERIMENT=e", "--", "python", "x.py"])
+    env = child_env(args, {"PYTHONPATH": "/a"})
+    assert env["AIM_REPO"] == "r" and env["AIM_LLAMA_STRICT"] == "true"
+    assert env["AIM_LLAMA_PROPAGATE"] == "false" and env["AIM_LLAMA_SAMPLE_RATE"] == "0.5"
+    assert env["AIM_EXPERIMENT"] == "e" and env["PYTHONPATH"] == f"{BOOTSTRAP_DIR}{os.pathsep}/a"
+    assert args.cmd[-2:] == ["python", "x.py"]
+    for name, var in ENV_NAMES.items():
+        assert env_for(name) == var and env_for(var) == var and env_for("--" + name.replace("_", "-")) == var
+    assert env_for("experimnet") is None
+
+
+def test_bad_set_is_a_usage_error(workdir):
+    proc = launch(["--set", "experimnet=x", "--", sys.executable, "-c", "pass"], workdir)
+    assert proc.returncode == 2 and "experimnet" in proc.stderr
+
+
+def test_bootstrap_is_prepended_once():
+    assert prepend_bootstrap(None) == BOOTSTRAP_DIR
+    twice = prepend_bootstrap(prepend_bootstrap(f"/a{os.pathsep}/b"))
+    assert twice.split(os.pathsep) == [BOOTSTRAP_DIR, "/a", "/b"]
+    assert exit_status(-15) == 143 and exit_status(4) == 4
+    import aim_llama.auto
+
+    assert aim_llama.auto.BOOTSTRAP_DIR == BOOTSTRAP_DIR
+    assert (Path(BOOTSTRAP_DIR) / "sitecustomize.py").is_file()
+    assert sorted(p.name for p in Path(BOOTSTRAP_DIR).iterdir() if p.suffix == ".py") == ["sitecustomize.py"]
+
+
+LIGHT_CMD = ["--", sys.executable, "-c", LIGHT, "2"]
+
+
+@pytest.mark.parametrize("how", ["option", "toml"])
+def test_kill_switch_through_the_launcher(workdir, repo, how):
+    if how == "toml":
+        (workdir / "aim_llama.toml").write_text("enabled = false\n")
+    proc = launch([*(["--disable"] if how == "option" else []), *LIGHT_CMD], workdir, repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "INSTRUMENTED False" in proc.stdout
+    assert run_hashes(repo) == []
+
+
+def test_config_error_is_reported_once_per_process_and_app_runs(workdir, repo):
+    code = textwrap.dedent(
+        """
+        import subprocess, sys, aim_llama
+        from llama_index.core.llms import MockLLM
+        print("INSTRUMENTED", aim_llama.instrument(), aim_llama.instrument())
+        MockLLM(max_tokens=2).complete("x")
+        subprocess.run([sys.executable, "-c", "import llama_index.core, aim_llama; aim_llama.instrument()"])
+        print("APP DONE")
+        """
+    )
+    proc = launch(["--system-tracking-interval", "abc", "--", sys.executable, "-c", code], workdir, repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "INSTRUMENTED False False" in proc.stdout and "APP DONE" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if "AIM_SYSTEM_TRACKING_INTERVAL" in line]
+    assert len(lines) == 2, proc.stderr  # parent once, child once
+    assert all("'abc'" in line for line in lines)
+    assert "Traceback" not in proc.stderr
+    assert run_hashes(repo) == []
+
+
+def test_strict_mode_through_the_launcher_matches_the_import(workdir, repo):
+    bad = {"AIM_SYSTEM_TRACKING_INTERVAL": "abc"}
+    launched = launch(["--strict", "--", sys.executable, "-c", "print('APP RAN')"], workdir, repo, env=bad)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import aim_llama.auto; print('APP RAN')"], cwd=workdir,
+        env=clean_env(AIM_LLAMA_STRICT="true", **bad), capture_output=True, text=True,
+    )
+    for proc in (launched, imported):
+        assert proc.returncode == 1
+        assert "APP RAN" not in proc.stdout
+        assert "AIM_SYSTEM_TRACKING_INTERVAL='abc'" in proc.stderr
+    assert launched.stderr.strip().count("\n") == 0  # one line, no traceback
+    assert run_hashes(repo) == []

@@ -1,0 +1,228 @@
+"""aim:// repos against a real `aim server`: fan-in from many processes, and server outages."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aimread import read_all, read_run, run_hashes
+from aimserver import free_port
+from conftest import APPS, clean_env
+
+pytest_plugins = ("aimserver",)  # the aim_process fixture
+
+# A real RAG pipeline (MockLLM/MockEmbedding) run in phases; between phases it waits for a line
+# on stdin, so the test can stop or start the server at a known point.
+PHASED_APP = """
+import sys, time
+import aim_llama.auto
+import aim_llama
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.llms import MockLLM
+
+Settings.llm = MockLLM(max_tokens=8)
+Settings.embed_model = MockEmbedding(embed_dim=8)
+docs = [Document(text=f"doc {i} about topic {i % 3}") for i in range(6)]
+engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=2)
+sizes = [int(n) for n in sys.argv[1].split(",")]
+flush_after = set(int(n) for n in sys.argv[2].split(",") if n)
+q = 0
+for phase, size in enumerate(sizes):
+    if phase:
+        print("WAIT", phase, flush=True)
+        sys.stdin.readline()
+    started = time.perf_counter()
+    for _ in range(size):
+        engine.query(f"question {q}")
+        q += 1
+    took = time.perf_counter() - started
+    if phase in flush_after:
+        print("FLUSHED", aim_llama.flush(30), flush=True)
+    print("PHASE", phase, f"{took:.3f}", flush=True)
+print("EXITING", time.time(), flush=True)
+"""
+
+
+def start_app(workdir: Path, url: str, sizes: str, flush_after: str = "",
+              **env: str) -> subprocess.Popen[str]:
+    settings = {"AIM_REPO": url, "AIM_CAPTURE_TERMINAL_LOGS": "false", **env}
+    return subprocess.Popen(
+        [sys.executable, "-c", PHASED_APP, sizes, flush_after],
+        cwd=workdir, env=clean_env(**settings), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def expect(proc: subprocess.Popen[str], word: str, timeout: float = 60) -> str:
+    """Read the app's stdout up to the line starting with `word`."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(word):
+            return line
+        if not line:
+            break
+    proc.kill()
+    raise AssertionError(f"{word!r} not printed; stderr:\n{proc.communicate()[1]}")
+
+
+def go_on(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def prompts(repo: Path, run_hash: str) -> list[tuple[int, str]]:
+    return read_run(repo, run_hash).text("prompt", kind="llm")
+
+
+def questions_in(texts: list[tuple[int, str]]) -> list[int]:
+    return [int(re.search(r"question (\d+)", t).group(1)) for _, t in texts]  # type: ignore[union-attr]
+
+
+def test_fan_in_from_every_activation_path_into_one_server(aim_process, workdir, tmp_path):
+    """Four processes, each with its own run, write concurrently: all runs finalized, all records in."""
+    server = aim_process("server")
+    n = 3
+    rag = str(APPS / "rag.py")
+    toml_dir = tmp_path / "toml"
+    toml_dir.mkdir()
+    (toml_dir / "aim_llama.toml").write_text(f'repo = "{server.url}"\nexperiment = "fanin"\n')
+    kwargs_code = (
+        "import sys, runpy, aim_llama\n"
+        f"aim_llama.instrument(repo={server.url!r}, experiment='fanin')\n"
+        f"sys.argv = [{rag!r}, '{n}', '--no-auto']\n"
+        f"runpy.run_path({rag!r}, run_name='__main__')\n"
+    )
+    env_url = {"AIM_REPO": server.url, "AIM_EXPERIMENT": "fanin"}
+    launches = {
+        "auto+env": ([sys.executable, rag, str(n)], workdir, env_url),
+        "auto+toml, thread writer": ([sys.executable, rag, str(n)], toml_dir,
+                                     {"AIM_LLAMA_WRITER": "thread"}),
+        "instrument(kwargs)": ([sys.executable, "-c", kwargs_code], workdir, {}),
+        "aim-llama run": ([sys.executable, "-m", "aim_llama", "run", "--repo", server.url,
+                           "--experiment", "fanin", "--", sys.executable, rag, str(n),
+                           "--no-auto"], workdir, {}),
+    }
+    procs = {
+        name: subprocess.Popen(cmd, cwd=cwd, env=clean_env(**env), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for name, (cmd, cwd, env) in launches.items()
+    }
+    pids = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{name}: {err}"
+        assert "Traceback" not in err, f"{name}: {err}"
+        pids[int(out.split("DONE ")[1].split()[0])] = name
+    server.stop()
+
+    runs = read_all(server.repo)
+    assert len(runs) == len(launches)
+    by_pid = {run.params["aim_llama"]["pid"]: run for run in runs}
+    assert set(by_pid) == set(pids)  # one run per process, from every activation path
+    for pid, run in by_pid.items():
+        name = pids[pid]
+        assert run.end_time is not None and not run.active, name
+        assert run.experiment == "fanin", name
+        for seq in ("prompt", "response"):
+            assert [s for s, _ in run.text(seq, kind="llm")] == list(range(n)), (name, seq)
+        assert questions_in(run.text("prompt", kind="llm")) == list(range(n)), name
+        assert len(run.metric("latency_ms", kind="llm")) == n, name
+
+
+def test_server_down_at_start_then_up_delivers_everything(aim_process, workdir):
+    """Down at start: the app runs normally, one warning naming the address; later delivery."""
+    server = aim_process("server", start=False)
+    proc = start_app(workdir, server.url, "3,3", AIM_LLAMA_FLUSH_TIMEOUT="30")
+    phase0 = float(expect(proc, "PHASE 0").split()[2])
+    assert phase0 < 5.0  # three queries on MockLLM: not held up by the missing server
+    expect(proc, "WAIT 1")
+    server.start()
+    go_on(proc)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    warnings = [line for line in err.splitlines() if "not reachable" in line]
+    assert len(warnings) == 1, err
+    assert server.url in warnings[0]
+    assert "lost" not in err and "not written" not in err and "Traceback" not in err, err
+    server.stop()
+    (run_hash,) = run_hashes(server.repo)
+    run = read_run(server.repo, run_hash)
+    assert run.end_time is not None and not run.active
+    assert questions_in(run.text("prompt", kind="llm")) == list(range(6))
+    assert [s for s, _ in run.text("response", kind="llm")] == list(range(6))
+
+
+def test_server_killed_mid_run_and_restarted_loses_nothing(aim_process, workdir):
+    server = aim_process("server")
+    proc = start_app(workdir, server.url, "2,2,2", "0", AIM_LLAMA_FLUSH_TIMEOUT="30")
+    assert expect(proc, "FLUSHED").split()[1] == "True"  # phase 0 confirmed by the server
+    expect(proc, "WAIT 1")
+    server.kill()
+    go_on(proc)
+    expect(proc, "WAIT 2")  # phase 1 ran against a dead server
+    server.start()
+    go_on(proc)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    assert "lost" not in err and "not written" not in err and "Traceback" not in err, err
+    server.stop()
+    (run_hash,) = run_hashes(server.repo)
+    run = read_run(server.repo, run_hash)
+    assert questions_in(run.text("prompt", kind="llm")) == list(range(6))
+    assert [s for s, _ in run.text("response", kind="llm")] == list(range(6))
+    assert run.end_time is not None and not run.active
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_server_killed_before_exit_bounded_exit_and_loss_reported(aim_process, workdir, writer):
+    server = aim_process("server")
+    timeout = 2.0
+    proc = start_app(workdir, server.url, "3,3", "0", AIM_LLAMA_FLUSH_TIMEOUT=str(timeout),
+                     AIM_LLAMA_WRITER=writer)
+    assert expect(proc, "FLUSHED").split()[1] == "True"
+    expect(proc, "WAIT 1")
+    server.kill()
+    go_on(proc)
+    exiting = float(expect(proc, "EXITING").split()[1])
+    _, err = proc.communicate(timeout=60)  # returns once the app AND its writer process are gone
+    ended = time.time()
+    assert proc.returncode == 0, err
+    # The writer (process or thread) gives up just before the app's deadline; the rest is
+    # interpreter teardown. (Aim alone would block here forever.)
+    assert ended - exiting < timeout + 1.5, err
+    assert "Traceback" not in err, err
+    lost = re.search(r"(\d+) records were not delivered to the Aim server (\S+)", err)
+    assert lost is not None, err
+    assert lost.group(2) == server.url
+    count = int(lost.group(1))
+    assert count >= 6  # at least a prompt and a response for each of the 3 undeliverable queries
+    assert f"{count} records could not be stored" in err, err  # the app's own summary agrees
+    # What the server confirmed before it died is there; the rest was reported, not hidden.
+    (run_hash,) = run_hashes(server.repo)
+    assert questions_in(prompts(server.repo, run_hash)) == [0, 1, 2]
+
+
+def test_server_never_comes_back_bounded_exit_one_warning(workdir):
+    url = f"aim://127.0.0.1:{free_port()}"
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(APPS / "rag.py"), "3"], cwd=workdir, text=True, capture_output=True,
+        env=clean_env(AIM_REPO=url, AIM_LLAMA_FLUSH_TIMEOUT="1.5"), timeout=60,
+    )
+    took = time.time() - started
+    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "not reachable" in line and url in line], proc.stderr
+    assert sum("not reachable" in line for line in proc.stderr.splitlines()) == 1
+    lost = re.search(r"(\d+) records were not delivered to the Aim server", proc.stderr)
+    assert lost is not None and int(lost.group(1)) > 6, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert took < 30  # import + 3 queries + at most the 1.5 s flush timeout
