@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from aimread import read_run, run_hashes  # noqa: E402
+from aimread import read_run, run_hashes
 
 PY = sys.executable
 CONFIGS = ("uninstrumented", "aimcallback", "aim-llama", "aim-llama-thread")

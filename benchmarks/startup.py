@@ -60,8 +60,9 @@ def time_once(cmd: list[str], env: dict[str, str]) -> float:
 
 def heavy_modules(cmd: list[str], env: dict[str, str]) -> list[str]:
     """Heavy packages that the command imported (must be none)."""
-    probe = cmd[:2] + [cmd[2] + "\nimport sys\nprint(sorted({m.split('.')[0] for m in sys.modules} & "
-                       "{'llama_index', 'aim', 'pydantic', 'pydantic_settings'}))"]
+    check = ("\nimport sys\nprint(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'llama_index', 'aim', 'pydantic', 'pydantic_settings'}))")
+    probe = [*cmd[:2], cmd[2] + check]
     out = subprocess.run(probe, env=env, check=True, capture_output=True, text=True).stdout
     return list(json.loads(out.strip().replace("'", '"')))
 

@@ -42,9 +42,9 @@ AIM_LLAMA = args.config.startswith(("aim-llama", "diag-"))
 if AIM_LLAMA:
     import aim_llama.auto  # what a user adds: the only aim-llama line
 
-from llama_index.core import Document, Settings, VectorStoreIndex  # noqa: E402
-from llama_index.core.embeddings import MockEmbedding  # noqa: E402
-from llama_index.core.llms import MockLLM  # noqa: E402
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.llms import MockLLM
 
 if args.config == "aimcallback":
     from llama_index.callbacks.aim import AimCallback

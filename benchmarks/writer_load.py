@@ -29,10 +29,10 @@ parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
 # isort: off
-import aim_llama.auto  # noqa: E402, F401  (first, as an application would)
-import llama_index.core  # noqa: E402, F401  (the import hook instruments here)
-from aim_llama import autoinstrument  # noqa: E402
-from aim_llama.records import Track  # noqa: E402
+import aim_llama.auto  # noqa: F401  (first, as an application would)
+import llama_index.core  # noqa: F401  (the import hook instruments here)
+from aim_llama import autoinstrument
+from aim_llama.records import Track
 # isort: on
 
 active = autoinstrument._active

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from aimread import RunData, read_all, run_hashes  # noqa: E402
+from aimread import RunData, read_all, run_hashes
 
 APPS = Path(__file__).parent / "apps"
 ROOT = Path(__file__).resolve().parent.parent

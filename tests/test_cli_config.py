@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, clean_env
-
 from aim_llama.settings import FIELDS
+from conftest import ROOT, clean_env
 
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

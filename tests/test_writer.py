@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aimread import read_run, run_hashes
+from aimread import read_run
 from conftest import APPS, clean_env, only_run
 
 WRITER_APP = APPS / "writer_app.py"
@@ -192,7 +192,8 @@ def test_writer_needs_no_llamaindex(repo, workdir):
         "import sys, os\n"
         "from aim_llama.aimrun import RunConfig\nfrom aim_llama.writer import Writer\n"
         "from aim_llama.records import Track\n"
-        "w = Writer(RunConfig(repo=os.environ['AIM_REPO'], system_tracking_interval=None), backend='thread')\n"
+        "cfg = RunConfig(repo=os.environ['AIM_REPO'], system_tracking_interval=None)\n"
+        "w = Writer(cfg, backend='thread')\n"
         "w.submit(Track('x', 1.0))\nw.close()\n"
         "print('LLAMA', any(m.startswith('llama_index') for m in sys.modules))\n"
     )

@@ -244,20 +244,27 @@ def uninstrument() -> None:
             active.writer.close()
 
 
+def _finish_process(active: _Active) -> None:
+    """Exit path (atexit or signal): traces of open requests, terminal tee off, flush, finalize."""
+    observer = getattr(active.handler, "observer", None)
+    if observer is not None:
+        with contextlib.suppress(Exception):
+            observer.close()  # requests still open get their trace, marked incomplete
+    if active.tee is not None:
+        active.tee.uninstall()
+    active.writer.close()
+
+
 def _at_exit() -> None:
     active = _active
     if active is not None and active.pid == os.getpid():
-        if active.tee is not None:
-            active.tee.uninstall()
-        active.writer.close()
+        _finish_process(active)
 
 
 def _on_signal(signum: int) -> None:
     active = _active
     if active is not None and active.pid == os.getpid():
-        if active.tee is not None:
-            active.tee.uninstall()
-        active.writer.close()
+        _finish_process(active)
 
 
 def _after_fork_in_child() -> None:
@@ -312,10 +319,6 @@ def _disown_inherited_writer(writer: Any) -> None:
             repo_module.Repo._pool.clear()  # type: ignore[union-attr]
 
 
-def _fork_role() -> str:
-    return "fork-child"
-
-
 class _ForkChildWriter:
     """Stands in for a forked child's writer until the child records something."""
 
@@ -347,7 +350,7 @@ def _start_fork_child_writer(pending: _ForkChildWriter) -> Any:
             # An in-process Aim Run does not survive fork; a fresh writer process always does.
             with contextlib.suppress(Exception):
                 settings = settings.model_copy(update={"writer": "process"})
-        writer = _new_writer(settings, _fork_role())
+        writer = _new_writer(settings, "fork-child")
         active.writer = writer
         active.handler.submit = writer.submit
         mp_util = sys.modules.get("multiprocessing.util")
@@ -359,7 +362,9 @@ def _start_fork_child_writer(pending: _ForkChildWriter) -> Any:
 
 
 def _close_fork_child_writer(writer: Any) -> None:
+    """multiprocessing's exit hook in a forked worker: the same exit path as atexit."""
     active = _active
-    if active is not None and active.writer is writer and active.tee is not None:
-        active.tee.uninstall()
-    writer.close()
+    if active is not None and active.writer is writer and active.pid == os.getpid():
+        _finish_process(active)
+    else:
+        writer.close()

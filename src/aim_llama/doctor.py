@@ -103,9 +103,10 @@ def check_remote(repo: str, timeout: float) -> list[Check]:
         status = remote.http_json(address, "/status/", timeout)
         version = remote.server_version(address, timeout)
     except Exception as exc:
+        reason = ("it answers HTTP, but not with Aim's JSON" if isinstance(exc, ValueError)
+                  else remote.describe_failure(exc))
         checks.append(Check("protocol", False,
-                            f"{address.url} does not answer as an Aim tracking server "
-                            f"({remote.describe_failure(exc)})",
+                            f"{address.url} does not answer as an Aim tracking server ({reason})",
                             "point AIM_REPO at `aim server` (not `aim up`, which serves the UI)"))
         return checks
     checks.append(Check("protocol", True, f"Aim tracking server answers (status {status})"))

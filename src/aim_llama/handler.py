@@ -30,6 +30,10 @@ MAX_OPEN_EVENTS = 10_000  # start times kept for events whose end never came (e.
 
 # What the root instrumentation dispatcher records when it is registered too (`dispatcher.py`):
 # these event types are skipped here so every LLM call, retrieval … is recorded exactly once.
+# Sub-millisecond internal steps, repeated inside every query: their timing is in the `trace`
+# text; a metric each would double the writer's work for little insight.
+NO_LATENCY = frozenset({CBEventType.CHUNKING.value, CBEventType.TEMPLATING.value})
+
 DISPATCHER_OWNED = frozenset({
     "llm", "embedding", "retrieve", "query", "reranking", "function_call", "agent_step",
     "exception", "sub_question",
@@ -140,7 +144,7 @@ def records_for_end(
             answer = response_text(response)
             if answer:
                 out.append(Track("answer", answer, "text", _ctx(kind)))
-    if latency_ms is not None:
+    if latency_ms is not None and kind not in NO_LATENCY:
         out.append(Track("latency_ms", latency_ms, "metric", _ctx(kind)))
     return out
 

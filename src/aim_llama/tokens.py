@@ -113,7 +113,18 @@ def can_defer() -> bool:
     try:
         import llama_index.core as core
 
-        return getattr(core, "global_tokenizer", None) is None
+        tokenizer = getattr(core, "global_tokenizer", None)
+        if tokenizer is None:
+            return True
+        # What LlamaIndex's get_tokenizer() installs: partial(cl100k.encode, allowed_special="all")
+        func = getattr(tokenizer, "func", None)
+        encoding = getattr(func, "__self__", None)
+        return (
+            getattr(func, "__name__", "") == "encode"
+            and getattr(encoding, "name", "") == "cl100k_base"
+            and getattr(tokenizer, "keywords", None) == {"allowed_special": "all"}
+            and not getattr(tokenizer, "args", ())
+        )
     except Exception:
         return False
 
@@ -153,7 +164,7 @@ def count_in_writer(texts: tuple[str, ...] | list[str]) -> int:
         return sum(rough(t) for t in texts)
     for text in texts:
         head = text[:ESTIMATE_CHARS]
-        count = len(encoder.encode(head, disallowed_special=()))
+        count = len(encoder.encode(head, allowed_special="all"))
         if len(text) > len(head) and head:
             count = round(count * len(text) / len(head))
         total += count

@@ -11,7 +11,7 @@ parser.add_argument("--print-hash", action="store_true")
 args = parser.parse_args()
 
 if not args.no_auto:
-    import aim_llama.auto  # noqa: F401
+    import aim_llama.auto
 
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding

@@ -33,7 +33,7 @@ writer = Writer(
     queue_size=a.queue_size, flush_timeout=a.flush_timeout, backend=a.backend,
 )
 
-import atexit  # noqa: E402
+import atexit
 
 atexit.register(writer.close)
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from . import BOOTSTRAP_DIR
 
 PROPAGATE_ENV = "AIM_LLAMA_PROPAGATE"
+LAUNCHED_ENV = "AIM_LLAMA_LAUNCHED"
 
 
 class Option(NamedTuple):
@@ -52,7 +53,7 @@ OPTIONS: tuple[Option, ...] = (
            "JSON object of params set on every run"),
     Option("--enabled", "enabled", "AIM_LLAMA_ENABLED", "BOOL", "kill switch: false records nothing"),
     Option("--strict", "strict", "AIM_LLAMA_STRICT", "BOOL",
-           "fail on configuration errors instead of running uninstrumented (bare flag = true)"),
+           "fail on configuration errors instead of running uninstrumented"),
     Option("--queue-size", "queue_size", "AIM_LLAMA_QUEUE_SIZE", "N",
            "records buffered before dropping"),
     Option("--flush-timeout", "flush_timeout", "AIM_LLAMA_FLUSH_TIMEOUT", "SECONDS",
@@ -107,12 +108,13 @@ def add_run_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -
         epilog="example: aim-llama run --repo ./runs --experiment rag -- python app.py",
     )
     for opt in OPTIONS:
-        extra: dict[str, Any] = {}
-        if opt.flag == "--strict":
-            extra = {"nargs": "?", "const": "true"}
+        if opt.flag == "--strict":  # a bare flag: `--strict python app.py` must not eat `python`
+            parser.add_argument(opt.flag, dest=_dest(opt), action="store_const", const="true",
+                                default=None, help=f"{opt.help} (sets {opt.env}=true)")
+            continue
         parser.add_argument(
             opt.flag, dest=_dest(opt), metavar=opt.metavar, default=None,
-            help=f"{opt.help} (sets {opt.env})", **extra,
+            help=f"{opt.help} (sets {opt.env})",
         )
     parser.add_argument(
         "--no-propagate", dest="opt_propagate", action="store_const", const="false",
@@ -191,6 +193,7 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     if propagate in _FALSE:
         env[PROPAGATE_ENV] = "false"  # the bootstrap takes itself off PYTHONPATH for grandchildren
     env["PYTHONPATH"] = prepend_bootstrap(env.get("PYTHONPATH"))
+    env[LAUNCHED_ENV] = "1"  # the first Python process reports if it cannot import aim_llama
     return env
 
 
@@ -254,7 +257,7 @@ def run_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aim-llama run: error: {exc}", file=sys.stderr)
         return 2
-    if getattr(args, "spawn", False) or not hasattr(os, "execvpe"):
+    if getattr(args, "spawn", False) or os.name == "nt":  # Windows has no real exec
         return _spawn(cmd, env)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

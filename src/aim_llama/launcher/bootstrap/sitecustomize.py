@@ -35,11 +35,16 @@ def _chain_user_sitecustomize(here: str) -> None:
 
 
 def _bootstrap() -> None:
+    # Set by `aim-llama run` for the command it launches; the first Python process takes it.
+    launched = os.environ.pop("AIM_LLAMA_LAUNCHED", None)
     _chain_user_sitecustomize(os.path.dirname(os.path.abspath(__file__)))
     try:
         from aim_llama.launcher.startup import activate
-    except ImportError:
-        return  # an interpreter without aim-llama: stay out of the way
+    except ImportError as exc:
+        if launched:  # the command itself runs a Python without aim-llama: say so, once
+            sys.stderr.write(f"aim-llama: {sys.executable} cannot import aim_llama ({exc}); "
+                             "install aim-llama in that environment. Running uninstrumented.\n")
+        return  # otherwise (a tool started by the program) stay out of the way
     activate()
 
 
