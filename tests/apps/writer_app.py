@@ -29,7 +29,7 @@ a = p.parse_args()
 
 writer = Writer(
     RunConfig(repo=os.environ["AIM_REPO"], app_pid=os.getpid(), system_tracking_interval=None,
-              log_system_params=False, version="test"),
+              log_system_params=False, version="test", writer=a.backend),
     queue_size=a.queue_size, flush_timeout=a.flush_timeout, backend=a.backend,
 )
 
