@@ -79,8 +79,8 @@ ALLOWED: dict[str, str] = {
 }
 
 
-def _parse_event_list(value: Any) -> Any:
-    """Accept a JSON list, a comma-separated string, or a list; normalise names to lower case."""
+def _as_list(value: Any, separators: str, what: str) -> list[Any]:
+    """A list from a JSON list, text split on `separators`, or a list/tuple (None: empty)."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -91,9 +91,15 @@ def _parse_event_list(value: Any) -> Any:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not a valid JSON list ({exc.msg})") from None
         else:
-            value = [part for part in (p.strip() for p in text.split(",")) if part]
+            value = [part.strip() for part in re.split(f"[{separators}]", text) if part.strip()]
     if not isinstance(value, (list, tuple)):
-        raise ValueError("must be a list of event types")
+        raise ValueError(f"must be a list of {what}")
+    return list(value)
+
+
+def _parse_event_list(value: Any) -> Any:
+    """Accept a JSON list, a comma-separated string, or a list; normalise names to lower case."""
+    value = _as_list(value, ",", "event types")
     names: list[str] = []
     for item in value:
         if not isinstance(item, str):
@@ -111,19 +117,7 @@ def _parse_event_list(value: Any) -> Any:
 
 def _parse_regex_list(value: Any) -> Any:
     """Accept a JSON list, comma/newline-separated text, or a list; every item must compile."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not a valid JSON list ({exc.msg})") from None
-        else:
-            value = [p.strip() for p in re.split(r"[\n,]", text) if p.strip()]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError("must be a list of regular expressions")
+    value = _as_list(value, "\n,", "regular expressions")
     for item in value:
         if not isinstance(item, str) or not item:
             raise ValueError(f"{item!r} is not a regular expression")
@@ -131,7 +125,7 @@ def _parse_regex_list(value: Any) -> Any:
             re.compile(item)
         except re.error as exc:
             raise ValueError(f"invalid regular expression {item!r} ({exc})") from None
-    return list(value)
+    return value
 
 
 def _parse_bool_strict(value: Any) -> Any:
@@ -290,15 +284,7 @@ class AimLlamaSettings(BaseSettings):
     @field_validator("flush_timeout", mode="before")
     @classmethod
     def _flush_timeout(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r} is not a number")
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ValueError(f"{value!r} is not a number") from None
-        if not isinstance(value, (int, float)) or value != value:  # NaN
-            raise ValueError(f"{value!r} is not a number")
+        value = _number(value)
         if value <= 0 or value == float("inf"):
             raise ValueError(f"{value} is not > 0 and finite")
         return float(value)
@@ -325,15 +311,7 @@ class AimLlamaSettings(BaseSettings):
     @field_validator("sample_rate", mode="before")
     @classmethod
     def _sample_rate(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r} is not a number")
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ValueError(f"{value!r} is not a number") from None
-        if not isinstance(value, (int, float)) or value != value:  # NaN
-            raise ValueError(f"{value!r} is not a number")
+        value = _number(value)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{value} is not between 0 and 1")
         return float(value)
@@ -344,6 +322,20 @@ class AimLlamaSettings(BaseSettings):
         if isinstance(value, str):
             return value.strip().lower()
         return value
+
+
+def _number(value: Any) -> float:
+    """A finite-or-infinite float from a number or numeric text; NaN and booleans rejected."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+    if not isinstance(value, (int, float)) or value != value:  # NaN
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
 
 
 def _whole_number(value: Any) -> int:
