@@ -1,0 +1,56 @@
+"""The callback mapping without Aim: records out, failures contained and counted."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from llama_index.core.callbacks.schema import CBEventType, EventPayload
+
+from aim_llama.handler import AimLlamaHandler, records_for_end
+from aim_llama.log import reset_reported
+from aim_llama.records import Track
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("cannot render this chunk")
+
+
+def test_chunk_texts_have_bounded_contexts() -> None:
+    sink: list[object] = []
+    handler = AimLlamaHandler(sink.append)
+    handler.on_event_start(CBEventType.CHUNKING, {}, event_id="e1")
+    handler.on_event_end(CBEventType.CHUNKING, {EventPayload.CHUNKS: ["alpha", "beta"]}, event_id="e1")
+    chunks = [r for r in sink if isinstance(r, Track) and r.name == "chunk"]
+    assert [r.value for r in chunks] == ["alpha", "beta"]
+    assert all(r.context == {"kind": "chunking"} and r.step is None for r in chunks)
+
+
+def test_a_failure_inside_the_handler_is_contained_logged_once_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reset_reported()
+    sink: list[object] = []
+    handler = AimLlamaHandler(sink.append)
+    caplog.set_level(logging.WARNING, logger="aim_llama")
+    for n in range(3):  # the application sees no exception, three times
+        handler.on_event_start(CBEventType.CHUNKING, {}, event_id=f"e{n}")
+        handler.on_event_end(CBEventType.CHUNKING, {EventPayload.CHUNKS: [Unprintable()]},
+                             event_id=f"e{n}")
+    assert handler.handler_errors == 3
+    logged = [r for r in caplog.records if "could not record a LlamaIndex chunking event" in r.message]
+    assert len(logged) == 1  # once per kind, not per event
+    counts = [r.value for r in sink if isinstance(r, Track) and r.name == "handler_errors"]
+    assert counts == [1, 2, 3]
+
+
+def test_llm_exception_payload_becomes_an_error_record_not_a_key_error() -> None:
+    steps = iter(range(10))
+    records = records_for_end(
+        CBEventType.LLM, {EventPayload.EXCEPTION: RuntimeError("model down")}, 5.0,
+        lambda: next(steps),
+    )
+    names = [getattr(r, "name", type(r).__name__) for r in records]
+    assert "errors" in names and "LogError" in names
+    assert not any(getattr(r, "name", "") == "response" for r in records)
