@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from aimread import RunData, read_all
 from conftest import clean_env
 
 AIM_LLAMA = str(Path(sys.executable).with_name("aim-llama"))
-
-
-@pytest.fixture(scope="module")
-def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An initialized, empty Aim repo, made once: creating one costs ~2 s of CPU (Aim's migrations)."""
-    path = tmp_path_factory.mktemp("template") / "aimrepo"
-    subprocess.run([sys.executable, "-c", f"from aim import Repo; Repo.from_path({str(path)!r}, init=True)"],
-                   check=True, env=clean_env(), timeout=120)
-    return path
-
-
-@pytest.fixture
-def ready_repo(repo: Path, template_repo: Path) -> Path:
-    """`repo`, already initialized (a copy of the template)."""
-    shutil.copytree(template_repo, repo)
-    return repo
 
 
 def prompts(run: RunData) -> list[str]:

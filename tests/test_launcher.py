@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,22 +43,6 @@ LIGHT = (
     "for i in range(int(sys.argv[1])): llm.complete(f'light {i}')\n"
     "print('INSTRUMENTED', aim_llama.is_instrumented(), flush=True)\n"
 )
-
-
-@pytest.fixture(scope="module")
-def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An initialized, empty Aim repo, made once: creating one costs ~2 s of CPU (Aim's migrations)."""
-    path = tmp_path_factory.mktemp("template") / "aimrepo"
-    subprocess.run([sys.executable, "-c", f"from aim import Repo; Repo.from_path({str(path)!r}, init=True)"],
-                   check=True, env=clean_env(), timeout=120)
-    return path
-
-
-@pytest.fixture
-def ready_repo(repo: Path, template_repo: Path) -> Path:
-    """`repo`, already initialized (a copy of the template)."""
-    shutil.copytree(template_repo, repo)
-    return repo
 
 
 def probe_of(stdout: str) -> list[dict[str, object]]:

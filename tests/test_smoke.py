@@ -6,6 +6,7 @@ from conftest import APPS, only_run
 def test_auto_import_records_prompts_and_responses(run_py, repo):
     proc = run_py(script=APPS / "rag.py", args=["3"], env={"AIM_EXPERIMENT": "smoke"})
     assert "DONE" in proc.stdout
+    assert proc.stderr.strip() == ""  # a clean exit: no warnings, no tracebacks from Aim's exit hooks
     run = only_run(repo)
     assert run.experiment == "smoke"
     assert run.end_time is not None and not run.active

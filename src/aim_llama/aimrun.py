@@ -101,6 +101,35 @@ def _has_version(path: str) -> bool:
         return False
 
 
+def patch_aim_exit_cleanup() -> None:
+    """Make Aim's exit-time cleanup work on Python 3.12+.
+
+    Aim's `AutoClean.cleanup` (registered with atexit) runs its finalizers in a new thread;
+    from Python 3.12 no thread may start at interpreter shutdown, so it fails with a traceback
+    and leaves runs unfinalized. Our replacement falls back to running them in place.
+    """
+    try:
+        from aim.ext.cleanup import AutoClean
+    except Exception:
+        return
+    original = AutoClean.__dict__.get("cleanup")
+    original_func = getattr(original, "__func__", original)
+    if original_func is None or getattr(original_func, "_aim_llama", False):
+        return
+
+    def cleanup() -> None:
+        try:
+            original_func()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            AutoClean._cleanup()
+
+    cleanup._aim_llama = True  # type: ignore[attr-defined]
+    AutoClean.cleanup = staticmethod(cleanup)  # type: ignore[method-assign]
+    if getattr(AutoClean, "_registered_with_atexit", False):
+        atexit.unregister(original_func)
+        atexit.register(cleanup)
+
+
 @contextlib.contextmanager
 def _tolerant_atexit() -> Iterator[None]:
     """Let Aim create a Run while the interpreter is already running atexit callbacks.
@@ -232,6 +261,7 @@ class RunSink:
             with _tolerant_atexit():
                 import aim
                 from aim import Run  # type: ignore[attr-defined]
+            patch_aim_exit_cleanup()
 
             self._aim = aim
             repo = resolve_repo(self.config.repo)
@@ -300,7 +330,11 @@ class RunSink:
         helper = threading.Thread(
             target=self._finalize, args=(deadline,), name="aim-llama-close", daemon=True
         )
-        helper.start()
+        try:
+            helper.start()
+        except RuntimeError:  # interpreter shutdown (Python >= 3.12): no new threads
+            self._finalize(deadline)  # inline; the writer's caller bounds how long it waits
+            return True
         helper.join(max(0.0, deadline - time.monotonic()))
         if helper.is_alive():
             self.give_up()

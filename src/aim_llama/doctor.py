@@ -181,6 +181,10 @@ def _read_back(repo: str, run_hash: str) -> tuple[Any, list[float]]:
     from aim import Repo, Run  # type: ignore[attr-defined]
     from aim.storage.context import Context
 
+    from .aimrun import patch_aim_exit_cleanup
+
+    patch_aim_exit_cleanup()
+
     run = Run(run_hash, repo=repo, system_tracking_interval=None, log_system_params=False,
               capture_terminal_logs=False)
     try:

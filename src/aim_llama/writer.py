@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -102,7 +103,12 @@ def _read_exact(stream: Any, size: int) -> bytes:
 
 
 class ProcessBackend:
-    """Feeds a writer process over its stdin; a reader thread collects its acknowledgements."""
+    """Feeds a writer process over its stdin and reads its acknowledgements from its stdout.
+
+    No thread of its own: the sender thread polls for acknowledgements between batches and
+    `close()` reads them in the caller. (From Python 3.12 no thread may start at interpreter
+    shutdown, and a program may exit right after its first record.)
+    """
 
     def __init__(self, config: RunConfig, on_ack: Any, on_run: Any) -> None:
         env = dict(os.environ)
@@ -118,39 +124,62 @@ class ProcessBackend:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,
-            bufsize=0,  # raw pipes: a buffered reader's lock held by the ack thread hangs a forked child
+            bufsize=0,  # raw pipes: no buffered-reader lock a forked child could inherit held
             env=env,
             start_new_session=True,  # group signals (Ctrl-C, kill -TERM -pgid) go to the app only
             close_fds=True,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._fd = self.proc.stdin.fileno()
+        self._ack_fd = self.proc.stdout.fileno()
+        self._buf = b""
+        self._eof = False  # the writer process closed its end (exited or died)
         self._on_ack = on_ack
         self._on_run = on_run
         self.closed_info: tuple[Any, ...] | None = None
-        self._closed = threading.Event()
         self.broken = False
         write_frame(self._fd, config)
-        self._reader = threading.Thread(target=self._read_loop, name="aim-llama-acks", daemon=True)
-        self._reader.start()
 
-    def _read_loop(self) -> None:
-        stdout = self.proc.stdout
-        try:
-            while True:
-                msg = read_frame(stdout)
-                if msg is None:
-                    break
-                if msg[0] == "ack":
-                    self._on_ack(msg[1])
-                elif msg[0] == "run":
-                    self._on_run(msg[1])
-                elif msg[0] == "closed":
-                    self.closed_info = tuple(msg[1:])
-        except Exception as exc:  # pragma: no cover - defensive
-            log.debug("writer ack reader stopped: %s", exc)
-        finally:
-            self._closed.set()
+    @property
+    def eof(self) -> bool:
+        """True once the writer process has closed its acknowledgement pipe."""
+        return self._eof
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Handle every acknowledgement that arrives within `timeout` seconds (0: what is there)."""
+        deadline = time.monotonic() + timeout
+        while not self._eof:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                ready, _, _ = select.select([self._ack_fd], [], [], left)
+            except (OSError, ValueError):
+                self._eof = True
+                break
+            if not ready:
+                break
+            try:
+                chunk = os.read(self._ack_fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._eof = True
+                break
+            self._buf += chunk
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        while len(self._buf) >= _HEADER.size:
+            (size,) = _HEADER.unpack(self._buf[: _HEADER.size])
+            if len(self._buf) < _HEADER.size + size:
+                return
+            msg = pickle.loads(self._buf[_HEADER.size : _HEADER.size + size])
+            self._buf = self._buf[_HEADER.size + size :]
+            if msg[0] == "ack":
+                self._on_ack(msg[1])
+            elif msg[0] == "run":
+                self._on_run(msg[1])
+            elif msg[0] == "closed":
+                self.closed_info = tuple(msg[1:])
 
     def send(self, batch: list[Record]) -> None:
         if self.broken:
@@ -160,6 +189,7 @@ class ProcessBackend:
         except OSError:
             self.broken = True
             raise
+        self.poll()
 
     def close(self, deadline: float) -> bool:
         try:
@@ -168,12 +198,13 @@ class ProcessBackend:
             self.proc.stdin.close()  # type: ignore[union-attr]
         except OSError:
             pass
-        done = self._closed.wait(max(0.0, deadline - time.monotonic()))
+        while self.closed_info is None and not self._eof and time.monotonic() < deadline:
+            self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
         try:
             self.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             return False
-        return done and self.closed_info is not None
+        return self.closed_info is not None
 
 
 class Writer:
@@ -206,6 +237,8 @@ class Writer:
         self._acked = 0
         self._ack_cond = threading.Condition()
         self._reported_drops = 0
+        self._close_deadline = 0.0
+        self._close_ok = False
         self._pid = os.getpid()
 
     # -- hot path -----------------------------------------------------------------------
@@ -289,8 +322,19 @@ class Writer:
                 if len(batch) >= MAX_BATCH:
                     continue
             if stopping:
+                if isinstance(self._backend, ThreadBackend):
+                    # Close from this thread: at interpreter shutdown no new thread may start
+                    # (Python >= 3.12), and the caller's join bounds the wait.
+                    try:
+                        self._close_ok = self._backend.close(self._close_deadline)
+                    except Exception as exc:
+                        warn_once("writer-close", "could not finalize the Aim run: %s", exc)
                 return
-            self._wake.wait(BATCH_INTERVAL)
+            backend = self._backend
+            if isinstance(backend, ProcessBackend) and not backend.eof:
+                backend.poll(BATCH_INTERVAL)  # take acknowledgements while the interval passes
+            else:
+                self._wake.wait(BATCH_INTERVAL)
             self._wake.clear()
 
     def _send(self, batch: list[Record]) -> None:
@@ -362,27 +406,32 @@ class Writer:
             return True
         limit = self.flush_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
+        self._close_deadline = deadline
         self._stop = True
         self._wake.set()
         thread = self._thread
+        threaded = isinstance(self._backend, ThreadBackend)
+        # The thread writer needs a moment at the end to leave Aim's native code cleanly.
+        margin = min(0.5, limit / 4) if threaded else 0.0
         if thread is not None:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - margin - time.monotonic()))
         ok = thread is None or not thread.is_alive()
         pending = 0
         if not ok and isinstance(self._backend, ThreadBackend) and thread is not None:
-            # Out of time: make the writer thread leave Aim's native code between records, so the
-            # interpreter does not tear down under it (that can crash the process at exit).
+            # Out of time: make the writer thread leave Aim's native code between records (the
+            # interpreter must not tear down under it: that can crash the process at exit); it
+            # then finalizes what it stored and counts the rest.
             self._backend.sink.abort = True
-            thread.join(1.0)
+            thread.join(max(0.05, deadline - time.monotonic()))
             if not thread.is_alive():
-                self._backend.sink.close()  # finalize what was stored; the rest is reported below
                 pending += self._backend.sink.lost
-        if ok and self._backend is not None:
+        if ok and isinstance(self._backend, ThreadBackend):
+            ok = self._close_ok  # the writer thread closed the run on its way out
+            self.lost += self._backend.sink.lost
+        elif ok and self._backend is not None:
             ok = self._backend.close(deadline)
             if isinstance(self._backend, ProcessBackend) and self._backend.closed_info:
                 self.lost += int(self._backend.closed_info[1])
-            elif isinstance(self._backend, ThreadBackend):
-                self.lost += self._backend.sink.lost
         pending += sum(1 for r in self._queue if not isinstance(r, Flush))
         self._report_close(ok, limit, pending)
         return ok
