@@ -363,18 +363,26 @@ class Observer:
         if out:
             self._emit(out)
 
+    def _end_node(self, id_: str, now: float) -> tuple[_Node, Any, _Root] | None:
+        """Forget a finished span: its node, the instance it ran on, and its request (lock held)."""
+        node = self._spans.pop(id_, None)
+        if node is None:
+            return None
+        node.end = now
+        node.inst, instance = None, node.inst
+        root = node.root
+        root.last_seen = now
+        return node, instance, root
+
     def span_exit(self, id_: str, bound_args: Any, result: Any) -> None:
         """A decorated method returned: step/tool records; the request may be complete."""
         now = _now()
         out: list[Record] = []
         with self._lock:
-            node = self._spans.pop(id_, None)
-            if node is None:
+            ended = self._end_node(id_, now)
+            if ended is None:
                 return
-            node.end = now
-            node.inst, instance = None, node.inst
-            root = node.root
-            root.last_seen = now
+            node, instance, root = ended
             kind = node.kind
             if kind == "tool" and not node.nested:
                 self._tool(out, node, instance, bound_args, result, None)
@@ -401,13 +409,10 @@ class Observer:
         now = _now()
         out: list[Record] = []
         with self._lock:
-            node = self._spans.pop(id_, None)
-            if node is None:
+            ended = self._end_node(id_, now)
+            if ended is None:
                 return
-            node.end = now
-            node.inst, instance = None, node.inst
-            root = node.root
-            root.last_seen = now
+            node, instance, root = ended
             cancelled = err is None or isinstance(err, GeneratorExit) or type(err).__name__ == \
                 "CancelledError"
             node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
