@@ -121,13 +121,10 @@ def check_pool_runs(stdout: str, repo: Path, role: str) -> None:
         assert [s for s, _ in run.text("prompt", kind="llm")] == list(range(len(prompts(run))))
         recorded += prompts(run)
     tasks = int(value_of(stdout, "TASKS"))
-    # Workers that leave normally (close/join): every call recorded exactly once.
-    assert sorted(r for r in recorded if int(r.split()[1]) < 4) == [f"task {i}" for i in range(4)]
-    # Workers stopped by Pool.terminate() (SIGTERM right after their last task): each call at
-    # most once. KNOWN ISSUE (README, closing note): in about 1 run in 4 the terminated worker's
-    # last call is missing from its (finalized) run; not yet explained, so not asserted here.
-    late = [r for r in recorded if int(r.split()[1]) >= 4]
-    assert len(late) == len(set(late)) and set(late) <= {f"task {i}" for i in range(4, tasks)}
+    # Every call exactly once, including the workers stopped by Pool.terminate(): their SIGTERM
+    # can land while multiprocessing's own exit hook is flushing the writer; the signal then
+    # waits for that flush instead of killing the process halfway (a regression test for that).
+    assert sorted(recorded) == sorted(f"task {i}" for i in range(tasks))
     assert_finalized(runs)
 
 

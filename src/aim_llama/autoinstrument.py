@@ -253,6 +253,7 @@ def _finish_process(active: _Active) -> None:
     if active.tee is not None:
         active.tee.uninstall()
     active.writer.close()
+    active.signals.redeliver()  # a SIGTERM that arrived during the flush takes effect now
 
 
 def _at_exit() -> None:
@@ -261,10 +262,15 @@ def _at_exit() -> None:
         _finish_process(active)
 
 
-def _on_signal(signum: int) -> None:
+def _on_signal(signum: int) -> bool:
+    """SIGTERM/SIGINT: flush and finalize; False when a flush is already running on this thread
+    (the signal interrupted an exit hook), so the signal chain waits for it to finish."""
     active = _active
     if active is not None and active.pid == os.getpid():
+        if getattr(active.writer, "closing_in", None) == threading.get_ident():
+            return False
         _finish_process(active)
+    return True
 
 
 def _after_fork_in_child() -> None:

@@ -22,9 +22,10 @@ SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers |
 class SignalChain:
     """Installs a flush-then-chain handler for SIGTERM (and SIGINT when it has no Python handler)."""
 
-    def __init__(self, on_signal: Callable[[int], None]) -> None:
+    def __init__(self, on_signal: Callable[[int], bool | None]) -> None:
         self._on_signal = on_signal
         self._previous: dict[int, SignalHandler] = {}
+        self._deferred: list[tuple[int, FrameType | None]] = []
 
     def install(self) -> bool:
         """Install on the main thread only (Python's rule); returns whether anything was installed."""
@@ -50,8 +51,23 @@ class SignalChain:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        handled: Any = True
         with contextlib.suppress(Exception):
-            self._on_signal(signum)
+            handled = self._on_signal(signum)
+        if handled is False:
+            # The signal interrupted a flush already running on this thread (e.g. an exit
+            # hook): let it finish; `redeliver()` then passes the signal on.
+            self._deferred.append((signum, frame))
+            return
+        self._chain(signum, frame)
+
+    def redeliver(self) -> None:
+        """Pass on signals that arrived while a flush was running; call right after it ended."""
+        while self._deferred:
+            signum, frame = self._deferred.pop(0)
+            self._chain(signum, frame)
+
+    def _chain(self, signum: int, frame: FrameType | None) -> None:
         previous = self._previous.get(signum, signal.SIG_DFL)
         if callable(previous):
             previous(signum, frame)

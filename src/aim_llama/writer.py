@@ -239,6 +239,7 @@ class Writer:
         self._reported_drops = 0
         self._close_deadline = 0.0
         self._close_ok = False
+        self.closing_in: int | None = None  # thread id running close(), for signal handlers
         self._pid = os.getpid()
 
     # -- hot path -----------------------------------------------------------------------
@@ -404,6 +405,13 @@ class Writer:
         self._closed = True
         if not self._started or os.getpid() != self._pid:
             return True
+        self.closing_in = threading.get_ident()
+        try:
+            return self._close(timeout)
+        finally:
+            self.closing_in = None
+
+    def _close(self, timeout: float | None) -> bool:
         limit = self.flush_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         self._close_deadline = deadline
