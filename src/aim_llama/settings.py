@@ -228,22 +228,7 @@ class AimLlamaSettings(BaseSettings):
     @field_validator("system_tracking_interval", mode="before")
     @classmethod
     def _interval(cls, value: Any) -> Any:
-        if value is None or value is False:
-            return None
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in _OFF_WORDS or text == "0":
-                return None
-            if not re.fullmatch(r"[+-]?\d+", text):
-                raise ValueError(f"{value!r} is not a whole number of seconds")
-            value = int(text)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{value!r} is not a whole number of seconds")
-        if value == 0:
-            return None
-        if value < 0:
-            raise ValueError(f"{value} is negative")
-        return value
+        return _positive_or_off(value, "seconds")
 
     @field_validator(
         "log_system_params", "capture_terminal_logs", "enabled", "strict", "propagate",
@@ -292,16 +277,7 @@ class AimLlamaSettings(BaseSettings):
     @field_validator("max_text_length", mode="before")
     @classmethod
     def _max_text_length(cls, value: Any) -> Any:
-        if value is None or value is False:
-            return None
-        if isinstance(value, str) and (value.strip().lower() in _OFF_WORDS):
-            return None
-        value = _whole_number(value)
-        if value == 0:
-            return None
-        if value < 0:
-            raise ValueError(f"{value} is negative")
-        return value
+        return _positive_or_off(value, "characters")
 
     @field_validator("redact", mode="before")
     @classmethod
@@ -336,6 +312,21 @@ def _number(value: Any) -> float:
     if not isinstance(value, (int, float)) or value != value:  # NaN
         raise ValueError(f"{value!r} is not a number")
     return float(value)
+
+
+def _positive_or_off(value: Any, unit: str) -> int | None:
+    """A whole number >= 1, or None for none/off/false/0 (e.g. an interval or a length limit)."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, str) and value.strip().lower() in _OFF_WORDS:
+        return None
+    try:
+        number = _whole_number(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number of {unit}") from None
+    if number < 0:
+        raise ValueError(f"{number} is negative")
+    return number or None
 
 
 def _whole_number(value: Any) -> int:
