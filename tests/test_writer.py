@@ -182,7 +182,10 @@ def test_exit_never_exceeds_the_flush_timeout(repo, workdir):
     exiting = float(out.split("EXITING ")[1].split()[0])
     ended = time.time()
     assert proc.returncode == 0
-    assert ended - exiting < 1.0 + 1.5  # the timeout plus interpreter teardown
+    # aim-llama's own exit wait is bounded by the timeout (plus scheduling slack) ...
+    assert float(out.split("CLOSE_TOOK ")[1].split()[0]) < 1.0 + 0.5
+    # ... and the whole exit, Aim's and Python's teardown included, never hangs
+    assert ended - exiting < 1.0 + 4.0
     assert "did not finish within the flush timeout (1s" in err
     assert "records not written" in err
 

@@ -35,7 +35,14 @@ writer = Writer(
 
 import atexit
 
-atexit.register(writer.close)
+
+def close_at_exit() -> None:
+    started = time.monotonic()
+    writer.close()
+    print(f"CLOSE_TOOK {time.monotonic() - started:.3f}", flush=True)
+
+
+atexit.register(close_at_exit)
 
 if a.mode == "app-handler":
     def on_term(signum, frame):
