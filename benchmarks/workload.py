@@ -59,6 +59,7 @@ if args.config.startswith("diag-"):
     assert _active is not None, "aim-llama did not instrument"
     if args.config == "diag-handler-only":
         _active.handler.submit = lambda record: None
+        _active.handler.submit_many = lambda records: None
     else:
         from aim_llama import writer as _writer_mod
         from aim_llama.records import Flush
@@ -70,11 +71,12 @@ if args.config.startswith("diag-"):
                 self.fd = os.open(os.devnull, os.O_WRONLY)
                 self.on_ack = on_ack
 
-            def send(self, batch: list) -> None:
-                _writer_mod.write_frame(self.fd, batch)
-                for rec in batch:
-                    if isinstance(rec, Flush):
-                        self.on_ack(rec.token)  # type: ignore[operator]
+            def send(self, chunks: list) -> None:
+                _writer_mod.write_raw_frame(self.fd, b"".join(chunks))
+                for chunk in chunks:
+                    for rec in _writer_mod.loads_many(chunk):
+                        if isinstance(rec, Flush):
+                            self.on_ack(rec.token)  # type: ignore[operator]
 
             def close(self, deadline: float) -> bool:
                 os.close(self.fd)
@@ -241,7 +243,7 @@ if AIM_LLAMA:
     active = autoinstrument._active
     result["instrumented"] = aim_llama.is_instrumented()
     result["writer"] = getattr(getattr(active, "writer", None), "backend_name", None)
-    result["queue_len_at_loop_end"] = len(active.writer._queue) if active else None
+    result["queue_len_at_loop_end"] = active.writer.queued if active else None
     result["dropped"] = active.writer.dropped if active else None
 if attribution:
     n = max(1, args.queries)

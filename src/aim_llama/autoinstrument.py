@@ -130,6 +130,7 @@ def instrument(**overrides: Any) -> bool:
 def _run_config(settings: Any, role: str) -> Any:
     from . import __version__
     from .aimrun import RunConfig
+    from .content import ContentPolicy
 
     return RunConfig(
         repo=settings.repo,
@@ -145,6 +146,8 @@ def _run_config(settings: Any, role: str) -> Any:
         version=__version__,
         flush_timeout=settings.flush_timeout,
         buffer_size=settings.queue_size,
+        max_text_length=settings.max_text_length,
+        redact_patterns=ContentPolicy.from_settings(settings).patterns,
     )
 
 
@@ -176,6 +179,7 @@ def _activate(settings: Any) -> _Active:
         event_ends_to_ignore=settings.event_ends_to_ignore,
         skip_kinds=DISPATCHER_OWNED,
         policy=ContentPolicy.from_settings(settings),
+        submit_many=writer.submit_many,
     )
     manager = LlamaSettings.callback_manager  # LlamaIndex creates one if there is none
     for existing in list(manager.handlers):
@@ -299,6 +303,7 @@ def _after_fork_in_child() -> None:
     pending = _ForkChildWriter(active.settings)
     active.writer = pending
     handler.submit = pending.submit
+    handler.submit_many = pending.submit_many
     active.pid = os.getpid()
 
 
@@ -339,6 +344,11 @@ class _ForkChildWriter:
         writer = _start_fork_child_writer(self)
         writer.submit(record)
 
+    def submit_many(self, records: list[Any]) -> None:
+        """`submit` for several records."""
+        writer = _start_fork_child_writer(self)
+        writer.submit_many(records)
+
     def flush(self, timeout: float | None = None) -> bool:
         return True
 
@@ -359,6 +369,7 @@ def _start_fork_child_writer(pending: _ForkChildWriter) -> Any:
         writer = _new_writer(settings, "fork-child")
         active.writer = writer
         active.handler.submit = writer.submit
+        active.handler.submit_many = writer.submit_many
         mp_util = sys.modules.get("multiprocessing.util")
         if mp_util is not None:
             # multiprocessing children leave through os._exit: atexit never runs, these do.

@@ -1,9 +1,13 @@
 """Content controls for every captured text: capture on/off, redaction, truncation, sampling.
 
-One `ContentPolicy` is built from the settings at activation and applied on the application's
-thread to each text before it becomes a record, so secrets never leave the process. Work is
-bounded by the maximum length: a huge text is cut (with a small margin, so a secret straddling
-the cut is still recognised) before the redaction patterns run.
+One `ContentPolicy` is built from the settings. It works in two halves, so that the
+application's thread does only what is cheap:
+
+* on the application's thread, `text()` decides whether a text is recorded at all (capture
+  on/off; `sample()` decides per request) and `clip()` cuts a huge text to the maximum length
+  plus a small margin (so a secret straddling the cut is still recognised later);
+* in the writer (the writer process by default), `finish()` redacts and truncates it, before
+  anything reaches Aim's storage or an Aim server.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .records import Clipped
 
 REDACTED = "[REDACTED]"
 NOT_CAPTURED = "[content not captured]"
@@ -105,11 +111,28 @@ class ContentPolicy:
         low = text.lower()
         return any(anchor in low for anchor in anchors)
 
-    def text(self, value: Any) -> str | None:
-        """A captured text ready to record, or None when content capture is off."""
+    def text(self, value: Any) -> str | Clipped | None:
+        """A captured text to record (redacted later, by `finish`), or None when capture is off."""
         if not self.capture:
             return None
-        return self.redact(value if isinstance(value, str) else str(value))
+        return self.clip(value if isinstance(value, str) else str(value))
+
+    def clip(self, text: str) -> str | Clipped:
+        """`text`, or its head (maximum length + margin) with its length when it is longer."""
+        limit = self.max_length
+        if limit is not None and len(text) > limit + _MARGIN:
+            return Clipped(text[: limit + _MARGIN], len(text))
+        return text
+
+    def finish(self, value: str | Clipped) -> str:
+        """The stored form of a captured text: secrets redacted, cut to the maximum length."""
+        if isinstance(value, Clipped):
+            text = self.redact(value.text)
+            limit = self.max_length
+            if limit is not None and value.length > limit:
+                text = text[:limit] + f"… [truncated {value.length - limit} chars]"
+            return text
+        return self.redact(value)
 
     def sample(self) -> bool:
         """Decide once, for a new root request, whether its texts are recorded."""

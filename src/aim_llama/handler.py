@@ -40,6 +40,7 @@ DISPATCHER_OWNED = frozenset({
 })
 
 Submit = Callable[[Record], None]
+SubmitMany = Callable[[list[Record]], None]
 
 
 def _ctx(kind: str) -> dict[str, Any]:
@@ -89,6 +90,13 @@ def error_records(kind: str, exc: BaseException, step: int | None = None) -> lis
     ]
 
 
+_LLM = CBEventType.LLM.value
+_CHUNKING = CBEventType.CHUNKING.value
+_EMBEDDING = CBEventType.EMBEDDING.value
+_RETRIEVE = CBEventType.RETRIEVE.value
+_QUERY = CBEventType.QUERY.value
+
+
 def records_for_end(
     event_type: str,
     payload: dict[str, Any] | None,
@@ -101,7 +109,7 @@ def records_for_end(
     kind = str(getattr(event_type, "value", event_type))
     exc = payload.get(EventPayload.EXCEPTION)
     out: list[Record] = []
-    if kind == CBEventType.LLM.value:
+    if kind == _LLM:
         step = llm_step()
         if isinstance(exc, BaseException):
             out.extend(error_records(kind, exc, step))
@@ -121,21 +129,21 @@ def records_for_end(
 
     if isinstance(exc, BaseException):
         out.extend(error_records(kind, exc))
-    elif kind == CBEventType.CHUNKING.value:
+    elif kind == _CHUNKING:
         for chunk in payload.get(EventPayload.CHUNKS) or []:
             out.append(Track("chunk", str(chunk), "text", _ctx(kind)))
-    elif kind == CBEventType.EMBEDDING.value:
+    elif kind == _EMBEDDING:
         chunks = payload.get(EventPayload.CHUNKS)
         if chunks is not None:
             out.append(Track("embedded_texts", len(chunks), "metric", _ctx(kind)))
-    elif kind == CBEventType.RETRIEVE.value:
+    elif kind == _RETRIEVE:
         nodes = payload.get(EventPayload.NODES)
         if nodes is not None:
             out.append(Track("retrieved_nodes", len(nodes), "metric", _ctx(kind)))
             scores = [n.score for n in nodes if getattr(n, "score", None) is not None]
             if scores:
                 out.append(Track("top_score", float(max(scores)), "metric", _ctx(kind)))
-    elif kind == CBEventType.QUERY.value:
+    elif kind == _QUERY:
         question = (start_payload or {}).get(EventPayload.QUERY_STR)
         if question is not None:
             out.append(Track("question", str(question), "text", _ctx(kind)))
@@ -165,19 +173,29 @@ class AimLlamaHandler(BaseCallbackHandler):
         *,
         skip_kinds: frozenset[str] | set[str] = frozenset(),
         policy: ContentPolicy | None = None,
+        submit_many: SubmitMany | None = None,
     ) -> None:
         super().__init__(
             event_starts_to_ignore=[CBEventType(e) for e in event_starts_to_ignore or []],
             event_ends_to_ignore=[CBEventType(e) for e in event_ends_to_ignore or []],
         )
         self.submit = submit
+        self.submit_many: SubmitMany = submit_many or self._one_by_one
         self.handler_errors = 0
         self._open: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._llm_steps = itertools.count()
         self._lock = threading.Lock()
         self.skip_kinds = frozenset(skip_kinds)
+        # Checked on every callback: a tuple of the enum members (`in` compares by identity
+        # first; `CBEventType.value` and hashing an Enum are Python-level calls).
+        self._skip = tuple(e for e in CBEventType if e.value in self.skip_kinds)
         self.policy = policy or ContentPolicy()
         self.observer: Any = None  # the dispatcher observer registered alongside, if any
+
+    def _one_by_one(self, records: list[Record]) -> None:
+        submit = self.submit
+        for record in records:
+            submit(record)
 
     def _next_llm_step(self) -> int:
         return next(self._llm_steps)
@@ -191,7 +209,7 @@ class AimLlamaHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> str:
         """Remember when the event started (and the query text, for QUERY events)."""
-        if event_type.value in self.skip_kinds:
+        if event_type in self._skip:
             return event_id
         try:
             keep: dict[str, Any] | None = None
@@ -215,7 +233,7 @@ class AimLlamaHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Map the finished event to records and queue them; never raises."""
-        if event_type.value in self.skip_kinds:
+        if event_type in self._skip:
             return
         try:
             started = self._open.pop(event_id, None)
@@ -224,10 +242,10 @@ class AimLlamaHandler(BaseCallbackHandler):
             if started is not None:
                 latency = (time.perf_counter() - started[0]) * 1000.0
                 start_payload = started[1]
-            submit = self.submit
             policy = self.policy
             observer = self.observer
             sampled = observer is None or policy.sample_rate >= 1.0 or observer.current_sampled()
+            out: list[Record] = []
             for record in records_for_end(
                 event_type, payload, latency, self._next_llm_step, start_payload
             ):
@@ -236,9 +254,9 @@ class AimLlamaHandler(BaseCallbackHandler):
                     if text is None:
                         continue
                     record = record._replace(value=text)
-                elif isinstance(record, LogError):
-                    record = record._replace(message=policy.redact(record.message))
-                submit(record)
+                out.append(record)  # texts and errors are redacted in the writer
+            if out:
+                self.submit_many(out)
         except Exception as exc:
             self._failed("end", event_type, exc)
 

@@ -17,6 +17,7 @@ its trace is written, and requests idle longer than `ROOT_TTL` seconds expire.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import itertools
@@ -27,9 +28,10 @@ from collections.abc import Callable
 from typing import Any
 
 from . import render
-from .content import NOT_CAPTURED, ContentPolicy
+from .content import ContentPolicy
+from .finish import MAX_INPUT_LINE, span_name
 from .log import warn_once
-from .records import LogError, Param, Record, Track
+from .records import LogError, NodesValue, Param, Record, TraceValue, Track
 from .tokens import TokenCounts, can_defer, estimate, estimated_counts, provider_counts, rough
 
 log = logging.getLogger("aim_llama")
@@ -38,11 +40,12 @@ ROOT_TTL = 1800.0  # seconds without any activity after which a request's state 
 SWEEP_INTERVAL = 5.0
 MAX_OPEN_ROOTS = 10_000
 MAX_TRACE_NODES = 400  # lines per trace; further spans are counted, not listed
-MAX_INPUT_LINE = 300  # characters of the request input on a trace's first line
+_INPUT_MARGIN = 256  # the input is cut here, redacted and shortened in the writer
 # Root spans of these kinds are requests with a `trace` (a bare LLM call at the root is not:
 # its prompt / response / metrics say everything, and a trace per call would be noise).
 REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
+_SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step"})  # spans with records at exit
 ERROR_KINDS = frozenset({
     "llm", "embedding", "retrieve", "query", "chat", "agent", "workflow", "tool",
     "postprocess", "synthesize", "agent_step", "workflow_step",
@@ -55,15 +58,14 @@ IGNORE_NAMES = {
     "errors": "exception",
 }
 
-Submit = Callable[[Record], None]
+SubmitMany = Callable[[list[Record]], None]
 
 _awaiting: contextvars.ContextVar[_Root | None] = contextvars.ContextVar(
     "aim_llama_awaiting_stream", default=None
 )
 
 
-def _now() -> float:
-    return time.perf_counter()
+_now = time.perf_counter
 
 
 class _Node:
@@ -78,7 +80,6 @@ class _Node:
         "inst",
         "inst_id",
         "kind",
-        "name",
         "nested",
         "note",
         "parent",
@@ -87,21 +88,26 @@ class _Node:
         "status",
     )
 
-    def __init__(self, id_: str, name: str, kind: str, parent: _Node | None, start: float) -> None:
+    def __init__(self, id_: str, kind: str, parent: _Node | None, start: float, instance: Any
+                 ) -> None:
         self.id = id_
-        self.name = name
         self.kind = kind
         self.parent = parent
         self.root: _Root
-        self.disp: _Node = self
+        self.disp: _Node | None = None  # the shown node this one belongs to (None: itself)
         self.start = start
         self.end: float | None = None
         self.status = "ok"
         self.note = ""
-        self.children: list[_Node] = []
-        self.inst: Any = None
-        self.inst_id = 0
+        self.children: list[_Node] | None = None
+        self.inst = instance
+        self.inst_id = 0 if instance is None else id(instance)
         self.nested = False
+
+    @property
+    def name(self) -> str:
+        """`Class.method` (the span id without its uuid)."""
+        return span_name(self.id)
 
 
 class _Root:
@@ -213,9 +219,9 @@ def _model_key(params: dict[str, Any]) -> str:
 class Observer:
     """Turns dispatcher spans and events into records; never raises into LlamaIndex."""
 
-    def __init__(self, submit: Submit, policy: ContentPolicy | None = None,
+    def __init__(self, submit_many: SubmitMany, policy: ContentPolicy | None = None,
                  ignored: frozenset[str] | set[str] = frozenset()) -> None:
-        self.submit = submit
+        self._emit = submit_many  # hands a list of records to the writer
         self.policy = policy or ContentPolicy()
         self.ignored = frozenset(ignored)
         self.handler_errors = 0
@@ -278,7 +284,7 @@ class Observer:
     def _error(self, out: list[Record], kind: str, name: str, err: BaseException) -> None:
         if self._off("errors"):
             return
-        message = self.policy.redact(str(err))[:2000]
+        message = str(err)[:2000 + _INPUT_MARGIN]  # redacted (and cut) in the writer
         out.append(Track("errors", 1, "metric", {"kind": kind}))
         out.append(LogError(
             f"{kind} failed: {type(err).__name__}: {message}",
@@ -287,10 +293,9 @@ class Observer:
              "error": message},
         ))
 
-    def _emit(self, out: list[Record]) -> None:
-        submit = self.submit
-        for record in out:
-            submit(record)
+    def submit(self, record: Record) -> None:
+        """Hand one record to the writer."""
+        self._emit([record])
 
     def failed(self, where: str, exc: BaseException) -> None:
         """Count and report (once per kind) a failure inside the observer itself."""
@@ -305,48 +310,42 @@ class Observer:
             pass
 
     # -- spans ------------------------------------------------------------------------
+    # The hot path: LlamaIndex calls these for every decorated method (~28 times per RAG
+    # query), so they only link nodes; texts are formatted later, in the writer.
     def span_enter(self, id_: str, bound_args: Any, instance: Any, parent_id: str | None) -> None:
         """A decorated method started: attach it to its parent (or start a new request)."""
         now = _now()
-        name = id_[:-37] if len(id_) > 37 and id_[-37] == "-" else id_
-        kind = self._kind(instance) if instance is not None else ""
-        method = name.rsplit(".", 1)[-1]
-        out: list[Record] = []
+        if instance is None:
+            kind = ""
+        else:
+            kind = self._kinds.get(type(instance))  # type: ignore[assignment]
+            if kind is None:
+                kind = self._kind(instance)
+        out: list[Record] | None = None
         with self._lock:
             if now >= self._next_sweep or len(self._roots) > MAX_OPEN_ROOTS:
-                out.extend(self._sweep(now))
+                out = self._sweep(now)
             parent = self._spans.get(parent_id) if parent_id else None
-            if parent is None and parent_id:
-                # A request that returned a stream is still open: a thread it started may
-                # enter its first span only after the request's own span has exited.
-                waiting_root = self._roots.get(parent_id)
-                parent = waiting_root.node if waiting_root is not None else None
-            if parent is None and kind == "llm" and "stream" in method:
-                waiting = _awaiting.get()
-                if waiting is not None and not waiting.finalized and waiting.hold > 0:
-                    parent = waiting.node  # the deferred LLM stream of a streaming query
-                    waiting.hold = 0
-                    _awaiting.set(None)
-            node = _Node(id_, name, kind, parent, now)
             if parent is None:
-                input_ = ""
-                if kind in REQUEST_KINDS:
-                    try:
-                        input_ = render.input_text(dict(bound_args.arguments))
-                    except Exception:
-                        input_ = ""
-                root = _Root(node, kind, self.policy.sample(), input_, now)
-                self._roots[id_] = root
+                parent = self._late_parent(id_, kind, parent_id)
+            node = _Node(id_, kind, parent, now, instance)
+            if parent is None:
+                root = self._new_root(node, bound_args, now)
             else:
                 root = parent.root
                 if instance is None and parent.kind in ("agent", "workflow"):
                     node.kind = kind = parent.kind + "_step"
-                shown_parent = parent.disp
-                same = instance is not None and shown_parent.inst_id == id(instance)
+                shown_parent = parent.disp or parent
+                same = instance is not None and shown_parent.inst_id == node.inst_id
                 node.nested = same
-                if kind and not same and not method.startswith("_"):
+                # private methods (`Class._method-<uuid>`) are hidden
+                if kind and not same and id_[id_.rfind(".", 0, len(id_) - 37) + 1] != "_":
                     if root.shown < MAX_TRACE_NODES:
-                        shown_parent.children.append(node)
+                        children = shown_parent.children
+                        if children is None:
+                            shown_parent.children = [node]
+                        else:
+                            children.append(node)
                         root.shown += 1
                     else:
                         root.omitted += 1
@@ -354,14 +353,40 @@ class Observer:
                 else:
                     node.disp = shown_parent
             node.root = root
-            if instance is not None:
-                node.inst = instance
-                node.inst_id = id(instance)
             root.open += 1
             root.last_seen = now
             self._spans[id_] = node
         if out:
             self._emit(out)
+
+    def _late_parent(self, id_: str, kind: str, parent_id: str | None) -> _Node | None:
+        """The node a span without a live parent span belongs to, if it is part of a request
+        that is still waiting for a stream; None for a new request (lock held)."""
+        if parent_id:
+            # A request that returned a stream is still open: a thread it started may
+            # enter its first span only after the request's own span has exited.
+            waiting_root = self._roots.get(parent_id)
+            if waiting_root is not None:
+                return waiting_root.node
+        if kind == "llm" and "stream" in span_name(id_).rsplit(".", 1)[-1]:
+            waiting = _awaiting.get()
+            if waiting is not None and not waiting.finalized and waiting.hold > 0:
+                waiting.hold = 0
+                _awaiting.set(None)
+                return waiting.node  # the deferred LLM stream of a streaming query
+        return None
+
+    def _new_root(self, node: _Node, bound_args: Any, now: float) -> _Root:
+        """A span with no parent: a new request (lock held)."""
+        input_ = ""
+        if node.kind in REQUEST_KINDS:
+            try:
+                input_ = render.input_text(dict(bound_args.arguments))
+            except Exception:
+                input_ = ""
+        root = _Root(node, node.kind, self.policy.sample(), input_, now)
+        self._roots[node.id] = root
+        return root
 
     def _end_node(self, id_: str, now: float) -> tuple[_Node, Any, _Root] | None:
         """Forget a finished span: its node, the instance it ran on, and its request (lock held)."""
@@ -377,18 +402,25 @@ class Observer:
     def span_exit(self, id_: str, bound_args: Any, result: Any) -> None:
         """A decorated method returned: step/tool records; the request may be complete."""
         now = _now()
-        out: list[Record] = []
+        out: list[Record] | None = None
         with self._lock:
-            ended = self._end_node(id_, now)
-            if ended is None:
+            node = self._spans.pop(id_, None)
+            if node is None:
                 return
-            node, instance, root = ended
+            node.end = now
+            instance = node.inst
+            node.inst = None
+            root = node.root
+            root.last_seen = now
             kind = node.kind
-            if kind == "tool" and not node.nested:
-                self._tool(out, node, instance, bound_args, result, None)
-            elif kind.endswith("_step") and not self._off(kind):
-                ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
-                out.append(Track("latency_ms", (now - node.start) * 1000.0, "metric", ctx))
+            if kind in _SPECIAL_EXIT:
+                out = []
+                if kind == "tool":
+                    if not node.nested:
+                        self._tool(out, node, instance, bound_args, result, None)
+                elif not self._off(kind):
+                    ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
+                    out.append(Track("latency_ms", (now - node.start) * 1000.0, "metric", ctx))
             if node is root.node:
                 root.end = now
                 if kind in ANSWER_KINDS:
@@ -400,7 +432,9 @@ class Observer:
                         root.hold = 1
                         _awaiting.set(root)
             root.open -= 1
-            out.extend(self._maybe_finish(root, now))
+            if root.open <= 0 and not root.pending and not root.hold and not root.finalized:
+                finished = self._finish(root, now, None)
+                out = finished if out is None else out + finished
         if out:
             self._emit(out)
 
@@ -472,14 +506,15 @@ class Observer:
                 )
             call = _Call(now, node, nested)
             if not nested:
-                call.prompt = getattr(event, "prompt", None)
-                call.messages = getattr(event, "messages", None)
-                extra = getattr(event, "additional_kwargs", None) or {}
+                fields = event.__dict__  # a pydantic event: getattr on a missing field is slow
+                call.prompt = fields.get("prompt")
+                call.messages = fields.get("messages")
+                extra = fields.get("additional_kwargs") or {}
                 tools = extra.get("tools") if isinstance(extra, dict) else None
                 if isinstance(tools, list):
                     call.tools = [str((t.get("function") or {}).get("name", "?"))
                                   if isinstance(t, dict) else str(t) for t in tools[:50]]
-                model_dict = getattr(event, "model_dict", None) or {}
+                model_dict = fields.get("model_dict") or {}
                 call.model = model_dict if isinstance(model_dict, dict) else {}
                 self._model_param(call, node)
                 if call.root is not None:
@@ -615,7 +650,7 @@ class Observer:
             self._error(out, "llm", call.node.name if call.node else "llm", err)
         node = call.node
         if node is not None:
-            shown_node = node.disp
+            shown_node = node.disp or node
             note = f" llm {latency:.1f}ms"
             if counts is not None:
                 approx = "~" if counts.source == "rough" else ""
@@ -680,14 +715,14 @@ class Observer:
         if scores:
             out.append(Track("top_score", max(scores), "metric", ctx))
             out.append(Track("retrieval_scores", scores, "distribution", ctx))
-        if self.policy.capture:
+        if self.policy.capture and self._sampled(event.span_id):
             query = render.query_text(event.str_or_query_bundle)
-            self._text(out, "retrieved", render.render_nodes(nodes, query), ctx,
-                       sampled=self._sampled(event.span_id))
+            value = NodesValue(query, render.node_rows(nodes), len(nodes))
+            out.append(Track("retrieved", value, "text", ctx))
         node = self._spans.get(event.span_id) if event.span_id else None
         if node is not None:
             top = f" top={max(scores):.3f}" if scores else ""
-            node.disp.note += f" nodes={len(nodes)}{top}"
+            (node.disp or node).note += f" nodes={len(nodes)}{top}"
         self._emit(out)
 
     def _rerank_end(self, event: Any, now: float) -> None:
@@ -754,6 +789,7 @@ class Observer:
         kind = root.kind
         out: list[Record] = []
         if kind not in REQUEST_KINDS:
+            _release(root)
             return out
         # A request ends when the last thing under it ends (a stream may outlive the span);
         # an expired one at its last sign of activity.
@@ -768,33 +804,24 @@ class Observer:
                 if answer is not None:
                     self._text(out, "answer", answer, ctx)
         if root.sampled:
-            out.append(Track("trace", self._trace_text(root, latency, status), "text", ctx))
-        root.node.children = []  # free the tree even if a context variable still points here
+            out.append(Track("trace", self._trace_value(root, latency, status), "text", ctx))
+        _release(root)
         return out
 
-    def _trace_text(self, root: _Root, latency: float, status: str | None) -> str:
+    def _trace_value(self, root: _Root, latency: float, status: str | None) -> TraceValue:
+        """The request's span tree as rows; the writer formats and redacts it."""
         node = root.node
-        if self.policy.capture:
-            first = " ".join(self.policy.redact(root.input[: MAX_INPUT_LINE + 256]).split())
-            if len(first) > MAX_INPUT_LINE:
-                first = first[:MAX_INPUT_LINE] + "…"
-        else:
-            first = NOT_CAPTURED
-        state = status or node.status
-        lines = [
-            f"{root.kind}: {first}",
-            f"{latency:.1f} ms · {state} · llm calls {root.llm_calls} · tokens {root.tokens}",
-        ]
+        input_ = root.input[: MAX_INPUT_LINE + _INPUT_MARGIN] if self.policy.capture else None
+        rows: list[tuple[int, str, float, float | None, str, str]] = []
         stack: list[tuple[_Node, int]] = [(node, 0)]
         while stack:
             current, depth = stack.pop()
-            end = current.end
-            duration = "open" if end is None else f"{(end - current.start) * 1000.0:.1f}ms"
-            lines.append(f"{'  ' * depth}{current.name} {duration} {current.status}{current.note}")
-            stack.extend((child, depth + 1) for child in reversed(current.children))
-        if root.omitted:
-            lines.append(f"… {root.omitted} more spans not listed")
-        return "\n".join(lines)
+            rows.append((depth, current.id, current.start, current.end, current.status,
+                         current.note))
+            if current.children:
+                stack.extend((child, depth + 1) for child in reversed(current.children))
+        return TraceValue(root.kind, input_, latency, status or node.status, root.llm_calls,
+                          root.tokens, rows, root.omitted)
 
     # -- bounded state ----------------------------------------------------------------
     def _sweep(self, now: float) -> list[Record]:
@@ -842,6 +869,20 @@ class Observer:
             self._calls.clear()
             self._timed.clear()
         self._emit(out)
+
+
+def _release(root: _Root) -> None:
+    """Break a finished request's reference cycles (parent ↔ children, request ↔ root span):
+    reference counting then frees its spans at once, and they never add to the work of the
+    garbage collector, whose full collections of a LlamaIndex process take ~100 ms."""
+    stack = [root.node]
+    while stack:
+        node = stack.pop()
+        if node.children:
+            stack.extend(node.children)
+        node.children = None
+    with contextlib.suppress(AttributeError):
+        del root.node.root
 
 
 def _estimate_many(texts: list[str]) -> int:

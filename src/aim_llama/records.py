@@ -15,13 +15,52 @@ ValueKind = Literal["metric", "text", "distribution", "token_estimate"]
 
 
 class Track(NamedTuple):
-    """One value for sequence (name, context). `step=None` lets the writer number it."""
+    """One value for sequence (name, context). `step=None` lets the writer number it.
+
+    A "text" value is a `str`, a `Clipped` text, a `TraceValue` or a `NodesValue`; the writer
+    turns it into the stored text (formatting, redaction, truncation: `finish.py`).
+    """
 
     name: str
     value: Any
     kind: ValueKind = "metric"
     context: dict[str, Any] | None = None
     step: int | None = None
+
+
+class Clipped(NamedTuple):
+    """The head of a text longer than the maximum text length, and the text's full length."""
+
+    text: str
+    length: int
+
+
+class TraceValue(NamedTuple):
+    """A request's `trace`, as data: the writer formats it (see `finish.format_trace`).
+
+    `rows` are (depth, span id, start, end or None, status, note), parents before children;
+    `input` is None when content capture is off.
+    """
+
+    kind: str
+    input: str | None
+    latency_ms: float
+    state: str
+    llm_calls: int
+    tokens: int
+    rows: list[tuple[int, str, float, float | None, str, str]]
+    omitted: int
+
+
+class NodesValue(NamedTuple):
+    """Retrieved nodes, as data: the writer formats the `retrieved` text (`finish.format_nodes`).
+
+    `rows` are (node id, score or None, the head of the node's text); `total` counts all nodes.
+    """
+
+    query: str | None
+    rows: list[tuple[str, float | None, str]]
+    total: int
 
 
 class Param(NamedTuple):

@@ -10,6 +10,7 @@ extrapolate beyond, so a huge text costs bounded time on the application's threa
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, NamedTuple
 
 log = logging.getLogger("aim_llama")
@@ -40,6 +41,14 @@ def _get(obj: Any, key: str) -> Any:
         return None
     if isinstance(obj, dict):
         return obj.get(key)
+    # Pydantic models keep fields in __dict__; a missing attribute would go through
+    # BaseModel.__getattr__ and an exception (~3 us on the application's thread).
+    fields = getattr(obj, "__dict__", None)
+    if fields is not None:
+        if key in fields:
+            return fields[key]
+        if not hasattr(type(obj), key):
+            return None
     try:
         return getattr(obj, key, None)
     except Exception:
@@ -108,12 +117,23 @@ def estimated_counts(prompt: str, completion: str) -> TokenCounts:
     return TokenCounts(p, c, p + c, "estimated")
 
 
+_deferrable: tuple[Any, bool] = (object(), False)  # (tokenizer checked last, answer)
+
+
 def can_defer() -> bool:
     """True when LlamaIndex's default tokenizer is in use, so the writer can count instead."""
-    try:
-        import llama_index.core as core
+    global _deferrable
+    core = sys.modules.get("llama_index.core")
+    tokenizer = getattr(core, "global_tokenizer", None)
+    if tokenizer is _deferrable[0]:
+        return _deferrable[1]
+    answer = _can_defer(tokenizer)
+    _deferrable = (tokenizer, answer)
+    return answer
 
-        tokenizer = getattr(core, "global_tokenizer", None)
+
+def _can_defer(tokenizer: Any) -> bool:
+    try:
         if tokenizer is None:
             return True
         # What LlamaIndex's get_tokenizer() installs: partial(cl100k.encode, allowed_special="all")

@@ -87,9 +87,19 @@ class _Shutdown:
         return self.deadline - time.monotonic()
 
 
+NICE = 10  # the writer (and the RocksDB threads it starts) yields the CPU to the application
+
+
 def main() -> int:
     """Run the writer loop until the application goes away; exit status 0 when the run was finalized."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        # Before Aim starts RocksDB's background threads: they inherit it. On a busy machine
+        # the application keeps its CPU; the writer uses what is idle (and all of it while
+        # the application waits for it at exit).
+        os.nice(NICE)
+    except (AttributeError, OSError):
+        pass
     # Keep the protocol channel private: anything printed by Aim goes to stderr instead.
     ack_fd = os.dup(1)
     os.dup2(2, 1)
