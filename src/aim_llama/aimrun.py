@@ -200,8 +200,8 @@ class FastTrack:
 
         self.run = run
         self.tracker = run._tracker
-        self._context = Context
-        self._typename = get_object_typename
+        self._context: Any = Context
+        self._typename: Any = get_object_typename
         self._contexts: dict[Any, Any] = {}
         self._dirty: dict[tuple[int, str], tuple[Any, Any, int]] = {}
         for attr in ("sequence_infos", "_track", "_add_value", "meta_run_tree"):

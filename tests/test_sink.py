@@ -1,0 +1,70 @@
+"""The writer's storage path (RunSink) against Aim's own `run.track`, read back through Aim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aim_llama.aimrun import RunConfig, RunSink
+from aim_llama.records import Track
+
+# (name, value, context kind, step): out-of-order steps, ints into a float sequence, a new
+# minimum and maximum after the first value, texts.
+SERIES = [
+    ("latency_ms", 5.0, "llm", 0), ("latency_ms", 7.5, "llm", 1), ("latency_ms", 2.0, "llm", 3),
+    ("latency_ms", 9.0, "llm", 2), ("latency_ms", 4, "llm", 4), ("latency_ms", 1.0, "retrieve", 0),
+    ("latency_ms", 3.0, "retrieve", 1), ("tokens", 10, "llm", 0), ("tokens", 12, "llm", 1),
+    ("prompt", "first", "llm", 0), ("prompt", "second", "llm", 1),
+]
+
+
+def _summary(repo: Path, run_hash: str) -> dict[tuple[str, str], dict[str, object]]:
+    """Every sequence's summary keys (what Aim's runs table shows) and metric values."""
+    from aim import Repo
+
+    from aimread import _index
+
+    aim_repo = Repo.from_path(str(repo))
+    _index(aim_repo, run_hash)  # as `aim up` does: a finished run is read through the index
+    aim_repo.container_pool.clear()
+    run = aim_repo.get_run(run_hash)
+    out: dict[tuple[str, str], dict[str, object]] = {}
+    for ctx_idx, traces in run.meta_run_tree.collect("traces").items():
+        kind = run.idx_to_ctx(ctx_idx).to_dict().get("kind", "")
+        for name, info in traces.items():
+            out[(name, kind)] = {k: (str(v) if k in ("first", "last") else v)
+                                 for k, v in info.items()}
+    for seq in run.metrics():
+        out[(seq.name, seq.context.to_dict()["kind"])]["values"] = list(
+            zip(*seq.values.sparse_list(), strict=True))
+    return out
+
+
+def test_fast_tracking_stores_what_aims_own_track_stores(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    sink = RunSink(RunConfig(repo=str(repo), system_tracking_interval=None,
+                             log_system_params=False))
+    # two batches: summary keys are written at the end of each
+    sink.apply([Track(n, v, "text" if isinstance(v, str) else "metric", {"kind": k}, s)
+                for n, v, k, s in SERIES[:4]])
+    sink.apply([Track(n, v, "text" if isinstance(v, str) else "metric", {"kind": k}, s)
+                for n, v, k, s in SERIES[4:]])
+    assert sink._fast is not None, "the fast path was not used"
+    fast_hash = sink.run_hash
+    assert sink.close() and sink.lost == 0
+
+    from aim import Run, Text
+
+    reference = Run(repo=str(repo), system_tracking_interval=None, log_system_params=False)
+    for name, value, kind, step in SERIES:
+        reference.track(Text(value) if isinstance(value, str) else value, name=name, step=step,
+                        context={"kind": kind})
+    ref_hash = reference.hash
+    reference.close()
+
+    fast, ref = _summary(repo, fast_hash), _summary(repo, ref_hash)
+    assert set(fast) == set(ref) == {("latency_ms", "llm"), ("latency_ms", "retrieve"),
+                                     ("tokens", "llm"), ("prompt", "llm")}
+    for key, expected in ref.items():
+        assert fast[key] == expected, key
+    assert fast[("latency_ms", "llm")]["last_step"] == 4
+    assert fast[("latency_ms", "llm")]["max"] == 9.0 and fast[("latency_ms", "llm")]["min"] == 2.0
