@@ -145,6 +145,9 @@ def test_query_sync_exactly_once_steps_and_trace(repo: Path) -> None:
         assert "VectorIndexRetriever.retrieve" in t and "MockLLM" in t and "tokens=" in t
     # contexts are bounded: the same handful of sequences however many calls
     assert all(set(dict(ctx)) <= {"kind", "source", "tool", "step"} for _, ctx in run.sequences())
+    # the synthesizer re-splits retrieved text inside each query (CHUNKING callback events):
+    # already in the prompt, so not recorded as `chunk` texts (index builds are)
+    assert not run.text("chunk", kind="chunking")
 
 
 def test_query_async_counts_each_llm_call_once(repo: Path) -> None:

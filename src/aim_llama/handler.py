@@ -236,6 +236,12 @@ class AimLlamaHandler(BaseCallbackHandler):
         if event_type in self._skip:
             return
         try:
+            if event_type is CBEventType.CHUNKING and self.observer is not None \
+                    and self.observer.in_request():
+                # A response synthesizer re-splitting retrieved text inside a request: that
+                # text is in the prompt already (and chunking has no latency metric).
+                self._open.pop(event_id, None)
+                return
             started = self._open.pop(event_id, None)
             latency = None
             start_payload = None

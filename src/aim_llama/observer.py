@@ -847,6 +847,14 @@ class Observer:
                 out.extend(self._finish(root, now, status))
         return out
 
+    def in_request(self) -> bool:
+        """Whether this context runs inside a request (query, chat, agent, workflow, retrieval)."""
+        from llama_index.core.instrumentation.span import active_span_id
+
+        span_id = active_span_id.get()
+        node = self._spans.get(span_id) if span_id else None
+        return node is not None and node.root.kind in REQUEST_KINDS
+
     def current_sampled(self) -> bool:
         """Whether the request running in this context records texts (see `sample_rate`)."""
         from llama_index.core.instrumentation.span import active_span_id

@@ -174,6 +174,10 @@ def _encoder() -> Any:
     return _writer_encoder
 
 
+_recent_counts: dict[str, int] = {}  # the writer counts a call's prompt for two metrics
+_RECENT = 64
+
+
 def count_in_writer(texts: tuple[str, ...] | list[str]) -> int:
     """Estimated tokens of `texts` (summed), counted where the writer runs; len/4 on failure."""
     total = 0
@@ -183,9 +187,14 @@ def count_in_writer(texts: tuple[str, ...] | list[str]) -> int:
         log.debug("no tiktoken in the writer: %s", exc)
         return sum(rough(t) for t in texts)
     for text in texts:
-        head = text[:ESTIMATE_CHARS]
-        count = len(encoder.encode(head, allowed_special="all"))
-        if len(text) > len(head) and head:
-            count = round(count * len(text) / len(head))
+        count = _recent_counts.get(text)
+        if count is None:
+            head = text[:ESTIMATE_CHARS]
+            count = len(encoder.encode(head, allowed_special="all"))
+            if len(text) > len(head) and head:
+                count = round(count * len(text) / len(head))
+            if len(_recent_counts) >= _RECENT:
+                _recent_counts.clear()
+            _recent_counts[text] = count
         total += count
     return total
