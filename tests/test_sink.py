@@ -68,3 +68,43 @@ def test_fast_tracking_stores_what_aims_own_track_stores(tmp_path: Path) -> None
         assert fast[key] == expected, key
     assert fast[("latency_ms", "llm")]["last_step"] == 4
     assert fast[("latency_ms", "llm")]["max"] == 9.0 and fast[("latency_ms", "llm")]["min"] == 2.0
+
+
+def _series_items(repo: Path, run_hash: str) -> dict[bytes, bytes]:
+    """Every key and value of a run's series container, as stored in RocksDB."""
+    from aim.storage.rockscontainer import RocksContainer
+
+    container = RocksContainer(str(repo / ".aim" / "seqs" / "chunks" / run_hash), read_only=True)
+    own = run_hash.encode()
+    return {bytes(k).replace(own, b"<run>"): bytes(v) for k, v in container.items()}
+
+
+def test_fast_tracking_writes_the_same_bytes_as_aim(tmp_path: Path) -> None:
+    """Byte for byte, apart from the wall-clock `time` of each value."""
+    repo = tmp_path / "repo"
+    sink = RunSink(RunConfig(repo=str(repo), system_tracking_interval=None,
+                             log_system_params=False))
+    records = [Track(n, v, "text" if isinstance(v, str) else "metric", {"kind": k}, s)
+               for n, v, k, s in SERIES]
+    sink.apply(records[:3])
+    sink.apply(records[3:])
+    fast_hash = sink.run_hash
+    assert sink.close()
+
+    from aim import Run, Text
+
+    reference = Run(repo=str(repo), system_tracking_interval=None, log_system_params=False)
+    for name, value, kind, step in SERIES:
+        reference.track(Text(value) if isinstance(value, str) else value, name=name, step=step,
+                        context={"kind": kind})
+    ref_hash = reference.hash
+    reference.close()
+
+    from aim.storage import encoding
+
+    time_marker = encoding.encode_path(("time",))[:-1]
+    fast, ref = _series_items(repo, fast_hash), _series_items(repo, ref_hash)
+    assert len(fast) > 4 * len(SERIES)
+    assert set(fast) == set(ref)
+    differing = {k for k in fast if fast[k] != ref[k]}
+    assert differing and all(time_marker in k for k in differing)  # only the timestamps

@@ -202,8 +202,14 @@ class FastTrack:
         self.tracker = run._tracker
         self._context: Any = Context
         self._typename: Any = get_object_typename
+        from aim.storage import encoding, treeutils
+
+        self._encode_path: Any = getattr(encoding, "encode_path")  # noqa: B009 (Cython, untyped)
+        self._encode_tree: Any = treeutils.encode_tree
         self._contexts: dict[Any, Any] = {}
         self._dirty: dict[tuple[int, str], tuple[Any, Any, int]] = {}
+        # seq_info → (RocksDB container, key prefixes of its val / epoch / time / step arrays)
+        self._keys: dict[int, tuple[Any, tuple[bytes | None, ...]] | None] = {}
         for attr in ("sequence_infos", "_track", "_add_value", "meta_run_tree"):
             getattr(self.tracker, attr)
 
@@ -240,7 +246,60 @@ class FastTrack:
                 seq_info.max = value
             if value < seq_info.min:
                 seq_info.min = value
-        tracker._add_value(seq_info, value, step, None, now)
+        if not self._put_value(seq_info, value, step, now):
+            tracker._add_value(seq_info, value, step, None, now)
+
+    def _put_value(self, seq_info: Any, value: Any, step: int, now: float) -> bool:
+        """`RunTracker._add_value` as direct puts into the group-commit batch.
+
+        Aim's tree views write each of a value's four keys (value, epoch, time, step) with a
+        range delete, a put and a blob delete, through several Python layers: ~10 us a key,
+        and the range tombstones keep RocksDB's compactions busy. A new step has nothing to
+        delete, so the same keys and bytes (Aim's own encoders) are put directly. Only inside
+        the writer's group commit, and only for views that are plain prefixes of one container.
+        """
+        if _group.batches is None:
+            return False
+        seq_id = id(seq_info)
+        if seq_id in self._keys:
+            keys = self._keys[seq_id]
+        else:
+            keys = self._keys[seq_id] = self._resolve(seq_info)
+        if keys is None:
+            return False
+        container, (val_key, epoch_key, time_key, step_key) = keys
+        batch = container.batch()
+        step_path = self._encode_path((seq_info.step_hash_fn(step),))
+        for prefix, item in ((val_key, value), (epoch_key, None), (time_key, now),
+                             (step_key, step)):
+            if prefix is None:
+                continue
+            for sub, encoded in self._encode_tree(item):
+                container.set(prefix + step_path + sub, encoded, store_batch=batch)
+        return True
+
+    def _resolve(self, seq_info: Any) -> tuple[Any, tuple[bytes | None, ...]] | None:
+        """The container and key prefixes behind a sequence's array views, if plain."""
+        from aim.storage.prefixview import PrefixView
+        from aim.storage.rockscontainer import RocksContainer
+
+        container = None
+        prefixes: list[bytes | None] = []
+        for name in ("val_view", "epoch_view", "time_view", "step_view"):
+            view = getattr(seq_info, name, None)
+            if view is None:
+                if name != "step_view":
+                    return None
+                prefixes.append(None)
+                continue
+            inner = getattr(getattr(view, "tree", None), "container", None)
+            if not isinstance(inner, PrefixView) or not isinstance(inner.parent, RocksContainer):
+                return None
+            if container is not None and inner.parent is not container:
+                return None
+            container = inner.parent
+            prefixes.append(inner.prefix)
+        return (container, tuple(prefixes)) if container is not None else None
 
     def _flush_one(self, key: tuple[int, str]) -> None:
         entry = self._dirty.pop(key, None)
