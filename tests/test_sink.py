@@ -17,6 +17,19 @@ SERIES = [
 ]
 
 
+def _reference_run(repo: Path) -> str:
+    """SERIES tracked by Aim's own `run.track` into `repo`; the run's hash."""
+    from aim import Run, Text
+
+    reference = Run(repo=str(repo), system_tracking_interval=None, log_system_params=False)
+    for name, value, kind, step in SERIES:
+        reference.track(Text(value) if isinstance(value, str) else value, name=name, step=step,
+                        context={"kind": kind})
+    run_hash = str(reference.hash)
+    reference.close()
+    return run_hash
+
+
 def _summary(repo: Path, run_hash: str) -> dict[tuple[str, str], dict[str, object]]:
     """Every sequence's summary keys (what Aim's runs table shows) and metric values."""
     from aim import Repo
@@ -52,14 +65,7 @@ def test_fast_tracking_stores_what_aims_own_track_stores(tmp_path: Path) -> None
     fast_hash = sink.run_hash
     assert sink.close() and sink.lost == 0
 
-    from aim import Run, Text
-
-    reference = Run(repo=str(repo), system_tracking_interval=None, log_system_params=False)
-    for name, value, kind, step in SERIES:
-        reference.track(Text(value) if isinstance(value, str) else value, name=name, step=step,
-                        context={"kind": kind})
-    ref_hash = reference.hash
-    reference.close()
+    ref_hash = _reference_run(repo)
 
     fast, ref = _summary(repo, fast_hash), _summary(repo, ref_hash)
     assert set(fast) == set(ref) == {("latency_ms", "llm"), ("latency_ms", "retrieve"),
@@ -91,14 +97,7 @@ def test_fast_tracking_writes_the_same_bytes_as_aim(tmp_path: Path) -> None:
     fast_hash = sink.run_hash
     assert sink.close()
 
-    from aim import Run, Text
-
-    reference = Run(repo=str(repo), system_tracking_interval=None, log_system_params=False)
-    for name, value, kind, step in SERIES:
-        reference.track(Text(value) if isinstance(value, str) else value, name=name, step=step,
-                        context={"kind": kind})
-    ref_hash = reference.hash
-    reference.close()
+    ref_hash = _reference_run(repo)
 
     from aim.storage import encoding
 

@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Any, NamedTuple
 
+from .render import field
+
 log = logging.getLogger("aim_llama")
 
 ESTIMATE_CHARS = 100_000
@@ -41,18 +43,7 @@ def _get(obj: Any, key: str) -> Any:
         return None
     if isinstance(obj, dict):
         return obj.get(key)
-    # Pydantic models keep fields in __dict__; a missing attribute would go through
-    # BaseModel.__getattr__ and an exception (~3 us on the application's thread).
-    fields = getattr(obj, "__dict__", None)
-    if fields is not None:
-        if key in fields:
-            return fields[key]
-        if not hasattr(type(obj), key):
-            return None
-    try:
-        return getattr(obj, key, None)
-    except Exception:
-        return None
+    return field(obj, key)  # cheap on pydantic models that lack the attribute
 
 
 def _first_int(obj: Any, keys: tuple[str, ...]) -> int | None:
