@@ -288,6 +288,8 @@ class Writer:
     def submit_many(self, records: list[Record]) -> None:
         """Queue records for storage (one pickled chunk); never blocks; drops when full."""
         n = len(records)
+        if not n:
+            return
         if self._closed:
             self.dropped += n
             return
@@ -332,7 +334,11 @@ class Writer:
                 target=self._sender, name="aim-llama-writer", daemon=True
             )
             self._started = True
-            self._thread.start()
+            try:
+                self._thread.start()
+            except RuntimeError as exc:  # interpreter shutdown (Python >= 3.12): no new thread
+                self._thread = None
+                warn_once("writer-start", "cannot start the Aim writer: %s; recording is off", exc)
 
     def _make_backend(self) -> Backend:
         if self.backend_name == "process":
@@ -487,9 +493,13 @@ class Writer:
         threaded = isinstance(self._backend, ThreadBackend)
         # The thread writer needs a moment at the end to leave Aim's native code cleanly.
         margin = min(0.5, limit / 4) if threaded else 0.0
-        if thread is not None:
-            thread.join(max(0.0, deadline - margin - time.monotonic()))
-        ok = thread is None or not thread.is_alive()
+        if thread is None:  # the writer never ran: everything queued is lost, and said so
+            pending = self.queued
+            if pending:
+                log.warning("the Aim writer never started: %d records not written", pending)
+            return pending == 0
+        thread.join(max(0.0, deadline - margin - time.monotonic()))
+        ok = not thread.is_alive()
         pending = 0
         if not ok and isinstance(self._backend, ThreadBackend) and thread is not None:
             # Out of time: make the writer thread leave Aim's native code between records (the
