@@ -6,8 +6,9 @@ import gc
 
 from aim_llama.aimrun import RunConfig
 from aim_llama.content import ContentPolicy
-from aim_llama.finish import Finisher, format_nodes, format_trace
+from aim_llama.finish import Finisher, format_trace
 from aim_llama.records import Clipped, LogError, NodesValue, TraceValue, Track
+from aim_llama.render import format_nodes
 from aim_llama.writer import Writer, loads_many
 
 KEY = "sk-" + "a1B2" * 8

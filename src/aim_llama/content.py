@@ -34,7 +34,7 @@ DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
     r"\bAIza[0-9A-Za-z\-_]{35}\b",  # Google API keys
 )
 
-_MARGIN = 256
+MARGIN = 256  # kept beyond a cut, so a secret straddling it is still recognised
 
 # Lower-case literals, one of which every default secret pattern contains. Checking for them
 # (a few memchr-speed scans) lets almost every text skip the regex: ~12x cheaper per text.
@@ -97,7 +97,7 @@ class ContentPolicy:
         limit = self.max_length
         original = len(text)
         if limit is not None and original > limit:
-            text = text[: limit + _MARGIN]
+            text = text[: limit + MARGIN]
         if self._regex is not None and self._may_hold_secret(text):
             text = self._regex.sub(REDACTED, text)
         if limit is not None and original > limit:
@@ -120,8 +120,8 @@ class ContentPolicy:
     def clip(self, text: str) -> str | Clipped:
         """`text`, or its head (maximum length + margin) with its length when it is longer."""
         limit = self.max_length
-        if limit is not None and len(text) > limit + _MARGIN:
-            return Clipped(text[: limit + _MARGIN], len(text))
+        if limit is not None and len(text) > limit + MARGIN:
+            return Clipped(text[: limit + MARGIN], len(text))
         return text
 
     def finish(self, value: str | Clipped) -> str:

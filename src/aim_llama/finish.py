@@ -12,9 +12,9 @@ from typing import Any
 
 from .content import ContentPolicy
 from .records import Clipped, LogError, NodesValue, Record, TraceValue, Track
+from .render import format_nodes
 
 MAX_INPUT_LINE = 300  # characters of the request input on a trace's first line
-SNIPPET = 200  # characters of each retrieved node's text
 
 
 def format_trace(value: TraceValue, policy: ContentPolicy) -> str:
@@ -45,18 +45,6 @@ def span_name(span_id: str) -> str:
     if len(span_id) > 37 and span_id[-37] == "-":
         return span_id[:-37]
     return span_id
-
-
-def format_nodes(value: NodesValue) -> str:
-    """`query: …` then one line per node: rank, id, score and a snippet of its text."""
-    lines = [f"query: {value.query}"] if value.query is not None else []
-    for i, (node_id, score, text) in enumerate(value.rows, 1):
-        snippet = " ".join(text[:SNIPPET].split())
-        score_txt = f"{score:.4f}" if isinstance(score, (int, float)) else "-"
-        lines.append(f"{i}. {node_id} score={score_txt} | {snippet}")
-    if value.total > len(value.rows):
-        lines.append(f"… {value.total - len(value.rows)} more nodes")
-    return "\n".join(lines)
 
 
 class Finisher:

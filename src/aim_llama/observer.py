@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import render
-from .content import ContentPolicy
+from .content import MARGIN, ContentPolicy
 from .finish import MAX_INPUT_LINE, span_name
 from .log import warn_once
 from .records import LogError, NodesValue, Param, Record, TraceValue, Track
@@ -40,7 +40,6 @@ ROOT_TTL = 1800.0  # seconds without any activity after which a request's state 
 SWEEP_INTERVAL = 5.0
 MAX_OPEN_ROOTS = 10_000
 MAX_TRACE_NODES = 400  # lines per trace; further spans are counted, not listed
-_INPUT_MARGIN = 256  # the input is cut here, redacted and shortened in the writer
 # Root spans of these kinds are requests with a `trace` (a bare LLM call at the root is not:
 # its prompt / response / metrics say everything, and a trace per call would be noise).
 REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
@@ -284,7 +283,7 @@ class Observer:
     def _error(self, out: list[Record], kind: str, name: str, err: BaseException) -> None:
         if self._off("errors"):
             return
-        message = str(err)[:2000 + _INPUT_MARGIN]  # redacted (and cut) in the writer
+        message = str(err)[:2000 + MARGIN]  # redacted (and cut) in the writer
         out.append(Track("errors", 1, "metric", {"kind": kind}))
         out.append(LogError(
             f"{kind} failed: {type(err).__name__}: {message}",
@@ -811,7 +810,7 @@ class Observer:
     def _trace_value(self, root: _Root, latency: float, status: str | None) -> TraceValue:
         """The request's span tree as rows; the writer formats and redacts it."""
         node = root.node
-        input_ = root.input[: MAX_INPUT_LINE + _INPUT_MARGIN] if self.policy.capture else None
+        input_ = root.input[: MAX_INPUT_LINE + MARGIN] if self.policy.capture else None
         rows: list[tuple[int, str, float, float | None, str, str]] = []
         stack: list[tuple[_Node, int]] = [(node, 0)]
         while stack:

@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from .records import NodesValue
+
 MAX_ITEMS = 50  # nodes / messages rendered per text
 SNIPPET = 200  # characters of each retrieved node's text
 
@@ -173,20 +175,18 @@ def render_tool_call(name: str, arguments: dict[str, Any], output: str) -> str:
 
 def render_nodes(nodes: list[Any], query: str | None = None) -> str:
     """`query: …` then one line per node: rank, id, score and a snippet of its text."""
-    lines = [f"query: {query}"] if query is not None else []
-    for i, n in enumerate(nodes[:MAX_ITEMS], 1):
-        inner = getattr(n, "node", n)
-        node_id = getattr(inner, "node_id", None) or getattr(inner, "id_", "?")
-        score = getattr(n, "score", None)
-        try:
-            text = inner.get_content()
-        except Exception:
-            text = getattr(inner, "text", "") or ""
-        snippet = " ".join(str(text)[:SNIPPET].split())
+    return format_nodes(NodesValue(query, node_rows(nodes), len(nodes)))
+
+
+def format_nodes(value: NodesValue) -> str:
+    """The text of `render_nodes` from rows gathered by `node_rows` (the writer calls this)."""
+    lines = [f"query: {value.query}"] if value.query is not None else []
+    for i, (node_id, score, text) in enumerate(value.rows, 1):
+        snippet = " ".join(text[:SNIPPET].split())
         score_txt = f"{score:.4f}" if isinstance(score, (int, float)) else "-"
         lines.append(f"{i}. {node_id} score={score_txt} | {snippet}")
-    if len(nodes) > MAX_ITEMS:
-        lines.append(f"… {len(nodes) - MAX_ITEMS} more nodes")
+    if value.total > len(value.rows):
+        lines.append(f"… {value.total - len(value.rows)} more nodes")
     return "\n".join(lines)
 
 
