@@ -130,7 +130,7 @@ def instrument(**overrides: Any) -> bool:
 def _run_config(settings: Any, role: str) -> Any:
     from . import __version__
     from .aimrun import RunConfig
-    from .content import ContentPolicy
+    from .content import patterns_from
 
     return RunConfig(
         repo=settings.repo,
@@ -147,7 +147,7 @@ def _run_config(settings: Any, role: str) -> Any:
         flush_timeout=settings.flush_timeout,
         buffer_size=settings.queue_size,
         max_text_length=settings.max_text_length,
-        redact_patterns=ContentPolicy.from_settings(settings).patterns,
+        redact_patterns=patterns_from(settings),
     )
 
 

@@ -61,6 +61,15 @@ def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(parts)) if parts else None
 
 
+def patterns_from(settings: Any) -> tuple[str, ...]:
+    """The redaction patterns the settings ask for: the default secrets, then `redact`."""
+    patterns: list[str] = []
+    if getattr(settings, "redact_secrets", True):
+        patterns.extend(DEFAULT_SECRET_PATTERNS)
+    patterns.extend(getattr(settings, "redact", None) or [])
+    return tuple(patterns)
+
+
 @dataclass(frozen=True)
 class ContentPolicy:
     """What to do with captured text: keep or drop it, redact, truncate; and which requests to sample."""
@@ -81,21 +90,20 @@ class ContentPolicy:
     @classmethod
     def from_settings(cls, settings: Any) -> ContentPolicy:
         """Build the policy from `AimLlamaSettings` (missing fields fall back to the defaults)."""
-        patterns: list[str] = []
-        if getattr(settings, "redact_secrets", True):
-            patterns.extend(DEFAULT_SECRET_PATTERNS)
-        patterns.extend(getattr(settings, "redact", None) or [])
         return cls(
             capture=bool(getattr(settings, "capture_content", True)),
             max_length=getattr(settings, "max_text_length", 20_000),
-            patterns=tuple(patterns),
+            patterns=patterns_from(settings),
             sample_rate=float(getattr(settings, "sample_rate", 1.0)),
         )
 
-    def redact(self, text: str) -> str:
-        """Text with every secret replaced by `[REDACTED]` and cut to the maximum length."""
+    def redact(self, text: str, length: int | None = None) -> str:
+        """Text with every secret replaced by `[REDACTED]` and cut to the maximum length.
+
+        `length` is the length of the whole text when `text` is only its head (`Clipped`).
+        """
         limit = self.max_length
-        original = len(text)
+        original = len(text) if length is None else length
         if limit is not None and original > limit:
             text = text[: limit + MARGIN]
         if self._regex is not None and self._may_hold_secret(text):
@@ -127,11 +135,7 @@ class ContentPolicy:
     def finish(self, value: str | Clipped) -> str:
         """The stored form of a captured text: secrets redacted, cut to the maximum length."""
         if isinstance(value, Clipped):
-            text = self.redact(value.text)
-            limit = self.max_length
-            if limit is not None and value.length > limit:
-                text = text[:limit] + f"… [truncated {value.length - limit} chars]"
-            return text
+            return self.redact(value.text, value.length)
         return self.redact(value)
 
     def sample(self) -> bool:

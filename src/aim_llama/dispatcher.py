@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
-from pydantic import PrivateAttr
 
 from .content import ContentPolicy
 from .observer import Observer
@@ -30,12 +29,10 @@ def _bind(handler: Any, observer: Observer) -> None:
 class AimSpanHandler(BaseSpanHandler[Any]):
     """Forwards span enter / exit / drop to the observer; keeps no spans of its own."""
 
-    _observer: Any = PrivateAttr(default=None)
     obs: ClassVar[Observer]  # set per instance by `_bind`
 
     def __init__(self, observer: Observer) -> None:
         super().__init__(open_spans={}, completed_spans=[], dropped_spans=[], current_span_ids={})
-        self._observer = observer
         _bind(self, observer)
 
     @classmethod
@@ -88,12 +85,10 @@ class AimSpanHandler(BaseSpanHandler[Any]):
 class AimEventHandler(BaseEventHandler):
     """Forwards instrumentation events to the observer."""
 
-    _observer: Any = PrivateAttr(default=None)
     obs: ClassVar[Observer]  # set per instance by `_bind`
 
     def __init__(self, observer: Observer) -> None:
         super().__init__()
-        self._observer = observer
         _bind(self, observer)
 
     @classmethod
@@ -137,9 +132,9 @@ def uninstall() -> None:
     root.event_handlers = [h for h in root.event_handlers if not isinstance(h, AimEventHandler)]
     for handler in ours:
         try:
-            handler._observer.close()
+            handler.obs.close()
         except Exception as exc:
-            handler._observer.failed("shutdown", exc)
+            handler.obs.failed("shutdown", exc)
 
 
 def _after_fork_in_child() -> None:
@@ -149,7 +144,7 @@ def _after_fork_in_child() -> None:
 
     for handler in get_dispatcher().span_handlers:
         if isinstance(handler, AimSpanHandler):
-            observer = handler._observer
+            observer = handler.obs
             observer._lock = threading.RLock()
             observer._llm_steps = itertools.count()
             observer._models = {}

@@ -846,21 +846,23 @@ class Observer:
                 out.extend(self._finish(root, now, status))
         return out
 
-    def in_request(self) -> bool:
-        """Whether this context runs inside a request (query, chat, agent, workflow, retrieval)."""
+    def _current_root(self) -> _Root | None:
+        """The request of the span running in this context, if aim-llama tracks it."""
         from llama_index.core.instrumentation.span import active_span_id
 
         span_id = active_span_id.get()
         node = self._spans.get(span_id) if span_id else None
-        return node is not None and node.root.kind in REQUEST_KINDS
+        return node.root if node is not None else None
+
+    def in_request(self) -> bool:
+        """Whether this context runs inside a request (query, chat, agent, workflow, retrieval)."""
+        root = self._current_root()
+        return root is not None and root.kind in REQUEST_KINDS
 
     def current_sampled(self) -> bool:
         """Whether the request running in this context records texts (see `sample_rate`)."""
-        from llama_index.core.instrumentation.span import active_span_id
-
-        span_id = active_span_id.get()
-        node = self._spans.get(span_id) if span_id else None
-        return node.root.sampled if node is not None else True
+        root = self._current_root()
+        return root.sampled if root is not None else True
 
     def open_state(self) -> dict[str, int]:
         """Sizes of the bookkeeping (for tests and diagnostics)."""
