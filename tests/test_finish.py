@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import pickle
 
+from aim_llama import wire
 from aim_llama.aimrun import RunConfig
 from aim_llama.content import ContentPolicy
 from aim_llama.finish import Finisher, format_trace
-from aim_llama.records import Clipped, LogError, NodesValue, TraceValue, Track
+from aim_llama.records import Clipped, Flush, LogError, NodesValue, Param, TerminalOutput, TraceValue, Track
 from aim_llama.render import format_nodes
 from aim_llama.writer import Writer, loads_many
 
@@ -90,3 +92,25 @@ def test_queued_records_are_bytes_that_never_reach_the_old_generation(tmp_path) 
     assert [r.value for r in first] == [0.0, "text 0", 1.0, "text 1"]
     assert writer.queued == 36_000
     writer._closed = True
+
+
+def test_every_record_kind_survives_the_wire_with_its_types() -> None:
+    """Chunks travel as plain tuples (wire.py); the writer must get back the same named tuples."""
+    records = [
+        Track("latency_ms", 1.5, "metric", {"kind": "llm"}, 3),
+        Track("prompt", Clipped("head", 90_000), "text", {"kind": "llm"}, None),
+        Track("trace", TraceValue("query", "q?", 1.0, "ok", 1, 9, [(0, "Q.query-x", 0.0, 1.0, "ok", "")], 0),
+              "text", {}, 7),
+        Track("retrieved", NodesValue("q?", [("n1", 0.5, "text")], 1), "text", {"kind": "retrieve"}),
+        Track("prompt_tokens", ("a prompt",), "token_estimate", {"kind": "llm"}, 2),
+        Track("raw", ("a", "plain", "tuple"), "text"),  # a tuple value must stay a tuple
+        Param("aim_llama", {"pid": 1}),
+        LogError("boom", {"operation": "llm"}),
+        TerminalOutput("line\n"),
+        Flush(4),
+    ]
+    back = loads_many(wire.dumps(records) + wire.dumps(records[:1]))
+    assert back == [*records, records[0]]
+    assert [type(r) for r in back] == [type(r) for r in [*records, records[0]]]
+    assert [type(r.value) for r in back[:6]] == [float, Clipped, TraceValue, NodesValue, tuple, tuple]
+    assert loads_many(pickle.dumps(("close", 1.5))) == ("close", 1.5)  # control frames pass as is

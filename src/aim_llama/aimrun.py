@@ -183,6 +183,11 @@ def _ctx_key_fast(context: dict[str, Any] | None) -> Any:
         return _ctx_key(context)
 
 
+_BLOB_SENTINEL = b""  # what Aim stores at a key whose value lives in the blob domain
+_BLOB_DOMAIN = b"BLOBS\xfe"
+_SLOW_PUTS = bool(os.environ.get("AIM_LLAMA_EXP_SLOW_PUTS"))
+
+
 class FastTrack:
     """`run.track()` for a local repo, about twice as cheap for a stream of values.
 
@@ -206,6 +211,14 @@ class FastTrack:
 
         self._encode_path: Any = getattr(encoding, "encode_path")  # noqa: B009 (Cython, untyped)
         self._encode_tree: Any = treeutils.encode_tree
+        from aim.storage import rockscontainer
+        from aim.storage.types import BLOB
+
+        self._blob: Any = BLOB
+        # Aim's own markers; checked here so a different Aim falls back to `run.track()`
+        if (rockscontainer.BLOB_SENTINEL, rockscontainer.BLOB_DOMAIN) != (_BLOB_SENTINEL,
+                                                                         _BLOB_DOMAIN):
+            raise RuntimeError("unexpected Aim blob layout")
         self._contexts: dict[Any, Any] = {}
         self._dirty: dict[tuple[int, str], tuple[Any, Any, int]] = {}
         # seq_info → (RocksDB container, key prefixes of its val / epoch / time / step arrays)
@@ -236,7 +249,8 @@ class FastTrack:
             self._flush_one((ctx.idx, name))
             tracker._track(value, now, name, step, None, context=context)  # Aim's own path
             return
-        if step >= seq_info.count:
+        fresh = step >= seq_info.count  # nothing stored at this step yet
+        if fresh:
             seq_info.count = step + 1
             self._dirty[(ctx.idx, name)] = (seq_info, value, step)
         elif seq_info.version == 2 and (value > seq_info.max or value < seq_info.min):
@@ -246,17 +260,20 @@ class FastTrack:
                 seq_info.max = value
             if value < seq_info.min:
                 seq_info.min = value
-        if not self._put_value(seq_info, value, step, now):
+        if not self._put_value(seq_info, value, step, now, fresh):
             tracker._add_value(seq_info, value, step, None, now)
 
-    def _put_value(self, seq_info: Any, value: Any, step: int, now: float) -> bool:
+    def _put_value(self, seq_info: Any, value: Any, step: int, now: float, fresh: bool) -> bool:
         """`RunTracker._add_value` as direct puts into the group-commit batch.
 
         Aim's tree views write each of a value's four keys (value, epoch, time, step) with a
         range delete, a put and a blob delete, through several Python layers: ~10 us a key,
-        and the range tombstones keep RocksDB's compactions busy. A new step has nothing to
-        delete, so the same keys and bytes (Aim's own encoders) are put directly. Only inside
-        the writer's group commit, and only for views that are plain prefixes of one container.
+        and every delete leaves a tombstone that RocksDB's compactions must carry. A `fresh`
+        step has nothing to delete, so the same keys and bytes (Aim's own encoders; a BLOB as
+        Aim stores it: an empty marker plus the bytes under Aim's blob prefix) are put straight
+        into the batch. A rewritten step goes through `RocksContainer.set`, deletes included.
+        Only inside the writer's group commit, and only for views that are plain prefixes of
+        one container.
         """
         if _group.batches is None:
             return False
@@ -270,12 +287,21 @@ class FastTrack:
         container, (val_key, epoch_key, time_key, step_key) = keys
         batch = container.batch()
         step_path = self._encode_path((seq_info.step_hash_fn(step),))
+        put = batch.put
+        blob_type = self._blob
         for prefix, item in ((val_key, value), (epoch_key, None), (time_key, now),
                              (step_key, step)):
             if prefix is None:
                 continue
             for sub, encoded in self._encode_tree(item):
-                container.set(prefix + step_path + sub, encoded, store_batch=batch)
+                key = prefix + step_path + sub
+                if not fresh or _SLOW_PUTS:
+                    container.set(key, encoded, store_batch=batch)
+                elif isinstance(encoded, blob_type):
+                    put(key, _BLOB_SENTINEL)
+                    put(_BLOB_DOMAIN + key, bytes(encoded))
+                else:
+                    put(key, encoded)
         return True
 
     def _resolve(self, seq_info: Any) -> tuple[Any, tuple[bytes | None, ...]] | None:

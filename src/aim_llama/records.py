@@ -1,8 +1,8 @@
 """The small, picklable records that flow from the handler to the writer.
 
 They are plain named tuples of built-in values (no Aim or LlamaIndex objects) so that making
-one on the application's thread costs about a microsecond and sending a batch to a writer
-process is one `pickle.dumps` call.
+one on the application's thread costs about a microsecond; a chunk of them travels to the
+writer as plain tuples in one `pickle.dumps` call (`wire.py`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The writer: takes records from the application without ever blocking it, and stores them.
 
-`submit_many()` is the hot path: a length check, one `pickle.dumps` of the records (C code, a
-few microseconds) and a `deque.append` of the bytes (no lock, no I/O). Queued records are
+`submit_many()` is the hot path: a length check, the records pickled as plain tuples
+(`wire.py`, a few microseconds) and a `deque.append` of the bytes (no lock, no I/O). Queued records are
 bytes, not objects: the garbage collector never sees them, so a queue that fills between
 two drains cannot trigger collections of the application's heap (with live record objects
 it did: a full collection of a LlamaIndex process costs ~90 ms). A sender thread wakes every
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io
 import itertools
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 from .aimrun import RunConfig, RunSink, track_dropped
 from .log import warn_once
 from .records import Flush, Record
+from .wire import dumps, loads_many
 
 log = logging.getLogger("aim_llama")
 
@@ -74,23 +74,6 @@ class ThreadBackend:
     def close(self, deadline: float) -> bool:
         self.sink.close(max(0.0, deadline - time.monotonic()))
         return True
-
-
-def dumps(records: list[Record]) -> bytes:
-    """One chunk of the queue: the pickled list of records."""
-    return pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def loads_many(data: bytes) -> Any:
-    """The object in `data`, or the records of several concatenated chunks as one list."""
-    buf = io.BytesIO(data)
-    first = pickle.load(buf)
-    if buf.tell() >= len(data):
-        return first
-    records = list(first)
-    while buf.tell() < len(data):
-        records.extend(pickle.load(buf))
-    return records
 
 
 def write_frame(fd: int, obj: Any) -> None:

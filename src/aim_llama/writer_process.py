@@ -23,6 +23,11 @@ from typing import Any
 
 POLL_INTERVAL = 0.25  # seconds between idle-time retries of an unreachable server
 INBOX_BATCHES = 4  # batches read ahead of the sink; beyond that the pipe pushes back on the app
+# Batches arriving within this many seconds are stored together (unless one carries a flush
+# request, or the application is leaving): Aim's per-sequence summary keys and RocksDB's
+# commits are then paid once per half second of records instead of once per 50 ms batch.
+COALESCE = 0.5
+MAX_COALESCED = 20_000  # records stored together at most
 
 
 def local_grace(flush_timeout: float) -> float:
@@ -138,8 +143,9 @@ def main() -> int:
             except Exception:
                 msg = None
             if isinstance(msg, list):
-                counts["received"] += sum(1 for r in msg if not isinstance(r, Flush))
-                inbox.put(msg)
+                n = sum(1 for r in msg if not isinstance(r, Flush))
+                counts["received"] += n
+                inbox.put((msg, n != len(msg)))
                 continue
             budget = None
             if isinstance(msg, tuple) and msg[:1] == ("close",) and len(msg) > 1:
@@ -170,14 +176,31 @@ def main() -> int:
     threading.Thread(target=watchdog, name="aim-llama-watchdog", daemon=True).start()
 
     announced = False
-    while True:
+    leaving = False
+    last_store = 0.0  # the first batch is stored at once
+    while not leaving:
         try:
-            batch = inbox.get(timeout=POLL_INTERVAL)
+            item = inbox.get(timeout=POLL_INTERVAL)
         except queue.Empty:
             tokens = sink.poll()
         else:
-            if batch is None:
+            if item is None:
                 break
+            batch, urgent = item
+            while not urgent and len(batch) < MAX_COALESCED:
+                wait = last_store + COALESCE - time.monotonic()
+                if wait <= 0:
+                    break
+                try:
+                    item = inbox.get(timeout=wait)
+                except queue.Empty:
+                    break
+                if item is None:
+                    leaving = True
+                    break
+                batch.extend(item[0])
+                urgent = item[1]
+            last_store = time.monotonic()
             tokens = sink.apply(batch)
         if not announced and sink.run_hash:
             announced = True

@@ -1,0 +1,83 @@
+"""Records as bytes: how a chunk of records is pickled on submit and read back in the writer.
+
+Pickling a named tuple goes through `object.__reduce_ex__` and a Python-level
+`__getnewargs__` call per record (~2 µs each, ~45 µs per RAG query on the application's
+thread). A chunk is therefore pickled as plain tuples: `(code, *fields)` per record, where
+`code` is the record's type, and a `Track` carries one more field, the type code of its
+value (a `Clipped`, `TraceValue` or `NodesValue` travels as a plain tuple). That is ~4× less
+CPU on the application's thread; the writer rebuilds the named tuples.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+from .records import (
+    Clipped,
+    Flush,
+    LogError,
+    NodesValue,
+    Param,
+    Record,
+    TerminalOutput,
+    TraceValue,
+    Track,
+)
+
+_RECORDS: tuple[type, ...] = (Track, Param, LogError, TerminalOutput, Flush)
+_VALUES: tuple[type, ...] = (Clipped, TraceValue, NodesValue)  # value codes 1, 2, 3
+_RECORD_CODE = {cls: code for code, cls in enumerate(_RECORDS)}
+_VALUE_CODE = {cls: code for code, cls in enumerate(_VALUES, 1)}
+_OTHER = -1  # anything else (a subclass, a test double): pickled as itself
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_new = tuple.__new__
+
+
+def dumps(records: list[Record]) -> bytes:
+    """One chunk of the queue: the records as plain tuples, pickled."""
+    value_code = _VALUE_CODE.get
+    record_code = _RECORD_CODE.get
+    out: list[tuple[Any, ...]] = []
+    append = out.append
+    r: Any
+    for r in records:
+        cls = type(r)
+        if cls is Track:
+            value = r[1]
+            vcode = value_code(type(value), 0)
+            append((0, r[0], tuple(value) if vcode else value, r[2], r[3], r[4], vcode))
+        else:
+            code = record_code(cls)
+            append((_OTHER, r) if code is None else (code, *r))
+    return pickle.dumps(out, protocol=_PROTOCOL)
+
+
+def decode(wire: list[tuple[Any, ...]]) -> list[Record]:
+    """The records of one unpickled chunk."""
+    records: list[Any] = []
+    append = records.append
+    for w in wire:
+        code = w[0]
+        if code == 0:
+            vcode = w[6]
+            value = _new(_VALUES[vcode - 1], w[2]) if vcode else w[2]
+            append(_new(Track, (w[1], value, w[3], w[4], w[5])))
+        elif code == _OTHER:
+            append(w[1])
+        else:
+            append(_new(_RECORDS[code], w[1:]))
+    return records
+
+
+def loads_many(data: bytes) -> Any:
+    """The records of several concatenated chunks as one list; any other pickled object as is."""
+    buf = io.BytesIO(data)
+    first = pickle.load(buf)
+    if not isinstance(first, list):
+        return first
+    records = decode(first)
+    while buf.tell() < len(data):
+        records.extend(decode(pickle.load(buf)))
+    return records
