@@ -30,6 +30,9 @@ ap.add_argument("--queries", type=int, default=300)
 ap.add_argument("--docs", type=int, default=50)
 ap.add_argument("--batch", type=int, default=600, help="chunks per stored batch")
 ap.add_argument("--profile", action="store_true", help="also print a cProfile of the storing")
+ap.add_argument("--loop", default=None, metavar="READY_FILE",
+                help="store the timed batches over and over at nice 10, until killed (a busy "
+                     "neighbour for neighbour.py); READY_FILE is created when storing starts")
 args = ap.parse_args()
 
 tmp = Path(tempfile.mkdtemp(prefix="aim-llama-writer-replay-"))
@@ -103,6 +106,12 @@ if args.profile:
 
     profiler = cProfile.Profile()
     profiler.enable()
+if args.loop:
+    os.nice(10)  # like the writer process
+    Path(args.loop).touch()
+    while True:
+        for batch in timed:
+            sink.apply(batch)
 wall0, cpu0 = time.perf_counter(), time.process_time()
 for batch in timed:
     sink.apply(batch)

@@ -185,7 +185,6 @@ def _ctx_key_fast(context: dict[str, Any] | None) -> Any:
 
 _BLOB_SENTINEL = b""  # what Aim stores at a key whose value lives in the blob domain
 _BLOB_DOMAIN = b"BLOBS\xfe"
-_SLOW_PUTS = bool(os.environ.get("AIM_LLAMA_EXP_SLOW_PUTS"))
 
 
 class FastTrack:
@@ -295,7 +294,7 @@ class FastTrack:
                 continue
             for sub, encoded in self._encode_tree(item):
                 key = prefix + step_path + sub
-                if not fresh or _SLOW_PUTS:
+                if not fresh:
                     container.set(key, encoded, store_batch=batch)
                 elif isinstance(encoded, blob_type):
                     put(key, _BLOB_SENTINEL)
