@@ -1,8 +1,8 @@
 """The writer: takes records from the application without ever blocking it, and stores them.
 
 `submit_many()` is the hot path: a length check, the records pickled as plain tuples
-(`wire.py`, a few microseconds) and a `deque.append` of the bytes (no lock, no I/O). Queued records are
-bytes, not objects: the garbage collector never sees them, so a queue that fills between
+(`wire.py`, a few microseconds) and a `deque.append` of the bytes (no lock, no I/O). Queued
+records are bytes, not objects: the garbage collector never sees them, so a queue that fills between
 two drains cannot trigger collections of the application's heap (with live record objects
 it did: a full collection of a LlamaIndex process costs ~90 ms). A sender thread wakes every
 `BATCH_INTERVAL` seconds, drains the queue and hands the chunks to a backend:
