@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any
+from typing import Any, get_args
 
-from .records import (
-    Clipped,
-    Flush,
-    LogError,
-    NodesValue,
-    Param,
-    Record,
-    TerminalOutput,
-    TraceValue,
-    Track,
-)
+from .records import Clipped, NodesValue, Record, TraceValue, Track
 
-_RECORDS: tuple[type, ...] = (Track, Param, LogError, TerminalOutput, Flush)
+_RECORDS: tuple[type, ...] = get_args(Record)  # codes 0.. in the union's order; Track is 0
 _VALUES: tuple[type, ...] = (Clipped, TraceValue, NodesValue)  # value codes 1, 2, 3
+assert _RECORDS[0] is Track
 _RECORD_CODE = {cls: code for code, cls in enumerate(_RECORDS)}
 _VALUE_CODE = {cls: code for code, cls in enumerate(_VALUES, 1)}
 _OTHER = -1  # anything else (a subclass, a test double): pickled as itself
