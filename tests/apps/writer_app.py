@@ -54,7 +54,13 @@ if a.mode == "app-handler":
 if a.mode in ("sigterm-wait", "app-handler"):
     from aim_llama.lifecycle import SignalChain
 
-    SignalChain(lambda signum: writer.close()).install()
+    def on_signal(signum: int) -> bool:
+        # As autoinstrument._on_signal: close (bounded by the flush timeout), then always
+        # chain. Returning close()'s result would defer the signal forever after a slow close.
+        writer.close()
+        return True
+
+    SignalChain(on_signal).install()
 
 
 def submit(start: int, count: int, thread: int = 0) -> None:
