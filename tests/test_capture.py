@@ -516,6 +516,64 @@ def test_ignore_lists_suppress_dispatcher_data(repo: Path) -> None:
     assert len(traces(run, "query")) == 1
 
 
+def test_a_failure_inside_the_observer_is_contained_logged_once_and_counted(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from aim_llama import observer as observer_module
+    from aim_llama.log import reset_reported
+
+    def broken(self: Any, node: Any, bound_args: Any, now: float) -> Any:
+        raise RuntimeError("observer bug")
+
+    reset_reported()
+    caplog.set_level(logging.WARNING, logger="aim_llama")
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo):
+        monkeypatch.setattr(observer_module.Observer, "_new_root", broken)
+        answers = [str(engine.query(q)) for q in QUESTIONS[:3]]
+        monkeypatch.undo()
+    assert all(answers)  # the application got its answers
+    logged = [r for r in caplog.records if "could not record a LlamaIndex span start" in r.message]
+    assert len(logged) == 1, [r.message for r in caplog.records]
+    run = only_run(repo)
+    counts = [v for _, v in run.metric("handler_errors", kind="dispatcher")]
+    # every span of a query without a root fails to attach: at least one failure per query
+    assert len(counts) >= 3 and counts == sorted(counts) and counts[-1] == len(counts)
+
+
+def test_callback_types_recorded_elsewhere_are_never_delivered(
+    repo: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aim_llama.handler import AimLlamaHandler
+
+    seen: list[tuple[str, str]] = []
+    start, end = AimLlamaHandler.on_event_start, AimLlamaHandler.on_event_end
+
+    def on_start(self: Any, event_type: Any, *a: Any, **k: Any) -> Any:
+        seen.append(("start", event_type.value))
+        return start(self, event_type, *a, **k)
+
+    def on_end(self: Any, event_type: Any, *a: Any, **k: Any) -> Any:
+        seen.append(("end", event_type.value))
+        return end(self, event_type, *a, **k)
+
+    monkeypatch.setattr(AimLlamaHandler, "on_event_start", on_start)
+    monkeypatch.setattr(AimLlamaHandler, "on_event_end", on_end)
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo):
+        seen.clear()
+        engine.query(QUESTIONS[0])
+    # LlamaIndex filters with the handler's ignore lists: only synthesize and the
+    # synthesizer's re-chunking reach the callback handler during a query
+    assert {kind for _, kind in seen} == {"synthesize", "chunking"}, seen
+    assert ("start", "chunking") not in seen
+    run = only_run(repo)
+    assert len(run.metric("latency_ms", kind="synthesize")) == 1
+    assert len(run.text("prompt", kind="llm")) == 1  # the dispatcher still records the LLM call
+
+
 # -- registration and bounded state ------------------------------------------------------
 def test_registration_is_idempotent_and_state_is_freed(repo: Path) -> None:
     from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]

@@ -34,6 +34,12 @@ MAX_OPEN_EVENTS = 10_000  # start times kept for events whose end never came (e.
 # text; a metric each would double the writer's work for little insight.
 NO_LATENCY = frozenset({CBEventType.CHUNKING.value, CBEventType.TEMPLATING.value})
 
+# Event types whose start time is never used (no latency metric) and those whose end never
+# yields a record (templating: no latency, no payload worth a text; its failures reach the
+# request's span and the exception event).
+NO_START = (CBEventType.CHUNKING, CBEventType.TEMPLATING)
+NO_END = (CBEventType.TEMPLATING,)
+
 DISPATCHER_OWNED = frozenset({
     "llm", "embedding", "retrieve", "query", "reranking", "function_call", "agent_step",
     "exception", "sub_question",
@@ -41,6 +47,11 @@ DISPATCHER_OWNED = frozenset({
 
 Submit = Callable[[Record], None]
 SubmitMany = Callable[[list[Record]], None]
+
+
+def _union(*groups: Iterable[CBEventType]) -> list[CBEventType]:
+    """The event types of all groups, each once, in first-seen order."""
+    return list(dict.fromkeys(e for group in groups for e in group))
 
 
 def _ctx(kind: str) -> dict[str, Any]:
@@ -175,9 +186,14 @@ class AimLlamaHandler(BaseCallbackHandler):
         policy: ContentPolicy | None = None,
         submit_many: SubmitMany | None = None,
     ) -> None:
+        skipped = [e for e in CBEventType if e.value in skip_kinds]
+        # LlamaIndex checks these lists before calling us: event types another channel records,
+        # and those that never yield a record here, cost no Python call at all (~12 per query).
+        starts = [CBEventType(e) for e in event_starts_to_ignore or []]
+        ends = [CBEventType(e) for e in event_ends_to_ignore or []]
         super().__init__(
-            event_starts_to_ignore=[CBEventType(e) for e in event_starts_to_ignore or []],
-            event_ends_to_ignore=[CBEventType(e) for e in event_ends_to_ignore or []],
+            event_starts_to_ignore=_union(starts, skipped, NO_START),
+            event_ends_to_ignore=_union(ends, skipped, NO_END),
         )
         self.submit = submit
         self.submit_many: SubmitMany = submit_many or self._one_by_one
@@ -188,7 +204,7 @@ class AimLlamaHandler(BaseCallbackHandler):
         self.skip_kinds = frozenset(skip_kinds)
         # Checked on every callback: a tuple of the enum members (`in` compares by identity
         # first; `CBEventType.value` and hashing an Enum are Python-level calls).
-        self._skip = tuple(e for e in CBEventType if e.value in self.skip_kinds)
+        self._skip = tuple(skipped)
         self.policy = policy or ContentPolicy()
         self.observer: Any = None  # the dispatcher observer registered alongside, if any
 

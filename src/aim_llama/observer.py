@@ -235,7 +235,8 @@ class Observer:
         self._next_sweep = _now() + SWEEP_INTERVAL
         self._kinds: dict[type, str] = {}
         self._classes = _component_classes()
-        self._events: dict[str, Callable[[Any, float], None]] = {
+        # The event handler routes by class name (`dispatcher.AimEventHandler.handle`).
+        self.routes: dict[str, Callable[[Any, float], None]] = {
             "LLMChatStartEvent": self._llm_start,
             "LLMCompletionStartEvent": self._llm_start,
             "LLMChatInProgressEvent": self._llm_progress,
@@ -311,52 +312,56 @@ class Observer:
     # -- spans ------------------------------------------------------------------------
     # The hot path: LlamaIndex calls these for every decorated method (~28 times per RAG
     # query), so they only link nodes; texts are formatted later, in the writer.
-    def span_enter(self, id_: str, bound_args: Any, instance: Any, parent_id: str | None) -> None:
+    def span_enter(self, id_: str, bound_args: Any, instance: Any = None,
+                   parent_id: str | None = None, tags: Any = None, **kwargs: Any) -> None:
         """A decorated method started: attach it to its parent (or start a new request)."""
-        now = _now()
-        if instance is None:
-            kind = ""
-        else:
-            kind = self._kinds.get(type(instance))  # type: ignore[assignment]
-            if kind is None:
-                kind = self._kind(instance)
-        out: list[Record] | None = None
-        with self._lock:
-            if now >= self._next_sweep or len(self._roots) > MAX_OPEN_ROOTS:
-                out = self._sweep(now)
-            parent = self._spans.get(parent_id) if parent_id else None
-            if parent is None:
-                parent = self._late_parent(id_, kind, parent_id)
-            node = _Node(id_, kind, parent, now, instance)
-            if parent is None:
-                root = self._new_root(node, bound_args, now)
+        try:
+            now = _now()
+            if instance is None:
+                kind = ""
             else:
-                root = parent.root
-                if instance is None and parent.kind in ("agent", "workflow"):
-                    node.kind = kind = parent.kind + "_step"
-                shown_parent = parent.disp or parent
-                same = instance is not None and shown_parent.inst_id == node.inst_id
-                node.nested = same
-                # private methods (`Class._method-<uuid>`) are hidden
-                if kind and not same and id_[id_.rfind(".", 0, len(id_) - 37) + 1] != "_":
-                    if root.shown < MAX_TRACE_NODES:
-                        children = shown_parent.children
-                        if children is None:
-                            shown_parent.children = [node]
-                        else:
-                            children.append(node)
-                        root.shown += 1
-                    else:
-                        root.omitted += 1
-                        node.disp = shown_parent
+                kind = self._kinds.get(type(instance))  # type: ignore[assignment]
+                if kind is None:
+                    kind = self._kind(instance)
+            out: list[Record] | None = None
+            with self._lock:
+                if now >= self._next_sweep or len(self._roots) > MAX_OPEN_ROOTS:
+                    out = self._sweep(now)
+                parent = self._spans.get(parent_id) if parent_id else None
+                if parent is None:
+                    parent = self._late_parent(id_, kind, parent_id)
+                node = _Node(id_, kind, parent, now, instance)
+                if parent is None:
+                    root = self._new_root(node, bound_args, now)
                 else:
-                    node.disp = shown_parent
-            node.root = root
-            root.open += 1
-            root.last_seen = now
-            self._spans[id_] = node
-        if out:
-            self._emit(out)
+                    root = parent.root
+                    if instance is None and parent.kind in ("agent", "workflow"):
+                        node.kind = kind = parent.kind + "_step"
+                    shown_parent = parent.disp or parent
+                    same = instance is not None and shown_parent.inst_id == node.inst_id
+                    node.nested = same
+                    # private methods (`Class._method-<uuid>`) are hidden
+                    if kind and not same and id_[id_.rfind(".", 0, len(id_) - 37) + 1] != "_":
+                        if root.shown < MAX_TRACE_NODES:
+                            children = shown_parent.children
+                            if children is None:
+                                shown_parent.children = [node]
+                            else:
+                                children.append(node)
+                            root.shown += 1
+                        else:
+                            root.omitted += 1
+                            node.disp = shown_parent
+                    else:
+                        node.disp = shown_parent
+                node.root = root
+                root.open += 1
+                root.last_seen = now
+                self._spans[id_] = node
+            if out:
+                self._emit(out)
+        except Exception as exc:  # never into LlamaIndex (it would swallow it silently)
+            self.failed("span start", exc)
 
     def _late_parent(self, id_: str, kind: str, parent_id: str | None) -> _Node | None:
         """The node a span without a live parent span belongs to, if it is part of a request
@@ -398,87 +403,95 @@ class Observer:
         root.last_seen = now
         return node, instance, root
 
-    def span_exit(self, id_: str, bound_args: Any, result: Any) -> None:
+    def span_exit(self, id_: str, bound_args: Any, instance: Any = None, result: Any = None,
+                  **kwargs: Any) -> None:
         """A decorated method returned: step/tool records; the request may be complete."""
-        now = _now()
-        out: list[Record] | None = None
-        with self._lock:
-            node = self._spans.pop(id_, None)
-            if node is None:
-                return
-            node.end = now
-            instance = node.inst
-            node.inst = None
-            root = node.root
-            root.last_seen = now
-            kind = node.kind
-            if kind in _SPECIAL_EXIT:
-                out = []
-                if kind == "tool":
-                    if not node.nested:
-                        self._tool(out, node, instance, bound_args, result, None)
-                elif not self._off(kind):
-                    ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
-                    out.append(Track("latency_ms", (now - node.start) * 1000.0, "metric", ctx))
-            if node is root.node:
-                root.end = now
-                if kind in ANSWER_KINDS:
-                    answer = render.answer_text(result)
-                    if answer is not None:
-                        root.answer = answer
-                    elif render.is_streaming(result) and not root.pending and not root.streams:
-                        # the stream has not run yet: wait for it (its LLM call, or expiry)
-                        root.hold = 1
-                        _awaiting.set(root)
-            root.open -= 1
-            if root.open <= 0 and not root.pending and not root.hold and not root.finalized:
-                finished = self._finish(root, now, None)
-                out = finished if out is None else out + finished
-        if out:
-            self._emit(out)
+        try:
+            now = _now()
+            out: list[Record] | None = None
+            with self._lock:
+                node = self._spans.pop(id_, None)
+                if node is None:
+                    return
+                node.end = now
+                instance = node.inst
+                node.inst = None
+                root = node.root
+                root.last_seen = now
+                kind = node.kind
+                if kind in _SPECIAL_EXIT:
+                    out = []
+                    if kind == "tool":
+                        if not node.nested:
+                            self._tool(out, node, instance, bound_args, result, None)
+                    elif not self._off(kind):
+                        ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
+                        out.append(Track("latency_ms", (now - node.start) * 1000.0, "metric", ctx))
+                if node is root.node:
+                    root.end = now
+                    if kind in ANSWER_KINDS:
+                        answer = render.answer_text(result)
+                        if answer is not None:
+                            root.answer = answer
+                        elif render.is_streaming(result) and not root.pending and not root.streams:
+                            # the stream has not run yet: wait for it (its LLM call, or expiry)
+                            root.hold = 1
+                            _awaiting.set(root)
+                root.open -= 1
+                if root.open <= 0 and not root.pending and not root.hold and not root.finalized:
+                    finished = self._finish(root, now, None)
+                    out = finished if out is None else out + finished
+            if out:
+                self._emit(out)
+        except Exception as exc:  # never into LlamaIndex (it would swallow it silently)
+            self.failed("span end", exc)
 
-    def span_drop(self, id_: str, bound_args: Any, err: BaseException | None) -> None:
+    def span_drop(self, id_: str, bound_args: Any, instance: Any = None,
+                  err: BaseException | None = None, **kwargs: Any) -> None:
         """A decorated method raised: error records once per exception, status in the trace."""
-        now = _now()
-        out: list[Record] = []
-        with self._lock:
-            ended = self._end_node(id_, now)
-            if ended is None:
-                return
-            node, instance, root = ended
-            cancelled = err is None or isinstance(err, GeneratorExit) or type(err).__name__ == \
-                "CancelledError"
-            node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
-            call = self._calls.pop(id_, None)
-            for family in ("embedding", "retrieve", "rerank"):
-                self._timed.pop((family, id_), None)
-            recorded = err is not None and any(e is err for e in root.errors)
-            if call is not None:
-                if not call.nested:  # a nested call's failure is recorded by the outer call
-                    if call.root is not None:
-                        call.root.pending -= 1
-                    self._llm_records(out, call, call.last, now, err)
-                recorded = True
-            elif node.kind == "tool" and not node.nested:
-                self._tool(out, node, instance, bound_args, None, err)
-                recorded = True
-            elif node.kind in ERROR_KINDS and not recorded and not cancelled and err is not None:
-                self._error(out, node.kind, node.name, err)
-                recorded = True
-            if recorded and err is not None and not any(e is err for e in root.errors):
-                root.errors.append(err)
-                del root.errors[:-8]
-            if node is root.node:
-                root.end = now
-            root.open -= 1
-            out.extend(self._maybe_finish(root, now))
-        if out:
-            self._emit(out)
+        try:
+            now = _now()
+            out: list[Record] = []
+            with self._lock:
+                ended = self._end_node(id_, now)
+                if ended is None:
+                    return
+                node, instance, root = ended
+                cancelled = err is None or isinstance(err, GeneratorExit) or type(err).__name__ == \
+                    "CancelledError"
+                node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
+                call = self._calls.pop(id_, None)
+                for family in ("embedding", "retrieve", "rerank"):
+                    self._timed.pop((family, id_), None)
+                recorded = err is not None and any(e is err for e in root.errors)
+                if call is not None:
+                    if not call.nested:  # a nested call's failure is recorded by the outer call
+                        if call.root is not None:
+                            call.root.pending -= 1
+                        self._llm_records(out, call, call.last, now, err)
+                    recorded = True
+                elif node.kind == "tool" and not node.nested:
+                    self._tool(out, node, instance, bound_args, None, err)
+                    recorded = True
+                elif node.kind in ERROR_KINDS and not recorded and not cancelled and err is not None:
+                    self._error(out, node.kind, node.name, err)
+                    recorded = True
+                if recorded and err is not None and not any(e is err for e in root.errors):
+                    root.errors.append(err)
+                    del root.errors[:-8]
+                if node is root.node:
+                    root.end = now
+                root.open -= 1
+                out.extend(self._maybe_finish(root, now))
+            if out:
+                self._emit(out)
+        except Exception as exc:  # never into LlamaIndex (it would swallow it silently)
+            self.failed("span error", exc)
 
     # -- events -----------------------------------------------------------------------
     def handle(self, event: Any) -> None:
         """Route one instrumentation event by its class name."""
-        method = self._events.get(type(event).__name__)
+        method = self.routes.get(type(event).__name__)
         if method is not None:
             method(event, _now())
 
@@ -848,9 +861,7 @@ class Observer:
 
     def _current_root(self) -> _Root | None:
         """The request of the span running in this context, if aim-llama tracks it."""
-        from llama_index.core.instrumentation.span import active_span_id
-
-        span_id = active_span_id.get()
+        span_id = _active_span_id().get()
         node = self._spans.get(span_id) if span_id else None
         return node.root if node is not None else None
 
@@ -912,6 +923,19 @@ def _estimate_many(texts: list[str]) -> int:
     if total_chars > sampled_chars and sampled_chars:
         count = round(count * total_chars / sampled_chars)
     return count
+
+
+_span_var: Any = None
+
+
+def _active_span_id() -> Any:
+    """LlamaIndex's `active_span_id` context variable (imported once, not per call)."""
+    global _span_var
+    if _span_var is None:
+        from llama_index.core.instrumentation.span import active_span_id
+
+        _span_var = active_span_id
+    return _span_var
 
 
 def _component_classes() -> list[tuple[type, str]]:
