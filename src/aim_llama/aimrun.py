@@ -354,6 +354,32 @@ def _ctx_key(context: dict[str, Any] | None) -> str:
     return json.dumps(context, sort_keys=True, default=str)
 
 
+_cleanup_quiet: list[bool] = []  # [everything?] once the hook below is installed
+
+
+def _quiet_aim_cleanup(everything: bool = False) -> None:
+    """Keep tracebacks of Aim's exit-cleanup thread out of the application's stderr when they
+    are about the server being unreachable (we report what that lost, in one line); with
+    `everything`, after we gave up on the server, all of them. Installed once."""
+    try:
+        from aim.ext.cleanup import RobustExec
+    except Exception:
+        return
+    if _cleanup_quiet:
+        _cleanup_quiet[0] = _cleanup_quiet[0] or everything
+        return
+    _cleanup_quiet.append(everything)
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if isinstance(args.thread, RobustExec) and (
+                _cleanup_quiet[0] or isinstance(args.exc_value, OSError)):
+            return  # requests' ConnectionError is an OSError
+        previous(args)
+
+    threading.excepthook = hook
+
+
 def _release_aim_exit() -> None:
     """Unblock Aim's exit cleanup after we gave up on a vanished server.
 
@@ -366,13 +392,7 @@ def _release_aim_exit() -> None:
         from aim.ext.cleanup import AutoClean, RobustExec
     except Exception:
         return
-    previous = threading.excepthook
-
-    def hook(args: Any) -> None:
-        if not isinstance(args.thread, RobustExec):
-            previous(args)
-
-    threading.excepthook = hook
+    _quiet_aim_cleanup(everything=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not AutoClean.stop_signal.is_set():
         if not any(isinstance(t, RobustExec) and t.is_alive() for t in threading.enumerate()):
@@ -561,6 +581,8 @@ class RunSink:
         that is gone; after the flush timeout, give up on what it still holds."""
         if self.run is None:
             return
+        if self._client is not None:
+            _quiet_aim_cleanup()  # Aim's cleanup may fail on a dead server before we give up
 
         def watch() -> None:
             # Keep about a second for what follows (Aim stops its heartbeat thread, our writer
