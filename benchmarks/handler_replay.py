@@ -30,34 +30,19 @@ ap.add_argument("--docs", type=int, default=50)
 ap.add_argument("--profile", action="store_true", help="also print a cProfile of one block")
 args = ap.parse_args()
 
-from llama_index.core import Settings, VectorStoreIndex
-from llama_index.core.embeddings import MockEmbedding
-from llama_index.core.llms import MockLLM
+import llama_index.core  # noqa: F401  (imported first: aim-llama instruments at once)
+from llama_index.core.instrumentation import get_dispatcher
+from pipeline import build_engine, question
 
 import aim_llama.auto  # noqa: F401
 from aim_llama import autoinstrument
 from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
-from aim_llama.handler import AimLlamaHandler
-
-TOPICS = ("retrieval", "embeddings", "vector stores", "prompting", "evaluation")
-
-
-def make_docs(n: int) -> list[Any]:
-    """The documents of workload.py."""
-    from llama_index.core import Document
-
-    return [Document(text=f"Document {i} is about {TOPICS[i % len(TOPICS)]}. "
-                     + " ".join(f"term{(i * 7 + j) % 97}" for j in range(50)) + ".")
-            for i in range(n)]
-
-
-def question(i: int) -> str:
-    """The questions of workload.py."""
-    return f"Question {i}: what do the documents say about {TOPICS[i % len(TOPICS)]}?"
 
 active = autoinstrument._active
 assert active is not None, "aim-llama is not active (is AIM_LLAMA_ENABLED off?)"
+
 submitted = [0]
+_MISSING = object()
 
 
 def count(record: Any) -> None:
@@ -71,32 +56,38 @@ def count_many(n: int) -> None:
 active.handler.submit = count  # both channels submit through the callback handler
 active.handler.submit_many = lambda records: count_many(len(records))
 
-Settings.llm = MockLLM(max_tokens=16)
-Settings.embed_model = MockEmbedding(embed_dim=16)
-engine = VectorStoreIndex.from_documents(make_docs(args.docs)).as_query_engine(similarity_top_k=2)
+engine = build_engine(args.docs)
 for i in range(5):
     engine.query(question(i))
 
-ENTRY_POINTS = [
-    (AimSpanHandler, "span_enter"), (AimSpanHandler, "span_exit"), (AimSpanHandler, "span_drop"),
-    (AimEventHandler, "handle"), (AimLlamaHandler, "on_event_start"),
-    (AimLlamaHandler, "on_event_end"),
+# Entry points: the methods LlamaIndex calls, wherever they live (the span handler holds the
+# observer's bound methods as instance attributes; the others are methods of their class).
+span_handler = next(h for h in get_dispatcher().span_handlers if isinstance(h, AimSpanHandler))
+event_handler = next(h for h in get_dispatcher().event_handlers if isinstance(h, AimEventHandler))
+ENTRY_POINTS: list[tuple[Any, str]] = [
+    (span_handler, "span_enter"), (span_handler, "span_exit"), (span_handler, "span_drop"),
+    (event_handler, "handle"), (active.handler, "on_event_start"),
+    (active.handler, "on_event_end"),
 ]
 calls: list[tuple[Any, str, tuple[Any, ...], dict[str, Any]]] = []
-originals = {}
-for cls, name in ENTRY_POINTS:
-    original = getattr(cls, name)
-    originals[(cls, name)] = original
+saved: list[tuple[Any, str, Any]] = []
+for obj, name in ENTRY_POINTS:
+    original = getattr(obj, name)  # bound
+    saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
 
-    def recorder(self: Any, *a: Any, _name: str = name, _orig: Any = original, **k: Any) -> Any:
-        calls.append((self, _name, a, k))
-        return _orig(self, *a, **k)
+    def recorder(*a: Any, _name: str = name, _orig: Any = original, _obj: Any = obj,
+                 **k: Any) -> Any:
+        calls.append((_obj, _name, a, k))
+        return _orig(*a, **k)
 
-    setattr(cls, name, recorder)
+    obj.__dict__[name] = recorder
 submitted[0] = 0
 engine.query(question(5))
-for (cls, name), original in originals.items():
-    setattr(cls, name, original)
+for obj, name, before in saved:
+    if before is _MISSING:
+        del obj.__dict__[name]
+    else:
+        obj.__dict__[name] = before
 records_per_query = submitted[0]
 
 bound = [(getattr(obj, name), a, k, name) for obj, name, a, k in calls]

@@ -8,7 +8,9 @@ subprocesses with configurations alternating across repetitions:
   uninstrumented | aimcallback (llama-index-callbacks-aim) | aim-llama (defaults: process
   writer) | aim-llama-thread (AIM_LLAMA_WRITER=thread)
 then reads every run back from its Aim repo (tests/aimread.py) to count the values recorded per
-query, and measures `import aim_llama.auto`, the exit flush of 10 k queued records and the RSS
+query, compares the same configurations in lockstep (lockstep.py: live processes taking
+turns, ratios paired within each round, far less sensitive to the machine's drift), and
+measures `import aim_llama.auto`, the exit flush of 10 k queued records and the RSS
 growth under a 100 k-record burst. Prints a Markdown table and the machine, writes JSON to
 benchmarks/results/.
 """
@@ -314,6 +316,15 @@ def markdown(report: dict[str, Any]) -> str:
     if settle:
         lines += ["", "Writer start-up + drain before timing (median s): " +
                   ", ".join(f"{c} {v:.2f}" for c, v in settle.items())]
+    lock = report.get("lockstep")
+    if lock:
+        from lockstep import table
+
+        rounds = len(next(iter(lock.values()))["wall_ms"])
+        lines += ["", f"Lockstep ({rounds} rounds; every configuration a live process, taking "
+                  f"turns of {report['args']['lockstep_turn']} queries; ratios paired within "
+                  "each round; `diag-noop`: aim-llama's handlers registered but returning at "
+                  "once):", "", table(lock)]
     imp = report.get("import")
     extra = []
     if imp:
@@ -354,7 +365,11 @@ def main() -> int:
     ap.add_argument("--import-reps", type=int, default=20, help="fresh interpreters per import measurement")
     ap.add_argument("--flush-records", type=int, default=10_000)
     ap.add_argument("--burst-records", type=int, default=100_000)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: workload,import,flush,burst")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated parts to skip: workload,lockstep,import,flush,burst")
+    ap.add_argument("--lockstep-rounds", type=int, default=60,
+                    help="rounds of the lockstep comparison (lockstep.py); 0 skips it")
+    ap.add_argument("--lockstep-turn", type=int, default=25, help="queries per lockstep turn")
     ap.add_argument("--no-settle", action="store_true",
                     help="time the loop without first waiting for aim-llama's writer to start/drain")
     ap.add_argument("--profile", action="store_true",
@@ -397,6 +412,14 @@ def main() -> int:
                     "instrumentation_ms_per_query": attr.get("instrumentation_ms_per_query"),
                     "by_function": attr.get("attribution_us_per_query"),
                 }
+        if "lockstep" not in skip and args.lockstep_rounds > 0:
+            from lockstep import run_lockstep
+
+            print("lockstep ...", file=sys.stderr, flush=True)
+            lock_configs = ["uninstrumented", *[c for c in configs if c in CONFIGS
+                                                and c != "uninstrumented"], "diag-noop"]
+            report["lockstep"] = run_lockstep(lock_configs, args.lockstep_rounds,
+                                              args.lockstep_turn, tmp, args.docs)
         if "import" not in skip:
             print("import cost ...", file=sys.stderr, flush=True)
             report["import"] = import_cost(args.import_reps, tmp)

@@ -42,9 +42,8 @@ AIM_LLAMA = args.config.startswith(("aim-llama", "diag-"))
 if AIM_LLAMA:
     import aim_llama.auto  # what a user adds: the only aim-llama line
 
-from llama_index.core import Document, Settings, VectorStoreIndex
-from llama_index.core.embeddings import MockEmbedding
-from llama_index.core.llms import MockLLM
+from llama_index.core import Settings
+from pipeline import build_engine, question
 
 if args.config == "aimcallback":
     from llama_index.callbacks.aim import AimCallback
@@ -87,25 +86,7 @@ if args.config.startswith("diag-"):
         _w = _active.writer
         _w._make_backend = lambda: DevNullBackend(_w._ack)
 
-TOPICS = ("retrieval", "embeddings", "vector stores", "prompting", "evaluation")
-
-
-def make_docs(n: int) -> list[Document]:
-    """n short documents of about 60 words each, deterministic."""
-    docs = []
-    for i in range(n):
-        words = " ".join(f"term{(i * 7 + j) % 97}" for j in range(50))
-        docs.append(Document(text=f"Document {i} is about {TOPICS[i % len(TOPICS)]}. {words}."))
-    return docs
-
-
-def question(i: int) -> str:
-    return f"Question {i}: what do the documents say about {TOPICS[i % len(TOPICS)]}?"
-
-
-Settings.llm = MockLLM(max_tokens=16)
-Settings.embed_model = MockEmbedding(embed_dim=16)
-engine = VectorStoreIndex.from_documents(make_docs(args.docs)).as_query_engine(similarity_top_k=2)
+engine = build_engine(args.docs)
 for i in range(args.warmup):
     engine.query(question(i))
 
