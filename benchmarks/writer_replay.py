@@ -40,9 +40,8 @@ atexit.register(shutil.rmtree, tmp, True)  # registered first: runs after Aim's 
 os.environ["AIM_REPO"] = str(tmp / "unused")  # activation needs a repo; nothing is written there
 os.environ["AIM_SYSTEM_TRACKING_INTERVAL"] = "off"
 
-from llama_index.core import Document, Settings, VectorStoreIndex
-from llama_index.core.embeddings import MockEmbedding
-from llama_index.core.llms import MockLLM
+import llama_index.core  # noqa: F401  (imported first: aim-llama instruments at once)
+from pipeline import build_engine, question
 
 import aim_llama
 import aim_llama.auto
@@ -74,19 +73,13 @@ class KeepBackend:
 
 writer._make_backend = KeepBackend  # type: ignore[method-assign]
 
-TOPICS = ("retrieval", "embeddings", "vector stores", "prompting", "evaluation")
-docs = [Document(text=f"Document {i} is about {TOPICS[i % len(TOPICS)]}. "
-                 + " ".join(f"term{(i * 7 + j) % 97}" for j in range(50)) + ".")
-        for i in range(args.docs)]
-Settings.llm = MockLLM(max_tokens=16)
-Settings.embed_model = MockEmbedding(embed_dim=16)
-engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=2)
+engine = build_engine(args.docs)
 for i in range(20):
-    engine.query(f"Question {i}: what do the documents say about {TOPICS[i % len(TOPICS)]}?")
+    engine.query(question(i))
 aim_llama.flush(30)
 setup = len(kept)
 for i in range(args.queries):
-    engine.query(f"Question {i}: what do the documents say about {TOPICS[i % len(TOPICS)]}?")
+    engine.query(question(i))
 aim_llama.flush(30)
 autoinstrument.uninstrument()
 
