@@ -489,12 +489,6 @@ class Observer:
             self.failed("span error", exc)
 
     # -- events -----------------------------------------------------------------------
-    def handle(self, event: Any) -> None:
-        """Route one instrumentation event by its class name."""
-        method = self.routes.get(type(event).__name__)
-        if method is not None:
-            method(event, _now())
-
     def _llm_start(self, event: Any, now: float) -> None:
         if self._off("llm"):
             return
