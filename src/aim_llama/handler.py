@@ -173,7 +173,8 @@ class AimLlamaHandler(BaseCallbackHandler):
 
     It never raises into the application: a failure inside it is logged once per kind and
     counted (`handler_errors`), and the event is skipped. `skip_kinds` names event types another
-    channel records (the dispatcher); `policy` redacts, truncates or drops every text.
+    channel records (the dispatcher): they join LlamaIndex's ignore lists, which the
+    CallbackManager checks before calling; `policy` redacts, truncates or drops every text.
     """
 
     def __init__(
@@ -202,9 +203,6 @@ class AimLlamaHandler(BaseCallbackHandler):
         self._llm_steps = itertools.count()
         self._lock = threading.Lock()
         self.skip_kinds = frozenset(skip_kinds)
-        # Checked on every callback: a tuple of the enum members (`in` compares by identity
-        # first; `CBEventType.value` and hashing an Enum are Python-level calls).
-        self._skip = tuple(skipped)
         self.policy = policy or ContentPolicy()
         self.observer: Any = None  # the dispatcher observer registered alongside, if any
 
@@ -225,8 +223,6 @@ class AimLlamaHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> str:
         """Remember when the event started (and the query text, for QUERY events)."""
-        if event_type in self._skip:
-            return event_id
         try:
             keep: dict[str, Any] | None = None
             if event_type == CBEventType.QUERY and payload:
@@ -249,8 +245,6 @@ class AimLlamaHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Map the finished event to records and queue them; never raises."""
-        if event_type in self._skip:
-            return
         try:
             if event_type is CBEventType.CHUNKING and self.observer is not None \
                     and self.observer.in_request():

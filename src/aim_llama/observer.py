@@ -405,7 +405,9 @@ class Observer:
 
     def span_exit(self, id_: str, bound_args: Any, instance: Any = None, result: Any = None,
                   **kwargs: Any) -> None:
-        """A decorated method returned: step/tool records; the request may be complete."""
+        """A decorated method returned: step/tool records; the request may be complete.
+
+        (`instance` is LlamaIndex's keyword; the node kept the instance since its start.)"""
         try:
             now = _now()
             out: list[Record] | None = None
