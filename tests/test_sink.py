@@ -107,3 +107,32 @@ def test_fast_tracking_writes_the_same_bytes_as_aim(tmp_path: Path) -> None:
     assert set(fast) == set(ref)
     differing = {k for k in fast if fast[k] != ref[k]}
     assert differing and all(time_marker in k for k in differing)  # only the timestamps
+
+
+INIT_RACE = (
+    "import sys\nfrom aim_llama.aimrun import ensure_repo_initialized\nfrom aim import Repo\n"
+    "ensure_repo_initialized(sys.argv[1])\nRepo.from_path(sys.argv[1])\nprint('opened')\n"
+)
+
+
+def test_processes_racing_to_create_one_repo_all_open_it_and_leave_no_lock_file(
+        tmp_path: Path) -> None:
+    """Workers that start together on a new repo all open it (Aim alone would call the repo
+    out of date to those arriving mid-initialization), and the lock that serialized them is gone."""
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    lock_dir = tmp_path / "tmp"
+    lock_dir.mkdir()
+    repo = tmp_path / "new-repo"
+    env = clean_env(TMPDIR=str(lock_dir))
+    procs = [subprocess.Popen([sys.executable, "-c", INIT_RACE, str(repo)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(5)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 5, [err[-2000:] for _, err in outputs]
+    assert all(out.strip() == "opened" for out, _ in outputs)
+    assert (repo / ".aim" / "VERSION").read_text().strip()
+    assert sorted(p.name for p in lock_dir.iterdir() if p.name.startswith("aim-llama-init")) == []

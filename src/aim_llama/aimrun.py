@@ -87,15 +87,26 @@ def ensure_repo_initialized(repo: str) -> None:
     digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16]
     lock_path = os.path.join(tempfile.gettempdir(), f"aim-llama-init-{digest}.lock")
     os.makedirs(root, exist_ok=True)
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            if not _has_version(version):
-                from aim.sdk.repo import Repo
+    while True:
+        with open(lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                # The holder before us may have removed the file we opened: lock the current one.
+                if os.fstat(fh.fileno()).st_ino != os.stat(lock_path).st_ino:
+                    continue
+            except FileNotFoundError:
+                continue
+            try:
+                if not _has_version(version):
+                    from aim.sdk.repo import Repo
 
-                Repo.from_path(root, init=True)
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+                    Repo.from_path(root, init=True)
+            finally:
+                # The repo exists now and later openers return early: leave no lock file behind.
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            return
 
 
 def _has_version(path: str) -> bool:
