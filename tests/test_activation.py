@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from aimread import run_hashes
 from conftest import APPS, only_run
 
@@ -61,6 +63,27 @@ def test_uninstrument_flushes_finalizes_and_removes(run_py, repo):
     assert run.end_time is not None and not run.active
     prompts = [t for _, t in run.text("prompt", kind="llm")]
     assert prompts == ["hello there"]
+
+
+@pytest.mark.parametrize("module", ["dispatcher", "handler"])
+def test_importing_an_aim_llama_module_before_llamaindex_still_activates(run_py, repo, module):
+    """`aim_llama.dispatcher` / `.handler` import LlamaIndex at their top, so LlamaIndex finishes
+    importing while they are half-run: activation waits for them instead of failing open."""
+    proc = run_py(
+        f"""
+        import aim_llama.auto
+        import aim_llama.{module}
+        import aim_llama
+        from llama_index.core.llms import MockLLM
+        print("INSTRUMENTED", aim_llama.is_instrumented())
+        MockLLM(max_tokens=4).complete("imported in that order")
+        """
+    )
+    assert "INSTRUMENTED True" in proc.stdout
+    assert "could not instrument" not in proc.stderr, proc.stderr
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["imported in that order"]
+    assert run.end_time is not None
 
 
 def test_kill_switch_creates_nothing(run_py, repo):

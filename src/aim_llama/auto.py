@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .importhook import when_imported
+from .importhook import after_module, initializing, when_imported
 
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
@@ -51,7 +51,16 @@ def _mark_spawned_child() -> None:
         os.environ[ROLE_ENV] = "spawn-child"
 
 
+# aim-llama's own modules that import LlamaIndex at their top: when the application imports
+# one of them first, LlamaIndex finishes importing (and the hook fires) while it is half-run.
+_LLAMA_IMPORTING = ("aim_llama.dispatcher", "aim_llama.handler")
+
+
 def _instrument_now() -> None:
+    for name in _LLAMA_IMPORTING:
+        if initializing(name):  # activation needs that module: finish when its import ends
+            after_module(name, _instrument_now)
+            return
     from . import autoinstrument
 
     autoinstrument.instrument()

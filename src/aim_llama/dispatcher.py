@@ -16,6 +16,7 @@ from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 
+from . import importhook
 from .content import ContentPolicy
 from .observer import Observer
 from .records import Record
@@ -162,3 +163,7 @@ def _after_fork_in_child() -> None:
 
 if hasattr(__import__("os"), "register_at_fork"):
     __import__("os").register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# Imported by the application before LlamaIndex: activation waited for this module (auto.py).
+importhook.module_done(__name__)

@@ -20,6 +20,7 @@ from typing import Any
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 
+from . import importhook
 from .content import ContentPolicy
 from .log import warn_once
 from .records import LogError, Record, Track
@@ -297,3 +298,7 @@ class AimLlamaHandler(BaseCallbackHandler):
         self, trace_id: str | None = None, trace_map: dict[str, list[str]] | None = None
     ) -> None:
         """See `start_trace`."""
+
+
+# Imported by the application before LlamaIndex: activation waited for this module (auto.py).
+importhook.module_done(__name__)

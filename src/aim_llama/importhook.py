@@ -74,6 +74,30 @@ class PostImportFinder:
         return spec
 
 
+_after: dict[str, list[Callable[[], None]]] = {}
+_done: set[str] = set()
+
+
+def initializing(module_name: str) -> bool:
+    """Whether `module_name` is being imported right now (its code has not reached its end)."""
+    if module_name in _done:
+        return False
+    module = sys.modules.get(module_name)
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def after_module(module_name: str, callback: Callable[[], None]) -> None:
+    """Call `callback` when `module_name`, now mid-import, calls `module_done` at its end."""
+    _after.setdefault(module_name, []).append(callback)
+
+
+def module_done(module_name: str) -> None:
+    """The last line of a module that may be mid-import when a post-import hook fires."""
+    _done.add(module_name)
+    for callback in _after.pop(module_name, ()):
+        callback()
+
+
 def remove(finder: PostImportFinder) -> None:
     """Take the finder off `sys.meta_path` (no-op if it is not there)."""
     try:
