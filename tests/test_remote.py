@@ -117,17 +117,25 @@ def test_fan_in_from_every_activation_path_into_one_server(aim_process, workdir,
         for name, (cmd, cwd, env) in launches.items()
     }
     pids = {}
+    lost_at_shutdown = set()
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{name}: {err}"
         assert "Traceback" not in err, f"{name}: {err}"
-        pids[int(out.split("DONE ")[1].split()[0])] = name
+        pid = int(out.split("DONE ")[1].split()[0])
+        pids[pid] = name
+        if "while Python shuts down" in err:
+            # Python 3.12 only (README, Known issues): a thread writer whose server run was not
+            # open yet when the program exited cannot open it then; the loss is counted.
+            assert sys.version_info[:2] == (3, 12) and "thread writer" in name, f"{name}: {err}"
+            assert re.search(r"\b[1-9]\d* records could not be stored", err), f"{name}: {err}"
+            lost_at_shutdown.add(pid)
     server.stop()
 
     runs = read_all(server.repo)
-    assert len(runs) == len(launches)
+    assert len(runs) == len(launches) - len(lost_at_shutdown)
     by_pid = {run.params["aim_llama"]["pid"]: run for run in runs}
-    assert set(by_pid) == set(pids)  # one run per process, from every activation path
+    assert set(by_pid) == set(pids) - lost_at_shutdown  # one run per process, every path
     for pid, run in by_pid.items():
         name = pids[pid]
         assert run.end_time is not None and not run.active, name
@@ -226,3 +234,37 @@ def test_server_never_comes_back_bounded_exit_one_warning(workdir):
     assert lost is not None and int(lost.group(1)) > 6, proc.stderr
     assert "Traceback" not in proc.stderr
     assert took < 30  # import + 3 queries + at most the 1.5 s flush timeout
+
+
+def test_a_server_run_that_cannot_open_at_shutdown_counts_its_records_lost_at_once(
+        aim_process, monkeypatch, caplog):
+    """Python 3.12 refuses new threads at interpreter shutdown and Aim's client needs some: the
+    thread writer of a short-lived program cannot open its server run then. Its records are
+    counted as lost at once, with one error that says why, instead of being held for a server
+    that is up (and waited for until the flush timeout). Thread starts are refused here the
+    way 3.12 refuses them."""
+    import logging
+    import threading
+
+    from aim_llama.aimrun import RunConfig, RunSink
+    from aim_llama.records import Track
+
+    server = aim_process("server")
+    sink = RunSink(RunConfig(repo=server.url, system_tracking_interval=None,
+                             log_system_params=False))
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    records = [Track("latency_ms", float(i), "metric", {"kind": "llm"}, i) for i in range(50)]
+    caplog.set_level(logging.WARNING, logger="aim_llama")
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    sink.apply(records[:20])
+    sink.apply(records[20:])
+    monkeypatch.undo()
+    assert sink.lost == 50 and sink.unconfirmed() == 0 and sink.run is None
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "while Python shuts down" in errors[0], errors
+    assert not [r for r in caplog.records if "not reachable" in r.getMessage()]
+    sink.close(5.0)
+    assert run_hashes(server.repo) == []

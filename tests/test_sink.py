@@ -136,3 +136,39 @@ def test_processes_racing_to_create_one_repo_all_open_it_and_leave_no_lock_file(
     assert all(out.strip() == "opened" for out, _ in outputs)
     assert (repo / ".aim" / "VERSION").read_text().strip()
     assert sorted(p.name for p in lock_dir.iterdir() if p.name.startswith("aim-llama-init")) == []
+
+
+def test_a_run_opened_when_no_thread_may_start_is_stored_and_finalized(tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Python 3.12+ refuses new threads at interpreter shutdown, which is when the thread writer
+    of a short-lived program opens its run; Aim's Run starts two status-reporter threads. Here
+    every thread start is refused the way 3.12 does it: the run must still be written and closed."""
+    import threading
+
+    from aimread import read_run
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    repo = tmp_path / "repo"
+    _init_repo(repo)
+    sink = RunSink(RunConfig(repo=str(repo), system_tracking_interval=None,
+                             log_system_params=False))
+    records = [Track(n, v, "text" if isinstance(v, str) else "metric", {"kind": k}, s)
+               for n, v, k, s in SERIES]
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    sink.apply(records)
+    assert sink.failed is None
+    assert sink.close()
+    monkeypatch.undo()
+    run = read_run(str(repo), sink.run_hash)
+    assert run.end_time is not None and not run.active
+    assert [v for _, v in run.metric("latency_ms", kind="llm")] == [5.0, 7.5, 9.0, 2.0, 4.0]
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["first", "second"]
+
+
+def _init_repo(path: Path) -> None:
+    """Create the repo beforehand: initializing one is not what this test is about."""
+    from aim import Repo
+
+    Repo.from_path(str(path), init=True)

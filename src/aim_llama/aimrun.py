@@ -117,6 +117,42 @@ def _has_version(path: str) -> bool:
         return False
 
 
+def _at_shutdown(exc: BaseException) -> bool:
+    """Whether `exc` is Python refusing a new thread because the interpreter is shutting down."""
+    return isinstance(exc, RuntimeError) and "interpreter shutdown" in str(exc)
+
+
+def patch_aim_status_reporters() -> None:
+    """Let Aim open a local Run while the interpreter shuts down (Python 3.12+).
+
+    A Run starts two status-reporter threads (they keep "still running" check-in files fresh);
+    from Python 3.12 no thread may start at shutdown, which is when the thread writer of a
+    short-lived program opens its run. There the reporter is left out — the run is finalized
+    moments later, and Aim's Run accepts absent reporters (`_checkins` / `_heartbeat` None).
+    At any other time (and on Python < 3.12, where threads may still start then) the real
+    reporter is made, unchanged.
+    """
+    try:
+        import aim.sdk.run as aim_run
+    except Exception:
+        return
+    for name in ("RunStatusReporter", "ScheduledStatusReporter"):
+        real = getattr(aim_run, name, None)
+        if real is None or getattr(real, "_aim_llama", False):
+            continue
+
+        def make(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            try:
+                return _real(*args, **kwargs)
+            except RuntimeError as exc:
+                if not _at_shutdown(exc):
+                    raise
+                return None
+
+        setattr(make, "_aim_llama", True)  # noqa: B010 (mypy: no such attribute)
+        setattr(aim_run, name, make)
+
+
 def patch_aim_exit_cleanup() -> None:
     """Make Aim's exit-time cleanup work on Python 3.12+.
 
@@ -478,6 +514,7 @@ class RunSink:
                 import aim
                 from aim import Run  # type: ignore[attr-defined]
             patch_aim_exit_cleanup()
+            patch_aim_status_reporters()
 
             self._aim = aim
             repo = resolve_repo(self.config.repo)
@@ -507,8 +544,21 @@ class RunSink:
 
                 run["__system_params"] = system_params(self.config.executable, self.config.argv)
         except Exception as exc:
-            if self.address is not None:
+            if self.address is not None and not _at_shutdown(exc):
                 self._connect_failed(exc)
+                return False
+            if self.address is not None:
+                self.failed = f"{type(exc).__name__}: {exc}"
+                self.lost += self._held_records
+                log.error(
+                    "cannot open a run on the Aim server %s while Python shuts down (Aim's "
+                    "client needs threads, which Python 3.12 refuses to start then): this "
+                    "process's records are lost and counted at exit; the default process writer "
+                    "(AIM_LLAMA_WRITER=process) does not have this limit",
+                    self.address.url,
+                )
+                self._held.clear()
+                self._held_records = 0
                 return False
             self.failed = f"{type(exc).__name__}: {exc}"
             log.error(
@@ -790,7 +840,10 @@ class RunSink:
                     continue
                 if self.address is not None and self.run is None:
                     if not self._open():
-                        self._hold(rec)
+                        if self.failed is not None:
+                            self.lost += 1
+                        else:
+                            self._hold(rec)
                         continue
                     self._apply_held(tokens)
                 if isinstance(rec, Flush):

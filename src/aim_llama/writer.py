@@ -492,6 +492,8 @@ class Writer:
             thread.join(max(0.05, deadline - time.monotonic()))
             if not thread.is_alive():
                 pending += self._backend.sink.lost
+            else:  # still waiting for a server: what it holds for it is lost with the process
+                pending += self._backend.sink.unconfirmed()
         if ok and isinstance(self._backend, ThreadBackend):
             ok = self._close_ok  # the writer thread closed the run on its way out
             self.lost += self._backend.sink.lost
