@@ -173,13 +173,31 @@ def patch_aim_exit_cleanup() -> None:
         try:
             original_func()
         except RuntimeError:  # "can't create new thread at interpreter shutdown"
-            AutoClean._cleanup()
+            _cleanup_in_place(AutoClean)
 
     cleanup._aim_llama = True  # type: ignore[attr-defined]
     AutoClean.cleanup = staticmethod(cleanup)  # type: ignore[method-assign]
     if getattr(AutoClean, "_registered_with_atexit", False):
         atexit.unregister(original_func)
         atexit.register(cleanup)
+
+
+def _cleanup_in_place(auto_clean: Any) -> None:
+    """Aim's exit finalizers, run in this thread (its own runs them in a new one): every one is
+    tried; failures are kept out of stderr as `_quiet_aim_cleanup` keeps those of Aim's thread."""
+    finalizers: Any = getattr(auto_clean, "_finalizers", None)  # a WeakKeyDictionary (3.29)
+    if not hasattr(finalizers, "items"):
+        auto_clean._cleanup()
+        return
+    for _key, (_priority, finalizer) in reversed(sorted(list(finalizers.items()),
+                                                        key=lambda item: item[1][0])):
+        try:
+            finalizer()
+        except Exception as exc:
+            if _cleanup_quiet and (_cleanup_quiet[0] or isinstance(exc, OSError)):
+                continue  # about the server being gone: what that lost is reported already
+            log.warning("Aim's exit cleanup failed: %s: %s", type(exc).__name__, exc)
+    auto_clean.stop_signal.set()
 
 
 @contextlib.contextmanager
@@ -496,6 +514,7 @@ class RunSink:
         self._unreachable_since: float | None = None
         self._gave_up = False
         self._closed = threading.Event()
+        self._exiting = threading.Event()  # the interpreter began to exit (`_bound_exit`)
 
     # -- run lifecycle -------------------------------------------------------------------
     def _open(self) -> bool:
@@ -636,6 +655,7 @@ class RunSink:
                 remote.disconnect(self._client)
             self.run = None
             self._closed.set()
+            self._exiting.set()  # (an idle `_exit_deadline` thread sees `_closed` and ends)
 
     def _bound_exit(self) -> None:
         """Interpreter exit in the application: Aim's cleanup (next) waits forever for a server
@@ -644,16 +664,19 @@ class RunSink:
             return
         if self._client is not None:
             _quiet_aim_cleanup()  # Aim's cleanup may fail on a dead server before we give up
+        self._exiting.set()  # starts the clock of `_exit_deadline`
 
-        def watch() -> None:
-            # Keep about a second for what follows (Aim stops its heartbeat thread, our writer
-            # closes), so the whole exit stays within the flush timeout.
-            if self._closed.wait(max(0.2, self.config.flush_timeout - 1.0)):
+    def _exit_deadline(self) -> None:
+        """A daemon thread from the moment the server run opened, idle until exit begins."""
+        while not self._exiting.wait(3600.0):
+            if self._closed.is_set():
                 return
-            self.give_up()
-            _release_aim_exit()
-
-        threading.Thread(target=watch, name="aim-llama-exit-deadline", daemon=True).start()
+        # Keep about a second for what follows (Aim stops its heartbeat thread, our writer
+        # closes), so the whole exit stays within the flush timeout.
+        if self._closed.wait(max(0.2, self.config.flush_timeout - 1.0)):
+            return
+        self.give_up()
+        _release_aim_exit()
 
     def _last_chance(self, deadline: float | None) -> None:
         """Closing with records held for an unreachable server: keep trying until the deadline."""
@@ -727,6 +750,10 @@ class RunSink:
         self._client = remote.client_of(self.run)
         self._last_delivery = time.monotonic()
         if self.exit_guard:  # a writer thread inside the application (no writer process)
+            with contextlib.suppress(Exception):
+                # Started now: Python 3.12 starts no thread once the interpreter is exiting.
+                threading.Thread(target=self._exit_deadline, name="aim-llama-exit-deadline",
+                                 daemon=True).start()
             with contextlib.suppress(Exception):
                 atexit.register(self._bound_exit)  # runs before Aim's own exit cleanup (LIFO)
         if self._unreachable_since is not None:
