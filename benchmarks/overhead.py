@@ -445,7 +445,7 @@ def main() -> int:
         print("\n".join("  " + line for line in report["profile_aim_llama"]))
     attr = report.get("attribution_aim_llama")
     if attr:
-        print(f"\nThread CPU spent inside aim-llama on the app thread (one aim-llama run): "
+        print(f"\nTime spent inside aim-llama's entry points on the app thread (one aim-llama run): "
               f"{attr['instrumentation_ms_per_query']:.3f} ms/query of "
               f"{attr['app_thread_cpu_ms_per_query']:.3f} ms/query app-thread CPU")
         for key, v in sorted(attr["by_function"].items(), key=lambda kv: -kv[1]["us_per_query"]):

@@ -255,11 +255,13 @@ def test_a_server_run_that_cannot_open_at_shutdown_counts_its_records_lost_at_on
     import threading
 
     from aim_llama.aimrun import RunConfig, RunSink
-    from aim_llama.records import Track
+    from aim_llama.records import Flush, Track
 
     server = aim_process("server")
     sink = RunSink(RunConfig(repo=server.url, system_tracking_interval=None,
                              log_system_params=False))
+    acked: list[int] = []
+    sink.on_ack = acked.append  # as both writers set it for a server
 
     def refuse(self: threading.Thread) -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
@@ -268,9 +270,10 @@ def test_a_server_run_that_cannot_open_at_shutdown_counts_its_records_lost_at_on
     caplog.set_level(logging.WARNING, logger="aim_llama")
     monkeypatch.setattr(threading.Thread, "start", refuse)
     sink.apply(records[:20])
-    sink.apply(records[20:])
+    sink.apply([Flush(7), *records[20:], Flush(8)])
     monkeypatch.undo()
     assert sink.lost == 50 and sink.unconfirmed() == 0 and sink.run is None
+    assert acked == [7, 8]  # no flush() waits for records that will never be delivered
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "while Python shuts down" in errors[0], errors
     assert not [r for r in caplog.records if "not reachable" in r.getMessage()]

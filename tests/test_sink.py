@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aim_llama.aimrun import RunConfig, RunSink
-from aim_llama.records import Track
+from aim_llama.records import LogError, Record, Track
 
 # (name, value, context kind, step): out-of-order steps, ints into a float sequence, a new
 # minimum and maximum after the first value, texts.
@@ -141,9 +141,12 @@ def test_processes_racing_to_create_one_repo_all_open_it_and_leave_no_lock_file(
 def test_a_run_opened_when_no_thread_may_start_is_stored_and_finalized(tmp_path: Path,
                                                                          monkeypatch) -> None:
     """Python 3.12+ refuses new threads at interpreter shutdown, which is when the thread writer
-    of a short-lived program opens its run; Aim's Run starts two status-reporter threads. Here
-    every thread start is refused the way 3.12 does it: the run must still be written and closed."""
+    of a short-lived program opens its run; Aim's Run starts two status-reporter threads and
+    aim-llama one for system metrics (on by default). Here every thread start is refused the way
+    3.12 does it: the run must still be written, its log entry too, and be closed."""
     import threading
+
+    from aim import Repo
 
     from aimread import read_run
 
@@ -152,19 +155,26 @@ def test_a_run_opened_when_no_thread_may_start_is_stored_and_finalized(tmp_path:
 
     repo = tmp_path / "repo"
     _init_repo(repo)
-    sink = RunSink(RunConfig(repo=str(repo), system_tracking_interval=None,
-                             log_system_params=False))
-    records = [Track(n, v, "text" if isinstance(v, str) else "metric", {"kind": k}, s)
-               for n, v, k, s in SERIES]
+    sink = RunSink(RunConfig(repo=str(repo), log_system_params=False))  # default stats interval
+    records: list[Record] = [
+        Track(n, v, "text" if isinstance(v, str) else "metric", {"kind": k}, s)
+        for n, v, k, s in SERIES
+    ]
+    records.append(LogError("llm failed: RuntimeError: model is down", {"operation": "llm"}))
     monkeypatch.setattr(threading.Thread, "start", refuse)
     sink.apply(records)
-    assert sink.failed is None
+    assert sink.failed is None and sink.lost == 0 and sink.stored == len(records)
     assert sink.close()
     monkeypatch.undo()
     run = read_run(str(repo), sink.run_hash)
     assert run.end_time is not None and not run.active
     assert [v for _, v in run.metric("latency_ms", kind="llm")] == [5.0, 7.5, 9.0, 2.0, 4.0]
     assert [t for _, t in run.text("prompt", kind="llm")] == ["first", "second"]
+    logs = Repo.from_path(str(repo)).get_run(sink.run_hash).get_log_records()
+    assert logs is not None
+    _steps, (values, *_rest) = logs.data.items_list()
+    assert ["model is down" in str((v[0] if isinstance(v, list) else v).json()) for v in values] \
+        == [True]
 
 
 def _init_repo(path: Path) -> None:

@@ -122,13 +122,25 @@ def _at_shutdown(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "interpreter shutdown" in str(exc)
 
 
+class _InertReporter:
+    """Stands in for an Aim status reporter that could not start its thread: every method of
+    it (`check_in`, `close`, `stop` …) does nothing, so no caller in Aim needs a None check."""
+
+    def __getattr__(self, name: str) -> Any:
+        return _do_nothing
+
+
+def _do_nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def patch_aim_status_reporters() -> None:
     """Let Aim open a local Run while the interpreter shuts down (Python 3.12+).
 
     A Run starts two status-reporter threads (they keep "still running" check-in files fresh);
     from Python 3.12 no thread may start at shutdown, which is when the thread writer of a
     short-lived program opens its run. There the reporter is left out — the run is finalized
-    moments later, and Aim's Run accepts absent reporters (`_checkins` / `_heartbeat` None).
+    moments later, so an inert stand-in (`_InertReporter`) takes the reporter's place.
     At any other time (and on Python < 3.12, where threads may still start then) the real
     reporter is made, unchanged.
     """
@@ -147,7 +159,7 @@ def patch_aim_status_reporters() -> None:
             except RuntimeError as exc:
                 if not _at_shutdown(exc):
                     raise
-                return None
+                return _InertReporter()
 
         setattr(make, "_aim_llama", True)  # noqa: B010 (mypy: no such attribute)
         setattr(aim_run, name, make)
@@ -189,8 +201,15 @@ def _cleanup_in_place(auto_clean: Any) -> None:
     if not hasattr(finalizers, "items"):
         auto_clean._cleanup()
         return
-    for _key, (_priority, finalizer) in reversed(sorted(list(finalizers.items()),
-                                                        key=lambda item: item[1][0])):
+    for _attempt in range(10):
+        try:
+            entries = list(finalizers.items())
+            break
+        except RuntimeError:  # "changed size during iteration": a Run opening in another thread
+            time.sleep(0.01)
+    else:
+        entries = []
+    for _key, (_priority, finalizer) in reversed(sorted(entries, key=lambda item: item[1][0])):
         try:
             finalizer()
         except Exception as exc:
@@ -568,7 +587,6 @@ class RunSink:
                 return False
             if self.address is not None:
                 self.failed = f"{type(exc).__name__}: {exc}"
-                self.lost += self._held_records
                 log.error(
                     "cannot open a run on the Aim server %s while Python shuts down (Aim's "
                     "client needs threads, which Python 3.12 refuses to start then): this "
@@ -576,8 +594,7 @@ class RunSink:
                     "(AIM_LLAMA_WRITER=process) does not have this limit",
                     self.address.url,
                 )
-                self._held.clear()
-                self._held_records = 0
+                self._lose_held()
                 return False
             self.failed = f"{type(exc).__name__}: {exc}"
             log.error(
@@ -594,10 +611,15 @@ class RunSink:
         else:
             self._fast = FastTrack.create(run)
         if self.config.system_tracking_interval:
-            self._stats_thread = threading.Thread(
+            stats = threading.Thread(
                 target=self._track_system_stats, name="aim-llama-sysstats", daemon=True
             )
-            self._stats_thread.start()
+            try:
+                stats.start()
+                self._stats_thread = stats
+            except RuntimeError as exc:  # opened during interpreter shutdown: no system metrics
+                if not _at_shutdown(exc):
+                    raise
         return True
 
     def close(self, timeout: float | None = None) -> bool:
@@ -637,25 +659,35 @@ class RunSink:
             if self.run is None:
                 if self._held_records and not self._gave_up:
                     self._report_lost(self._held_records, "it never became reachable")
-                    self.lost += self._held_records
-                    self._held.clear()
-                    self._held_records = 0
+                    self._lose_held()
                 return
-            if self._log_tail:
-                self._track_log_line(self._log_tail)
-                self._log_tail = ""
-            if self._fast is not None:
-                self._fast.flush()
-            self._mark([])
             try:
-                self.run.close()
-            except Exception as exc:
-                log.error("could not finalize Aim run %s: %s", self.run_hash, exc)
-            if self._client is not None:
-                remote.disconnect(self._client)
-            self.run = None
-            self._closed.set()
-            self._exiting.set()  # (an idle `_exit_deadline` thread sees `_closed` and ends)
+                if self._log_tail:
+                    self._track_log_line(self._log_tail)
+                    self._log_tail = ""
+                if self._fast is not None:
+                    self._fast.flush()
+                self._mark([])
+                try:
+                    self.run.close()
+                except Exception as exc:
+                    log.error("could not finalize Aim run %s: %s", self.run_hash, exc)
+                if self._client is not None:
+                    remote.disconnect(self._client)
+                self.run = None
+            finally:
+                self._closed.set()
+                self._exiting.set()  # (an idle `_exit_deadline` thread sees `_closed` and ends)
+
+    def _lose_held(self) -> None:
+        """Count what is held for the server as lost and answer the flush requests among it,
+        so no `flush()` waits for records that will never be delivered (lock held)."""
+        held, self._held = self._held, collections.deque()
+        self.lost += self._held_records
+        self._held_records = 0
+        for rec in held:
+            if isinstance(rec, Flush) and self.on_ack is not None:
+                self.on_ack(rec.token)
 
     def _bound_exit(self) -> None:
         """Interpreter exit in the application: Aim's cleanup (next) waits forever for a server
@@ -680,7 +712,7 @@ class RunSink:
 
     def _last_chance(self, deadline: float | None) -> None:
         """Closing with records held for an unreachable server: keep trying until the deadline."""
-        while True:
+        while self.failed is None:
             self._backoff.next_at = 0.0
             if self._open():
                 self._apply_held([])
@@ -867,10 +899,14 @@ class RunSink:
                     continue
                 if self.address is not None and self.run is None:
                     if not self._open():
-                        if self.failed is not None:
-                            self.lost += 1
-                        else:
+                        if self.failed is None:
                             self._hold(rec)
+                        elif not isinstance(rec, Flush):
+                            self.lost += 1
+                        elif self.on_ack is not None:
+                            self.on_ack(rec.token)  # nothing before it will ever be delivered
+                        else:
+                            tokens.append(rec.token)
                         continue
                     self._apply_held(tokens)
                 if isinstance(rec, Flush):

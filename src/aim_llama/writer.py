@@ -492,8 +492,10 @@ class Writer:
             thread.join(max(0.05, deadline - time.monotonic()))
             if not thread.is_alive():
                 pending += self._backend.sink.lost
-            else:  # still waiting for a server: what it holds for it is lost with the process
-                pending += self._backend.sink.unconfirmed()
+            elif self._backend.sink.address is not None:
+                # Still waiting for a server: what it holds is lost with the process; the sink
+                # counts and reports it once (as it does when its own exit deadline passes).
+                self._backend.sink.give_up()
         if ok and isinstance(self._backend, ThreadBackend):
             ok = self._close_ok  # the writer thread closed the run on its way out
             self.lost += self._backend.sink.lost
