@@ -86,6 +86,7 @@ def test_importing_an_aim_llama_module_before_llamaindex_still_activates(run_py,
     assert run.end_time is not None
 
 
+@pytest.mark.new_repo
 def test_kill_switch_creates_nothing(run_py, repo):
     proc = run_py(script=APPS / "rag.py", args=["2"], env={"AIM_LLAMA_ENABLED": "false"})
     assert "DONE" in proc.stdout

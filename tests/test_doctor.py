@@ -102,6 +102,7 @@ def test_invalid_configuration_fails_the_config_check(workdir, env, expected):
     assert "fix: correct that value" in got["config"]
 
 
+@pytest.mark.new_repo
 def test_local_repo_probe_writes_reads_back_and_cleans_up(workdir, repo):
     proc = doctor(workdir, "--probe", AIM_REPO=str(repo))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from aimread import RunData, read_all
 from conftest import clean_env
 
@@ -128,6 +130,7 @@ def check_pool_runs(stdout: str, repo: Path, role: str) -> None:
     assert_finalized(runs)
 
 
+@pytest.mark.new_repo
 def test_fork_pool_under_the_launcher_gives_each_worker_its_own_finalized_run(workdir, repo):
     # A fresh repo on purpose: the workers' writers then race to create it (see aimrun).
     proc = run_app(workdir, repo, POOL_APP.replace("{context}", "fork"), launcher=True,

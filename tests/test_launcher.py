@@ -108,6 +108,7 @@ def test_console_script_on_path_is_launched(workdir, ready_repo, tmp_path):
     assert [t for _, t in only_run(ready_repo).text("prompt", kind="llm")] == ["light 0"]
 
 
+@pytest.mark.new_repo
 def test_process_without_llamaindex_is_lazy_and_leaves_no_run(workdir, repo):
     code = PROBE + "import json, email.parser, sqlite3\nprint('ok')\n"
     proc = launch(["--", sys.executable, "-c", code], workdir, repo)

@@ -1,8 +1,11 @@
 """The spine end to end: `import aim_llama.auto` + AIM_REPO → a finished run with prompts and responses."""
 
+import pytest
+
 from conftest import APPS, only_run
 
 
+@pytest.mark.new_repo
 def test_auto_import_records_prompts_and_responses(run_py, repo):
     proc = run_py(script=APPS / "rag.py", args=["3"], env={"AIM_EXPERIMENT": "smoke"})
     assert "DONE" in proc.stdout

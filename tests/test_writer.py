@@ -218,3 +218,47 @@ def test_app_thread_never_imports_aim(run_py):
         "print('AIM', 'aim' in sys.modules, 'aim.sdk' in sys.modules)\n"
     )
     assert "AIM False False" in check.stdout
+
+
+SIGNAL_MASKS_APP = """
+import os, signal, sys, threading
+from aim_llama.aimrun import RunConfig
+from aim_llama.records import Track
+from aim_llama.writer import Writer
+
+def term_blocked(status_path):
+    with open(status_path) as fh:
+        line = next(line for line in fh if line.startswith("SigBlk:"))
+    return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+writer = Writer(RunConfig(repo=os.environ["AIM_REPO"], system_tracking_interval=None,
+                          log_system_params=False), backend=sys.argv[1])
+writer.submit(Track("value", 1.0, "metric", {"kind": "t"}))
+assert writer.flush(60)
+names = {t.native_id: t.name for t in threading.enumerate()}
+for tid in sorted(os.listdir("/proc/self/task"), key=int):
+    name = names.get(int(tid), "(not a Python thread)")
+    print("THREAD", name, term_blocked(f"/proc/self/task/{tid}/status"))
+proc = getattr(writer._backend, "proc", None)
+if proc is not None:
+    print("WRITER_PROCESS", term_blocked(f"/proc/{proc.pid}/status"))
+writer.close()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_only_the_main_thread_can_receive_the_applications_signals(run_py, backend):
+    """The kernel gives a process-wide SIGTERM to any thread that does not block it, and Python
+    runs the handler on the main thread only when that wakes up: aim-llama's threads (and
+    Aim's and RocksDB's, started from them) block such signals; the writer process does not."""
+    proc = run_py(SIGNAL_MASKS_APP, args=[backend])
+    threads = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("THREAD")]
+    assert threads[0] == ["MainThread", "False"]  # the first task is the main thread
+    ours = [t for t in threads if t[0].startswith("aim-llama-")]
+    assert ours and all(t[-1] == "True" for t in ours), threads
+    assert all(t[-1] == "True" for t in threads[1:]), threads  # every other thread too
+    if backend == "thread":
+        assert any(t[0] == "(not" for t in threads), threads  # Aim's / RocksDB's native threads
+    else:
+        assert "WRITER_PROCESS False" in proc.stdout

@@ -23,6 +23,7 @@ from typing import Any
 from . import remote
 from .content import DEFAULT_SECRET_PATTERNS, ContentPolicy
 from .finish import Finisher
+from .lifecycle import start_background
 from .log import warn_once
 from .records import Flush, LogError, Param, Record, TerminalOutput, Track
 
@@ -615,7 +616,7 @@ class RunSink:
                 target=self._track_system_stats, name="aim-llama-sysstats", daemon=True
             )
             try:
-                stats.start()
+                start_background(stats)
                 self._stats_thread = stats
             except RuntimeError as exc:  # opened during interpreter shutdown: no system metrics
                 if not _at_shutdown(exc):
@@ -642,7 +643,7 @@ class RunSink:
             target=self._finalize, args=(deadline,), name="aim-llama-close", daemon=True
         )
         try:
-            helper.start()
+            start_background(helper)
         except RuntimeError:  # interpreter shutdown (Python >= 3.12): no new threads
             self._finalize(deadline)  # inline; the writer's caller bounds how long it waits
             return True
@@ -784,8 +785,8 @@ class RunSink:
         if self.exit_guard:  # a writer thread inside the application (no writer process)
             with contextlib.suppress(Exception):
                 # Started now: Python 3.12 starts no thread once the interpreter is exiting.
-                threading.Thread(target=self._exit_deadline, name="aim-llama-exit-deadline",
-                                 daemon=True).start()
+                start_background(threading.Thread(
+                    target=self._exit_deadline, name="aim-llama-exit-deadline", daemon=True))
             with contextlib.suppress(Exception):
                 atexit.register(self._bound_exit)  # runs before Aim's own exit cleanup (LIFO)
         if self._unreachable_since is not None:

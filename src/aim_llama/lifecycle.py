@@ -18,6 +18,41 @@ from typing import Any
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
+# Signals sent to the process from outside (not faults of one thread): the kernel hands each
+# to any thread that does not block it, and Python runs the handler on the main thread only.
+ASYNC_SIGNALS = frozenset(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                 "SIGCHLD", "SIGWINCH")
+    if hasattr(signal, name)
+)
+
+
+def start_background(thread: threading.Thread) -> None:
+    """Start one of aim-llama's threads with the process's signals blocked in it.
+
+    Otherwise the kernel may deliver the application's SIGTERM to our thread; CPython then
+    runs the Python handler only when the main thread next wakes up — a main thread in
+    `time.sleep(60)` heard it a minute late (measured: 1 in 50 SIGTERMs to a test app). The
+    new thread inherits the mask, so there is no moment in which it could take a signal;
+    threads it starts (Aim's, RocksDB's) inherit it in turn.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        thread.start()
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNC_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def unblock_signals() -> None:
+    """Undo `start_background`'s mask in a process started from such a thread (the mask is
+    inherited across fork and exec), so it receives signals as any process does."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNC_SIGNALS)
+
 
 class SignalChain:
     """Installs a flush-then-chain handler for SIGTERM (and SIGINT when it has no Python handler)."""

@@ -35,6 +35,7 @@ import time
 from typing import Any, Protocol
 
 from .aimrun import RunConfig, RunSink, track_dropped
+from .lifecycle import start_background
 from .log import warn_once
 from .records import Flush, Record
 from .wire import dumps, loads_many
@@ -318,7 +319,7 @@ class Writer:
             )
             self._started = True
             try:
-                self._thread.start()
+                start_background(self._thread)
             except RuntimeError as exc:  # interpreter shutdown (Python >= 3.12): no new thread
                 self._thread = None
                 warn_once("writer-start", "cannot start the Aim writer: %s; recording is off", exc)

@@ -97,6 +97,9 @@ NICE = 10  # the writer (and the RocksDB threads it starts) yields the CPU to th
 
 def main() -> int:
     """Run the writer loop until the application goes away; exit status 0 when the run was finalized."""
+    from .lifecycle import unblock_signals
+
+    unblock_signals()  # started from the application's writer thread, which blocks them
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         # Before Aim starts RocksDB's background threads: they inherit it. On a busy machine
