@@ -700,10 +700,9 @@ class RunSink:
         self._exiting.set()  # starts the clock of `_exit_deadline`
 
     def _exit_deadline(self) -> None:
-        """A daemon thread from the moment the server run opened, idle until exit begins."""
-        while not self._exiting.wait(3600.0):
-            if self._closed.is_set():
-                return
+        """A daemon thread from the moment the server run opened, idle until exit begins (or
+        the run is closed: `_finalize` sets `_exiting` too, and `_closed` ends it below)."""
+        self._exiting.wait()
         # Keep about a second for what follows (Aim stops its heartbeat thread, our writer
         # closes), so the whole exit stays within the flush timeout.
         if self._closed.wait(max(0.2, self.config.flush_timeout - 1.0)):
