@@ -138,7 +138,7 @@ def test_processes_racing_to_create_one_repo_all_open_it_and_leave_no_lock_file(
     assert sorted(p.name for p in lock_dir.iterdir() if p.name.startswith("aim-llama-init")) == []
 
 
-def test_a_run_opened_when_no_thread_may_start_is_stored_and_finalized(tmp_path: Path,
+def test_a_run_opened_when_no_thread_may_start_is_stored_and_finalized(repo: Path,
                                                                          monkeypatch) -> None:
     """Python 3.12+ refuses new threads at interpreter shutdown, which is when the thread writer
     of a short-lived program opens its run; Aim's Run starts two status-reporter threads and
@@ -153,8 +153,6 @@ def test_a_run_opened_when_no_thread_may_start_is_stored_and_finalized(tmp_path:
     def refuse(self: threading.Thread) -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    repo = tmp_path / "repo"
-    _init_repo(repo)
     sink = RunSink(RunConfig(repo=str(repo), log_system_params=False))  # default stats interval
     records: list[Record] = [
         Track(n, v, "text" if isinstance(v, str) else "metric", {"kind": k}, s)
@@ -175,10 +173,3 @@ def test_a_run_opened_when_no_thread_may_start_is_stored_and_finalized(tmp_path:
     _steps, (values, *_rest) = logs.data.items_list()
     assert ["model is down" in str((v[0] if isinstance(v, list) else v).json()) for v in values] \
         == [True]
-
-
-def _init_repo(path: Path) -> None:
-    """Create the repo beforehand: initializing one is not what this test is about."""
-    from aim import Repo
-
-    Repo.from_path(str(path), init=True)
