@@ -72,13 +72,6 @@ def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def ready_repo(repo: Path) -> Path:
-    """`repo`, initialized (what `repo` is unless the test is marked `new_repo`)."""
-    assert (repo / ".aim").is_dir(), "ready_repo in a test marked new_repo"
-    return repo
-
-
 RunPy = Callable[..., subprocess.CompletedProcess[str]]
 
 

@@ -45,8 +45,8 @@ def assert_finalized(runs: list[RunData]) -> None:
         assert run.end_time is not None and not run.active, run.hash
 
 
-def test_os_fork_child_gets_its_own_run_and_parent_run_is_untouched(workdir, ready_repo):
-    proc = run_app(workdir, ready_repo, """
+def test_os_fork_child_gets_its_own_run_and_parent_run_is_untouched(workdir, repo):
+    proc = run_app(workdir, repo, """
         import os, sys
         import aim_llama.auto
         import aim_llama
@@ -69,7 +69,7 @@ def test_os_fork_child_gets_its_own_run_and_parent_run_is_untouched(workdir, rea
     """, launcher=False)
     parent_pid, parent_hash = value_of(proc.stdout, "PARENT").split()
     child_pid = int(value_of(proc.stdout, "CHILD"))
-    runs = {r.params["aim_llama"]["pid"]: r for r in read_all(ready_repo)}
+    runs = {r.params["aim_llama"]["pid"]: r for r in read_all(repo)}
     assert set(runs) == {int(parent_pid), child_pid}  # the quiet child left no run
     parent, child = runs[int(parent_pid)], runs[child_pid]
     assert parent.hash == parent_hash

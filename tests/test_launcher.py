@@ -65,15 +65,15 @@ def launch(
     )
 
 
-def test_example_app_records_its_prompts_and_exit_code_passes_through(workdir, ready_repo):
+def test_example_app_records_its_prompts_and_exit_code_passes_through(workdir, repo):
     proc = launch(
         ["--experiment", "launched", "--run-params", '{"team": "search"}', "--",
          sys.executable, str(APPS / "rag.py"), "3", "--no-auto", "--exit-code", "3"],
-        workdir, ready_repo,
+        workdir, repo,
     )
     assert proc.returncode == 3, proc.stderr
     assert "DONE" in proc.stdout
-    run = only_run(ready_repo)
+    run = only_run(repo)
     assert run.experiment == "launched"
     assert run.params["team"] == "search"
     assert run.end_time is not None and not run.active
@@ -83,29 +83,29 @@ def test_example_app_records_its_prompts_and_exit_code_passes_through(workdir, r
     assert run.params["aim_llama"]["role"] == "main"
 
 
-def test_python_dash_m_launcher_runs_a_python_dash_m_package(workdir, ready_repo):
+def test_python_dash_m_launcher_runs_a_python_dash_m_package(workdir, repo):
     pkg = workdir / "ragpkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "__main__.py").write_text(LIGHT)
-    proc = launch(["--", sys.executable, "-m", "ragpkg", "2"], workdir, ready_repo,
+    proc = launch(["--", sys.executable, "-m", "ragpkg", "2"], workdir, repo,
                   launcher=[sys.executable, "-m", "aim_llama"])
     assert proc.returncode == 0, proc.stderr
-    run = only_run(ready_repo)
+    run = only_run(repo)
     assert [t for _, t in run.text("prompt", kind="llm")] == ["light 0", "light 1"]
     assert run.end_time is not None
 
 
-def test_console_script_on_path_is_launched(workdir, ready_repo, tmp_path):
+def test_console_script_on_path_is_launched(workdir, repo, tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     script = bindir / "rag-tool"
     script.write_text(f"#!{sys.executable}\n" + LIGHT)
     script.chmod(0o755)
     path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
-    proc = launch(["rag-tool", "1"], workdir, ready_repo, env={"PATH": path})
+    proc = launch(["rag-tool", "1"], workdir, repo, env={"PATH": path})
     assert proc.returncode == 0, proc.stderr
-    assert [t for _, t in only_run(ready_repo).text("prompt", kind="llm")] == ["light 0"]
+    assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["light 0"]
 
 
 @pytest.mark.new_repo
@@ -160,7 +160,7 @@ def test_a_python_without_aim_llama_is_reported_once_and_runs(workdir, tmp_path)
     assert proc.stderr.count("cannot import aim_llama (simulated: not installed)") == 1, proc.stderr
 
 
-def test_activation_happens_once_with_every_path_combined(workdir, ready_repo, tmp_path):
+def test_activation_happens_once_with_every_path_combined(workdir, repo, tmp_path):
     site = tmp_path / "usersite"
     site.mkdir()
     (site / "sitecustomize.py").write_text("import aim_llama.auto\n")
@@ -175,11 +175,11 @@ def test_activation_happens_once_with_every_path_combined(workdir, ready_repo, t
         print("HANDLERS", sum(isinstance(h, AimLlamaHandler) for h in Settings.callback_manager.handlers))
         """
     )
-    proc = launch(["--", sys.executable, "-c", code], workdir, ready_repo, env={"PYTHONPATH": str(site)})
+    proc = launch(["--", sys.executable, "-c", code], workdir, repo, env={"PYTHONPATH": str(site)})
     assert proc.returncode == 0, proc.stderr
     assert probe_of(proc.stdout)[0]["hooks"] == 1
     assert "HANDLERS 1" in proc.stdout
-    assert [t for _, t in only_run(ready_repo).text("prompt", kind="llm")] == ["only once"]
+    assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["only once"]
 
 
 @pytest.mark.parametrize(
