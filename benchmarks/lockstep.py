@@ -39,11 +39,12 @@ def run_lockstep(configs: list[str], rounds: int, turn: int, tmp: Path,
         for config in configs:
             read_fd, write_fd = os.pipe()
             repo = tmp / f"repo-{config}"
-            cmd = [sys.executable, str(HERE / "lockstep_worker.py"), config, "--docs", str(docs),
+            kind = config.split("@", 1)[0]  # "aim-llama@2": a second process of one configuration
+            cmd = [sys.executable, str(HERE / "lockstep_worker.py"), kind, "--docs", str(docs),
                    "--reply-fd", str(write_fd), "--repo", str(repo)]
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, text=True, pass_fds=(write_fd,),
-                                    env=config_env(config, repo), cwd=str(HERE))
+                                    env=config_env(kind, repo), cwd=str(HERE))
             os.close(write_fd)
             workers[config] = (proc, os.fdopen(read_fd, "r"))
 

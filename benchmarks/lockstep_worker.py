@@ -10,7 +10,11 @@ input ends it (and, for aim-llama, its normal exit flush). Started by lockstep.p
 CONFIG: `uninstrumented`, `aimcallback`, `aim-llama`, `aim-llama-thread` (the parent sets the
 environment as overhead.py does), or the diagnostic `diag-noop`: aim-llama's handlers are
 registered on LlamaIndex but return at once, which is the floor any handler-based
-instrumentation pays (LlamaIndex's own dispatch to a registered handler).
+instrumentation pays (LlamaIndex's own dispatch to a registered handler). For attribution:
+`diag-nospans` (the span handler returns at once, events are recorded), `diag-noevents` (the
+other way round), `diag-nosubmit` (the dispatcher records are mapped, not handed to the writer).
+`lockstep.py` also accepts `CONFIG@2` etc.: another process of the same configuration (how much
+two processes of one configuration differ).
 """
 
 from __future__ import annotations
@@ -56,6 +60,20 @@ if args.config == "diag-noop":
     assert active is not None
     active.handler.on_event_start = lambda *a, **k: k.get("event_id", "")
     active.handler.on_event_end = lambda *a, **k: None
+
+if args.config in ("diag-nospans", "diag-noevents", "diag-nosubmit"):
+    from llama_index.core.instrumentation import get_dispatcher
+
+    from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
+
+    for h in get_dispatcher().span_handlers + get_dispatcher().event_handlers:
+        if args.config == "diag-nospans" and isinstance(h, AimSpanHandler):
+            for name in ("span_enter", "span_exit", "span_drop"):
+                h.__dict__[name] = lambda *a, **k: None
+        if args.config == "diag-noevents" and isinstance(h, AimEventHandler):
+            h.__dict__["handle"] = lambda *a, **k: None
+        if args.config == "diag-nosubmit" and isinstance(h, AimSpanHandler):
+            h.obs._emit = lambda records: None
 
 for i in range(args.warmup):
     engine.query(question(i))
