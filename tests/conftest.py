@@ -44,7 +44,7 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
-    """An initialized, empty Aim repo (a copy of the module's template: making one costs each
+    """An initialized, empty Aim repo (a copy of the session's template: making one costs each
     test ~2 s of Aim's migrations). Tests marked `new_repo` get a path that does not exist yet,
     as a user's first run does, and see aim-llama create the repo."""
     path = tmp_path / "aimrepo"
@@ -59,9 +59,10 @@ INIT_REPO = (
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An initialized, empty Aim repo, made once per module: creating one costs ~2 s (migrations).
+    """An initialized, empty Aim repo, made once per session and only ever copied: creating one
+    costs ~2-3 s (Aim's import and migrations).
 
     Made through aim-llama's exit-cleanup patch: on Python 3.12 Aim's own atexit cleanup fails
     and would leave the template's files unclosed.
