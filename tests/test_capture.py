@@ -23,7 +23,7 @@ from conftest import APPS
 
 sys.path.insert(0, str(APPS))
 
-from fakellm import USAGE, FailingLLM, RuleLLM, ScriptedToolLLM
+from fakellm import USAGE, FailingLLM, RuleLLM, ScriptedToolLLM, SlowLLM
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.llms import MockLLM
@@ -120,6 +120,18 @@ def test_index_build_records_embeddings_and_chunks(repo: Path) -> None:
     assert len(run.text("chunk", kind="chunking")) == 6
     assert not run.text("prompt", kind="llm")
     assert not [k for k in run.texts if k[0] == "trace"]  # building an index is not a request
+
+
+def test_async_index_build_records_every_embedding_batch(repo: Path) -> None:
+    # An async batch embedding sends every batch's start event before the first end, all in
+    # one span: each end must still find its own start.
+    docs = [Document(text=f"Document number {i}.") for i in range(25)]
+    with recording(repo):
+        VectorStoreIndex.from_documents(docs, use_async=True)
+    run = only_run(repo)
+    assert sorted(v for _, v in run.metric("embedded_texts", kind="embedding")) == [5.0, 10.0, 10.0]
+    assert len(run.metric("latency_ms", kind="embedding")) == 3
+    assert len(run.metric("embedding_tokens", kind="embedding", source="estimated")) == 3
 
 
 def test_query_sync_exactly_once_steps_and_trace(repo: Path) -> None:
@@ -437,6 +449,24 @@ def test_llm_that_raises_keeps_the_app_exception(repo: Path) -> None:
     assert entry["log_level"] == "ERROR"
     assert entry["args"] == {"operation": "llm", "span": "FailingLLM.complete",
                              "exception_type": "RuntimeError", "error": "backend down [REDACTED]"}
+
+
+def test_a_cancelled_llm_call_is_recorded_as_cancelled_not_as_an_error(repo: Path) -> None:
+    llm = SlowLLM(delay=5.0)
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(llm.acomplete("are you there?"), 0.2)  # the app gives up
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    assert not run.metric("errors", kind="llm")
+    assert _log_records(repo, run.hash) == []
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["are you there?"]
+    assert [t for _, t in run.text("response", kind="llm")] == ["\n[cancelled]"]
+    ((_, latency),) = run.metric("latency_ms", kind="llm")
+    assert 150 < latency < 5000  # the time until the cancellation, not the LLM's 5 s
 
 
 def _log_records(repo: Path, run_hash: str) -> list[dict[str, Any]]:

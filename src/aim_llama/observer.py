@@ -228,7 +228,9 @@ class Observer:
         self._spans: dict[str, _Node] = {}
         self._roots: dict[str, _Root] = {}
         self._calls: dict[str | None, _Call] = {}
-        self._timed: dict[tuple[str, str | None], tuple[float, Any]] = {}
+        # Start events waiting for their end, oldest first: one span may start several at
+        # once (an async embedding batch sends every batch's start before the first end).
+        self._timed: dict[tuple[str, str | None], list[tuple[float, Any]]] = {}
         self._llm_steps = itertools.count()
         self._models: dict[str, dict[str, Any]] = {}
         self._seen_models: set[str] = set()
@@ -459,8 +461,7 @@ class Observer:
                 if ended is None:
                     return
                 node, instance, root = ended
-                cancelled = err is None or isinstance(err, GeneratorExit) or type(err).__name__ == \
-                    "CancelledError"
+                cancelled = err is None or _cancelled(err)
                 node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
                 call = self._calls.pop(id_, None)
                 for family in ("embedding", "retrieve", "rerank"):
@@ -615,6 +616,8 @@ class Observer:
         capture = self.policy.capture and sampled
         ctx = {"kind": "llm"}
         abandoned = isinstance(err, GeneratorExit)
+        # Cancelled (a timeout, a client that went away): not a failure of the LLM.
+        cancelled = err is not None and not abandoned and _cancelled(err)
         counts = provider_counts(response) if response is not None else None
         prompt_text = response_text = ""
         if capture or counts is None:
@@ -629,7 +632,7 @@ class Observer:
             self._text(out, "prompt", prompt_text, ctx, step)
             shown = response_text
             if err is not None:
-                shown += ("\n[stream abandoned]" if abandoned
+                shown += ("\n[stream abandoned]" if abandoned else "\n[cancelled]" if cancelled
                           else f"\n[error: {type(err).__name__}]")
             self._text(out, "response", shown, ctx, step)
         latency = (now - call.start) * 1000.0
@@ -654,7 +657,7 @@ class Observer:
                 out.append(Track("prompt_tokens", counts.prompt, "metric", tctx, step))
                 out.append(Track("completion_tokens", counts.completion, "metric", tctx, step))
                 out.append(Track("total_tokens", counts.total, "metric", tctx, step))
-        if err is not None and not abandoned:
+        if err is not None and not abandoned and not cancelled:
             self._error(out, "llm", call.node.name if call.node else "llm", err)
         node = call.node
         if node is not None:
@@ -667,6 +670,8 @@ class Observer:
                 note = " stream" + note
             if abandoned:
                 note += " abandoned"
+            elif cancelled:
+                note += " cancelled"
             elif err is not None:
                 note += f" error {type(err).__name__}"
             shown_node.note += note
@@ -686,14 +691,28 @@ class Observer:
                   else "retrieve" if name == "RetrievalStartEvent" else "rerank")
         if self._off(family):
             return
-        self._timed[(family, event.span_id)] = (now, event)
+        waiting = self._timed.get((family, event.span_id))
+        if waiting is None:
+            self._timed[(family, event.span_id)] = [(now, event)]
+        else:
+            waiting.append((now, event))
+
+    def _started(self, family: str, span_id: str | None) -> tuple[float, Any] | None:
+        """The oldest start event of `family` in span `span_id` still waiting for its end."""
+        waiting = self._timed.get((family, span_id))
+        if not waiting:
+            return None
+        started = waiting.pop(0)
+        if not waiting:
+            self._timed.pop((family, span_id), None)
+        return started
 
     def _sampled(self, span_id: str | None) -> bool:
         node = self._spans.get(span_id) if span_id else None
         return node.root.sampled if node is not None else True
 
     def _embedding_end(self, event: Any, now: float) -> None:
-        started = self._timed.pop(("embedding", event.span_id), None)
+        started = self._started("embedding", event.span_id)
         if started is None:
             return
         chunks = event.chunks or []
@@ -710,7 +729,7 @@ class Observer:
         self._emit(out)
 
     def _retrieval_end(self, event: Any, now: float) -> None:
-        started = self._timed.pop(("retrieve", event.span_id), None)
+        started = self._started("retrieve", event.span_id)
         if started is None:
             return
         nodes = list(event.nodes or [])
@@ -734,7 +753,7 @@ class Observer:
         self._emit(out)
 
     def _rerank_end(self, event: Any, now: float) -> None:
-        started = self._timed.pop(("rerank", event.span_id), None)
+        started = self._started("rerank", event.span_id)
         if started is None:
             return
         before = list(getattr(started[1], "nodes", None) or [])
@@ -770,7 +789,10 @@ class Observer:
         out.append(Track("latency_ms", latency, "metric", ctx))
         if err is None and getattr(result, "is_error", False):
             err = RuntimeError(str(getattr(result, "content", "tool error")))
-        if err is not None:
+        if err is not None and _cancelled(err):
+            node.status = "cancelled"
+            output = "cancelled"
+        elif err is not None:
             self._error(out, "tool", name, err)
             node.status = f"error {type(err).__name__}"
             output = f"error: {type(err).__name__}: {err}"
@@ -885,6 +907,11 @@ class Observer:
             self._calls.clear()
             self._timed.clear()
         self._emit(out)
+
+
+def _cancelled(err: BaseException) -> bool:
+    """A call stopped from outside (asyncio cancellation, a closed generator), not a failure."""
+    return isinstance(err, GeneratorExit) or type(err).__name__ == "CancelledError"
 
 
 def _release(root: _Root) -> None:

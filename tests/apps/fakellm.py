@@ -141,6 +141,32 @@ class FailingLLM(CustomLLM):
         raise RuntimeError("backend down")
 
 
+class SlowLLM(CustomLLM):
+    """An LLM whose async calls wait `delay` seconds, as a network call does (to be cancelled)."""
+
+    delay: float = 1.0
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(model_name="slow-llm")
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return CompletionResponse(text="slow answer")
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any
+                        ) -> CompletionResponse:
+        import asyncio
+
+        await asyncio.sleep(self.delay)
+        return CompletionResponse(text="slow answer")
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
 class RuleLLM(CustomLLM):
     """A completion LLM that answers by rules: rerank JSON, sub-question JSON, ReAct steps, else text.
 
