@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -262,3 +264,123 @@ def test_only_the_main_thread_can_receive_the_applications_signals(run_py, backe
         assert any(t[0] == "(not" for t in threads), threads  # Aim's / RocksDB's native threads
     else:
         assert "WRITER_PROCESS False" in proc.stdout
+
+
+@pytest.mark.parametrize("sigpipe", ["ignored", "default action"])
+def test_a_writer_process_that_dies_is_reported_with_every_record_it_lost(repo, workdir, sigpipe):
+    """Its death costs the application nothing (not even with SIGPIPE's default action, which
+    a write to its pipe would raise), and what it never stored is counted, not hidden."""
+    extra = ["--sigpipe-default"] if sigpipe == "default action" else []
+    proc = start(repo, workdir, "2000", "writer-dies", *extra)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "ALIVE" in out and "EXITING" in out
+    assert re.search(r"the Aim writer process \(pid \d+\) ended unexpectedly \(killed by signal 9\)",
+                     err), err
+    # 1000 stored before it was stopped; 1000 sent to it and never stored; 1 sent after death
+    summary = re.search(r"Aim writer closed: (\d+) records could not be stored", err)
+    assert summary is not None and int(summary.group(1)) == 1001, err
+    assert "flush timeout" not in err  # a dead writer is not a slow one
+    assert values(only_run(repo), kind="t0") == [float(i) for i in range(1000)]
+
+
+def test_exit_is_bounded_when_the_writer_process_is_stuck_with_a_full_pipe(repo, workdir):
+    proc = start(repo, workdir, "10", "writer-stalls", "--flush-timeout", "2")
+    writer_pid = int(wait_for(proc, "STOPPED").split()[1])
+    try:
+        proc.wait(timeout=30)  # (its output pipes stay open as long as the writer process lives)
+    finally:
+        os.kill(writer_pid, signal.SIGKILL)  # stopped: it would never leave by itself
+        if proc.poll() is None:
+            proc.kill()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    took = float(re.search(r"CLOSE_TOOK (\S+)", out).group(1))  # type: ignore[union-attr]
+    assert took < 2.0 + 0.5, out
+    assert "did not finish within the flush timeout (2s" in err, err
+
+
+GRACEFUL_APP = """
+import os, signal, sys, threading
+stop = threading.Event()
+def on_term(signum, frame):  # the application's own handler, installed before aim-llama's
+    print("APP HANDLER", flush=True)
+    if sys.argv[1] == "exit-now":
+        os._exit(7)
+    stop.set()  # a graceful shutdown: finish the work in hand, then leave
+signal.signal(signal.SIGTERM, on_term)
+import aim_llama.auto
+from llama_index.core.llms import MockLLM
+llm = MockLLM(max_tokens=3)
+for i in range(100):
+    llm.complete(f"before {i}")
+print("READY", flush=True)
+while not stop.wait(0.05):
+    pass
+for i in range(50):
+    llm.complete(f"after {i}")
+print("DRAINED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("handler", ["graceful", "exit-now"])
+def test_sigterm_with_the_apps_own_handler_stores_everything_before_and_after(repo, workdir,
+                                                                               handler):
+    """SIGTERM goes on to the application's handler after everything so far is stored; if the
+    process lives on (a graceful shutdown), what it records next is stored too, and the run is
+    finalized at its exit — or, if the handler leaves through `os._exit`, by the writer."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GRACEFUL_APP, handler], cwd=workdir,
+        env=clean_env(AIM_REPO=str(repo)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(proc, "READY")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert "APP HANDLER" in out, err
+    expected = [f"before {i}" for i in range(100)]
+    if handler == "graceful":
+        assert proc.returncode == 0 and "DRAINED" in out, err
+        expected += [f"after {i}" for i in range(50)]
+    else:
+        assert proc.returncode == 7, err
+    assert "not stored" not in err and "not written" not in err, err
+    deadline = time.monotonic() + 30
+    run = only_run(repo)
+    while run.end_time is None and time.monotonic() < deadline:  # os._exit: the writer finalizes
+        time.sleep(0.5)
+        run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == expected
+    assert run.end_time is not None and not run.active
+
+
+UNINSTRUMENT_APP = """
+import os, signal, sys, threading
+import aim_llama
+from aim_llama import autoinstrument
+from aim_llama.records import Track
+from llama_index.core.llms import MockLLM
+aim_llama.instrument(writer=sys.argv[1])
+MockLLM(max_tokens=3).complete("hello")
+writer = autoinstrument._active.writer
+for i in range(20000):
+    writer.submit(Track("note", f"record {i} " + "x" * 200, "text", {"kind": "t"}))
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()  # while it flushes
+aim_llama.uninstrument()
+print("UNINSTRUMENTED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_sigterm_during_uninstrument_waits_for_its_flush_then_kills(repo, workdir, backend):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UNINSTRUMENT_APP, backend], cwd=workdir,
+        env=clean_env(AIM_REPO=str(repo)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err  # SIGTERM's own status, after the flush
+    assert "UNINSTRUMENTED" not in out
+    run = only_run(repo)
+    assert len(run.text("note", kind="t")) == 20000
+    assert run.end_time is not None and not run.active

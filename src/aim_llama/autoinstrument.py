@@ -40,6 +40,7 @@ class _Active:
 
 
 _active: _Active | None = None
+_closing: _Active | None = None  # being uninstrumented: its writer is flushing
 _atexit_registered = False
 _fork_hook_registered = False
 
@@ -230,22 +231,27 @@ def current_run_hash(timeout: float | None = None) -> str | None:
 
 def uninstrument() -> None:
     """Flush, finalize the run, and remove every handler and hook aim-llama added."""
-    global _active
+    global _active, _closing
     with _lock:
         active, _active = _active, None
         if active is None:
             return
-        with contextlib.suppress(Exception):
-            active.callback_manager.remove_handler(active.handler)
-        with contextlib.suppress(Exception):
-            from . import dispatcher
+        _closing = active  # a SIGTERM meanwhile still waits for this flush (`_on_signal`)
+        try:
+            with contextlib.suppress(Exception):
+                active.callback_manager.remove_handler(active.handler)
+            with contextlib.suppress(Exception):
+                from . import dispatcher
 
-            dispatcher.uninstall()  # writes the traces of requests still open, then unregisters
-        if active.tee is not None:
-            active.tee.uninstall()
-        active.signals.uninstall()
-        if active.pid == os.getpid():
-            active.writer.close()
+                dispatcher.uninstall()  # writes the traces of open requests, then unregisters
+            if active.tee is not None:
+                active.tee.uninstall()
+            if active.pid == os.getpid():
+                active.writer.close()
+        finally:
+            _closing = None
+            active.signals.uninstall()  # only now: until the run is finalized, SIGTERM flushes
+            active.signals.redeliver()
 
 
 def _finish_process(active: _Active) -> None:
@@ -267,13 +273,28 @@ def _at_exit() -> None:
 
 
 def _on_signal(signum: int) -> bool:
-    """SIGTERM/SIGINT: flush and finalize; False when a flush is already running on this thread
-    (the signal interrupted an exit hook), so the signal chain waits for it to finish."""
-    active = _active
-    if active is not None and active.pid == os.getpid():
-        if getattr(active.writer, "closing_in", None) == threading.get_ident():
-            return False
-        _finish_process(active)
+    """SIGTERM/SIGINT: store everything recorded so far, then let the signal go on.
+
+    When the signal goes on to the application's own handler, that handler decides whether
+    the process ends (a graceful shutdown may finish its requests first): everything so far is
+    flushed, recording goes on, and the exit hook finalizes the run (or, if the handler leaves
+    through `os._exit`, the writer process does). When it goes on to the default action, the
+    run is finalized first. False when a flush is already running on this thread (the signal
+    interrupted an exit hook or `uninstrument()`): the signal waits for it to finish.
+    """
+    active = _active or _closing
+    if active is None or active.pid != os.getpid():
+        return True
+    writer = active.writer
+    if getattr(writer, "closing_in", None) == threading.get_ident():
+        return False
+    if active is _active and active.signals.chains_to_app(signum):
+        writer.flush()
+        return True
+    if active is _closing:
+        writer.close()  # closing on another thread: wait for it (bounded), then go on
+        return True
+    _finish_process(active)
     return True
 
 

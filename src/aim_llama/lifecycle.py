@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -25,6 +25,13 @@ ASYNC_SIGNALS = frozenset(
     for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM",
                  "SIGCHLD", "SIGWINCH")
     if hasattr(signal, name)
+)
+# Blocked in aim-llama's threads: the signals above, and SIGPIPE, which a write to a writer
+# process that died raises in the writing thread. Python ignores SIGPIPE, but an application
+# may restore its default action (`prog | head`); blocked, the write fails with EPIPE instead
+# of killing the application.
+BACKGROUND_BLOCKED = ASYNC_SIGNALS | frozenset(
+    [signal.SIGPIPE] if hasattr(signal, "SIGPIPE") else []
 )
 
 
@@ -40,7 +47,7 @@ def start_background(thread: threading.Thread) -> None:
     if not hasattr(signal, "pthread_sigmask"):
         thread.start()
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNC_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, BACKGROUND_BLOCKED)
     try:
         thread.start()
     finally:
@@ -51,7 +58,26 @@ def unblock_signals() -> None:
     """Undo `start_background`'s mask in a process started from such a thread (the mask is
     inherited across fork and exec), so it receives signals as any process does."""
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNC_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, BACKGROUND_BLOCKED)
+
+
+@contextlib.contextmanager
+def sigpipe_as_error() -> Iterator[None]:
+    """Writes to a pipe inside this block fail with EPIPE (`BrokenPipeError`) and never kill
+    the process, whatever the application set SIGPIPE to: the signal is blocked in the calling
+    thread for the block, and one it raised is taken off again before it is unblocked."""
+    if not hasattr(signal, "pthread_sigmask") or not hasattr(signal, "SIGPIPE"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        yield
+    finally:
+        if signal.SIGPIPE not in previous:
+            with contextlib.suppress(OSError):
+                while signal.SIGPIPE in signal.sigpending():
+                    signal.sigtimedwait({signal.SIGPIPE}, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class SignalChain:
@@ -84,6 +110,10 @@ class SignalChain:
             if signal.getsignal(signum) == self._handle:
                 signal.signal(signum, previous)
         self._previous.clear()
+
+    def chains_to_app(self, signum: int) -> bool:
+        """Whether `signum` goes on to a handler the application installed before ours."""
+        return callable(self._previous.get(signum))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         handled: Any = True

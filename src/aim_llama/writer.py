@@ -35,7 +35,7 @@ import time
 from typing import Any, Protocol
 
 from .aimrun import RunConfig, RunSink, track_dropped
-from .lifecycle import start_background
+from .lifecycle import sigpipe_as_error, start_background
 from .log import warn_once
 from .records import Flush, Record
 from .wire import dumps, loads_many
@@ -88,6 +88,36 @@ def write_raw_frame(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def wait_fd(fd: int, write: bool, timeout: float) -> bool:
+    """Whether `fd` becomes readable (or writable) within `timeout` seconds; also True when
+    its other end is gone (the next read or write says so). `poll`, not `select`: `select`
+    cannot watch descriptors numbered 1024 and up, and a busy server has those."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))
+
+
+def write_until(fd: int, data: bytes, deadline: float) -> bool:
+    """Write `data` to a pipe unless `deadline` (monotonic) passes first: a pipe that is full
+    because its reader is stuck must not hold the application past its flush timeout."""
+    view = memoryview(data)
+    blocking = os.get_blocking(fd)
+    os.set_blocking(fd, False)
+    try:
+        while view:
+            if not wait_fd(fd, True, max(0.0, deadline - time.monotonic())):
+                return False
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, blocking)
 
 
 def read_frame(stream: Any) -> Any:
@@ -148,6 +178,7 @@ class ProcessBackend:
         self._on_ack = on_ack
         self._on_run = on_run
         self.closed_info: tuple[Any, ...] | None = None
+        self.stored = 0  # records the writer process reported in the repo (or on the server)
         self.broken = False
         write_frame(self._fd, config)
 
@@ -162,7 +193,7 @@ class ProcessBackend:
         while not self._eof:
             left = max(0.0, deadline - time.monotonic())
             try:
-                ready, _, _ = select.select([self._ack_fd], [], [], left)
+                ready = wait_fd(self._ack_fd, False, left)
             except (OSError, ValueError):
                 self._eof = True
                 break
@@ -187,10 +218,13 @@ class ProcessBackend:
             self._buf = self._buf[_HEADER.size + size :]
             if msg[0] == "ack":
                 self._on_ack(msg[1])
+            elif msg[0] == "stored":
+                self.stored = max(self.stored, int(msg[1]))
             elif msg[0] == "run":
                 self._on_run(msg[1])
             elif msg[0] == "closed":
                 self.closed_info = tuple(msg[1:])
+                self.stored = max(self.stored, int(msg[1]))
 
     def send(self, chunks: list[bytes]) -> None:
         if self.broken:
@@ -202,10 +236,18 @@ class ProcessBackend:
             raise
         self.poll()
 
+    @property
+    def died(self) -> bool:
+        """The writer process is gone without having reported its run finalized."""
+        return self.closed_info is None and self.proc.poll() is not None
+
     def close(self, deadline: float) -> bool:
         try:
-            if not self.broken:
-                write_frame(self._fd, (*CLOSE, max(0.0, deadline - time.monotonic())))
+            if not self.broken and self.proc.poll() is None:
+                frame = pickle.dumps((*CLOSE, max(0.0, deadline - time.monotonic())),
+                                     protocol=pickle.HIGHEST_PROTOCOL)
+                with sigpipe_as_error():  # called on the application's thread
+                    write_until(self._fd, _HEADER.pack(len(frame)) + frame, deadline)
             self.proc.stdin.close()  # type: ignore[union-attr]
         except OSError:
             pass
@@ -242,6 +284,9 @@ class Writer:
         self.run_hash: str | None = None
         self.dropped = 0
         self.lost = 0
+        self.after_close = 0  # records made after close(): not stored, said once
+        self._after_close_reported = False
+        self._sent = 0  # records handed to the backend
         # (records in the chunk, pickled chunk), or a flush barrier. A tuple of an int and
         # bytes leaves the garbage collector's lists at the first collection that sees it.
         self._queue: collections.deque[tuple[int, bytes] | Flush] = collections.deque()
@@ -262,6 +307,7 @@ class Writer:
         self._close_deadline = 0.0
         self._close_ok = False
         self.closing_in: int | None = None  # thread id running close(), for signal handlers
+        self._close_done = threading.Event()
         self._pid = os.getpid()
 
     # -- hot path -----------------------------------------------------------------------
@@ -275,7 +321,7 @@ class Writer:
         if not n:
             return
         if self._closed:
-            self.dropped += n
+            self._after_close(n)
             return
         if self._submitted - self._drained + n > self.queue_size:
             self._drop(n)
@@ -292,6 +338,15 @@ class Writer:
         self._submitted += n
         if not self._started:
             self._start()
+
+    def _after_close(self, n: int) -> None:
+        self.after_close += n
+        if self.after_close == n:
+            warn_once(
+                "after-close",
+                "records made after aim-llama's writer was closed (at exit, SIGTERM or "
+                "uninstrument()) are not stored",
+            )
 
     def _drop(self, n: int) -> None:
         self.dropped += n
@@ -342,9 +397,14 @@ class Writer:
             self.run_hash = run_hash
 
     def _ack(self, token: int) -> None:
-        with self._ack_cond:
-            self._acked = max(self._acked, token)
-            self._ack_cond.notify_all()
+        # Never blocks: a signal handler may have interrupted `flush()` on the main thread
+        # while it held the condition's lock; the waiters poll `_acked` as well.
+        self._acked = max(self._acked, token)
+        if self._ack_cond.acquire(blocking=False):
+            try:
+                self._ack_cond.notify_all()
+            finally:
+                self._ack_cond.release()
 
     def _drain(self) -> tuple[list[bytes], int, list[int]]:
         """Up to `MAX_BATCH` chunks: (chunks, records in them, flush tokens among them)."""
@@ -394,22 +454,55 @@ class Writer:
             backend = self._backend
             if isinstance(backend, ProcessBackend) and not backend.eof:
                 backend.poll(BATCH_INTERVAL)  # take acknowledgements while the interval passes
+                if backend.eof and backend.closed_info is None and not self._stop:
+                    self._writer_died(backend)
+                    self._backend = None
             else:
                 self._wake.wait(BATCH_INTERVAL)
             self._wake.clear()
 
     def _send(self, chunks: list[bytes], records: int, tokens: list[int]) -> None:
-        if self._backend is not None:
+        backend = self._backend
+        if backend is not None:
             try:
-                self._backend.send(chunks)
+                backend.send(chunks)
+                self._sent += records
                 return
             except Exception as exc:
-                warn_once("writer-send", "the Aim writer failed (%s); further records are lost",
-                          exc)
+                if isinstance(backend, ProcessBackend) and backend.closed_info is None:
+                    backend.poll()  # its last words, if any
+                    self._writer_died(backend)
+                else:
+                    warn_once("writer-send",
+                              "the Aim writer failed (%s); further records are lost", exc)
                 self._backend = None
         self.lost += records
         for token in tokens:
             self._ack(token)
+
+    def _writer_died(self, backend: ProcessBackend) -> None:
+        """The writer process went away: what it received but never reported stored is lost."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            backend.proc.wait(timeout=1.0)
+        unstored = max(0, self._sent - backend.stored)
+        self._sent = backend.stored
+        self.lost += unstored
+        status = backend.proc.returncode
+        how = ("still running" if status is None else f"killed by signal {-status}" if status < 0
+               else f"exit status {status}")
+        warn_once(
+            "writer-died",
+            "the Aim writer process (pid %d) ended unexpectedly (%s): %d records it had received "
+            "were not stored, and later records are lost",
+            backend.proc.pid, how, unstored,
+        )
+
+    def _report_after_close(self) -> None:
+        """A later close() (the exit hook after SIGTERM's): how many records came too late."""
+        if self.after_close and not self._after_close_reported:
+            self._after_close_reported = True
+            log.warning("%d records made after aim-llama's writer was closed were not stored",
+                        self.after_close)
 
     def _report_close(self, ok: bool, limit: float, pending: int) -> None:
         """Say what did not make it into the repo; silence means everything did."""
@@ -451,21 +544,28 @@ class Writer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._ack_cond.wait(left)
+                self._ack_cond.wait(min(left, 0.05))  # `_ack` may not get the lock to notify
         return True
 
     def close(self, timeout: float | None = None) -> bool:
         """Store everything queued, finalize the run, within `timeout`; report what was lost."""
         if self._closed:
+            closing_in = self.closing_in
+            if closing_in is not None and closing_in != threading.get_ident():
+                # Another thread is closing (e.g. `uninstrument()` when SIGTERM arrives): the
+                # caller goes on only once the run is finalized, within the same bound.
+                self._close_done.wait(self.flush_timeout if timeout is None else timeout)
+            self._report_after_close()
             return True
+        self.closing_in = threading.get_ident()  # before `_closed`: see above
         self._closed = True
-        if not self._started or os.getpid() != self._pid:
-            return True
-        self.closing_in = threading.get_ident()
         try:
+            if not self._started or os.getpid() != self._pid:
+                return True
             return self._close(timeout)
         finally:
             self.closing_in = None
+            self._close_done.set()
 
     def _close(self, timeout: float | None) -> bool:
         limit = self.flush_timeout if timeout is None else timeout
@@ -501,9 +601,14 @@ class Writer:
             ok = self._close_ok  # the writer thread closed the run on its way out
             self.lost += self._backend.sink.lost
         elif ok and self._backend is not None:
-            ok = self._backend.close(deadline)
-            if isinstance(self._backend, ProcessBackend) and self._backend.closed_info:
-                self.lost += int(self._backend.closed_info[1])
+            backend = self._backend
+            ok = backend.close(deadline)
+            if isinstance(backend, ProcessBackend):
+                if backend.closed_info:
+                    self.lost += int(backend.closed_info[1])
+                elif backend.died:
+                    self._writer_died(backend)
+                    ok = True  # not a timeout: the loss is counted and reported below
         pending += self.queued
         self._report_close(ok, limit, pending)
         return ok

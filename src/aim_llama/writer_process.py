@@ -179,6 +179,7 @@ def main() -> int:
     threading.Thread(target=watchdog, name="aim-llama-watchdog", daemon=True).start()
 
     announced = False
+    reported = 0
     leaving = False
     last_store = 0.0  # the first batch is stored at once
     while not leaving:
@@ -208,6 +209,9 @@ def main() -> int:
         if not announced and sink.run_hash:
             announced = True
             channel.send(("run", sink.run_hash))
+        if sink.confirmed != reported:  # so that the application can count what a crash loses
+            reported = sink.confirmed
+            channel.send(("stored", reported))
         for token in tokens:
             channel.send(("ack", token))
     if remote:

@@ -3,7 +3,9 @@
 Usage: writer_app.py N_RECORDS MODE [--queue-size Q] [--flush-timeout T] [--backend B] [--threads K]
 MODE: exit (normal exit right after submitting), flush-wait (flush, print FLUSHED, wait for stdin),
       sigterm-wait (print READY, sleep), app-handler (own SIGTERM handler exiting 7), kill-wait
-      (flush half, submit the rest, print READY, sleep for SIGKILL).
+      (flush half, submit the rest, print READY, sleep for SIGKILL), writer-dies (flush half,
+      stop the writer process, submit the rest, kill it, print ALIVE, exit normally),
+      writer-stalls (flush, stop the writer process, fill its pipe exactly, exit normally).
 """
 
 import argparse
@@ -25,7 +27,10 @@ p.add_argument("--flush-timeout", type=float, default=10.0)
 p.add_argument("--backend", default="process")
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--text", action="store_true")
+p.add_argument("--sigpipe-default", action="store_true", help="as `prog | head` programs do")
 a = p.parse_args()
+if a.sigpipe_default:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 writer = Writer(
     RunConfig(repo=os.environ["AIM_REPO"], app_pid=os.getpid(), system_tracking_interval=None,
@@ -72,7 +77,36 @@ def submit(start: int, count: int, thread: int = 0) -> None:
 
 
 t0 = time.perf_counter()
-if a.mode == "kill-wait":
+if a.mode == "writer-dies":
+    half = a.n // 2
+    submit(0, half)
+    assert writer.flush(60), "flush timed out"
+    writer_pid = writer._backend.proc.pid
+    os.kill(writer_pid, signal.SIGSTOP)  # received, never stored: sent into its pipe
+    submit(half, a.n - half)
+    time.sleep(0.5)
+    os.kill(writer_pid, signal.SIGKILL)  # e.g. the OOM killer
+    time.sleep(0.5)
+    writer.submit(Track("value", -1.0, "metric", {"kind": "late"}))  # to a dead writer
+    time.sleep(0.3)
+    print("ALIVE", flush=True)
+elif a.mode == "writer-stalls":
+    import fcntl
+
+    from aim_llama.wire import dumps
+
+    submit(0, a.n)
+    assert writer.flush(60), "flush timed out"
+    backend = writer._backend
+    print("STOPPED", backend.proc.pid, flush=True)
+    os.kill(backend.proc.pid, signal.SIGSTOP)  # storage stuck: it reads nothing any more
+    room = fcntl.fcntl(backend._fd, 1032) - 4  # F_GETPIPE_SZ, less the frame header
+    size = room
+    while len(dumps([Track("note", "x" * size, "text", {"kind": "t"})])) > room:
+        size -= 1
+    writer.submit(Track("note", "x" * size, "text", {"kind": "t"}))  # one frame, pipe full
+    time.sleep(0.5)
+elif a.mode == "kill-wait":
     half = a.n // 2
     submit(0, half)
     assert writer.flush(60), "flush timed out"
