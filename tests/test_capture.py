@@ -194,6 +194,56 @@ def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
     assert "stream llm" in trace  # the deferred LLM stream joined its query's trace
 
 
+def test_async_streaming_query_counts_its_llm_call_once(repo: Path) -> None:
+    # CustomLLM.astream_complete returns a generator that calls stream_complete when it is
+    # consumed, after the query's span ended and outside any span: still the same one call.
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=RuleLLM())
+
+    async def main() -> str:
+        response = await engine.aquery(QUESTIONS[0])
+        return "".join([token async for token in response.async_response_gen()])
+
+    with recording(repo):
+        consumed = asyncio.run(main())
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 1)
+    assert run.text("response", kind="llm")[0][1] == consumed
+    (trace,) = traces(run, "query")
+    assert "llm calls 1" in trace.splitlines()[1]
+
+
+def test_two_streams_opened_before_either_is_read_are_two_calls(repo: Path) -> None:
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    llm = RuleLLM()
+
+    class FanOut(Workflow):
+        @step
+        async def go(self, ev: StartEvent) -> StopEvent:
+            first = llm.stream_complete("first prompt")
+            second = llm.stream_complete("second prompt")
+            a = "".join(r.delta or "" for r in first)
+            b = "".join(r.delta or "" for r in second)
+            return StopEvent(result=a + "|" + b)
+
+    async def streamed(prompt: str) -> str:
+        return "".join([r.delta or "" async for r in await llm.astream_complete(prompt)])
+
+    async def main() -> None:
+        await FanOut().run()
+        await asyncio.gather(*(streamed(f"async prompt {i}") for i in range(3)))
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 5)
+    prompts = sorted(t for _, t in run.text("prompt", kind="llm"))
+    assert prompts == sorted(["first prompt", "second prompt"]
+                             + [f"async prompt {i}" for i in range(3)])
+    (trace,) = traces(run, "workflow")
+    assert "llm calls 2" in trace.splitlines()[1]
+
+
 def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
     llm = RuleLLM()
     with recording(repo):

@@ -158,6 +158,7 @@ class _Call:
     """An LLM call between its start and end events."""
 
     __slots__ = (
+        "claimed",
         "first",
         "last",
         "messages",
@@ -181,6 +182,7 @@ class _Call:
         self.node = node
         self.root = node.root if node is not None else None
         self.nested = nested
+        self.claimed = False  # an async stream whose sync body has started (see `_outer_stream`)
 
 
 _GENERATION_PARAMS = ("model", "temperature", "max_tokens", "top_p", "top_k", "seed",
@@ -331,7 +333,7 @@ class Observer:
                     out = self._sweep(now)
                 parent = self._spans.get(parent_id) if parent_id else None
                 if parent is None:
-                    parent = self._late_parent(id_, kind, parent_id)
+                    parent = self._late_parent(id_, kind, parent_id, instance)
                 node = _Node(id_, kind, parent, now, instance)
                 if parent is None:
                     root = self._new_root(node, bound_args, now)
@@ -365,7 +367,8 @@ class Observer:
         except Exception as exc:  # never into LlamaIndex (it would swallow it silently)
             self.failed("span start", exc)
 
-    def _late_parent(self, id_: str, kind: str, parent_id: str | None) -> _Node | None:
+    def _late_parent(self, id_: str, kind: str, parent_id: str | None, instance: Any
+                     ) -> _Node | None:
         """The node a span without a live parent span belongs to, if it is part of a request
         that is still waiting for a stream; None for a new request (lock held)."""
         if parent_id:
@@ -374,6 +377,10 @@ class Observer:
             waiting_root = self._roots.get(parent_id)
             if waiting_root is not None:
                 return waiting_root.node
+        if kind == "llm" and instance is not None:
+            outer = self._outer_stream(id(instance), span_name(id_))
+            if outer is not None:
+                return outer.node  # the body of an async stream, run as it is consumed
         if kind == "llm" and "stream" in span_name(id_).rsplit(".", 1)[-1]:
             waiting = _awaiting.get()
             if waiting is not None and not waiting.finalized and waiting.hold > 0:
@@ -506,13 +513,7 @@ class Observer:
                     break
                 p = p.parent
             if not nested and node is not None and node.inst_id:
-                # A stream's body runs when it is consumed, outside the span that returned it
-                # (CustomLLM.astream_chat → stream_chat): same LLM, same request, no chunk yet.
-                nested = any(
-                    c.node is not None and c.node.end is not None and c.first is None
-                    and not c.nested and c.node.inst_id == node.inst_id and c.root is node.root
-                    for c in self._calls.values()
-                )
+                nested = self._outer_stream(node.inst_id, node.name) is not None
             call = _Call(now, node, nested)
             if not nested:
                 fields = event.__dict__  # a pydantic event: getattr on a missing field is slow
@@ -530,6 +531,26 @@ class Observer:
                     call.root.pending += 1
                     call.root.last_seen = now
             self._calls[sid] = call
+
+    def _outer_stream(self, inst_id: int, name: str) -> _Call | None:
+        """The async stream call whose body this LLM call is, claimed by it (lock held).
+
+        `CustomLLM.astream_chat` returns a generator that calls `stream_chat` on the same LLM
+        when it is consumed, outside the span that returned it (often after the request's own
+        span ended, or in no span at all). That inner call belongs to the outer one: the
+        oldest unclaimed call of `astream_X` on this instance whose stream has not started,
+        for an inner `stream_X`. Two streams opened before either is read are two calls.
+        """
+        cls, _, method = name.rpartition(".")
+        outer_name = f"{cls}.a{method}"
+        for call in self._calls.values():
+            node = call.node
+            if (node is not None and not call.claimed and not call.nested
+                    and call.first is None and node.end is not None
+                    and node.inst_id == inst_id and node.name == outer_name):
+                call.claimed = True
+                return call
+        return None
 
     def _model_param(self, call: _Call, node: _Node | None) -> None:
         key = _model_key(call.model)
