@@ -194,6 +194,33 @@ def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
     assert "stream llm" in trace  # the deferred LLM stream joined its query's trace
 
 
+def test_streaming_queries_read_later_or_elsewhere_join_their_own_requests(repo: Path) -> None:
+    # A streaming query's LLM call happens when its response is first read: here after a
+    # second query returned its stream, and in another thread than the query ran in (a web
+    # server's worker thread runs the query, the response is streamed from elsewhere).
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=RuleLLM())
+    with recording(repo):
+        first = engine.query(QUESTIONS[0])
+        second = engine.query(QUESTIONS[1])
+        answers = ["".join(first.response_gen), "".join(second.response_gen)]
+        with ThreadPoolExecutor(1) as pool:
+            third = pool.submit(engine.query, QUESTIONS[2]).result()
+        answers.append("".join(third.response_gen))
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 3)
+    prompts = [t for _, t in run.text("prompt", kind="llm")]
+    assert all(q in p for q, p in zip(QUESTIONS, prompts, strict=False))
+    assert [t for _, t in run.text("question", kind="query")] == QUESTIONS[:3]
+    assert [t for _, t in run.text("answer", kind="query")] == answers
+    for q, trace in zip(QUESTIONS[:3], traces(run, "query"), strict=True):
+        head, summary = trace.splitlines()[:2]
+        assert head == f"query: {q}"
+        assert " ok " in summary and "llm calls 1" in summary, trace
+        assert "stream llm" in trace
+
+
 def test_async_streaming_query_counts_its_llm_call_once(repo: Path) -> None:
     # CustomLLM.astream_complete returns a generator that calls stream_complete when it is
     # consumed, after the query's span ended and outside any span: still the same one call.

@@ -24,7 +24,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Generator
 from typing import Any
 
 from . import render
@@ -447,7 +448,8 @@ class Observer:
                         elif render.is_streaming(result) and not root.pending and not root.streams:
                             # the stream has not run yet: wait for it (its LLM call, or expiry)
                             root.hold = 1
-                            _awaiting.set(root)
+                            if not _follow_stream(result, root):
+                                _awaiting.set(root)
                 root.open -= 1
                 if root.open <= 0 and not root.pending and not root.hold and not root.finalized:
                     finished = self._finish(root, now, None)
@@ -928,6 +930,42 @@ class Observer:
             self._calls.clear()
             self._timed.clear()
         self._emit(out)
+
+
+def _follow_stream(result: Any, root: _Root) -> bool:
+    """Make the LLM call of a streaming query's response join its request when it is read.
+
+    A `StreamingResponse`'s generator makes its LLM call only when it is first read — in
+    whichever thread and context reads it (a web server's other thread), and perhaps after a
+    second query returned its own stream. The generator is wrapped so that, while it runs, it
+    names its request to `span_enter`. False when `result` has no such generator.
+    """
+    gen = getattr(result, "response_gen", None)
+    if not isinstance(gen, types.GeneratorType):
+        return False
+    try:
+        result.response_gen = _following(gen, root)
+    except Exception:
+        return False
+    return True
+
+
+def _following(gen: Generator[Any, None, Any], root: _Root) -> Generator[Any, None, Any]:
+    """`gen`, telling `span_enter` which request it belongs to while each item is made."""
+    try:
+        while True:
+            token = _awaiting.set(root) if root.hold else None
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                if token is not None:
+                    with contextlib.suppress(ValueError):
+                        _awaiting.reset(token)
+            yield item
+    finally:
+        gen.close()
 
 
 def _cancelled(err: BaseException) -> bool:
