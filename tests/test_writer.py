@@ -273,6 +273,7 @@ def test_a_writer_process_that_dies_is_reported_with_every_record_it_lost(repo, 
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "ALIVE" in out and "EXITING" in out
+    assert "FLUSH_AFTER_DEATH False" in out  # flush() does not claim what was lost is stored
     assert re.search(r"the Aim writer process \(pid \d+\) ended unexpectedly \(killed by signal 9\)",
                      err), err
     # 1000 stored before it was stopped; 1000 sent to it and never stored; 1 sent after death

@@ -213,7 +213,10 @@ def _activate(settings: Any) -> _Active:
 
 
 def flush(timeout: float | None = None) -> bool:
-    """Block until everything recorded so far is stored in the Aim repo (or `timeout` passes)."""
+    """Block until everything recorded so far is stored in the Aim repo (or `timeout` passes).
+
+    True when it is; False on timeout, or when records were lost meanwhile (a writer that died).
+    """
     active = _active
     if active is None or active.pid != os.getpid():
         return True

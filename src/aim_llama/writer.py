@@ -531,9 +531,11 @@ class Writer:
 
     # -- public control -----------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every record submitted so far is stored; False if `timeout` ran out first."""
+        """Wait until every record submitted so far is stored; False if `timeout` ran out
+        first, or if records were lost meanwhile (a writer that died or failed)."""
         if not self._started or self._closed:
             return True
+        lost = self.lost
         token = next(self._tokens)
         self._queue.append(Flush(token))
         self._wake.set()
@@ -545,7 +547,7 @@ class Writer:
                 if left <= 0:
                     return False
                 self._ack_cond.wait(min(left, 0.05))  # `_ack` may not get the lock to notify
-        return True
+        return self.lost == lost
 
     def close(self, timeout: float | None = None) -> bool:
         """Store everything queued, finalize the run, within `timeout`; report what was lost."""

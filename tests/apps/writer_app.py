@@ -88,7 +88,7 @@ if a.mode == "writer-dies":
     os.kill(writer_pid, signal.SIGKILL)  # e.g. the OOM killer
     time.sleep(0.5)
     writer.submit(Track("value", -1.0, "metric", {"kind": "late"}))  # to a dead writer
-    time.sleep(0.3)
+    print("FLUSH_AFTER_DEATH", writer.flush(10), flush=True)
     print("ALIVE", flush=True)
 elif a.mode == "writer-stalls":
     import fcntl
