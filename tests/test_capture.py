@@ -650,6 +650,29 @@ def test_a_failure_inside_the_observer_is_contained_logged_once_and_counted(
     assert len(counts) >= 3 and counts == sorted(counts) and counts[-1] == len(counts)
 
 
+def test_a_failure_recording_an_llm_call_does_not_hold_up_its_request(
+    repo: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aim_llama import render
+
+    def broken(response: Any) -> str:
+        raise RuntimeError("observer bug")
+
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo):
+        monkeypatch.setattr(render, "render_response", broken)
+        answers = [str(engine.query(q)) for q in QUESTIONS[:3]]
+        monkeypatch.undo()
+    assert all(answers)
+    run = only_run(repo)
+    assert [v for _, v in run.metric("handler_errors", kind="dispatcher")] == [1.0, 2.0, 3.0]
+    # each request is complete when its query returns, not left waiting for an LLM call whose
+    # records failed (it would be written as incomplete at the end, or expire after 30 min)
+    assert [t for _, t in run.text("question", kind="query")] == QUESTIONS[:3]
+    for trace in traces(run, "query"):
+        assert " ok " in trace.splitlines()[1] and "incomplete" not in trace, trace
+
+
 def test_callback_types_recorded_elsewhere_are_never_delivered(
     repo: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -590,16 +590,18 @@ class Observer:
         if call is None or call.nested:
             return
         out: list[Record] = []
-        response = getattr(event, "response", None) or call.last
-        self._llm_records(out, call, response, now, None)
-        root = call.root
-        with self._lock:
-            if root is not None:
-                root.pending -= 1
-                if root.hold and root.node.end is not None:
-                    root.hold = 0  # the stream of a streaming chat finished
-                out.extend(self._maybe_finish(root, now))
-        self._emit(out)
+        try:
+            response = getattr(event, "response", None) or call.last
+            self._llm_records(out, call, response, now, None)
+        finally:  # even if its records failed: the request must not wait for this call
+            root = call.root
+            with self._lock:
+                if root is not None:
+                    root.pending -= 1
+                    if root.hold and root.node.end is not None:
+                        root.hold = 0  # the stream of a streaming chat finished
+                    out.extend(self._maybe_finish(root, now))
+            self._emit(out)
 
     def _exception(self, event: Any, now: float) -> None:
         """A failure (or `GeneratorExit`: an abandoned stream) while a stream was consumed."""
@@ -609,16 +611,18 @@ class Observer:
             return
         out: list[Record] = []
         err = event.exception
-        self._llm_records(out, call, call.last, now, err)
-        root = call.root
-        with self._lock:
-            if root is not None:
-                if isinstance(err, BaseException):
-                    root.errors.append(err)
-                root.pending -= 1
-                root.hold = 0
-                out.extend(self._maybe_finish(root, now))
-        self._emit(out)
+        try:
+            self._llm_records(out, call, call.last, now, err)
+        finally:  # even if its records failed: the request must not wait for this call
+            root = call.root
+            with self._lock:
+                if root is not None:
+                    if isinstance(err, BaseException):
+                        root.errors.append(err)
+                    root.pending -= 1
+                    root.hold = 0
+                    out.extend(self._maybe_finish(root, now))
+            self._emit(out)
 
     def _stream_done(self, event: Any, now: float) -> None:
         with self._lock:
