@@ -256,17 +256,23 @@ def test_two_streams_opened_before_either_is_read_are_two_calls(repo: Path) -> N
     async def streamed(prompt: str) -> str:
         return "".join([r.delta or "" async for r in await llm.astream_complete(prompt)])
 
+    async def interleaved() -> None:  # another call of the same LLM while one is unread
+        pending = await llm.astream_complete("async, read last")
+        "".join(r.delta or "" for r in llm.stream_complete("sync, meanwhile"))
+        "".join([r.delta or "" async for r in pending])
+
     async def main() -> None:
         await FanOut().run()
         await asyncio.gather(*(streamed(f"async prompt {i}") for i in range(3)))
+        await interleaved()
 
     with recording(repo):
         asyncio.run(main())
     run = only_run(repo)
-    assert_llm_steps_line_up(run, 5)
+    assert_llm_steps_line_up(run, 7)
     prompts = sorted(t for _, t in run.text("prompt", kind="llm"))
-    assert prompts == sorted(["first prompt", "second prompt"]
-                             + [f"async prompt {i}" for i in range(3)])
+    assert prompts == sorted(["first prompt", "second prompt", "async, read last",
+                              "sync, meanwhile"] + [f"async prompt {i}" for i in range(3)])
     (trace,) = traces(run, "workflow")
     assert "llm calls 2" in trace.splitlines()[1]
 

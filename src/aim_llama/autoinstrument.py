@@ -253,8 +253,11 @@ def uninstrument() -> None:
                 active.writer.close()
         finally:
             _closing = None
-            active.signals.uninstall()  # only now: until the run is finalized, SIGTERM flushes
-            active.signals.redeliver()
+            try:
+                active.signals.redeliver()  # a SIGTERM that came meanwhile goes on now
+            finally:
+                active.signals.uninstall()  # only now: until the run was finalized, SIGTERM
+                # flushed (and a deferred one still knows the application's own handler)
 
 
 def _finish_process(active: _Active) -> None:

@@ -334,7 +334,7 @@ class Observer:
                     out = self._sweep(now)
                 parent = self._spans.get(parent_id) if parent_id else None
                 if parent is None:
-                    parent = self._late_parent(id_, kind, parent_id, instance)
+                    parent = self._late_parent(id_, kind, parent_id, instance, bound_args)
                 node = _Node(id_, kind, parent, now, instance)
                 if parent is None:
                     root = self._new_root(node, bound_args, now)
@@ -368,8 +368,8 @@ class Observer:
         except Exception as exc:  # never into LlamaIndex (it would swallow it silently)
             self.failed("span start", exc)
 
-    def _late_parent(self, id_: str, kind: str, parent_id: str | None, instance: Any
-                     ) -> _Node | None:
+    def _late_parent(self, id_: str, kind: str, parent_id: str | None, instance: Any,
+                     bound_args: Any) -> _Node | None:
         """The node a span without a live parent span belongs to, if it is part of a request
         that is still waiting for a stream; None for a new request (lock held)."""
         if parent_id:
@@ -379,7 +379,12 @@ class Observer:
             if waiting_root is not None:
                 return waiting_root.node
         if kind == "llm" and instance is not None:
-            outer = self._outer_stream(id(instance), span_name(id_))
+            try:
+                arguments = bound_args.arguments
+            except Exception:
+                arguments = {}
+            outer = self._outer_stream(id(instance), span_name(id_), arguments.get("prompt"),
+                                       arguments.get("messages"))
             if outer is not None:
                 return outer.node  # the body of an async stream, run as it is consumed
         if kind == "llm" and "stream" in span_name(id_).rsplit(".", 1)[-1]:
@@ -514,11 +519,12 @@ class Observer:
                     nested = True
                     break
                 p = p.parent
+            fields = event.__dict__  # a pydantic event: getattr on a missing field is slow
             if not nested and node is not None and node.inst_id:
-                nested = self._outer_stream(node.inst_id, node.name) is not None
+                nested = self._outer_stream(node.inst_id, node.name, fields.get("prompt"),
+                                            fields.get("messages")) is not None
             call = _Call(now, node, nested)
             if not nested:
-                fields = event.__dict__  # a pydantic event: getattr on a missing field is slow
                 call.prompt = fields.get("prompt")
                 call.messages = fields.get("messages")
                 extra = fields.get("additional_kwargs") or {}
@@ -534,14 +540,17 @@ class Observer:
                     call.root.last_seen = now
             self._calls[sid] = call
 
-    def _outer_stream(self, inst_id: int, name: str) -> _Call | None:
+    def _outer_stream(self, inst_id: int, name: str, prompt: Any, messages: Any
+                      ) -> _Call | None:
         """The async stream call whose body this LLM call is, claimed by it (lock held).
 
         `CustomLLM.astream_chat` returns a generator that calls `stream_chat` on the same LLM
-        when it is consumed, outside the span that returned it (often after the request's own
-        span ended, or in no span at all). That inner call belongs to the outer one: the
-        oldest unclaimed call of `astream_X` on this instance whose stream has not started,
-        for an inner `stream_X`. Two streams opened before either is read are two calls.
+        with the same messages when it is consumed, outside the span that returned it (often
+        after the request's own span ended, or in no span at all). That inner call belongs to
+        the outer one: the oldest unclaimed call of `astream_X` on this instance, with this
+        prompt (or these messages), whose stream has not started, for an inner `stream_X`.
+        Other calls of the same LLM meanwhile, and several streams opened before any is read,
+        stay calls of their own.
         """
         cls, _, method = name.rpartition(".")
         outer_name = f"{cls}.a{method}"
@@ -549,7 +558,9 @@ class Observer:
             node = call.node
             if (node is not None and not call.claimed and not call.nested
                     and call.first is None and node.end is not None
-                    and node.inst_id == inst_id and node.name == outer_name):
+                    and node.inst_id == inst_id and node.name == outer_name
+                    and (call.prompt == prompt if call.prompt is not None
+                         else call.messages is messages or call.messages == messages)):
                 call.claimed = True
                 return call
         return None

@@ -303,6 +303,7 @@ class Writer:
         self._tokens = itertools.count(1)
         self._acked = 0
         self._ack_cond = threading.Condition()
+        self._ack_lock = threading.Lock()
         self._reported_drops = 0
         self._close_deadline = 0.0
         self._close_ok = False
@@ -397,9 +398,10 @@ class Writer:
             self.run_hash = run_hash
 
     def _ack(self, token: int) -> None:
-        # Never blocks: a signal handler may have interrupted `flush()` on the main thread
-        # while it held the condition's lock; the waiters poll `_acked` as well.
-        self._acked = max(self._acked, token)
+        # Never waits for the condition's lock: a signal handler may have interrupted
+        # `flush()` on the main thread while it held it; the waiters poll `_acked` as well.
+        with self._ack_lock:  # acks come from the writer thread and Aim's marker thread
+            self._acked = max(self._acked, token)
         if self._ack_cond.acquire(blocking=False):
             try:
                 self._ack_cond.notify_all()
@@ -427,6 +429,7 @@ class Writer:
         if self.dropped != self._reported_drops:
             self._reported_drops = self.dropped
             chunks.append(dumps([track_dropped(self.dropped)]))
+            records += 1  # not from the queue, but sent and stored like the others
         return chunks, records, tokens
 
     def _sender(self) -> None:

@@ -5,7 +5,9 @@ MODE: exit (normal exit right after submitting), flush-wait (flush, print FLUSHE
       sigterm-wait (print READY, sleep), app-handler (own SIGTERM handler exiting 7), kill-wait
       (flush half, submit the rest, print READY, sleep for SIGKILL), writer-dies (flush half,
       stop the writer process, submit the rest, kill it, print ALIVE, exit normally),
-      writer-stalls (flush, stop the writer process, fill its pipe exactly, exit normally).
+      writer-stalls (flush, stop the writer process, fill its pipe exactly, exit normally),
+      drops-then-dies (overflow the queue in bursts of N, flush, stop the writer process, send
+      it 15 records, kill it, exit normally).
 """
 
 import argparse
@@ -90,6 +92,18 @@ if a.mode == "writer-dies":
     writer.submit(Track("value", -1.0, "metric", {"kind": "late"}))  # to a dead writer
     print("FLUSH_AFTER_DEATH", writer.flush(10), flush=True)
     print("ALIVE", flush=True)
+elif a.mode == "drops-then-dies":
+    for burst in range(5):  # drops, and a record of the drop count in several batches
+        submit(burst * a.n, a.n)
+        time.sleep(0.2)
+    assert writer.flush(60), "flush timed out"
+    writer_pid = writer._backend.proc.pid
+    os.kill(writer_pid, signal.SIGSTOP)
+    for i in range(15):  # handed to the stopped writer process: never stored
+        writer.submit(Track("value", float(i), "metric", {"kind": "sent-to-dead"}))
+    time.sleep(0.5)
+    os.kill(writer_pid, signal.SIGKILL)
+    time.sleep(0.5)
 elif a.mode == "writer-stalls":
     import fcntl
 
