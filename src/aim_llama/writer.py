@@ -77,6 +77,12 @@ class ThreadBackend:
         return True
 
 
+def frame(obj: Any) -> bytes:
+    """One length-prefixed pickle, as it travels over a pipe."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
 def write_frame(fd: int, obj: Any) -> None:
     """Send one length-prefixed pickle over a pipe."""
     write_raw_frame(fd, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
@@ -244,10 +250,9 @@ class ProcessBackend:
     def close(self, deadline: float) -> bool:
         try:
             if not self.broken and self.proc.poll() is None:
-                frame = pickle.dumps((*CLOSE, max(0.0, deadline - time.monotonic())),
-                                     protocol=pickle.HIGHEST_PROTOCOL)
+                close = frame((*CLOSE, max(0.0, deadline - time.monotonic())))
                 with sigpipe_as_error():  # called on the application's thread
-                    write_until(self._fd, _HEADER.pack(len(frame)) + frame, deadline)
+                    write_until(self._fd, close, deadline)
             self.proc.stdin.close()  # type: ignore[union-attr]
         except OSError:
             pass
