@@ -18,6 +18,12 @@ COUNT_HANDLERS = """
 """
 
 
+def count_of(stdout: str, label: str) -> int:
+    """The number a program printed on its `LABEL N` line (exactly one such line)."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith(label + " ")]
+    return int(line.split()[1])
+
+
 def test_idempotent_and_thread_safe_activation(run_py, repo):
     proc = run_py(
         """
@@ -26,17 +32,27 @@ def test_idempotent_and_thread_safe_activation(run_py, repo):
         import aim_llama.auto
         importlib.reload(aim_llama.auto)
         import aim_llama
+        from aim_llama import autoinstrument
+        assert aim_llama.instrument() is True
+        first = autoinstrument._active
         threads = [threading.Thread(target=aim_llama.instrument) for _ in range(8)]
         [t.start() for t in threads]; [t.join() for t in threads]
         assert aim_llama.instrument() is True
+        print("SAME ACTIVATION", autoinstrument._active is first and first is not None)
         """
         + COUNT_HANDLERS
         + """
         from llama_index.core.instrumentation import get_dispatcher
+        from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
+        root = get_dispatcher()
+        print("SPAN_HANDLERS", sum(isinstance(h, AimSpanHandler) for h in root.span_handlers))
+        print("EVENT_HANDLERS", sum(isinstance(h, AimEventHandler) for h in root.event_handlers))
         print("INSTRUMENTED", aim_llama.is_instrumented())
         """
     )
-    assert "HANDLERS 1" in proc.stdout
+    assert count_of(proc.stdout, "HANDLERS") == 1
+    assert count_of(proc.stdout, "SPAN_HANDLERS") == 1 == count_of(proc.stdout, "EVENT_HANDLERS")
+    assert "SAME ACTIVATION True" in proc.stdout  # one writer, one signal chain: not rebuilt
     assert "INSTRUMENTED True" in proc.stdout
     assert run_hashes(repo) == []  # nothing was recorded, so no empty run was left behind
 
@@ -58,7 +74,7 @@ def test_uninstrument_flushes_finalizes_and_removes(run_py, repo):
         import os; os._exit(0)  # skip atexit: uninstrument() alone must have finalized the run
         """
     )
-    assert "INSTRUMENTED False" in proc.stdout and "HANDLERS 0" in proc.stdout
+    assert "INSTRUMENTED False" in proc.stdout and count_of(proc.stdout, "HANDLERS") == 0
     run = only_run(repo)
     assert run.end_time is not None and not run.active
     prompts = [t for _, t in run.text("prompt", kind="llm")]
@@ -104,6 +120,78 @@ def test_kill_switch_beats_a_broken_config(run_py, repo):
     assert run_hashes(repo) == []
 
 
+def test_kill_switch_in_the_toml_file_beats_a_broken_config(run_py, repo, workdir):
+    (workdir / "aim_llama.toml").write_text("enabled = false\nqueue_size = 5\n")
+    proc = run_py(script=APPS / "rag.py", args=["1"])
+    assert "DONE" in proc.stdout
+    assert proc.stderr.strip() == ""
+    assert run_hashes(repo) == []
+
+
+LIGHT_APP = """
+    import aim_llama.auto, aim_llama
+    from llama_index.core.llms import MockLLM
+    MockLLM(max_tokens=2).complete("still recorded")
+    print("APP RAN", aim_llama.is_instrumented())
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "env", "message"),
+    [
+        ("name too long", {"AIM_LLAMA_CONFIG": "c" * 300}, "File name too long"),
+        ("unknown user", {"AIM_LLAMA_CONFIG": "~nosuchuser-aimllama/x.toml"}, "cannot be found"),
+    ],
+)
+def test_a_config_path_the_system_rejects_is_one_line_and_the_app_runs(run_py, repo, case, env,
+                                                                         message):
+    proc = run_py(LIGHT_APP, env=env)
+    assert "APP RAN False" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "AIM_LLAMA_CONFIG" in lines[0], proc.stderr
+    assert run_hashes(repo) == []
+
+
+def test_an_app_in_a_deleted_working_directory_is_still_recorded(workdir, repo):
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import clean_env
+
+    gone = workdir / "gone"
+    gone.mkdir()
+    script = workdir / "app.py"
+    script.write_text(textwrap.dedent(LIGHT_APP))
+    proc = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3"', "sh", str(gone), sys.executable,
+         str(script)],
+        env=clean_env(AIM_REPO=str(repo)), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0 and "APP RAN True" in proc.stdout, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["still recorded"]
+
+
+def test_a_failed_llamaindex_import_that_the_app_retries_is_instrumented(run_py, repo):
+    proc = run_py(
+        """
+        import sys, aim_llama.auto, aim_llama
+        sys.modules["llama_index.core.settings"] = None  # the first import fails part-way
+        try:
+            import llama_index.core
+        except ImportError:
+            print("FIRST IMPORT FAILED")
+        del sys.modules["llama_index.core.settings"]
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=2).complete("after a retry")
+        print("INSTRUMENTED", aim_llama.is_instrumented())
+        """
+    )
+    assert "FIRST IMPORT FAILED" in proc.stdout and "INSTRUMENTED True" in proc.stdout
+    assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["after a retry"]
+
+
 def test_bad_config_fails_open_with_one_line(run_py, repo):
     proc = run_py(
         script=APPS / "rag.py",
@@ -138,6 +226,38 @@ def test_strict_mode_raises_config_error(run_py):
     assert "aim_llama.errors.ConfigError: invalid setting queue_size" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("file", "text"),
+    [
+        ("aim_llama.toml", "strict = true\nqueue_size = 5\n"),
+        ("pyproject.toml", "[tool.mypy]\nstrict = false\n[tool.aim_llama]\nstrict = true\n"
+                           "queue_size = 5\n"),
+    ],
+)
+def test_strict_mode_from_a_file_raises_at_the_import_line(run_py, workdir, file, text):
+    (workdir / file).write_text(text)
+    proc = run_py("import aim_llama.auto\nprint('NOT REACHED')", check=False)
+    assert proc.returncode == 1
+    assert "NOT REACHED" not in proc.stdout
+    assert "aim_llama.errors.ConfigError: invalid setting queue_size" in proc.stderr
+
+
+def test_strict_mode_is_known_in_every_spelling_when_another_setting_is_bad(run_py):
+    proc = run_py(
+        """
+        import aim_llama
+        from llama_index.core import Settings
+        for word in ("yes", "TRUE", "on", 1):
+            try:
+                aim_llama.instrument(strict=word, queue_size=5)
+                print("FAILED OPEN", word)
+            except aim_llama.ConfigError:
+                print("RAISED", word)
+        """
+    )
+    assert proc.stdout.split("\n")[:4] == ["RAISED yes", "RAISED TRUE", "RAISED on", "RAISED 1"]
+
+
 def test_strict_instrument_kwarg_raises(run_py):
     proc = run_py(
         """
@@ -152,7 +272,9 @@ def test_strict_instrument_kwarg_raises(run_py):
 
 
 def test_no_run_when_llamaindex_is_never_called(run_py, repo):
-    run_py("import aim_llama.auto\nfrom llama_index.core import Settings\nprint('ok')")
+    proc = run_py("import aim_llama.auto, aim_llama\nfrom llama_index.core import Settings\n"
+                  "print('INSTRUMENTED', aim_llama.is_instrumented())")
+    assert "INSTRUMENTED True" in proc.stdout  # active, yet nothing to record: no run
     assert run_hashes(repo) == []
 
 

@@ -23,7 +23,7 @@ from conftest import APPS
 
 sys.path.insert(0, str(APPS))
 
-from fakellm import USAGE, FailingLLM, RuleLLM, ScriptedToolLLM, SlowLLM
+from fakellm import USAGE, FailingLLM, RuleLLM, ScriptedToolLLM, SlowLLM, WordEmbedding
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.llms import MockLLM
@@ -146,7 +146,11 @@ def test_query_sync_exactly_once_steps_and_trace(repo: Path) -> None:
     assert all(q in p for q, p in zip(QUESTIONS, prompts, strict=False))
     assert [t for _, t in run.text("question", kind="query")] == QUESTIONS[:3]
     assert len(run.text("answer", kind="query")) == 3
-    assert len(run.metric("latency_ms", kind="query")) == 3
+    query_latency = [v for _, v in run.metric("latency_ms", kind="query")]
+    llm_latency = [v for _, v in run.metric("latency_ms", kind="llm")]
+    assert len(query_latency) == 3
+    # each request's latency spans its LLM call (sequential queries: step i is query i's call)
+    assert all(q > m > 0 for q, m in zip(query_latency, llm_latency, strict=True))
     assert [v for _, v in run.metric("retrieved_nodes", kind="retrieve")] == [2.0] * 3
     retrieved = run.text("retrieved", kind="retrieve")
     assert retrieved[0][1].startswith(f"query: {QUESTIONS[0]}\n1. ")
@@ -179,7 +183,8 @@ def test_query_async_counts_each_llm_call_once(repo: Path) -> None:
 
 def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
     # RuleLLM streams cumulative text (MockLLM's last chunk lags its deltas by one word)
-    engine = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=RuleLLM())
+    llm = RuleLLM(first_delay=0.15, chunk_delay=0.05)  # 6 words: 0.15 s to the first, 0.4 s in all
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=llm)
     with recording(repo):
         response = engine.query(QUESTIONS[0])
         consumed = "".join(response.response_gen)
@@ -187,7 +192,10 @@ def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
     run = only_run(repo)
     assert_llm_steps_line_up(run, 1)
     assert run.text("response", kind="llm")[0][1] == consumed
-    assert len(run.metric("ttft_ms", kind="llm")) == 1
+    ((_, ttft),) = run.metric("ttft_ms", kind="llm")
+    ((_, llm_latency),) = run.metric("latency_ms", kind="llm")
+    ((_, query_latency),) = run.metric("latency_ms", kind="query")
+    assert 150 <= ttft < 390 <= llm_latency <= query_latency < 30_000
     assert [t for _, t in run.text("answer", kind="query")] == [consumed]
     (trace,) = traces(run, "query")
     assert trace.splitlines()[0] == f"query: {QUESTIONS[0]}"
@@ -294,6 +302,8 @@ def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
     assert responses[1] == "an\n[stream abandoned]"
     assert responses[2] == "an answer\n[error: RuntimeError]"
     assert steps(run, "ttft_ms") == [0, 1, 2]
+    latency = dict(run.metric("latency_ms", kind="llm"))
+    assert all(0 < ttft <= latency[step] for step, ttft in run.metric("ttft_ms", kind="llm"))
     assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]  # abandoning is no error
     assert not [k for k in run.texts if k[0] == "trace"]  # bare LLM calls are not requests
 
@@ -324,14 +334,18 @@ def test_chat_engines_condense_context_and_stream_chat(repo: Path) -> None:
 
 
 def test_retriever_alone(repo: Path) -> None:
-    retriever = _index().as_retriever(similarity_top_k=3)
+    docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(6)]
+    index = VectorStoreIndex.from_documents(docs, embed_model=WordEmbedding())
+    retriever = index.as_retriever(similarity_top_k=3)
     with recording(repo):
-        nodes = retriever.retrieve("which topic?")
+        nodes = retriever.retrieve("which topic? 1")
     run = only_run(repo)
     assert [v for _, v in run.metric("retrieved_nodes", kind="retrieve")] == [float(len(nodes))]
-    assert run.metric("top_score", kind="retrieve")
+    scores = [n.score for n in nodes]
+    assert len(set(scores)) > 1  # the scores differ: the best one is not any one
+    assert [v for _, v in run.metric("top_score", kind="retrieve")] == [pytest.approx(max(scores))]
     (trace,) = traces(run, "retrieve")
-    assert trace.startswith("retrieve: which topic?\n")
+    assert trace.startswith("retrieve: which topic? 1\n")
 
 
 def test_structured_llm_rerank(repo: Path) -> None:

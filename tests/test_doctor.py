@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aimread import run_hashes
+from aimread import read_run, run_hashes
 from aimserver import free_port
 from conftest import clean_env
 
@@ -48,8 +48,19 @@ def test_live_server_passes_every_check_and_the_probe_is_read_back(aim_process, 
     assert f"Aim {version('aim')}" in got["version"]
     assert "read it back and removed it" in got["probe"]
     assert "Traceback" not in proc.stderr
+    kept = doctor(workdir, "--probe", "--keep-probe", AIM_REPO=server.url)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    probe_line = lines(kept)["probe"]
+    assert "read it back and kept it" in probe_line
+    run_hash = probe_line.split("wrote run ", 1)[1].split()[0]
     server.stop()
-    assert run_hashes(server.repo) == []  # the probe cleaned up after itself
+    # What the server stored, read from its repo on disk: only the kept probe run, whole.
+    assert run_hashes(server.repo) == [run_hash]  # the first probe cleaned up after itself
+    run = read_run(server.repo, run_hash)
+    assert [v for _, v in run.metric("doctor_probe", kind="doctor")] == [42.0]
+    assert [t for _, t in run.text("doctor_probe_text", kind="doctor")] == [
+        "hello from aim-llama doctor"]
+    assert len(run.params["aim_llama_probe"]["token"]) == 32
 
 
 def test_server_down_fails_with_a_fix_naming_aim_server(workdir):

@@ -178,7 +178,7 @@ def test_activation_happens_once_with_every_path_combined(workdir, repo, tmp_pat
     proc = launch(["--", sys.executable, "-c", code], workdir, repo, env={"PYTHONPATH": str(site)})
     assert proc.returncode == 0, proc.stderr
     assert probe_of(proc.stdout)[0]["hooks"] == 1
-    assert "HANDLERS 1" in proc.stdout
+    assert [line for line in proc.stdout.splitlines() if line.startswith("HANDLERS")] == ["HANDLERS 1"]
     assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["only once"]
 
 
@@ -274,6 +274,10 @@ def test_command_name_parsing():
     assert command_name(["py", "/v/bin/pip3.12", "list"], "/v/bin/pip3.12") == "pip3.12"
     assert command_name(["py", "-c", "pass"], "-c") == ""
     assert command_name(["py", "app.py"], "app.py") == "app"
+    assert command_name(["py", "-Bm", "pip", "list"], "-m") == "pip"  # combined flags
+    assert command_name(["py", "-Bmpip"], "-m") == "pip"
+    assert command_name(["py", "-W", "ignore", "-X", "dev", "-m", "aim"], "-m") == "aim"
+    assert command_name(["py", "-c", "x", "-m", "pip"], "-c") == ""  # -m is the code's argument
     assert is_skipped("pip") and is_skipped("pip3.12") and is_skipped("aim")
     assert not is_skipped("pipeline") and not is_skipped("app") and not is_skipped("")
 
@@ -289,7 +293,7 @@ def test_options_and_set_map_to_env():
     args = parser.parse_args(["--repo", "r", "--strict", "--no-propagate", "--set", "sample_rate=0.5",
                               "--set", "AIM_EXPERIMENT=e", "python", "x.py"])
     env = child_env(args, {"PYTHONPATH": "/a"})
-    assert env["AIM_REPO"] == "r" and env["AIM_LLAMA_STRICT"] == "true"
+    assert env["AIM_REPO"] == os.path.abspath("r") and env["AIM_LLAMA_STRICT"] == "true"
     assert env["AIM_LLAMA_PROPAGATE"] == "false" and env["AIM_LLAMA_SAMPLE_RATE"] == "0.5"
     assert env["AIM_EXPERIMENT"] == "e" and env["PYTHONPATH"] == f"{BOOTSTRAP_DIR}{os.pathsep}/a"
     assert args.cmd == ["python", "x.py"]  # the `--` separator is optional
@@ -307,6 +311,9 @@ def test_bootstrap_is_prepended_once():
     assert prepend_bootstrap(None) == BOOTSTRAP_DIR
     twice = prepend_bootstrap(prepend_bootstrap(f"/a{os.pathsep}/b"))
     assert twice.split(os.pathsep) == [BOOTSTRAP_DIR, "/a", "/b"]
+    # an empty entry is the working directory to Python: kept (leading, trailing, alone)
+    assert prepend_bootstrap(f"{os.pathsep}/x").split(os.pathsep) == [BOOTSTRAP_DIR, "", "/x"]
+    assert prepend_bootstrap(f"/x{os.pathsep}").split(os.pathsep) == [BOOTSTRAP_DIR, "/x", ""]
     assert exit_status(-15) == 143 and exit_status(4) == 4
     import aim_llama.auto
 
@@ -362,3 +369,83 @@ def test_strict_mode_through_the_launcher_matches_the_import(workdir, repo):
         assert "AIM_SYSTEM_TRACKING_INTERVAL='abc'" in proc.stderr
     assert launched.stderr.strip().count("\n") == 0  # one line, no traceback
     assert run_hashes(repo) == []
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+def test_empty_pythonpath_entries_still_mean_the_working_directory(workdir, tmp_path, propagate):
+    """`export PYTHONPATH=$PYTHONPATH:/x` with PYTHONPATH unset gives `:/x`: the empty entry is
+    the working directory, for the command and (with --no-propagate too) for its children."""
+    (workdir / "localmod.py").write_text("WHERE = __file__\n")
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "app.py").write_text(
+        "import os, subprocess, sys, localmod\n"
+        "print('PARENT', localmod.WHERE)\n"
+        "subprocess.run([sys.executable, '-c', 'import localmod; print(\"CHILD\", localmod.WHERE)'],"
+        " check=True)\n"
+    )
+    args = [] if propagate else ["--no-propagate"]
+    proc = launch([*args, "--", sys.executable, str(scripts / "app.py")], workdir,
+                  env={"PYTHONPATH": f"{os.pathsep}/nonexistent"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"PARENT {workdir / 'localmod.py'}" in proc.stdout
+    assert f"CHILD {workdir / 'localmod.py'}" in proc.stdout
+
+
+@pytest.mark.parametrize("what", ["no shebang", "not a directory"])
+def test_spawn_reports_a_command_it_cannot_execute_in_one_line(workdir, what):
+    target = workdir / "noshebang"
+    target.write_text("echo hi\n")
+    target.chmod(0o755)
+    cmd = "./noshebang" if what == "no shebang" else "./noshebang/x"
+    for mode in (["--spawn"], []):
+        proc = launch([*mode, "--", cmd], workdir)
+        assert proc.returncode == 126, (mode, proc.stderr)
+        assert proc.stderr.startswith("aim-llama run: cannot execute './noshebang")
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_spawn_forwards_a_sigint_sent_to_the_launcher(workdir):
+    """Not from a terminal (no Ctrl-C reached the command itself): the launcher passes it on."""
+    code = ("import time\nprint('READY', flush=True)\n"
+            "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            "    print('CHILD GOT SIGINT', flush=True)\n    raise SystemExit(6)\n")
+    proc = subprocess.Popen(
+        [AIM_LLAMA, "run", "--spawn", "--", sys.executable, "-c", code], cwd=workdir,
+        env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "READY"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 6, err
+    assert "CHILD GOT SIGINT" in out
+
+
+def test_relative_config_and_repo_options_mean_where_the_launcher_ran(workdir):
+    """A child that runs in another directory still reads the same file and writes the same repo."""
+    (workdir / "cfg.toml").write_text('experiment = "relative"\n')
+    (workdir / "sub").mkdir()
+    code = ("import subprocess, sys\nsubprocess.run([sys.executable, '-c', "
+            "'from llama_index.core.llms import MockLLM; MockLLM(max_tokens=2).complete(\"child\")'],"
+            " cwd='sub', check=True)\n")
+    proc = launch(["--config", "cfg.toml", "--repo", "./runs", "--", sys.executable, "-c", code],
+                  workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "does not exist" not in proc.stderr
+    assert not (workdir / "sub" / "runs").exists()
+    run = only_run(workdir / "runs")
+    assert run.experiment == "relative"
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["child"]
+
+
+def test_pythons_a_shell_command_starts_do_not_each_say_they_lack_aim_llama(workdir, tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "aim_llama").mkdir(parents=True)
+    (broken / "aim_llama" / "__init__.py").write_text("raise ImportError('simulated: not installed')\n")
+    py = f'PYTHONPATH="$PYTHONPATH{os.pathsep}{broken}" "{sys.executable}" -c'
+    shell = f"{py} 'print(1)'; {py} 'print(2)'; {py} 'print(3)'; true"
+    proc = launch(["--", "sh", "-c", shell], workdir)
+    assert proc.returncode == 0 and proc.stdout.split() == ["1", "2", "3"], proc.stderr
+    assert "cannot import aim_llama" not in proc.stderr  # the command is sh, not a Python

@@ -163,6 +163,18 @@ BAD: list[tuple[str, dict[str, str], dict[str, str], dict[str, object], list[str
      ["flush_timeout", "AIM_LLAMA_FLUSH_TIMEOUT='0'", "> 0"]),
     ("flush-timeout-nan", {"AIM_LLAMA_FLUSH_TIMEOUT": "nan"}, {}, {},
      ["flush_timeout", "not a number"]),
+    ("flush-timeout-huge", {"AIM_LLAMA_FLUSH_TIMEOUT": "2147484"}, {}, {},
+     ["flush_timeout", "AIM_LLAMA_FLUSH_TIMEOUT='2147484'", "2147484 is more than a day", "86400"]),
+    ("interval-huge", {"AIM_SYSTEM_TRACKING_INTERVAL": "99999999999999999999"}, {}, {},
+     ["system_tracking_interval", "more than a day", "from 1 to 86400"]),
+    ("config-name-too-long", {"AIM_LLAMA_CONFIG": "a" * 300}, {}, {},
+     ["cannot be checked", "File name too long", "env AIM_LLAMA_CONFIG"]),
+    ("config-unknown-user", {"AIM_LLAMA_CONFIG": "~nosuchuser-aimllama/x.toml"}, {}, {},
+     ["'~nosuchuser-aimllama/x.toml'", "env AIM_LLAMA_CONFIG", "cannot be found"]),
+    ("pyproject-tool-not-a-table", {}, {"pyproject.toml": "tool = 5\n"}, {},
+     ["pyproject.toml: tool = 5 is not a table", "[tool.aim_llama] table"]),
+    ("pyproject-table-not-a-table", {}, {"pyproject.toml": "[tool]\naim_llama = 'on'\n"}, {},
+     ["pyproject.toml: tool.aim_llama = 'on' is not a table"]),
     ("writer-choice", {"AIM_LLAMA_WRITER": "fork"}, {}, {},
      ["writer", "env AIM_LLAMA_WRITER='fork'", "process or thread"]),
     ("kwarg-unknown", {}, {}, {"experimant": "x"},
@@ -194,8 +206,48 @@ def test_bad_input_gives_one_clear_line(
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
-def test_at_least_25_bad_inputs_are_covered() -> None:
-    assert len(BAD) >= 25
+def test_a_table_comes_whole_from_its_highest_source(cwd: Path) -> None:
+    """`run_params` from instrument() replaces the file's table (no merging across sources), a
+    pyproject table that is overridden is not validated, and `environ=` is the only environment."""
+    (cwd / "pyproject.toml").write_text('[tool.aim_llama.run_params]\n"__bad" = 1\n')
+    (cwd / "aim_llama.toml").write_text("queue_size = 300\n[run_params]\nteam = 'search'\n")
+    loaded = load_settings({"run_params": {"x": 1}}, environ={})
+    assert loaded.settings.run_params == {"x": 1}
+    assert loaded.sources["run_params"] == "instrument()"
+    from_file = load_settings(environ={})
+    assert from_file.settings.run_params == {"team": "search"}
+    assert from_file.sources["run_params"] == "aim_llama.toml: run_params"
+    os.environ["AIM_LLAMA_QUEUE_SIZE"] = "400"  # the cwd fixture restores the environment
+    try:
+        assert load_settings(environ={}).settings.queue_size == 300
+        assert load_settings().settings.queue_size == 400
+    finally:
+        del os.environ["AIM_LLAMA_QUEUE_SIZE"]
+
+
+def test_a_deleted_working_directory_reads_no_files(cwd: Path) -> None:
+    gone = cwd / "gone"
+    gone.mkdir()
+    os.chdir(gone)
+    gone.rmdir()
+    loaded = load_settings(environ={"AIM_EXPERIMENT": "e"})
+    assert loaded.settings.experiment == "e" and loaded.sources["repo"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("text", "patterns"),
+    [
+        ("sk-[a-z]{20,}", ["sk-[a-z]{20,}"]),
+        ("sk-[a-z]{20,},ghp_\\w+", ["sk-[a-z]{20,}", "ghp_\\w+"]),
+        ("[,;]x, (a,b)c", ["[,;]x", "(a,b)c"]),
+        ("[]a,]b,c", ["[]a,]b", "c"]),
+        ("a\\,b,c", ["a\\,b", "c"]),
+        ("x{1,3}\ny", ["x{1,3}", "y"]),
+    ],
+)
+def test_redact_patterns_split_on_commas_only_between_patterns(
+        cwd: Path, text: str, patterns: list[str]) -> None:
+    assert load_settings(environ={"AIM_LLAMA_REDACT": text}).settings.redact == patterns
 
 
 def test_unreadable_file_as_a_bad_encoding(cwd: Path) -> None:

@@ -22,6 +22,7 @@ ALLOWED = {
     "aim_llama.importhook",
     "aim_llama.launcher",
     "aim_llama.launcher.startup",
+    "aim_llama.switches",
     "sitecustomize",
 }
 

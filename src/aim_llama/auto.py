@@ -34,15 +34,33 @@ def _env_is(name: str, words: set[str]) -> bool:
 def strip_bootstrap_from_env(environ: dict[str, str] | None = None) -> None:
     """Remove the launcher's bootstrap directory from PYTHONPATH so child processes start plain."""
     env = os.environ if environ is None else environ
-    entries = env.get("PYTHONPATH", "").split(os.pathsep)
-    kept = [e for e in entries if e and os.path.normcase(os.path.abspath(e)) != _BOOTSTRAP_KEY]
-    if len(kept) == len([e for e in entries if e]):
+    value = env.get("PYTHONPATH", "")
+    if not value:
+        return
+    entries = value.split(os.pathsep)
+    # An empty entry means the working directory to Python: it is the user's, keep it.
+    kept = [e for e in entries if not e or os.path.normcase(os.path.abspath(e)) != _BOOTSTRAP_KEY]
+    if len(kept) == len(entries):
         return
     if kept:
         env["PYTHONPATH"] = os.pathsep.join(kept)
     else:
         env.pop("PYTHONPATH", None)
 
+
+
+def _strict() -> bool:
+    """Strict mode from the environment or a TOML file (a file is parsed only if it says `strict`)."""
+    if _env_is("AIM_LLAMA_STRICT", _TRUE):
+        return True
+    if _env_is("AIM_LLAMA_STRICT", _FALSE):
+        return False
+    try:
+        from .switches import switch
+
+        return switch("strict", quick=True) is True
+    except Exception:
+        return False
 
 
 def _mark_spawned_child() -> None:
@@ -81,7 +99,7 @@ def activate() -> None:
     if _env_is(PROPAGATE_ENV, _FALSE):
         strip_bootstrap_from_env()
     _mark_spawned_child()
-    if _env_is("AIM_LLAMA_STRICT", _TRUE):
+    if _strict():
         # Strict mode wants configuration errors at the import line, so validate eagerly.
         from .settings import load_settings
 

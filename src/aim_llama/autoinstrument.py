@@ -24,8 +24,6 @@ from .log import warn_once
 log = logging.getLogger("aim_llama")
 
 _lock = threading.RLock()
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
-_FALSE = {"0", "false", "no", "off", "n", "f"}
 
 
 @dataclass
@@ -45,36 +43,15 @@ _atexit_registered = False
 _fork_hook_registered = False
 
 
-def _env_flag(name: str) -> bool | None:
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    return None
-
-
-def _strict_requested(overrides: dict[str, Any]) -> bool:
-    """Best-effort strictness when the configuration itself could not be validated."""
-    if "strict" in overrides:
-        return overrides["strict"] in (True, "true", "1", 1)
-    env = _env_flag("AIM_LLAMA_STRICT")
-    if env is not None:
-        return env
+def _switch(name: str, overrides: dict[str, Any]) -> bool | None:
+    """`enabled` / `strict` from the highest source that sets it, read on its own (switches.py):
+    known even when another setting is invalid; never raises."""
     try:
-        from .settings import config_file_path
+        from .switches import switch
 
-        path, _ = config_file_path(os.environ)
-        if path is not None and path.is_file():
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover
-                import tomli as tomllib
-            with open(path, "rb") as fh:
-                return tomllib.load(fh).get("strict") is True
+        return switch(name, overrides=overrides)
     except Exception:
-        return False
-    return False
+        return None
 
 
 def _report_config_error(exc: ConfigError) -> None:
@@ -99,16 +76,27 @@ def instrument(**overrides: Any) -> bool:
             if overrides:
                 log.debug("aim-llama is already instrumented; ignoring %s", sorted(overrides))
             return True
-        if "enabled" not in overrides and _env_flag("AIM_LLAMA_ENABLED") is False:
+        if _switch("enabled", overrides) is False:
             return False  # the kill switch wins even over a broken configuration
         try:
             from .settings import load_settings
 
             loaded = load_settings(overrides)
         except ConfigError as exc:
-            if _strict_requested(overrides):
+            if _switch("strict", overrides):
                 raise
             _report_config_error(exc)
+            return False
+        except Exception as exc:  # anything else reading the configuration: still fail open
+            if _switch("strict", overrides):
+                raise
+            warn_once(
+                f"config:{type(exc).__name__}",
+                "could not read aim-llama's configuration (%s: %s) — running without Aim "
+                "instrumentation",
+                type(exc).__name__,
+                exc,
+            )
             return False
         settings = loaded.settings
         if not settings.enabled:

@@ -18,6 +18,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"aim-llama: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # reading the configuration failed some other way: still one line
+        print(f"aim-llama: error: could not read the configuration ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 1
     rows: list[dict[str, Any]] = []
     for name, value in loaded.settings.model_dump().items():
         rows.append(

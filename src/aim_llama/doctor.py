@@ -50,6 +50,9 @@ def check_config() -> tuple[Check, Any]:
     except ConfigError as exc:
         return Check("config", False, str(exc),
                      "correct that value; `aim-llama config` lists every setting and its source"), None
+    except Exception as exc:  # reading the configuration failed some other way
+        return Check("config", False, f"could not read the configuration ({type(exc).__name__}: "
+                     f"{exc})", "check AIM_LLAMA_CONFIG and the working directory"), None
     settings = loaded.settings
     where = loaded.sources.get("repo", "default")
     detail = f"valid; repo = {settings.repo or '(default: ./.aim)'} ({where})"
@@ -137,8 +140,9 @@ def _newer(a: str, b: str) -> bool:
     return parts(a) > parts(b)
 
 
-def probe(settings: Any, timeout: float) -> Check:
-    """Write a run through aim-llama's writer path (`RunSink`), read it back through Aim, delete it."""
+def probe(settings: Any, timeout: float, keep: bool = False) -> Check:
+    """Write a run through aim-llama's writer path (`RunSink`), read it back through Aim, and
+    delete it (unless `keep`: then it stays, to be looked at in `aim up`)."""
     from .aimrun import RunConfig, RunSink, resolve_repo
     from .records import Param, Track
 
@@ -164,7 +168,7 @@ def probe(settings: Any, timeout: float) -> Check:
                      f"run {run_hash}: {sink.lost} of 3 records not stored within {timeout:g}s",
                      "check the server's log and disk space; raise AIM_LLAMA_FLUSH_TIMEOUT")
     try:
-        got_token, values = _read_back(resolve_repo(settings.repo), run_hash)
+        got_token, values = _read_back(resolve_repo(settings.repo), run_hash, keep)
     except Exception as exc:
         return Check("probe", False, f"run {run_hash} written but not readable: "
                      f"{remote.describe_failure(exc)}", "check the repo with `aim runs ls`")
@@ -172,12 +176,14 @@ def probe(settings: Any, timeout: float) -> Check:
         return Check("probe", False, f"run {run_hash} read back wrong data ({got_token!r}, "
                      f"{values!r})", "the repo may be shared with an incompatible Aim version")
     took = time.monotonic() - started
+    done = f"kept it (experiment {PROBE_EXPERIMENT!r})" if keep else "removed it"
     return Check("probe", True, f"wrote run {run_hash} (param, metric, text), read it back and "
-                 f"removed it in {took:.1f}s")
+                 f"{done} in {took:.1f}s")
 
 
-def _read_back(repo: str, run_hash: str) -> tuple[Any, list[float]]:
-    """Reopen the run through Aim's SDK (works for local and aim:// repos), then delete it."""
+def _read_back(repo: str, run_hash: str, keep: bool = False) -> tuple[Any, list[float]]:
+    """Reopen the run through Aim's SDK (works for local and aim:// repos), then delete it
+    unless `keep`."""
     from aim import Repo, Run  # type: ignore[attr-defined]
     from aim.storage.context import Context
 
@@ -193,6 +199,8 @@ def _read_back(repo: str, run_hash: str) -> tuple[Any, list[float]]:
         values = [] if metric is None else [float(v) for v in metric.data.items_list()[1][0]]
     finally:
         run.close()
+    if keep:
+        return token, values
     aim_repo = Repo.from_path(repo)
     for config, container in list(aim_repo.container_pool.items()):
         if run_hash in str(config):
@@ -201,7 +209,7 @@ def _read_back(repo: str, run_hash: str) -> tuple[Any, list[float]]:
     return token, values
 
 
-def run_checks(with_probe: bool, timeout: float) -> list[Check]:
+def run_checks(with_probe: bool, timeout: float, keep_probe: bool = False) -> list[Check]:
     """Every check, in order; stops before the repo checks when the configuration is invalid."""
     config_check, settings = check_config()
     checks = [config_check]
@@ -213,7 +221,7 @@ def run_checks(with_probe: bool, timeout: float) -> list[Check]:
         checks += check_local(settings.repo)
     if with_probe:
         if all(c.ok for c in checks):
-            checks.append(probe(settings, timeout))
+            checks.append(probe(settings, timeout, keep_probe))
         else:
             checks.append(Check("probe", False, "skipped: an earlier check failed",
                                 "fix the failures above first"))
@@ -229,6 +237,8 @@ def add_doctor_parser(subparsers: Any, func: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--probe", action="store_true",
                         help="also write a small run through aim-llama, read it back, delete it")
+    parser.add_argument("--keep-probe", action="store_true",
+                        help="with --probe: leave the probe run in the repo (to see it in aim up)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="network and probe timeout (default 5)")
     parser.set_defaults(func=func)
@@ -237,7 +247,7 @@ def add_doctor_parser(subparsers: Any, func: Any) -> argparse.ArgumentParser:
 
 def doctor_command(args: argparse.Namespace) -> int:
     """Print one line per check; 0 when all passed, 1 otherwise."""
-    checks = run_checks(bool(args.probe), float(args.timeout))
+    checks = run_checks(bool(args.probe), float(args.timeout), bool(args.keep_probe))
     for check in checks:
         print(check.line())
     failed = [c for c in checks if not c.ok]

@@ -20,9 +20,11 @@ if TYPE_CHECKING:  # pragma: no cover
 class _NotifyingLoader:
     """Wraps the real loader; after `exec_module` it restores the real loader and calls back."""
 
-    def __init__(self, loader: Any, callback: Callable[[], None]) -> None:
+    def __init__(self, loader: Any, callback: Callable[[], None],
+                 finder: PostImportFinder | None = None) -> None:
         self._loader = loader
         self._callback = callback
+        self._finder = finder
 
     def create_module(self, spec: Any) -> Any:
         return self._loader.create_module(spec)
@@ -35,7 +37,14 @@ class _NotifyingLoader:
             module.__loader__ = self._loader
         except Exception:
             pass
-        self._loader.exec_module(module)
+        try:
+            self._loader.exec_module(module)
+        except BaseException:
+            # The import failed (and Python drops the half-made module): watch again, so an
+            # application that retries the import is still instrumented when it succeeds.
+            if self._finder is not None and self._finder not in sys.meta_path:
+                sys.meta_path.insert(0, self._finder)
+            raise
         self._callback()
 
     def __getattr__(self, name: str) -> Any:
@@ -70,7 +79,7 @@ class PostImportFinder:
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return None
         remove(self)
-        spec.loader = _NotifyingLoader(spec.loader, self.callback)
+        spec.loader = _NotifyingLoader(spec.loader, self.callback, self)
         return spec
 
 

@@ -8,10 +8,12 @@ what is allowed.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +25,22 @@ from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
-    PyprojectTomlConfigSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from .errors import ConfigError
+from .switches import CONFIG_ENV, DEFAULT_TOML, PYPROJECT
 
-CONFIG_ENV = "AIM_LLAMA_CONFIG"
-DEFAULT_TOML = "aim_llama.toml"
-PYPROJECT = "pyproject.toml"
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Set while `load_settings` validates the values it has already gathered from every source:
+# the model then reads no source of its own (pydantic-settings would read them all again and
+# deep-merge tables across sources).
+_GATHERED: contextvars.ContextVar[bool] = contextvars.ContextVar("aim_llama_gathered", default=False)
+MAX_SECONDS = 86_400  # a day: longer waits and intervals are mistakes (and overflow timeouts)
 
 # LlamaIndex's CBEventType values (llama_index.core.callbacks.schema). Kept here so that
 # validating a configuration never imports LlamaIndex; a test checks they stay in sync.
@@ -59,7 +67,7 @@ _OFF_WORDS = {"none", "off", "false", "no", "disable", "disabled"}
 ALLOWED: dict[str, str] = {
     "repo": "a directory path or aim://host:port",
     "experiment": "any non-empty experiment name",
-    "system_tracking_interval": "a whole number of seconds >= 1, or none/off/0 to disable",
+    "system_tracking_interval": "a whole number of seconds from 1 to 86400, or none/off/0 to disable",
     "log_system_params": "true or false",
     "capture_terminal_logs": "true or false",
     "event_starts_to_ignore": "LlamaIndex event types: " + ", ".join(EVENT_TYPES),
@@ -68,19 +76,57 @@ ALLOWED: dict[str, str] = {
     "enabled": "true or false",
     "strict": "true or false",
     "queue_size": "a whole number of records >= 100",
-    "flush_timeout": "a number of seconds > 0 (e.g. 10 or 2.5)",
+    "flush_timeout": "a number of seconds > 0 and <= 86400 (e.g. 10 or 2.5)",
     "writer": "process or thread",
     "propagate": "true or false",
     "capture_content": "true or false",
     "max_text_length": "a whole number of characters >= 1, or none/off/0 for no limit",
-    "redact": "regular expressions (JSON list, or comma/newline separated in env; list in TOML)",
+    "redact": "regular expressions (JSON list, or separated by newlines or by commas outside "
+              "brackets and braces in env; list in TOML)",
     "redact_secrets": "true or false",
     "sample_rate": "a number from 0 to 1 (fraction of root requests whose texts are recorded)",
 }
 
 
-def _as_list(value: Any, separators: str, what: str) -> list[Any]:
-    """A list from a JSON list, text split on `separators`, or a list/tuple (None: empty)."""
+def _split_patterns(text: str) -> list[str]:
+    """Regular expressions separated by newlines, or by commas outside groups, character
+    classes and counts (so `sk-[a-z]{20,}` stays one pattern); `\\,` is part of its pattern."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0  # open ( and {
+    in_class = False
+    class_start = 0  # where the current character class began (its first `]` is literal)
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            if char == "]" and len(current) > class_start:
+                in_class = False
+        elif char == "[":
+            in_class = True
+            class_start = len(current) + 1
+        elif char in "({":
+            depth += 1
+        elif char in ")}" and depth:
+            depth -= 1
+        elif char == "\n" or (char == "," and depth == 0):
+            parts.append("".join(current))
+            current = []
+            continue
+        if in_class and char == "^" and len(current) == class_start:
+            class_start += 1  # `[^]...]`: the `]` after `^` is literal too
+        current.append(char)
+    parts.append("".join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _as_list(value: Any, split: Any, what: str, json_or_text: bool = False) -> list[Any]:
+    """A list from a JSON list, text cut by `split`, or a list/tuple (None: empty).
+    `json_or_text`: text that starts with `[` but is no JSON list is cut instead (a regular
+    expression may well start with a character class)."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -89,9 +135,11 @@ def _as_list(value: Any, separators: str, what: str) -> list[Any]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"not a valid JSON list ({exc.msg})") from None
+                if not json_or_text:
+                    raise ValueError(f"not a valid JSON list ({exc.msg})") from None
+                value = split(text)
         else:
-            value = [part.strip() for part in re.split(f"[{separators}]", text) if part.strip()]
+            value = split(text)
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"must be a list of {what}")
     return list(value)
@@ -99,7 +147,8 @@ def _as_list(value: Any, separators: str, what: str) -> list[Any]:
 
 def _parse_event_list(value: Any) -> Any:
     """Accept a JSON list, a comma-separated string, or a list; normalise names to lower case."""
-    value = _as_list(value, ",", "event types")
+    value = _as_list(value, lambda text: [p.strip() for p in text.split(",") if p.strip()],
+                     "event types")
     names: list[str] = []
     for item in value:
         if not isinstance(item, str):
@@ -117,7 +166,7 @@ def _parse_event_list(value: Any) -> Any:
 
 def _parse_regex_list(value: Any) -> Any:
     """Accept a JSON list, comma/newline-separated text, or a list; every item must compile."""
-    value = _as_list(value, "\n,", "regular expressions")
+    value = _as_list(value, _split_patterns, "regular expressions", json_or_text=True)
     for item in value:
         if not isinstance(item, str) or not item:
             raise ValueError(f"{item!r} is not a regular expression")
@@ -153,7 +202,6 @@ class AimLlamaSettings(BaseSettings):
         extra="forbid",
         populate_by_name=True,
         validate_default=True,
-        pyproject_toml_table_header=("tool", "aim_llama"),
         frozen=True,
     )
 
@@ -198,12 +246,14 @@ class AimLlamaSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """kwargs > env (exact names, empty = unset) > TOML file > pyproject.toml > defaults."""
-        return (
-            init_settings,
-            ExactEnvSource(settings_cls),
-            *_file_sources(settings_cls, os.environ),
-        )
+        """kwargs > env (exact names, empty = unset) > TOML file > pyproject.toml > defaults.
+
+        Built directly (`AimLlamaSettings()`), the model reads them through `_SourceLayers`;
+        `load_settings` reads them itself (it names each value's source in errors) and
+        validates what it gathered."""
+        if _GATHERED.get():
+            return (init_settings,)
+        return (init_settings, _SourceLayers(settings_cls))
 
     @field_validator("repo", "experiment", mode="before")
     @classmethod
@@ -228,7 +278,10 @@ class AimLlamaSettings(BaseSettings):
     @field_validator("system_tracking_interval", mode="before")
     @classmethod
     def _interval(cls, value: Any) -> Any:
-        return _positive_or_off(value, "seconds")
+        seconds = _positive_or_off(value, "seconds")
+        if seconds is not None and seconds > MAX_SECONDS:
+            raise ValueError(f"{seconds} is more than a day ({MAX_SECONDS})")
+        return seconds
 
     @field_validator(
         "log_system_params", "capture_terminal_logs", "enabled", "strict", "propagate",
@@ -270,8 +323,10 @@ class AimLlamaSettings(BaseSettings):
     @classmethod
     def _flush_timeout(cls, value: Any) -> Any:
         value = _number(value)
-        if value <= 0 or value == float("inf"):
-            raise ValueError(f"{value} is not > 0 and finite")
+        if value <= 0:
+            raise ValueError(f"{value:.10g} is not > 0")
+        if value > MAX_SECONDS:
+            raise ValueError(f"{value:.10g} is more than a day ({MAX_SECONDS})")
         return float(value)
 
     @field_validator("max_text_length", mode="before")
@@ -363,25 +418,30 @@ class ExactEnvSource(PydanticBaseSettingsSource):
         return values
 
 
-def _file_sources(
-    settings_cls: type[BaseSettings], environ: Mapping[str, str]
-) -> list[PydanticBaseSettingsSource]:
-    toml_path, _ = config_file_path(environ)
-    sources: list[PydanticBaseSettingsSource] = []
-    if toml_path is not None and toml_path.is_file():
-        sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-    # Always present (an absent file reads as empty) so pydantic-settings sees the table header used.
-    sources.append(PyprojectTomlConfigSettingsSource(settings_cls, toml_file=Path.cwd() / PYPROJECT))
-    return sources
+def _cwd() -> Path | None:
+    """The working directory, or None when it was deleted (then no file is read from it)."""
+    try:
+        return Path.cwd()
+    except OSError:
+        return None
 
 
 def config_file_path(environ: Mapping[str, str]) -> tuple[Path | None, bool]:
-    """The TOML file to read and whether the user named it explicitly (then it must exist)."""
+    """The TOML file to read and whether the user named it explicitly (then it must exist);
+    None when not named and the working directory is gone."""
     explicit = environ.get(CONFIG_ENV, "").strip()
     if explicit:
-        return Path(explicit).expanduser(), True
-    default = Path.cwd() / DEFAULT_TOML
-    return default, False
+        try:
+            return Path(explicit).expanduser(), True
+        except RuntimeError as exc:  # `~user/...` for a user that does not exist
+            raise ConfigError(
+                f"config file {explicit!r} named by env {CONFIG_ENV} cannot be found: {exc}; "
+                "point it at a readable TOML file or unset it",
+                setting=CONFIG_ENV,
+                source=f"env {CONFIG_ENV}",
+            ) from None
+    cwd = _cwd()
+    return (None if cwd is None else cwd / DEFAULT_TOML), False
 
 
 @dataclass(frozen=True)
@@ -405,31 +465,43 @@ def _describe(source_kind: str, field: str, value: Any, file_label: str = "") ->
     return f"{file_label}: {field} = {_fmt_value(value)}"
 
 
-def _read_toml_source(
-    source_factory: Any, path: Path, label: str, table: str
-) -> dict[str, Any]:
-    """Read one TOML file through pydantic-settings, turning every failure into a ConfigError."""
+def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str) -> dict[str, Any]:
+    """aim-llama's table of one TOML file; every failure becomes a one-line ConfigError."""
     try:
-        data: dict[str, Any] = dict(source_factory().toml_data)
+        with open(path, "rb") as fh:
+            doc: Any = tomllib.load(fh)
     except PermissionError:
         raise ConfigError(
             f"cannot read config file {path}: permission denied; make it readable or set "
             f"{CONFIG_ENV} to another file",
             setting=CONFIG_ENV,
-            source=str(path),
+            source=source,
         ) from None
     except OSError as exc:
         raise ConfigError(
-            f"cannot read config file {path}: {exc.strerror or exc}", setting=CONFIG_ENV,
-            source=str(path),
+            f"cannot read config file {path}: {exc.strerror or exc}; make it a readable TOML "
+            f"file or set {CONFIG_ENV} to another file",
+            setting=CONFIG_ENV,
+            source=source,
         ) from None
-    except Exception as exc:  # tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError …
+    except Exception as exc:  # tomllib.TOMLDecodeError, UnicodeDecodeError …
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
             f"{label} is not valid TOML: {detail}; fix the syntax (https://toml.io)",
-            setting=table or None,
+            setting=".".join(table) or None,
             source=str(path),
         ) from None
+    for depth, part in enumerate(table):
+        doc = doc.get(part, {})
+        if not isinstance(doc, dict):
+            name = ".".join(table[: depth + 1])
+            raise ConfigError(
+                f"{path.name}: {name} = {_fmt_value(doc)} is not a table; aim-llama's "
+                f"settings go in a [{'.'.join(table)}] table",
+                setting=".".join(table),
+                source=str(path),
+            )
+    data: dict[str, Any] = doc
     unknown = [key for key in data if key not in FIELDS]
     if unknown:
         key = unknown[0]
@@ -443,35 +515,40 @@ def _read_toml_source(
     return data
 
 
-def load_settings(
-    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-) -> LoadedSettings:
-    """Read every source in precedence order and validate; raise ConfigError (one line) if invalid."""
-    env = os.environ if environ is None else environ
-    overrides = dict(overrides or {})
-    layers: list[tuple[str, str, dict[str, Any]]] = []  # (kind, label, values), lowest first
+def _exists(path: Path, explicit: bool) -> bool:
+    """Whether the config file exists; a path the system rejects is a one-line ConfigError."""
+    try:
+        return path.exists()
+    except OSError as exc:  # a name too long, a directory on the way that cannot be entered …
+        raise ConfigError(
+            f"config file {str(path)[:200]!r}{' named by env ' + CONFIG_ENV if explicit else ''} "
+            f"cannot be checked: {exc.strerror or exc}; "
+            f"{'point ' + CONFIG_ENV + ' at' if explicit else 'use'} a readable TOML file",
+            setting=CONFIG_ENV,
+            source=f"env {CONFIG_ENV}" if explicit else str(path)[:200],
+        ) from None
 
-    pyproject = Path.cwd() / PYPROJECT
-    if pyproject.is_file():
+
+def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(kind, label, values) of pyproject.toml's [tool.aim_llama] and the TOML file, lowest
+    precedence first; any problem with them is a one-line ConfigError."""
+    layers: list[tuple[str, str, dict[str, Any]]] = []
+    cwd = _cwd()
+    pyproject = None if cwd is None else cwd / PYPROJECT
+    if pyproject is not None and _exists(pyproject, False) and pyproject.is_file():
         label = f"{PYPROJECT} [tool.aim_llama]"
-        data = _read_toml_source(
-            lambda: PyprojectTomlConfigSettingsSource(AimLlamaSettings, toml_file=pyproject),
-            pyproject,
-            label,
-            "tool.aim_llama",
-        )
+        data = _read_toml(pyproject, label, ("tool", "aim_llama"), str(pyproject))
         layers.append(("file", label, data))
 
     toml_path, explicit = config_file_path(env)
-    assert toml_path is not None
-    if explicit and not toml_path.exists():
+    if toml_path is not None and explicit and not _exists(toml_path, True):
         raise ConfigError(
             f"config file {str(toml_path)!r} named by env {CONFIG_ENV} does not exist; "
             "point it at a readable TOML file or unset it",
             setting=CONFIG_ENV,
             source=f"env {CONFIG_ENV}",
         )
-    if toml_path.exists():
+    if toml_path is not None and _exists(toml_path, explicit):
         if toml_path.is_dir():
             raise ConfigError(
                 f"config file {str(toml_path)!r} is a directory; "
@@ -480,12 +557,34 @@ def load_settings(
                 source=f"env {CONFIG_ENV}" if explicit else str(toml_path),
             )
         label = str(toml_path) if explicit else toml_path.name
-        path = toml_path
-        data = _read_toml_source(
-            lambda: TomlConfigSettingsSource(AimLlamaSettings, toml_file=path), path, label, ""
-        )
+        data = _read_toml(toml_path, label, (),
+                          f"env {CONFIG_ENV}" if explicit else str(toml_path))
         layers.append(("file", label, data))
 
+    return layers
+
+
+class _SourceLayers(PydanticBaseSettingsSource):
+    """The environment and the files, each value whole from its highest source (direct builds)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: `__call__` reads everything at once
+
+    def __call__(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for _kind, _label, values in [*_file_layers(os.environ),
+                                      ("env", "env", ExactEnvSource(self.settings_cls)())]:
+            merged.update(values)
+        return merged
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> LoadedSettings:
+    """Read every source in precedence order and validate; raise ConfigError (one line) if invalid."""
+    env = os.environ if environ is None else environ
+    overrides = dict(overrides or {})
+    layers = _file_layers(env)
     layers.append(("env", "env", ExactEnvSource(AimLlamaSettings, env)()))
 
     for key in overrides:
@@ -506,10 +605,13 @@ def load_settings(
             merged[key] = value
             origin[key] = (kind, label)
 
+    token = _GATHERED.set(True)
     try:
         settings = AimLlamaSettings.model_validate(merged)
     except ValidationError as exc:
         raise _to_config_error(exc, merged, origin) from None
+    finally:
+        _GATHERED.reset(token)
 
     sources = {}
     for name in FIELDS:

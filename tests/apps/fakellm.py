@@ -9,9 +9,11 @@ so provider token counts can be checked exactly.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -176,6 +178,8 @@ class RuleLLM(CustomLLM):
     tool_name: str = "docs"
     calls: int = 0
     fail_after: int | None = None  # streams raise RuntimeError after this many chunks
+    first_delay: float = 0.0  # seconds before a stream's first chunk (time to first token)
+    chunk_delay: float = 0.0  # seconds between a stream's chunks
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -208,6 +212,7 @@ class RuleLLM(CustomLLM):
         def gen() -> Generator[CompletionResponse, None, None]:
             so_far = ""
             for i, word in enumerate(text.split(" ")):
+                time.sleep(self.first_delay if i == 0 else self.chunk_delay)
                 if self.fail_after is not None and i >= self.fail_after:
                     raise RuntimeError("stream broke")
                 delta = word if not so_far else " " + word
@@ -215,3 +220,23 @@ class RuleLLM(CustomLLM):
                 yield CompletionResponse(text=so_far, delta=delta)
 
         return gen()
+
+
+class WordEmbedding(BaseEmbedding):
+    """Offline embeddings that tell texts apart: counts of a few words, so retrieval scores
+    differ from node to node (MockEmbedding gives every node the same score)."""
+
+    vocabulary: tuple[str, ...] = ("topic", "0", "1", "2", "document", "number", "which")
+
+    def _vector(self, text: str) -> list[float]:
+        words = text.lower().replace(".", " ").replace("?", " ").split()
+        return [words.count(w) + 0.1 * (i + 1) for i, w in enumerate(self.vocabulary)]
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self._vector(query)
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return self._vector(query)
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._vector(text)

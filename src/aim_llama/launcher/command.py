@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..switches import switch
 from . import BOOTSTRAP_DIR
 
 PROPAGATE_ENV = "AIM_LLAMA_PROPAGATE"
@@ -87,10 +87,6 @@ def env_for(name: str) -> str | None:
     return ENV_NAMES.get(key.lower()) or (key.upper() if key.upper() in ENV_NAMES.values() else None)
 
 
-_FALSE = {"0", "false", "no", "off", "n", "f"}
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
-
-
 def _dest(opt: Option) -> str:
     return "opt_" + opt.flag[2:].replace("-", "_")
 
@@ -138,40 +134,14 @@ def add_run_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -
     return parser
 
 
-def _toml_propagate(environ: Mapping[str, str]) -> str | None:
-    """`propagate` from the TOML files (explicit config, ./aim_llama.toml, pyproject), cheaply.
-
-    Only this one key is read here (no pydantic); the child validates the whole file itself.
-    """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    explicit = environ.get("AIM_LLAMA_CONFIG", "").strip()
-    candidates: list[tuple[Path, tuple[str, ...]]] = []
-    if explicit:
-        candidates.append((Path(explicit).expanduser(), ()))
-    else:
-        candidates.append((Path.cwd() / "aim_llama.toml", ()))
-    candidates.append((Path.cwd() / "pyproject.toml", ("tool", "aim_llama")))
-    for path, table in candidates:
-        try:
-            with open(path, "rb") as fh:
-                data: Any = tomllib.load(fh)
-        except (OSError, ValueError):
-            continue
-        for key in table:
-            data = data.get(key, {}) if isinstance(data, dict) else {}
-        if isinstance(data, dict) and "propagate" in data:
-            return str(data["propagate"]).lower()
-    return None
-
-
 def prepend_bootstrap(pythonpath: str | None) -> str:
-    """PYTHONPATH with the bootstrap directory first (and only once)."""
+    """PYTHONPATH with the bootstrap directory first (and only once); the user's entries stay
+    as they were, empty ones included (Python reads an empty entry as the working directory)."""
     key = os.path.normcase(BOOTSTRAP_DIR)
-    rest = [p for p in (pythonpath or "").split(os.pathsep)
-            if p and os.path.normcase(os.path.abspath(p)) != key]
+    if not pythonpath:
+        return BOOTSTRAP_DIR
+    rest = [p for p in pythonpath.split(os.pathsep)
+            if not p or os.path.normcase(os.path.abspath(p)) != key]
     return os.pathsep.join([BOOTSTRAP_DIR, *rest])
 
 
@@ -189,12 +159,42 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
         given = getattr(args, _dest(opt), None)
         if given is not None:
             env[opt.env] = str(given)
-    propagate = env.get(PROPAGATE_ENV, "").strip().lower() or _toml_propagate(env)
-    if propagate in _FALSE:
+    for var in _PATHS:  # given on this command line: relative to where it was typed
+        if var in given_here(args) and env.get(var, "").strip():
+            env[var] = _absolute(env[var])
+    if switch("propagate", env) is False:
         env[PROPAGATE_ENV] = "false"  # the bootstrap takes itself off PYTHONPATH for grandchildren
     env["PYTHONPATH"] = prepend_bootstrap(env.get("PYTHONPATH"))
-    env[LAUNCHED_ENV] = "1"  # the first Python process reports if it cannot import aim_llama
+    # Only the command's own process may say that it cannot import aim_llama (see the bootstrap):
+    # exec keeps the launcher's pid; a spawned command is the launcher's child.
+    mode = "ppid" if getattr(args, "spawn", False) or os.name == "nt" else "pid"
+    env[LAUNCHED_ENV] = f"{mode}={os.getpid()}"
     return env
+
+
+_PATHS = ("AIM_REPO", "AIM_LLAMA_CONFIG")
+
+
+def given_here(args: argparse.Namespace) -> set[str]:
+    """The env vars this command line sets (options and `--set`)."""
+    names = {opt.env for opt in OPTIONS if getattr(args, _dest(opt), None) is not None}
+    for item in getattr(args, "opt_set", None) or []:
+        name, sep, _ = str(item).partition("=")
+        var = env_for(name) if sep else None
+        if var is not None:
+            names.add(var)
+    return names
+
+
+def _absolute(value: str) -> str:
+    """A path made absolute against the launcher's working directory; URLs stay as they are."""
+    text = value.strip()
+    if "://" in text:
+        return value
+    try:
+        return os.path.abspath(os.path.expanduser(text))
+    except (OSError, RuntimeError):  # deleted working directory, unknown ~user: the child says so
+        return value
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -209,19 +209,31 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-_FORWARDED = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+_FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+
+
+def _from_terminal() -> bool:
+    """Whether a SIGINT most likely came from the terminal's Ctrl-C: the launcher is in the
+    terminal's foreground process group, so the command (in the same group) got it too."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        try:
+            if stream is not None and stream.isatty():
+                return os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def _spawn(cmd: list[str], env: dict[str, str]) -> int:
-    try:
-        proc = subprocess.Popen(cmd, env=env)
-    except FileNotFoundError:
-        return _not_found(cmd)
-    except PermissionError as exc:
-        print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 126
+    proc: subprocess.Popen[bytes] | None = None
+    pending: list[int] = []  # signals that came before the command was started
 
     def forward(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and _from_terminal():
+            return  # Ctrl-C reached the whole foreground group: the command has it already
+        if proc is None:
+            pending.append(signum)
+            return
         try:
             proc.send_signal(signum)
         except OSError:
@@ -232,9 +244,17 @@ def _spawn(cmd: list[str], env: dict[str, str]) -> int:
         signum = getattr(signal, name, None)
         if signum is not None:
             previous[signum] = signal.signal(signum, forward)
-    # Ctrl-C reaches the whole foreground process group already; let the command handle it.
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        try:
+            proc = subprocess.Popen(cmd, env=env)
+        except FileNotFoundError:
+            return _not_found(cmd)
+        except OSError as exc:  # permission, "Exec format error", a file on the way …
+            print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 126
+        for signum in pending:
+            forward(signum, None)
         return exit_status(proc.wait())
     finally:
         for signum, handler in previous.items():
@@ -265,10 +285,8 @@ def run_command(args: argparse.Namespace) -> int:
         os.execvpe(cmd[0], cmd, env)
     except FileNotFoundError:
         return _not_found(cmd)
-    except PermissionError as exc:
-        print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 126
-    except OSError as exc:
-        print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc}", file=sys.stderr)
+    except OSError as exc:  # permission, "Exec format error", a file on the way …
+        print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 126
     return 0  # pragma: no cover - execvpe does not return

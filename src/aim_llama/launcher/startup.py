@@ -19,13 +19,8 @@ def command_name(orig_argv: list[str] | None = None, argv0: str | None = None) -
     """The program this interpreter runs: `-m` module's top package, or the script's base name."""
     orig: list[str] = list(getattr(sys, "orig_argv", ()) if orig_argv is None else orig_argv)
     arg0: str = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
-    if arg0 == "-m" or (not arg0 and "-m" in orig):
-        for i, token in enumerate(orig[1:], 1):
-            if token == "-m" and i + 1 < len(orig):
-                return orig[i + 1].partition(".")[0]
-            if token.startswith("-m") and len(token) > 2 and not token.startswith("--"):
-                return token[2:].partition(".")[0]
-        return ""
+    if arg0 == "-m" or not arg0:
+        return _module_name(orig)
     if arg0 in ("", "-c", "-"):
         return ""
     name = os.path.basename(arg0).lower()
@@ -33,6 +28,34 @@ def command_name(orig_argv: list[str] | None = None, argv0: str | None = None) -
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return name
+
+
+def _module_name(orig: list[str]) -> str:
+    """The top package of `-m` in an interpreter command line (`-m pip`, `-mpip`, `-Bm pip`)."""
+    i = 1
+    while i < len(orig):
+        token = orig[i]
+        if token == "--check-hash-based-pycs":
+            i += 2
+            continue
+        if token.startswith("--"):
+            i += 1
+            continue
+        if not token.startswith("-") or token == "-":
+            return ""  # a script, or stdin: not a module
+        for j, flag in enumerate(token[1:], 1):
+            rest = token[j + 1:]
+            if flag == "m":
+                name = rest or (orig[i + 1] if i + 1 < len(orig) else "")
+                return name.partition(".")[0]
+            if flag in "cWX":  # takes an argument: the rest of the token or the next one
+                if flag == "c":
+                    return ""
+                if not rest:
+                    i += 1
+                break
+        i += 1
+    return ""
 
 
 def is_skipped(name: str) -> bool:

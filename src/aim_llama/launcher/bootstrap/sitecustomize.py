@@ -34,9 +34,18 @@ def _chain_user_sitecustomize(here: str) -> None:
         sys.modules["sitecustomize"] = ours
 
 
+def _is_the_command(marker: "str | None") -> bool:
+    """`aim-llama run` sets `pid=N` (exec: the command keeps the launcher's pid N) or `ppid=N`
+    (--spawn: the command is its child); Pythons that a shell command starts are neither."""
+    kind, _, pid = (marker or "").partition("=")
+    try:
+        return (os.getpid() if kind == "pid" else os.getppid() if kind == "ppid" else -1) == int(pid)
+    except ValueError:
+        return False
+
+
 def _bootstrap() -> None:
-    # Set by `aim-llama run` for the command it launches; the first Python process takes it.
-    launched = os.environ.pop("AIM_LLAMA_LAUNCHED", None)
+    launched = _is_the_command(os.environ.pop("AIM_LLAMA_LAUNCHED", None))
     _chain_user_sitecustomize(os.path.dirname(os.path.abspath(__file__)))
     try:
         from aim_llama.launcher.startup import activate

@@ -1,0 +1,127 @@
+"""The on/off settings needed before, or without, full validation: `enabled`, `strict`, `propagate`.
+
+The kill switch must win over a broken configuration, strict mode must be known when the
+configuration cannot be validated, and the launcher and start-up hook must read them without
+importing pydantic. So each is looked up raw, in the usual precedence (keyword arguments >
+environment > the TOML file > `[tool.aim_llama]` in pyproject.toml), and parsed on its own.
+A file is parsed only when its text mentions the key, so a process whose directory holds a
+pyproject.toml that never mentions aim-llama pays one small read, not a TOML parse.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Mapping
+    from typing import Any
+
+CONFIG_ENV = "AIM_LLAMA_CONFIG"
+DEFAULT_TOML = "aim_llama.toml"
+PYPROJECT = "pyproject.toml"
+ENV = {"enabled": "AIM_LLAMA_ENABLED", "strict": "AIM_LLAMA_STRICT",
+       "propagate": "AIM_LLAMA_PROPAGATE"}
+TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
+FALSE = frozenset({"0", "false", "no", "off", "n", "f"})
+
+
+def parse_bool(value: Any) -> bool | None:
+    """True / False for the words and values every boolean setting accepts; None otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in TRUE:
+            return True
+        if text in FALSE:
+            return False
+    return None
+
+
+def switch(name: str, environ: Mapping[str, str] | None = None,
+           overrides: Mapping[str, Any] | None = None, *, quick: bool = False) -> bool | None:
+    """The value of boolean setting `name` from the highest source that sets it.
+
+    None when no source sets it, or when that source's value is not a boolean (full
+    validation reports it); a file that cannot be read or parsed is skipped the same way.
+    `quick` (interpreter start-up): a file is parsed only if a line `name = ...` stands in
+    aim-llama's table, so TOML's parser (and `re`) load only for users who set it there; the
+    rarer spellings (dotted keys, inline tables) are then found at activation instead.
+    """
+    if overrides is not None and name in overrides:
+        return parse_bool(overrides[name])
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV[name], "")
+    if raw.strip():
+        return parse_bool(raw)
+    for path, table in _files(env):
+        found, value = _peek(path, table, name, quick)
+        if found:
+            return parse_bool(value)
+    return None
+
+
+def _files(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
+    """The TOML files to look in, highest precedence first, with the table holding our keys."""
+    files: list[tuple[str, tuple[str, ...]]] = []
+    explicit = environ.get(CONFIG_ENV, "").strip()
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working directory was deleted: there are no files "here"
+        cwd = None
+    if explicit:
+        try:
+            files.append((os.path.expanduser(explicit), ()))
+        except Exception:
+            pass
+    elif cwd is not None:
+        files.append((os.path.join(cwd, DEFAULT_TOML), ()))
+    if cwd is not None:
+        files.append((os.path.join(cwd, PYPROJECT), ("tool", "aim_llama")))
+    return files
+
+
+def _peek(path: str, table: tuple[str, ...], key: str, quick: bool) -> tuple[bool, Any]:
+    """(found, value) of `key` in `path`'s `table`; (False, None) when absent or unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(4_000_000)
+    except (OSError, ValueError):
+        return False, None
+    if key.encode() not in data or (table and table[-1].encode() not in data):
+        return False, None
+    if quick and not _key_line(data, table, key):
+        return False, None
+    try:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        doc: Any = tomllib.loads(data.decode("utf-8"))
+    except Exception:
+        return False, None
+    for part in table:
+        doc = doc.get(part) if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and key in doc:
+        return True, doc[key]
+    return False, None
+
+
+def _key_line(data: bytes, table: tuple[str, ...], key: str) -> bool:
+    """Whether a plain `key = ...` line stands under the `[table]` header (top level: `()`)."""
+    want = tuple(part.encode() for part in table)
+    name = key.encode()
+    header: tuple[bytes, ...] = ()
+    for raw in data.splitlines():
+        line = raw.strip()
+        if line.startswith(b"["):
+            inner = line.lstrip(b"[")
+            end = inner.find(b"]")
+            header = tuple(p.strip().strip(b"\"'") for p in inner[: max(end, 0)].split(b"."))
+        elif header == want and line.startswith(name) and line[len(name):].lstrip()[:1] == b"=":
+            return True
+    return False
