@@ -407,8 +407,8 @@ def test_spawn_reports_a_command_it_cannot_execute_in_one_line(workdir, what):
 
 def test_spawn_forwards_a_sigint_sent_to_the_launcher(workdir):
     """Not from a terminal (no Ctrl-C reached the command itself): the launcher passes it on."""
-    code = ("import time\nprint('READY', flush=True)\n"
-            "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+    code = ("import time\n"
+            "try:\n    print('READY', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
             "    print('CHILD GOT SIGINT', flush=True)\n    raise SystemExit(6)\n")
     proc = subprocess.Popen(
         [AIM_LLAMA, "run", "--spawn", "--", sys.executable, "-c", code], cwd=workdir,
