@@ -247,12 +247,8 @@ def _spawn(cmd: list[str], env: dict[str, str]) -> int:
     try:
         try:
             proc = subprocess.Popen(cmd, env=env)
-        except FileNotFoundError:
-            return _not_found(cmd)
-        except OSError as exc:  # permission, "Exec format error", a file on the way …
-            print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror or exc}",
-                  file=sys.stderr)
-            return 126
+        except OSError as exc:
+            return _cannot_start(cmd, exc)
         for signum in pending:
             forward(signum, None)
         return exit_status(proc.wait())
@@ -261,9 +257,14 @@ def _spawn(cmd: list[str], env: dict[str, str]) -> int:
             signal.signal(signum, handler)
 
 
-def _not_found(cmd: list[str]) -> int:
-    print(f"aim-llama run: command not found: {cmd[0]!r}", file=sys.stderr)
-    return 127
+def _cannot_start(cmd: list[str], exc: OSError) -> int:
+    """One line and the shell's status: 127 for a command not found, 126 for one that cannot be
+    executed (permission, "Exec format error", a file on the way …)."""
+    if isinstance(exc, FileNotFoundError):
+        print(f"aim-llama run: command not found: {cmd[0]!r}", file=sys.stderr)
+        return 127
+    print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror or exc}", file=sys.stderr)
+    return 126
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -283,10 +284,6 @@ def run_command(args: argparse.Namespace) -> int:
         stream.flush()
     try:
         os.execvpe(cmd[0], cmd, env)
-    except FileNotFoundError:
-        return _not_found(cmd)
-    except OSError as exc:  # permission, "Exec format error", a file on the way …
-        print(f"aim-llama run: cannot execute {cmd[0]!r}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 126
+    except OSError as exc:
+        return _cannot_start(cmd, exc)
     return 0  # pragma: no cover - execvpe does not return
