@@ -15,7 +15,6 @@ import sys
 from .importhook import after_module, initializing, when_imported
 
 _FALSE = {"0", "false", "no", "off", "n", "f"}
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
 
 ROLE_ENV = "AIM_LLAMA_ROLE"
 PROPAGATE_ENV = "AIM_LLAMA_PROPAGATE"
@@ -51,10 +50,6 @@ def strip_bootstrap_from_env(environ: dict[str, str] | None = None) -> None:
 
 def _strict() -> bool:
     """Strict mode from the environment or a TOML file (a file is parsed only if it says `strict`)."""
-    if _env_is("AIM_LLAMA_STRICT", _TRUE):
-        return True
-    if _env_is("AIM_LLAMA_STRICT", _FALSE):
-        return False
     try:
         from .switches import switch
 

@@ -145,9 +145,14 @@ def prepend_bootstrap(pythonpath: str | None) -> str:
     return os.pathsep.join([BOOTSTRAP_DIR, *rest])
 
 
+# Settings that name a file or directory: made absolute when typed on the command line.
+_PATHS = frozenset({"AIM_REPO", "AIM_LLAMA_CONFIG"})
+
+
 def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The command's environment: ours, plus the options' env vars, plus the bootstrap on PYTHONPATH."""
     env = dict(os.environ if environ is None else environ)
+    given: set[str] = set()  # the env vars this command line sets
     for item in getattr(args, "opt_set", None) or []:
         name, sep, value = str(item).partition("=")
         var = env_for(name) if sep else None
@@ -155,12 +160,14 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
             raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME an aim-llama setting "
                              "(see `aim-llama config`)")
         env[var] = value
+        given.add(var)
     for opt in OPTIONS:
-        given = getattr(args, _dest(opt), None)
-        if given is not None:
-            env[opt.env] = str(given)
-    for var in _PATHS:  # given on this command line: relative to where it was typed
-        if var in given_here(args) and env.get(var, "").strip():
+        option = getattr(args, _dest(opt), None)
+        if option is not None:
+            env[opt.env] = str(option)
+            given.add(opt.env)
+    for var in _PATHS & given:  # typed on this command line: relative to where it was typed
+        if env[var].strip():
             env[var] = _absolute(env[var])
     if switch("propagate", env) is False:
         env[PROPAGATE_ENV] = "false"  # the bootstrap takes itself off PYTHONPATH for grandchildren
@@ -170,20 +177,6 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     mode = "ppid" if getattr(args, "spawn", False) or os.name == "nt" else "pid"
     env[LAUNCHED_ENV] = f"{mode}={os.getpid()}"
     return env
-
-
-_PATHS = ("AIM_REPO", "AIM_LLAMA_CONFIG")
-
-
-def given_here(args: argparse.Namespace) -> set[str]:
-    """The env vars this command line sets (options and `--set`)."""
-    names = {opt.env for opt in OPTIONS if getattr(args, _dest(opt), None) is not None}
-    for item in getattr(args, "opt_set", None) or []:
-        name, sep, _ = str(item).partition("=")
-        var = env_for(name) if sep else None
-        if var is not None:
-            names.add(var)
-    return names
 
 
 def _absolute(value: str) -> str:
