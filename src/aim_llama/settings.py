@@ -29,7 +29,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
-from .switches import CONFIG_ENV, DEFAULT_TOML, PYPROJECT
+from .switches import CONFIG_ENV, PYPROJECT, settings_files
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -418,30 +418,21 @@ class ExactEnvSource(PydanticBaseSettingsSource):
         return values
 
 
-def _cwd() -> Path | None:
-    """The working directory, or None when it was deleted (then no file is read from it)."""
+def config_file_path(environ: Mapping[str, str]) -> tuple[Path | None, bool, Path | None]:
+    """(the TOML file, whether `AIM_LLAMA_CONFIG` named it (then it must exist),
+    pyproject.toml); None where the working directory was deleted (see `switches`)."""
     try:
-        return Path.cwd()
-    except OSError:
-        return None
-
-
-def config_file_path(environ: Mapping[str, str]) -> tuple[Path | None, bool]:
-    """The TOML file to read and whether the user named it explicitly (then it must exist);
-    None when not named and the working directory is gone."""
-    explicit = environ.get(CONFIG_ENV, "").strip()
-    if explicit:
-        try:
-            return Path(explicit).expanduser(), True
-        except RuntimeError as exc:  # `~user/...` for a user that does not exist
-            raise ConfigError(
-                f"config file {explicit!r} named by env {CONFIG_ENV} cannot be found: {exc}; "
-                "point it at a readable TOML file or unset it",
-                setting=CONFIG_ENV,
-                source=f"env {CONFIG_ENV}",
-            ) from None
-    cwd = _cwd()
-    return (None if cwd is None else cwd / DEFAULT_TOML), False
+        toml, explicit, pyproject = settings_files(environ)
+    except RuntimeError as exc:  # `~user/...` for a user that does not exist
+        named = environ.get(CONFIG_ENV, "").strip()
+        raise ConfigError(
+            f"config file {named!r} named by env {CONFIG_ENV} cannot be found: {exc}; "
+            "point it at a readable TOML file or unset it",
+            setting=CONFIG_ENV,
+            source=f"env {CONFIG_ENV}",
+        ) from None
+    return (None if toml is None else Path(toml)), explicit, (
+        None if pyproject is None else Path(pyproject))
 
 
 @dataclass(frozen=True)
@@ -533,14 +524,12 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
     """(kind, label, values) of pyproject.toml's [tool.aim_llama] and the TOML file, lowest
     precedence first; any problem with them is a one-line ConfigError."""
     layers: list[tuple[str, str, dict[str, Any]]] = []
-    cwd = _cwd()
-    pyproject = None if cwd is None else cwd / PYPROJECT
+    toml_path, explicit, pyproject = config_file_path(env)
     if pyproject is not None and _exists(pyproject, False) and pyproject.is_file():
         label = f"{PYPROJECT} [tool.aim_llama]"
         data = _read_toml(pyproject, label, ("tool", "aim_llama"), str(pyproject))
         layers.append(("file", label, data))
 
-    toml_path, explicit = config_file_path(env)
     if toml_path is not None and explicit and not _exists(toml_path, True):
         raise ConfigError(
             f"config file {str(toml_path)!r} named by env {CONFIG_ENV} does not exist; "

@@ -65,23 +65,35 @@ def switch(name: str, environ: Mapping[str, str] | None = None,
     return None
 
 
-def _files(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
-    """The TOML files to look in, highest precedence first, with the table holding our keys."""
-    files: list[tuple[str, tuple[str, ...]]] = []
+def settings_files(environ: Mapping[str, str]) -> tuple[str | None, bool, str | None]:
+    """Where settings files are looked for: (the TOML file, whether `AIM_LLAMA_CONFIG` named
+    it, pyproject.toml); None where the working directory was deleted (no files "here").
+    An unknown `~user` in `AIM_LLAMA_CONFIG` raises RuntimeError, as `Path.expanduser` does."""
     explicit = environ.get(CONFIG_ENV, "").strip()
     try:
-        cwd = os.getcwd()
-    except OSError:  # the working directory was deleted: there are no files "here"
+        cwd: str | None = os.getcwd()
+    except OSError:
         cwd = None
+    pyproject = None if cwd is None else os.path.join(cwd, PYPROJECT)
     if explicit:
-        try:
-            files.append((os.path.expanduser(explicit), ()))
-        except Exception:
-            pass
-    elif cwd is not None:
-        files.append((os.path.join(cwd, DEFAULT_TOML), ()))
-    if cwd is not None:
-        files.append((os.path.join(cwd, PYPROJECT), ("tool", "aim_llama")))
+        path = os.path.expanduser(explicit)
+        if path.startswith("~"):
+            raise RuntimeError("Could not determine home directory.")
+        return path, True, pyproject
+    return (None if cwd is None else os.path.join(cwd, DEFAULT_TOML)), False, pyproject
+
+
+def _files(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
+    """The TOML files to look in, highest precedence first, with the table holding our keys."""
+    try:
+        toml, _, pyproject = settings_files(environ)
+    except RuntimeError:  # unknown ~user: only pyproject.toml can be read (the error comes later)
+        toml, pyproject = None, settings_files({})[2]
+    files: list[tuple[str, tuple[str, ...]]] = []
+    if toml is not None:
+        files.append((toml, ()))
+    if pyproject is not None:
+        files.append((pyproject, ("tool", "aim_llama")))
     return files
 
 
