@@ -13,6 +13,11 @@ registered on LlamaIndex but return at once, which is the floor any handler-base
 instrumentation pays (LlamaIndex's own dispatch to a registered handler). For attribution:
 `diag-nospans` (the span handler returns at once, events are recorded), `diag-noevents` (the
 other way round), `diag-nosubmit` (the dispatcher records are mapped, not handed to the writer).
+Floors of other designs: `diag-minimal` (each span and event call appends one small tuple to a
+list: the least any span-tree recorder does) and `diag-raw` (what a design that ships raw data
+to the writer process and maps it there would do on the application thread: span tuples plus
+the payloads this pipeline's records need — prompt, response, embedded texts, node ids,
+scores and text heads, question and answer — pickled once per request into a bounded deque).
 `lockstep.py` also accepts `CONFIG@2` etc.: another process of the same configuration (how much
 two processes of one configuration differ).
 """
@@ -56,6 +61,108 @@ if args.config == "diag-noop":
         if isinstance(h, (AimSpanHandler, AimEventHandler)):
             for name in ("span_enter", "span_exit", "span_drop", "handle"):
                 h.__dict__[name] = lambda *a, **k: None  # instance attributes win over methods
+    active = autoinstrument._active
+    assert active is not None
+    active.handler.on_event_start = lambda *a, **k: k.get("event_id", "")
+    active.handler.on_event_end = lambda *a, **k: None
+
+if args.config == "diag-minimal":
+    # The least a span-tree recorder can do: one tuple per call into a list, nothing else.
+    import time as _time
+
+    from llama_index.core.instrumentation import get_dispatcher
+
+    from aim_llama import autoinstrument
+    from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
+
+    _log: list = []
+    _pc = _time.perf_counter
+
+    def _enter(id_, bound_args, instance=None, parent_id=None, tags=None, **kw):
+        _log.append((id_, parent_id, _pc()))
+        if len(_log) > 10000:
+            _log.clear()
+
+    def _exit(id_, bound_args, instance=None, result=None, **kw):
+        _log.append((id_, _pc()))
+
+    def _handle(event, **kw):
+        _log.append((type(event).__name__, event.span_id, _pc()))
+
+    for h in get_dispatcher().span_handlers + get_dispatcher().event_handlers:
+        if isinstance(h, AimSpanHandler):
+            h.__dict__["span_enter"] = _enter
+            h.__dict__["span_exit"] = _exit
+            h.__dict__["span_drop"] = _exit
+        if isinstance(h, AimEventHandler):
+            h.__dict__["handle"] = _handle
+    active = autoinstrument._active
+    assert active is not None
+    active.handler.on_event_start = lambda *a, **k: k.get("event_id", "")
+    active.handler.on_event_end = lambda *a, **k: None
+
+if args.config == "diag-raw":
+    # The floor of a "ship raw data" design: span tuples plus the payloads the records need,
+    # pickled once per request and queued; no mapping, no tree, no records on this side.
+    import collections
+    import pickle
+    import time as _time
+
+    from llama_index.core.instrumentation import get_dispatcher
+
+    from aim_llama import autoinstrument
+    from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
+
+    _buf: list = []
+    _queue: collections.deque = collections.deque(maxlen=10000)
+    _pc = _time.perf_counter
+    _kinds: dict = {}
+    _roots: set = set()
+
+    def _enter(id_, bound_args, instance=None, parent_id=None, tags=None, **kw):
+        k = _kinds.get(type(instance))
+        if k is None:
+            k = _kinds[type(instance)] = type(instance).__name__
+        if parent_id is None:
+            _roots.add(id_)
+            q = bound_args.arguments.get("str_or_query_bundle")
+            _buf.append((0, id_, None, _pc(), k, id(instance), str(q)))
+        else:
+            _buf.append((0, id_, parent_id, _pc(), k, id(instance)))
+
+    def _exit(id_, bound_args, instance=None, result=None, **kw):
+        if id_ in _roots:
+            _roots.discard(id_)
+            _buf.append((1, id_, _pc(), str(getattr(result, "response", ""))))
+            _queue.append(pickle.dumps(_buf, protocol=5))
+            _buf.clear()
+        else:
+            _buf.append((1, id_, _pc()))
+
+    def _handle(event, **kw):
+        name = type(event).__name__
+        d = event.__dict__
+        if name == "LLMCompletionStartEvent":
+            _buf.append((name, event.span_id, _pc(), d.get("prompt"), d.get("model_dict")))
+        elif name == "LLMCompletionEndEvent":
+            r = d.get("response")
+            _buf.append((name, event.span_id, _pc(), r.text if r is not None else None,
+                         r.additional_kwargs if r is not None else None))
+        elif name == "EmbeddingEndEvent":
+            _buf.append((name, event.span_id, _pc(), tuple(d.get("chunks") or ())))
+        elif name == "RetrievalEndEvent":
+            rows = [(n.node.node_id, n.score, n.node.get_content()[:300]) for n in d.get("nodes") or ()]
+            _buf.append((name, event.span_id, _pc(), rows))
+        elif name in ("EmbeddingStartEvent", "RetrievalStartEvent"):
+            _buf.append((name, event.span_id, _pc()))
+
+    for h in get_dispatcher().span_handlers + get_dispatcher().event_handlers:
+        if isinstance(h, AimSpanHandler):
+            h.__dict__["span_enter"] = _enter
+            h.__dict__["span_exit"] = _exit
+            h.__dict__["span_drop"] = _exit
+        if isinstance(h, AimEventHandler):
+            h.__dict__["handle"] = _handle
     active = autoinstrument._active
     assert active is not None
     active.handler.on_event_start = lambda *a, **k: k.get("event_id", "")
