@@ -105,3 +105,16 @@ def read_run(path: str | Path, run_hash: str, with_texts: bool = True) -> RunDat
 def read_all(path: str | Path, with_texts: bool = True) -> list[RunData]:
     """Every run in the repo, read back."""
     return [read_run(path, h, with_texts) for h in run_hashes(path)]
+
+
+def terminal_lines(path: str | Path, run_hash: str) -> list[str]:
+    """The run's captured terminal output (the UI's Logs tab), one entry per line."""
+    from aim import Repo
+
+    run = Repo.from_path(str(repo_root(path))).get_run(run_hash)
+    assert run is not None, f"run {run_hash} not readable"
+    seq = run.get_terminal_logs()
+    if seq is None:
+        return []
+    _steps, (values, *_rest) = seq.data.items_list()
+    return [str(getattr(v[0] if isinstance(v, list) else v, "data", v)) for v in values]

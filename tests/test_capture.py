@@ -548,6 +548,64 @@ def test_llm_that_raises_keeps_the_app_exception(repo: Path) -> None:
                              "exception_type": "RuntimeError", "error": "backend down [REDACTED]"}
 
 
+def test_no_part_of_a_secret_reaches_the_repo_at_any_cut(repo: Path) -> None:
+    """Secrets that cross a cut made on the application's thread (a node's snippet, a tool
+    argument, an exception message) are redacted whole; run params and a custom pattern too;
+    a tool argument that cannot be shown does not cost the request its records."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.schema import TextNode
+    from llama_index.core.tools import FunctionTool
+
+    aws, key, ssn = "AKIA" + "QWERTYUIOPASDFGH", "sk-" + "Zx9" * 8, "123-45-6789"
+
+    def lookup(q: str) -> str:
+        """Look something up."""
+        return "found"
+
+    def use(obj: Any) -> str:
+        """Use an object."""
+        return "used"
+
+    class Unshowable:
+        def __repr__(self) -> str:
+            raise ValueError("no repr")
+
+    engine = VectorStoreIndex([TextNode(text="a" * 189 + " " + aws + " rest"),
+                               TextNode(text="b" * 195 + " " + ssn + " rest")]
+                              ).as_query_engine(similarity_top_k=2)
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(lookup, name="lookup")],
+                          llm=ScriptedToolLLM(tool_name="lookup",
+                                              tool_args={"q": "x" * 489 + " " + key}))
+    with recording(repo, redact=[r"\d{3}-\d{2}-\d{4}"],
+                   run_params={"proxy": {"url": f"https://p/?k={key}"}}):
+        engine.query("what do the documents say?")
+
+        async def ask_agent() -> None:
+            await agent.run(user_msg="go")
+
+        asyncio.run(ask_agent())
+        with pytest.raises(RuntimeError):
+            FailingLLM(message="e" * 1995 + " " + key).complete("hi")
+        assert FunctionTool.from_defaults(use, name="use").call(Unshowable()).content == "used"
+    run = only_run(repo)
+    texts: dict[str, list[str]] = {}
+    for (name, _ctx), seq in run.texts.items():
+        texts.setdefault(name, []).extend(t for _, t in seq)
+    logs = _log_records(repo, run.hash)
+    stored = repr((run.params, run.texts, logs))
+    for fragment in ("AKIAQWER", "sk-Zx9", "123-45"):
+        assert fragment not in stored
+    (retrieved,) = texts["retrieved"]
+    assert "a [REDACTED]" in retrieved and "b [REDACTED]" in retrieved
+    assert any('x [REDACTED]…' in t for t in texts["tool_call"])
+    assert "use(<Unshowable object>)\n-> used" in texts["tool_call"]
+    assert not run.metric("handler_errors", kind="dispatcher")
+    (entry,) = logs
+    assert entry["args"]["error"].endswith(f"e [REDACTED]… [truncated {1996 + len(key) - 2000} chars]")
+    assert entry["message"] == "llm failed: RuntimeError: " + entry["args"]["error"]
+    assert run.params["proxy"] == {"url": "https://p/?k=[REDACTED]"}
+
+
 def test_a_cancelled_llm_call_is_recorded_as_cancelled_not_as_an_error(repo: Path) -> None:
     llm = SlowLLM(delay=5.0)
 

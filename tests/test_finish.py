@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import pickle
 
+from llama_index.core.base.llms.types import ChatMessage
+
 from aim_llama import wire
 from aim_llama.aimrun import RunConfig
-from aim_llama.content import ContentPolicy
-from aim_llama.finish import Finisher, format_trace
+from aim_llama.content import ContentPolicy, error_message
+from aim_llama.finish import Finisher, format_trace, storable
 from aim_llama.records import Clipped, Flush, LogError, NodesValue, Param, TerminalOutput, TraceValue, Track
-from aim_llama.render import format_nodes
+from aim_llama.render import format_nodes, render_message, render_value
+from aim_llama.sysparams import _without_credentials
 from aim_llama.writer import Writer, loads_many
 
 KEY = "sk-" + "a1B2" * 8
@@ -114,3 +118,88 @@ def test_every_record_kind_survives_the_wire_with_its_types() -> None:
     assert [type(r) for r in back] == [type(r) for r in [*records, records[0]]]
     assert [type(r.value) for r in back[:6]] == [float, Clipped, TraceValue, NodesValue, tuple, tuple]
     assert loads_many(pickle.dumps(("close", 1.5))) == ("close", 1.5)  # control frames pass as is
+
+
+# -- a cut never leaves part of a secret, nor pulls text from beyond it into view -------------
+PEM = "-----BEGIN PRIVATE KEY-----\n" + "M" * 400 + "\n-----END PRIVATE KEY-----"
+AWS = "AKIA" + "QWERTYUIOPASDFGH"
+
+
+def test_a_redacted_secret_before_the_cut_does_not_pull_text_from_beyond_it() -> None:
+    policy = ContentPolicy(max_length=1000)
+    text = PEM + " " + "x" * (1100 - len(PEM)) + " " + KEY + " tail" * 400
+    stored = policy.finish(policy.clip(text))
+    assert "sk-" not in stored and "tail" not in stored
+    assert stored.startswith("[REDACTED] xxx")
+    assert stored.endswith(f"xxx… [truncated {len(text) - 1000} chars]")
+    # what stood before the cut is all there: the key (a 453-character PEM block) shows as
+    # [REDACTED], then the x's up to position 1000 of the original text
+    assert stored.count("x") == 1000 - len(PEM) - 1
+
+
+def test_secrets_straddling_every_cut_are_redacted_whole() -> None:
+    policy = ContentPolicy()
+    finish = Finisher(policy)
+    # a retrieved node whose key crosses the 200-character snippet cut
+    node = NodesValue("q", [("n1", 0.5, ("a" * 189 + " " + AWS + " rest")[:456])], 1)
+    assert "AKIA" not in finish.text(node) and "[REDACTED]" in finish.text(node)
+    assert finish.text(node).endswith("a [REDACTED]")
+    # a tool argument whose key crosses the 500-character cut
+    arg = render_value("x" * 489 + " " + KEY, 500, policy.redact_head)
+    assert "sk-" not in arg and arg.endswith("x [REDACTED]…")
+    # an exception message whose key crosses the 2000-character cut of the Logs tab
+    err = error_message(RuntimeError("e" * 1995 + " " + KEY))
+    rec = finish(LogError("llm failed: RuntimeError", {"operation": "llm"}, err))
+    assert isinstance(rec, LogError) and "sk-" not in rec.message
+    assert rec.details["error"].endswith("e [REDACTED]… [truncated 31 chars]")
+    assert rec.message == "llm failed: RuntimeError: " + rec.details["error"]
+    long_err = error_message(RuntimeError("e" * 2240 + " " + KEY + "z" * 9000))
+    assert isinstance(long_err, Clipped)
+    rec = finish(LogError("llm failed: RuntimeError", {}, long_err))
+    assert "sk-" not in rec.message
+    assert rec.details["error"].endswith(f"… [truncated {2240 + 1 + len(KEY) + 9000 - 2000} chars]")
+
+
+def test_the_trace_line_is_cut_in_the_original_text_and_counts_right() -> None:
+    value = TraceValue("query", (PEM[:440] + " " + "y" * 100 + " " + KEY)[:556], 1.0, "ok", 0, 0,
+                       [], 0)
+    first = format_trace(value, ContentPolicy()).splitlines()[0]
+    assert "sk-" not in first and first.startswith("query: [REDACTED]")
+    short = format_trace(TraceValue("query", ("z" * 5000)[:556], 1.0, "ok", 0, 0, [], 0),
+                         ContentPolicy(max_length=100)).splitlines()[0]
+    assert short == "query: " + "z" * 100 + "…"
+
+
+def test_user_patterns_keep_their_own_groups_and_backreferences() -> None:
+    same_names = ContentPolicy(patterns=(r"password=(?P<v>\S+)", r"token=(?P<v>\S+)"))
+    assert same_names.redact("password=hunter2 token=abc") == "[REDACTED] [REDACTED]"
+    backref = ContentPolicy(patterns=(r"pin=(\d)\1\1\1", r"([\"'])tok_\w+\1"))
+    assert backref.redact("pin=7777 and \"tok_SECRETVALUE\"") == "[REDACTED] and [REDACTED]"
+    both = ContentPolicy(patterns=(*ContentPolicy().patterns, r"\d{3}-\d{2}-\d{4}"))
+    assert both.redact(f"{KEY} 123-45-6789 {AWS}") == "[REDACTED] [REDACTED] [REDACTED]"
+    assert ContentPolicy(patterns=(r"a*",)).redact("bcd") == "bcd"  # empty matches: nothing
+
+
+def test_run_params_and_terminal_lines_are_redacted() -> None:
+    finish = Finisher(ContentPolicy(patterns=(*ContentPolicy().patterns, r"\d{3}-\d{2}-\d{4}")))
+    rec = finish(Param("llm_models", {"m": {"api_base": f"https://x/?k={KEY}", "n": [1, "123-45-6789"]}}))
+    assert rec == Param("llm_models", {"m": {"api_base": "https://x/?k=[REDACTED]",
+                                             "n": [1, "[REDACTED]"]}})
+    assert _without_credentials("https://user:ghp_tok@github.com/o/r.git") == "https://github.com/o/r.git"
+    assert _without_credentials("git@github.com:o/r.git") == "git@github.com:o/r.git"
+
+
+def test_texts_that_utf8_cannot_encode_are_stored_with_a_replacement_character() -> None:
+    assert Finisher(ContentPolicy()).text("lone \udcff here") == "lone \ufffd here"
+    assert storable("emoji 🙂 and \x00") == "emoji 🙂 and \x00"
+
+
+def test_tool_values_that_cannot_be_shown_do_not_fail_the_record() -> None:
+    class Weird:
+        def __repr__(self) -> str:
+            raise ValueError("no repr")
+
+    assert render_value(Weird()) == "<Weird object>"
+    message = ChatMessage(role="assistant", content="calling", additional_kwargs={"tool_calls": [
+        {"function": {"name": "book", "arguments": {"day": datetime.date(2024, 1, 1)}}}]})
+    assert render_message(message) == 'assistant: calling\n  tool_call: book({"day": "2024-01-01"})'

@@ -19,3 +19,23 @@ def test_auto_import_records_prompts_and_responses(run_py, repo):
     assert [s for s, _ in responses] == [0, 1, 2]
     assert "question 1: what about topic 1?" in prompts[1][1]
     assert all(text.strip() for _, text in responses)
+
+
+def test_terminal_output_is_stored_with_secrets_redacted(run_py, repo):
+    """The app's stdout reaches the run's terminal logs, redacted like every other text."""
+    from aimread import terminal_lines
+
+    run_py(
+        """
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=2).complete("hi")
+        print("debug: key sk-" + "ABCDEFGHIJKLMNOPQRSTUVWX" + " ssn 123-45-" + "6789", flush=True)
+        print("plain line", flush=True)
+        """,
+        env={"AIM_LLAMA_REDACT": r"\d{3}-\d{2}-\d{4}"},
+    )
+    lines = terminal_lines(repo, only_run(repo).hash)
+    assert "debug: key [REDACTED] ssn [REDACTED]" in lines
+    assert "plain line" in lines
+    assert not any("ABCDEFGH" in line or "6789" in line for line in lines)

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import remote
 from .content import DEFAULT_SECRET_PATTERNS, ContentPolicy
-from .finish import Finisher
+from .finish import Finisher, storable
 from .lifecycle import start_background
 from .log import warn_once
 from .records import Flush, LogError, Param, Record, TerminalOutput, Track
@@ -570,8 +570,9 @@ class RunSink:
                 )
             if getattr(run, "_resources", None) is None and not hasattr(run, "hash"):
                 raise RuntimeError("Aim returned an unusable Run")
+            redact = self._finish.policy.redact_value
             for key, value in self.config.run_params.items():
-                run.set(key, value, strict=False)
+                run.set(key, redact(value), strict=False)
             run["aim_llama"] = {
                 "version": self.config.version,
                 "pid": self.config.app_pid,
@@ -581,7 +582,8 @@ class RunSink:
             if self.config.log_system_params:
                 from .sysparams import system_params
 
-                run["__system_params"] = system_params(self.config.executable, self.config.argv)
+                run["__system_params"] = redact(system_params(self.config.executable,
+                                                              self.config.argv))
         except Exception as exc:
             if self.address is not None and not _at_shutdown(exc):
                 self._connect_failed(exc)
@@ -977,7 +979,7 @@ class RunSink:
     def _track_log_line(self, line: str) -> None:
         from aim.ext.resource.log import LogLine
 
-        line = line.rsplit("\r", 1)[-1]
+        line = storable(self._finish.policy.redact(line.rsplit("\r", 1)[-1]))
         self.run.track(LogLine(line), name="logs", step=self._log_line)
         self._log_line += 1
 

@@ -8,12 +8,24 @@ observer collected. Pure functions of their input: no Aim, no LlamaIndex.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .content import ContentPolicy
-from .records import Clipped, LogError, NodesValue, Record, TraceValue, Track
+from .records import (
+    ERROR_LENGTH,
+    Clipped,
+    LogError,
+    NodesValue,
+    Param,
+    Record,
+    RerankValue,
+    TraceValue,
+    Track,
+)
 from .render import format_nodes
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
 MAX_INPUT_LINE = 300  # characters of the request input on a trace's first line
 
 
@@ -24,9 +36,12 @@ def format_trace(value: TraceValue, policy: ContentPolicy) -> str:
 
         first = NOT_CAPTURED
     else:
-        first = " ".join(policy.redact(value.input).split())
-        if len(first) > MAX_INPUT_LINE:
-            first = first[:MAX_INPUT_LINE] + "…"
+        limit = MAX_INPUT_LINE
+        if policy.max_length is not None:
+            limit = min(limit, policy.max_length)
+        first = " ".join(policy.redact_head(value.input, limit).split())
+        if len(value.input) > limit:
+            first += "…"
     lines = [
         f"{value.kind}: {first}",
         f"{value.latency_ms:.1f} ms · {value.state} · llm calls {value.llm_calls} · "
@@ -38,6 +53,16 @@ def format_trace(value: TraceValue, policy: ContentPolicy) -> str:
     if value.omitted:
         lines.append(f"… {value.omitted} more spans not listed")
     return "\n".join(lines)
+
+
+def storable(text: str) -> str:
+    """`text` as Aim can store it: characters UTF-8 cannot encode (lone surrogates, from
+    undecodable bytes) become U+FFFD instead of failing the whole record."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text)
+    return text
 
 
 def span_name(span_id: str) -> str:
@@ -57,14 +82,37 @@ class Finisher:
         """The stored form of a text record's value."""
         policy = self.policy
         if isinstance(value, str):
-            return policy.redact(value)
-        if isinstance(value, Clipped):
-            return policy.finish(value)
-        if isinstance(value, TraceValue):
-            return format_trace(value, policy)
-        if isinstance(value, NodesValue):
-            return policy.finish(policy.clip(format_nodes(value)))
-        return policy.finish(policy.clip(str(value)))
+            text = policy.redact(value)
+        elif isinstance(value, Clipped):
+            text = policy.finish(value)
+        elif isinstance(value, TraceValue):
+            text = format_trace(value, policy)
+        elif isinstance(value, NodesValue):
+            text = policy.finish(policy.clip(format_nodes(value, policy.redact_head)))
+        elif isinstance(value, RerankValue):
+            text = policy.finish(policy.clip(
+                "before:\n" + format_nodes(value.before, policy.redact_head)
+                + "\nafter:\n" + format_nodes(value.after, policy.redact_head)))
+        else:
+            text = policy.finish(policy.clip(str(value)))
+        return storable(text)
+
+    def error(self, rec: LogError) -> LogError:
+        """A Logs-tab entry with its texts redacted and the exception's message cut."""
+        redact = self.policy.redact
+        details = {k: storable(redact(v)) if isinstance(v, str) else v
+                   for k, v in rec.details.items()}
+        message = storable(redact(rec.message))
+        if rec.error is not None:
+            error = rec.error
+            if isinstance(error, Clipped):
+                text = redact(error.text, error.length, ERROR_LENGTH)
+            else:
+                text = redact(str(error), None, ERROR_LENGTH)
+            text = storable(text)
+            details["error"] = text
+            message = f"{message}: {text}"
+        return LogError(message, details)
 
     def __call__(self, rec: Record) -> Record:
         """`rec` ready to store."""
@@ -73,7 +121,7 @@ class Finisher:
                 return rec._replace(value=self.text(rec.value))
             return rec
         if isinstance(rec, LogError):
-            redact = self.policy.redact
-            details = {k: redact(v) if isinstance(v, str) else v for k, v in rec.details.items()}
-            return LogError(redact(rec.message), details)
+            return self.error(rec)
+        if isinstance(rec, Param):
+            return Param(rec.key, self.policy.redact_value(rec.value))
         return rec

@@ -21,7 +21,7 @@ from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 
 from . import importhook
-from .content import ContentPolicy
+from .content import ContentPolicy, error_message
 from .log import warn_once
 from .records import LogError, Record, Track
 
@@ -95,9 +95,10 @@ def error_records(kind: str, exc: BaseException, step: int | None = None) -> lis
     """An `errors` count for the kind plus a Logs-tab entry naming operation, type and message."""
     return [
         Track("errors", 1, "metric", _ctx(kind), step),
-        LogError(
-            f"{kind} failed: {type(exc).__name__}: {exc}",
-            {"operation": kind, "exception_type": type(exc).__name__, "error": str(exc)[:2000]},
+        LogError(  # the writer adds the redacted, cut message (`error`)
+            f"{kind} failed: {type(exc).__name__}",
+            {"operation": kind, "exception_type": type(exc).__name__},
+            error_message(exc),
         ),
     ]
 

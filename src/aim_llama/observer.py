@@ -29,10 +29,10 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from . import render
-from .content import MARGIN, ContentPolicy
+from .content import MARGIN, ContentPolicy, error_message
 from .finish import MAX_INPUT_LINE, span_name
 from .log import warn_once
-from .records import LogError, NodesValue, Param, Record, TraceValue, Track
+from .records import LogError, NodesValue, Param, Record, RerankValue, TraceValue, Track
 from .tokens import TokenCounts, can_defer, estimate, estimated_counts, provider_counts, rough
 
 log = logging.getLogger("aim_llama")
@@ -289,13 +289,13 @@ class Observer:
     def _error(self, out: list[Record], kind: str, name: str, err: BaseException) -> None:
         if self._off("errors"):
             return
-        message = str(err)[:2000 + MARGIN]  # redacted (and cut) in the writer
         out.append(Track("errors", 1, "metric", {"kind": kind}))
         out.append(LogError(
-            f"{kind} failed: {type(err).__name__}: {message}",
-            # not "message": Aim's LogRecord takes that name for the log line itself
-            {"operation": kind, "span": name, "exception_type": type(err).__name__,
-             "error": message},
+            f"{kind} failed: {type(err).__name__}",
+            # not "message": Aim's LogRecord takes that name for the log line itself; the
+            # writer adds the redacted, cut exception message as "error"
+            {"operation": kind, "span": name, "exception_type": type(err).__name__},
+            error_message(err),
         ))
 
     def submit(self, record: Record) -> None:
@@ -438,12 +438,16 @@ class Observer:
                 kind = node.kind
                 if kind in _SPECIAL_EXIT:
                     out = []
-                    if kind == "tool":
-                        if not node.nested:
-                            self._tool(out, node, instance, bound_args, result, None)
-                    elif not self._off(kind):
-                        ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
-                        out.append(Track("latency_ms", (now - node.start) * 1000.0, "metric", ctx))
+                    try:
+                        if kind == "tool":
+                            if not node.nested:
+                                self._tool(out, node, instance, bound_args, result, None)
+                        elif not self._off(kind):
+                            ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
+                            out.append(Track("latency_ms", (now - node.start) * 1000.0,
+                                             "metric", ctx))
+                    except Exception as exc:  # the request must still end
+                        self.failed("span end", exc)
                 if node is root.node:
                     root.end = now
                     if kind in ANSWER_KINDS:
@@ -482,17 +486,22 @@ class Observer:
                     self._timed.pop((family, id_), None)
                 recorded = err is not None and any(e is err for e in root.errors)
                 if call is not None:
-                    if not call.nested:  # a nested call's failure is recorded by the outer call
-                        if call.root is not None:
-                            call.root.pending -= 1
-                        self._llm_records(out, call, call.last, now, err)
+                    if not call.nested and call.root is not None:
+                        call.root.pending -= 1
                     recorded = True
-                elif node.kind == "tool" and not node.nested:
-                    self._tool(out, node, instance, bound_args, None, err)
-                    recorded = True
-                elif node.kind in ERROR_KINDS and not recorded and not cancelled and err is not None:
-                    self._error(out, node.kind, node.name, err)
-                    recorded = True
+                try:
+                    if call is not None:
+                        if not call.nested:  # a nested call's failure is recorded by the outer
+                            self._llm_records(out, call, call.last, now, err)
+                    elif node.kind == "tool" and not node.nested:
+                        recorded = True
+                        self._tool(out, node, instance, bound_args, None, err)
+                    elif (node.kind in ERROR_KINDS and not recorded and not cancelled
+                          and err is not None):
+                        recorded = True
+                        self._error(out, node.kind, node.name, err)
+                except Exception as exc:  # the request must still end
+                    self.failed("span error", exc)
                 if recorded and err is not None and not any(e is err for e in root.errors):
                     root.errors.append(err)
                     del root.errors[:-8]
@@ -805,11 +814,11 @@ class Observer:
         scores = render.scores_of(after)
         if scores:
             out.append(Track("top_score", max(scores), "metric", ctx))
-        if self.policy.capture:
+        if self.policy.capture and self._sampled(event.span_id):
             query = render.query_text(getattr(started[1], "query", None))
-            text = ("before:\n" + render.render_nodes(before, query) + "\nafter:\n"
-                    + render.render_nodes(after))
-            self._text(out, "reranked", text, ctx, sampled=self._sampled(event.span_id))
+            value = RerankValue(NodesValue(query, render.node_rows(before), len(before)),
+                                NodesValue(None, render.node_rows(after), len(after)))
+            out.append(Track("reranked", value, "text", ctx))
         self._emit(out)
 
     # -- tools ------------------------------------------------------------------------
@@ -836,14 +845,16 @@ class Observer:
             output = f"error: {type(err).__name__}: {err}"
         else:
             content = getattr(result, "content", None)
-            output = content if isinstance(content, str) else render.render_value(result)
+            output = (content if isinstance(content, str)
+                      else render.render_value(result, head=self.policy.redact_head))
         node.note += f" tool={name}"
         if self.policy.capture and node.root.sampled:
             try:
                 arguments = dict(bound_args.arguments)
             except Exception:
                 arguments = {}
-            self._text(out, "tool_call", render.render_tool_call(name, arguments, output), ctx)
+            self._text(out, "tool_call", render.render_tool_call(
+                name, arguments, output, self.policy.redact_head), ctx)
 
     # -- requests ---------------------------------------------------------------------
     def _maybe_finish(self, root: _Root, now: float) -> list[Record]:

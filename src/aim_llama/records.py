@@ -17,7 +17,8 @@ ValueKind = Literal["metric", "text", "distribution", "token_estimate"]
 class Track(NamedTuple):
     """One value for sequence (name, context). `step=None` lets the writer number it.
 
-    A "text" value is a `str`, a `Clipped` text, a `TraceValue` or a `NodesValue`; the writer
+    A "text" value is a `str`, a `Clipped` text, a `TraceValue`, a `NodesValue` or a
+    `RerankValue`; the writer
     turns it into the stored text (formatting, redaction, truncation: `finish.py`).
     """
 
@@ -63,6 +64,13 @@ class NodesValue(NamedTuple):
     total: int
 
 
+class RerankValue(NamedTuple):
+    """A reranker's nodes before and after, as data: the writer formats the `reranked` text."""
+
+    before: NodesValue
+    after: NodesValue
+
+
 class Param(NamedTuple):
     """A run parameter: `run[key] = value` (nested dicts allowed)."""
 
@@ -71,10 +79,19 @@ class Param(NamedTuple):
 
 
 class LogError(NamedTuple):
-    """An entry for the run's Logs tab (`run.log_error`)."""
+    """An entry for the run's Logs tab (`run.log_error`).
+
+    `error`, when given, is the exception's message (a `str`, or a `Clipped` head when it is
+    long): the writer redacts it, cuts it to `ERROR_LENGTH` and adds it to the message
+    (`message: error`) and to the details (`error=`).
+    """
 
     message: str
     details: dict[str, Any]
+    error: Any = None
+
+
+ERROR_LENGTH = 2_000  # characters of an exception's message kept in the Logs tab
 
 
 class TerminalOutput(NamedTuple):

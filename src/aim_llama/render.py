@@ -8,10 +8,13 @@ cut long texts through the content policy afterwards, and lists are rendered up 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from .content import MARGIN
 from .records import NodesValue
+
+Head = Callable[[str, int], str]  # (text, limit) -> its first `limit` characters, redacted
 
 MAX_ITEMS = 50  # nodes / messages rendered per text
 SNIPPET = 200  # characters of each retrieved node's text
@@ -54,7 +57,12 @@ def _tool_calls(additional_kwargs: Any) -> list[str]:
             name, args = fn.get("name"), fn.get("arguments")
         else:
             name, args = getattr(fn, "name", None), getattr(fn, "arguments", None)
-        out.append(f"tool_call: {name}({args if isinstance(args, str) else json.dumps(args)})")
+        if not isinstance(args, str):
+            try:
+                args = json.dumps(args, default=str)
+            except Exception:
+                args = _repr(args)
+        out.append(f"tool_call: {name}({args})")
     return out
 
 
@@ -155,21 +163,35 @@ def input_text(arguments: dict[str, Any]) -> str:
     return ""
 
 
-def render_value(value: Any, limit: int = 2_000) -> str:
-    """A short repr-like rendering of a tool argument or output."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
+def _repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object>"
 
 
-def render_tool_call(name: str, arguments: dict[str, Any], output: str) -> str:
+def render_value(value: Any, limit: int = 2_000, head: Head | None = None) -> str:
+    """A short repr-like rendering of a tool argument or output, cut at `limit` characters.
+
+    `head` cuts a longer one (the content policy's `redact_head`): secrets are redacted before
+    the cut, so none is left half visible at it.
+    """
+    text = value if isinstance(value, str) else _repr(value)
+    if len(text) <= limit:
+        return text
+    return (head(text[: limit + MARGIN], limit) if head is not None else text[:limit]) + "…"
+
+
+def render_tool_call(name: str, arguments: dict[str, Any], output: str,
+                     head: Head | None = None) -> str:
     """`name(arg=value, …) -> output` from a tool span's bound arguments."""
     args = dict(arguments)
     args.pop("self", None)
-    parts = [render_value(a, 500) for a in args.pop("args", ()) or ()]
+    parts = [render_value(a, 500, head) for a in args.pop("args", ()) or ()]
     kwargs = args.pop("kwargs", None)
     if isinstance(kwargs, dict):
         args.update(kwargs)
-    parts.extend(f"{k}={render_value(v, 500)}" for k, v in args.items())
+    parts.extend(f"{k}={render_value(v, 500, head)}" for k, v in args.items())
     return f"{name}({', '.join(parts)})\n-> {output}"
 
 
@@ -178,11 +200,13 @@ def render_nodes(nodes: list[Any], query: str | None = None) -> str:
     return format_nodes(NodesValue(query, node_rows(nodes), len(nodes)))
 
 
-def format_nodes(value: NodesValue) -> str:
-    """The text of `render_nodes` from rows gathered by `node_rows` (the writer calls this)."""
+def format_nodes(value: NodesValue, head: Head | None = None) -> str:
+    """The text of `render_nodes` from rows gathered by `node_rows` (the writer calls this,
+    with the content policy's `redact_head`, so a snippet never ends in half a secret)."""
     lines = [f"query: {value.query}"] if value.query is not None else []
     for i, (node_id, score, text) in enumerate(value.rows, 1):
-        snippet = " ".join(text[:SNIPPET].split())
+        cut = head(text, SNIPPET) if head is not None else text[:SNIPPET]
+        snippet = " ".join(cut.split())
         score_txt = f"{score:.4f}" if isinstance(score, (int, float)) else "-"
         lines.append(f"{i}. {node_id} score={score_txt} | {snippet}")
     if value.total > len(value.rows):
@@ -192,7 +216,8 @@ def format_nodes(value: NodesValue) -> str:
 
 def node_rows(nodes: list[Any]) -> list[tuple[str, float | None, str]]:
     """(id, score, head of the text) of the first `MAX_ITEMS` nodes: the data of `render_nodes`,
-    gathered cheaply on the application's thread (the writer formats it)."""
+    gathered cheaply on the application's thread (the writer redacts and formats it; the head
+    reaches `MARGIN` characters beyond the snippet, so a secret crossing it is still seen)."""
     rows: list[tuple[str, float | None, str]] = []
     for n in nodes[:MAX_ITEMS]:
         inner = field(n, "node") or n
@@ -205,7 +230,7 @@ def node_rows(nodes: list[Any]) -> list[tuple[str, float | None, str]]:
             except Exception:
                 text = ""
         rows.append((str(node_id), score if isinstance(score, (int, float)) else None,
-                     str(text)[:SNIPPET]))
+                     str(text)[: SNIPPET + MARGIN]))
     return rows
 
 

@@ -48,6 +48,17 @@ def _git(*args: str, cwd: str | None) -> str | None:
     return out.stdout.strip() or None
 
 
+def _without_credentials(url: str | None) -> str | None:
+    """A remote URL without a user:password (or token) part: `https://tok@host/x` → `https://host/x`."""
+    if url is None or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    host_part, slash, path = rest.partition("/")
+    if "@" in host_part:
+        host_part = host_part.rsplit("@", 1)[1]
+    return f"{scheme}://{host_part}{slash}{path}"
+
+
 def git_info(cwd: str | None = None) -> dict[str, Any]:
     """Branch, remote and last commit of the working directory's git checkout (empty if none)."""
     if _git("rev-parse", "--is-inside-work-tree", cwd=cwd) != "true":
@@ -56,7 +67,8 @@ def git_info(cwd: str | None = None) -> dict[str, Any]:
     parts = commit.split("/", 2) if commit else []
     return {
         "branch": _git("rev-parse", "--abbrev-ref", "HEAD", cwd=cwd),
-        "remote_origin_url": _git("config", "--get", "remote.origin.url", cwd=cwd),
+        "remote_origin_url": _without_credentials(
+            _git("config", "--get", "remote.origin.url", cwd=cwd)),
         "commit": {
             "hash": parts[0] if len(parts) == 3 else None,
             "timestamp": parts[1] if len(parts) == 3 else None,

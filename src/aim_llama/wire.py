@@ -4,7 +4,7 @@ Pickling a named tuple goes through `object.__reduce_ex__` and a Python-level
 `__getnewargs__` call per record (~2 µs each, ~45 µs per RAG query on the application's
 thread). A chunk is therefore pickled as plain tuples: `(code, *fields)` per record, where
 `code` is the record's type, and a `Track` carries one more field, the type code of its
-value (a `Clipped`, `TraceValue` or `NodesValue` travels as a plain tuple). That is ~4× less
+value (a `Clipped`, `TraceValue`, `NodesValue` or `RerankValue` travels as a plain tuple). That is ~4× less
 CPU on the application's thread; the writer rebuilds the named tuples.
 """
 
@@ -14,10 +14,10 @@ import io
 import pickle
 from typing import Any, get_args
 
-from .records import Clipped, NodesValue, Record, TraceValue, Track
+from .records import Clipped, NodesValue, Record, RerankValue, TraceValue, Track
 
 _RECORDS: tuple[type, ...] = get_args(Record)  # codes 0.. in the union's order; Track is 0
-_VALUES: tuple[type, ...] = (Clipped, TraceValue, NodesValue)  # value codes 1, 2, 3
+_VALUES: tuple[type, ...] = (Clipped, TraceValue, NodesValue, RerankValue)  # value codes 1..4
 assert _RECORDS[0] is Track
 _RECORD_CODE = {cls: code for code, cls in enumerate(_RECORDS)}
 _VALUE_CODE = {cls: code for code, cls in enumerate(_VALUES, 1)}

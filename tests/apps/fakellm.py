@@ -128,7 +128,9 @@ class ScriptedToolLLM(FunctionCallingLLM):
 
 
 class FailingLLM(CustomLLM):
-    """An LLM whose every call raises `RuntimeError("backend down")`."""
+    """An LLM whose every call raises `RuntimeError(message)` (streams: "backend down")."""
+
+    message: str = "backend down sk-abcdefghijklmnopqrstuvwx"
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -136,7 +138,7 @@ class FailingLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        raise RuntimeError("backend down sk-abcdefghijklmnopqrstuvwx")
+        raise RuntimeError(self.message)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
