@@ -177,6 +177,61 @@ def test_unusable_repo_leaves_app_unaffected_with_one_error(run_py, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def _refuse_big_files() -> None:
+    """In the child: any file beyond 300 kB fails to grow (EFBIG), like a full disk."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_a_repo_that_stops_taking_writes_is_one_error_and_counted_loss(tmp_path, workdir,
+                                                                        backend):
+    """RocksDB failing mid-run (here: the file-size limit, as a full disk does) must not kill
+    the writer, hang the exit, or lose records without counting them."""
+    repo = tmp_path / "repo"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(APPS / "rag.py"), "300"], cwd=workdir, capture_output=True,
+        text=True, timeout=120, preexec_fn=_refuse_big_files,
+        env=clean_env(AIM_REPO=str(repo), AIM_LLAMA_WRITER=backend, AIM_LLAMA_FLUSH_TIMEOUT="5"),
+    )
+    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
+    assert time.monotonic() - started < 60
+    errors = [line for line in proc.stderr.splitlines() if "cannot write to the Aim repo" in line]
+    assert len(errors) == 1, proc.stderr
+    assert str(repo) in errors[0] and "File too large" in errors[0]
+    lost = re.search(r"Aim writer closed: (\d+) records could not be stored", proc.stderr)
+    assert lost is not None and int(lost.group(1)) > 1000, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_repo_deleted_while_the_app_runs_is_one_error_and_counted_loss(run_py, repo):
+    proc = run_py(
+        """
+        import shutil, sys, aim_llama, aim_llama.auto
+        from llama_index.core import Document, Settings, VectorStoreIndex
+        from llama_index.core.embeddings import MockEmbedding
+        from llama_index.core.llms import MockLLM
+        Settings.llm, Settings.embed_model = MockLLM(max_tokens=8), MockEmbedding(embed_dim=8)
+        engine = VectorStoreIndex.from_documents([Document(text="a doc")]).as_query_engine()
+        engine.query("before")
+        print("FLUSHED", aim_llama.flush(60), flush=True)
+        shutil.rmtree(sys.argv[1])
+        for i in range(3):
+            engine.query(f"after {i}")
+        aim_llama.flush(60)
+        """,
+        args=[str(repo)],
+    )
+    assert "FLUSHED True" in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "cannot write to the Aim repo" in line]
+    assert len(errors) == 1 and "its directory was removed" in errors[0], proc.stderr
+    lost = re.search(r"(\d+) records could not be stored", proc.stderr)
+    assert lost is not None and int(lost.group(1)) >= 3 * 10, proc.stderr
+
+
 def test_exit_never_exceeds_the_flush_timeout(repo, workdir):
     """50k texts take the writer several seconds; with a 1 s timeout the app must not wait for them."""
     proc = start(repo, workdir, "50000", "exit", "--text", "--flush-timeout", "1", "--backend", "thread")

@@ -465,6 +465,16 @@ def _quiet_aim_cleanup(everything: bool = False) -> None:
     threading.excepthook = hook
 
 
+def _repo_still_there(run: Any) -> bool:
+    """False once the local repo's `.aim` directory is gone (deleted while the run was open:
+    Aim would go on writing into unlinked files and the records would vanish)."""
+    try:
+        path = run.repo.path
+    except Exception:
+        return True
+    return not isinstance(path, str) or os.path.isdir(path)
+
+
 def _release_aim_exit() -> None:
     """Unblock Aim's exit cleanup after we gave up on a vanished server.
 
@@ -538,10 +548,10 @@ class RunSink:
 
     # -- run lifecycle -------------------------------------------------------------------
     def _open(self) -> bool:
-        if self.run is not None:
-            return True
         if self.failed is not None:
             return False
+        if self.run is not None:
+            return True
         if self.address is not None and not self._backoff.due():
             return False
         try:
@@ -665,12 +675,17 @@ class RunSink:
                     self._lose_held()
                 return
             try:
-                if self._log_tail:
-                    self._track_log_line(self._log_tail)
-                    self._log_tail = ""
-                if self._fast is not None:
-                    self._fast.flush()
-                self._mark([])
+                try:
+                    if self.failed is None:
+                        if self._log_tail:
+                            self._track_log_line(self._log_tail)
+                            self._log_tail = ""
+                        if self._fast is not None:
+                            self._fast.flush()
+                    self._mark([])
+                except Exception as exc:
+                    log.error("could not store the last records of Aim run %s: %s: %s",
+                              self.run_hash, type(exc).__name__, exc)
                 try:
                     self.run.close()
                 except Exception as exc:
@@ -891,8 +906,34 @@ class RunSink:
         the server confirmed everything before them, instead of being returned.
         """
         tokens: list[int] = []
+        stored_before = self.stored
+        try:
+            self._apply(records, tokens)
+        except Exception as exc:  # the repo refused a write (a full disk, a deleted directory …)
+            with self._lock:
+                self._unwritable(exc, self.stored - stored_before)
+        return tokens
+
+    def _unwritable(self, exc: BaseException, batch: int) -> None:
+        """The repo stopped taking writes: this batch and everything after it is lost, counted,
+        and said once (lock held)."""
+        self.stored -= batch
+        self.lost += batch
+        if self.failed is None:
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "cannot write to the Aim repo %r any more (%s); %d records of this batch and "
+                "every later one are counted as lost, the application continues",
+                self.config.repo or os.path.abspath(".aim"), self.failed, batch,
+            )
+
+    def _apply(self, records: Iterable[Record], tokens: list[int]) -> None:
         # Group commit batches local RocksDB writes; an aim:// run has none (and importing Aim
         # for it would delay reporting an unreachable server).
+        if self.address is None and self.run is not None and self.failed is None and (
+                not _repo_still_there(self.run)):
+            with self._lock:
+                self._unwritable(FileNotFoundError("its directory was removed"), 0)
         batching = group_commit() if self.address is None else contextlib.nullcontext()
         with self._lock, batching:
             for rec in records:
@@ -924,7 +965,6 @@ class RunSink:
             if self._fast is not None:
                 self._fast.flush()
             self._mark([])
-        return tokens
 
     def _store(self, rec: Record) -> None:
         try:

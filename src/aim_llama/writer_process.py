@@ -205,7 +205,10 @@ def main() -> int:
                 batch.extend(item[0])
                 urgent = item[1]
             last_store = time.monotonic()
-            tokens = sink.apply(batch)
+            try:
+                tokens = sink.apply(batch)
+            except Exception as exc:  # never die with records in flight: count, answer, go on
+                tokens = _unstored(sink, batch, exc)
         if not announced and sink.run_hash:
             announced = True
             channel.send(("run", sink.run_hash))
@@ -214,16 +217,35 @@ def main() -> int:
             channel.send(("stored", reported))
         for token in tokens:
             channel.send(("ack", token))
-    if remote:
-        sink.close(max(0.0, shutdown.left()))
-    else:
-        sink.close()
+    try:
+        if remote:
+            sink.close(max(0.0, shutdown.left()))
+        else:
+            sink.close()
+    except Exception as exc:
+        log.error("could not finalize the Aim run: %s: %s", type(exc).__name__, exc)
     if not announced and sink.run_hash:
         channel.send(("run", sink.run_hash))
     channel.send(report())
-    if remote:
-        _exit_now(0)  # skip Aim's exit-time cleanup: it waits for a server that may be gone
+    if remote or sink.failed is not None:
+        # skip Aim's exit-time cleanup: it waits for a server that may be gone, or for a
+        # finalizer that cannot write to a repo that refused our writes
+        _exit_now(0)
     return 0
+
+
+def _unstored(sink: Any, batch: list[Any], exc: BaseException) -> list[int]:
+    """A batch the sink could not take: its records are counted as lost, its flush tokens
+    answered (nothing before them will be stored), and the failure said once."""
+    from .log import warn_once
+    from .records import Flush
+
+    tokens = [rec.token for rec in batch if isinstance(rec, Flush)]
+    sink.lost += len(batch) - len(tokens)
+    warn_once(f"writer-batch:{type(exc).__name__}",
+              "could not store a batch of records in Aim (%s: %s); they are counted as lost",
+              type(exc).__name__, exc)
+    return tokens
 
 
 def _quiet_aim_transport() -> None:
