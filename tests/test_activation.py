@@ -285,7 +285,8 @@ def test_system_params_and_run_params(run_py, repo, workdir):
     run_py(
         script=APPS / "rag.py",
         args=["1"],
-        env={"AIM_RUN_PARAMS": json.dumps({"dataset": "faq-v2"}), "MY_API_TOKEN": "hunter2"},
+        env={"AIM_RUN_PARAMS": json.dumps({"dataset": "faq-v2"}), "MY_API_TOKEN": "hunter2",
+             "APP_MARKER": "the app's own", "PROXY_URL": "https://p/?k=sk-" + "Q" * 24},
     )
     run = only_run(repo)
     assert run.experiment == "params"
@@ -296,6 +297,11 @@ def test_system_params_and_run_params(run_py, repo, workdir):
     assert "llama-index-core" in system["packages"] and "aim" in system["packages"]
     assert "MY_API_TOKEN" not in system["env_variables"]
     assert system["env_variables"]["AIM_REPO"] == str(repo)
+    # the application's environment, not the one aim-llama gives its writer process ...
+    assert system["env_variables"]["APP_MARKER"] == "the app's own"
+    assert "AIM_LLAMA_ROLE" not in system["env_variables"]
+    # ... with secrets redacted in values, not only dropped by name
+    assert system["env_variables"]["PROXY_URL"] == "https://p/?k=[REDACTED]"
     assert system["arguments"][0].endswith("rag.py")
     assert run.params["aim_llama"]["role"] == "main"
 

@@ -46,6 +46,9 @@ class RunConfig:
     app_pid: int = 0
     argv: tuple[str, ...] = ()
     executable: str = ""
+    # the application's environment for `__system_params` (secret-looking names already
+    # dropped): the writer process runs with an environment of its own
+    environment: dict[str, str] | None = None
     writer: str = "process"
     role: str = "main"
     version: str = ""
@@ -592,8 +595,8 @@ class RunSink:
             if self.config.log_system_params:
                 from .sysparams import system_params
 
-                run["__system_params"] = redact(system_params(self.config.executable,
-                                                              self.config.argv))
+                run["__system_params"] = redact(system_params(
+                    self.config.executable, self.config.argv, self.config.environment))
         except Exception as exc:
             if self.address is not None and not _at_shutdown(exc):
                 self._connect_failed(exc)

@@ -116,6 +116,13 @@ def instrument(**overrides: Any) -> bool:
         return True
 
 
+def _environment() -> dict[str, str]:
+    """This process's environment as `__system_params` shows it (secret-looking names dropped)."""
+    from .sysparams import environment_variables
+
+    return environment_variables()
+
+
 def _run_config(settings: Any, role: str) -> Any:
     from . import __version__
     from .aimrun import RunConfig
@@ -130,6 +137,7 @@ def _run_config(settings: Any, role: str) -> Any:
         app_pid=os.getpid(),
         argv=tuple(sys.argv),
         executable=sys.executable,
+        environment=_environment() if settings.log_system_params else None,
         writer=settings.writer,
         role=role,
         version=__version__,

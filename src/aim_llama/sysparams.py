@@ -77,11 +77,13 @@ def git_info(cwd: str | None = None) -> dict[str, Any]:
     }
 
 
-def system_params(executable: str | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The same `__system_params` dict Aim records, for the application process."""
+def system_params(executable: str | None = None, argv: Sequence[str] | None = None,
+                  environment: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The same `__system_params` dict Aim records, for the application process
+    (`environment`: the application's, from `environment_variables()` there)."""
     return {
         "packages": installed_packages(),
-        "env_variables": environment_variables(),
+        "env_variables": environment_variables(environment),
         "git_info": git_info(),
         "executable": executable or sys.executable,
         "arguments": list(sys.argv if argv is None else argv),
