@@ -278,6 +278,16 @@ def test_no_run_when_llamaindex_is_never_called(run_py, repo):
     assert run_hashes(repo) == []
 
 
+def test_a_run_param_aim_cannot_store_is_left_out_and_the_run_recorded(run_py, repo):
+    proc = run_py(script=APPS / "rag.py", args=["2"], env={
+        "AIM_RUN_PARAMS": json.dumps({"job_id": 123456789012345678901234, "team": "search"})})
+    run = only_run(repo)
+    assert run.params["team"] == "search" and "job_id" not in run.params
+    assert [s for s, _ in run.text("prompt", kind="llm")] == [0, 1]
+    warnings = [line for line in proc.stderr.splitlines() if "run parameter" in line]
+    assert len(warnings) == 1 and "'job_id'" in warnings[0], proc.stderr
+
+
 def test_system_params_and_run_params(run_py, repo, workdir):
     (workdir / "aim_llama.toml").write_text(
         'experiment = "params"\n[run_params]\nteam = "search"\nnested = { depth = 2 }\n'

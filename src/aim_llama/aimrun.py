@@ -583,20 +583,6 @@ class RunSink:
                 )
             if getattr(run, "_resources", None) is None and not hasattr(run, "hash"):
                 raise RuntimeError("Aim returned an unusable Run")
-            redact = self._finish.policy.redact_value
-            for key, value in self.config.run_params.items():
-                run.set(key, redact(value), strict=False)
-            run["aim_llama"] = {
-                "version": self.config.version,
-                "pid": self.config.app_pid,
-                "role": self.config.role,
-                "writer": self.config.writer,
-            }
-            if self.config.log_system_params:
-                from .sysparams import system_params
-
-                run["__system_params"] = redact(system_params(
-                    self.config.executable, self.config.argv, self.config.environment))
         except Exception as exc:
             if self.address is not None and not _at_shutdown(exc):
                 self._connect_failed(exc)
@@ -622,6 +608,7 @@ class RunSink:
             return False
         self.run = run
         self.run_hash = str(run.hash)
+        self._set_params(run)
         if self.address is not None:
             self._connected()
         else:
@@ -637,6 +624,29 @@ class RunSink:
                 if not _at_shutdown(exc):
                     raise
         return True
+
+    def _set_params(self, run: Any) -> None:
+        """The run's parameters, each on its own: one Aim cannot store (an integer beyond 64
+        bits, say) is left out with a warning instead of costing the process its run."""
+        redact = self._finish.policy.redact_value
+        params: list[tuple[str, Any]] = list(self.config.run_params.items())
+        params.append(("aim_llama", {
+            "version": self.config.version,
+            "pid": self.config.app_pid,
+            "role": self.config.role,
+            "writer": self.config.writer,
+        }))
+        if self.config.log_system_params:
+            from .sysparams import system_params
+
+            params.append(("__system_params", system_params(
+                self.config.executable, self.config.argv, self.config.environment)))
+        for key, value in params:
+            try:
+                run.set(key, redact(value), strict=False)
+            except Exception as exc:
+                warn_once(f"run-param:{key}", "the run parameter %r cannot be stored in Aim "
+                          "(%s: %s); it is left out", key, type(exc).__name__, exc)
 
     def close(self, timeout: float | None = None) -> bool:
         """Store what is pending and finalize the run (end time set, locks released).
