@@ -6,6 +6,7 @@ stops the uvicorn child it spawns; every process a test started is stopped at te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -87,8 +88,19 @@ class AimProcess:
         """SIGKILL the process group: the server vanishes without a goodbye."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP the process group: the server still holds its connections but never answers
+        (a hung server, or a network partition that leaves connections open)."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
+
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it if it is still there after 5 s."""
+        if getattr(self, "paused", False) and self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped process waits for SIGTERM
+            self.paused = False
         self._signal(signal.SIGTERM, grace=5.0)
 
     def _signal(self, signum: int, grace: float = 0.0) -> None:

@@ -195,10 +195,12 @@ def test_server_killed_mid_run_and_restarted_loses_nothing(aim_process, workdir)
     assert run.end_time is not None and not run.active
 
 
-@pytest.mark.parametrize("writer", ["process", "thread", "thread, no threads at exit"])
+@pytest.mark.parametrize("writer", ["process", "thread", "thread, no threads at exit",
+                                    "process, server hung", "thread, server hung"])
 def test_server_killed_before_exit_bounded_exit_and_loss_reported(aim_process, workdir, writer):
-    """The last case: no thread may start once exit begins (Python 3.12's rule, imposed here
-    on any version): the exit deadline and Aim's exit cleanup must not need a new thread."""
+    """No thread may start once exit begins (Python 3.12's rule, imposed here on any version):
+    the exit deadline and Aim's exit cleanup must not need a new thread. A hung server (SIGSTOP:
+    connections stay open, requests never return) must not hold the exit either."""
     server = aim_process("server")
     timeout = 2.0
     extra = {"TEST_NO_THREADS_AT_EXIT": "1"} if "no threads" in writer else {}
@@ -206,7 +208,10 @@ def test_server_killed_before_exit_bounded_exit_and_loss_reported(aim_process, w
                      AIM_LLAMA_WRITER=writer.split(",")[0], **extra)
     assert expect(proc, "FLUSHED").split()[1] == "True"
     expect(proc, "WAIT 1")
-    server.kill()
+    if "hung" in writer:
+        server.pause()
+    else:
+        server.kill()
     go_on(proc)
     exiting = float(expect(proc, "EXITING").split()[1])
     _, err = proc.communicate(timeout=60)  # returns once the app AND its writer process are gone
@@ -223,6 +228,7 @@ def test_server_killed_before_exit_bounded_exit_and_loss_reported(aim_process, w
     assert count >= 6  # at least a prompt and a response for each of the 3 undeliverable queries
     assert f"{count} records could not be stored" in err, err  # the app's own summary agrees
     # What the server confirmed before it died is there; the rest was reported, not hidden.
+    server.stop()
     (run_hash,) = run_hashes(server.repo)
     assert questions_in(prompts(server.repo, run_hash)) == [0, 1, 2]
 

@@ -478,27 +478,30 @@ def _repo_still_there(run: Any) -> bool:
     return not isinstance(path, str) or os.path.isdir(path)
 
 
-def _release_aim_exit() -> None:
+def _release_aim_exit(budget: float = 1.0) -> None:
     """Unblock Aim's exit cleanup after we gave up on a vanished server.
 
     Aim's `AutoClean.cleanup` runs its finalizers in a thread and waits for a signal that thread
-    sets only when all succeeded; a finalizer that raises (a request to the dead server) leaves
-    the interpreter waiting forever. Once that thread is gone, set the signal ourselves, and
-    keep the failed requests' tracebacks out of the application's stderr.
+    sets only when all succeeded; a finalizer that raises (a request to the dead server) or
+    never returns (a server that stopped answering: Aim's requests have no timeout) leaves the
+    interpreter waiting forever. Once that thread is gone — or at the end of `budget` seconds,
+    whatever it is doing — set the signal ourselves, and keep the failed requests' tracebacks
+    out of the application's stderr. (The thread was started during exit, after Python joined
+    its threads, so nothing waits for it afterwards.)
     """
     try:
         from aim.ext.cleanup import AutoClean, RobustExec
     except Exception:
         return
     _quiet_aim_cleanup(everything=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + budget
     while time.monotonic() < deadline and not AutoClean.stop_signal.is_set():
         if not any(isinstance(t, RobustExec) and t.is_alive() for t in threading.enumerate()):
             time.sleep(0.2)  # it may be about to start, or just finished
             if not any(isinstance(t, RobustExec) and t.is_alive() for t in threading.enumerate()):
-                AutoClean.stop_signal.set()
-                return
+                break
         time.sleep(0.1)
+    AutoClean.stop_signal.set()
 
 
 def _address_of(repo: str | None) -> remote.Address | None:
@@ -663,6 +666,8 @@ class RunSink:
             self._finalize(None)
             return True
         limit = self.config.flush_timeout if timeout is None else timeout
+        if self._gave_up:  # the exit deadline has passed already (Aim's cleanup ran first)
+            limit = 0.0
         deadline = time.monotonic() + max(0.0, limit)
         helper = threading.Thread(
             target=self._finalize, args=(deadline,), name="aim-llama-close", daemon=True
