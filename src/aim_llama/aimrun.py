@@ -906,7 +906,7 @@ class RunSink:
             waiting = self.stored - self.delivered
             if waiting and time.monotonic() - self._last_delivery > STALL_WARNING:
                 warn_once(
-                    "remote-unreachable",
+                    "remote-stalled",  # its own key: a server down at start may die later too
                     "the Aim server %s has not confirmed %d records for %.0fs; they are kept "
                     "in memory (up to %d) and sent when it answers",
                     self.address.url,
