@@ -141,3 +141,77 @@ def test_fork_pool_under_the_launcher_gives_each_worker_its_own_finalized_run(wo
 def test_spawn_pool_under_the_launcher_activates_the_children(workdir, repo):
     proc = run_app(workdir, repo, POOL_APP.replace("{context}", "spawn"), launcher=True)
     check_pool_runs(proc.stdout, repo, "spawn-child")
+
+
+def test_a_child_forked_during_a_request_never_writes_that_request(workdir, repo):
+    """The parent's open request (question, spans, LLM call) belongs to the parent alone: a
+    child forked inside it that records nothing leaves no run; one that records has only its
+    own calls."""
+    proc = run_app(workdir, repo, """
+        import os, sys
+        import aim_llama.auto
+        from llama_index.core import Document, Settings, VectorStoreIndex
+        from llama_index.core.embeddings import MockEmbedding
+        from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata, MockLLM
+        from llama_index.core.llms.callbacks import llm_completion_callback
+
+        class ForkingLLM(CustomLLM):
+            @property
+            def metadata(self):
+                return LLMMetadata(model_name="forking")
+
+            @llm_completion_callback()
+            def complete(self, prompt, formatted=False, **kw):
+                quiet = os.fork()
+                if quiet == 0:
+                    sys.exit(0)  # records nothing
+                busy = os.fork()
+                if busy == 0:
+                    MockLLM(max_tokens=2).complete("the child's own call")
+                    sys.exit(0)
+                assert os.waitpid(quiet, 0)[1] == 0 and os.waitpid(busy, 0)[1] == 0
+                print("BUSY", busy, flush=True)
+                return CompletionResponse(text="parent answer")
+
+            @llm_completion_callback()
+            def stream_complete(self, prompt, formatted=False, **kw):
+                raise NotImplementedError
+
+        Settings.embed_model = MockEmbedding(embed_dim=8)
+        index = VectorStoreIndex.from_documents([Document(text="a doc")])
+        index.as_query_engine(llm=ForkingLLM()).query("the parent's own question")
+        print("PARENT", os.getpid(), flush=True)
+    """, launcher=False)
+    runs = {r.params["aim_llama"]["pid"]: r for r in read_all(repo)}
+    parent_pid, busy_pid = int(value_of(proc.stdout, "PARENT")), int(value_of(proc.stdout, "BUSY"))
+    assert set(runs) == {parent_pid, busy_pid}  # the quiet child left no run
+    parent, busy = runs[parent_pid], runs[busy_pid]
+    assert [t for _, t in parent.text("question", kind="query")] == ["the parent's own question"]
+    assert prompts(busy) == ["the child's own call"]
+    assert not busy.text("question", kind="query") and not busy.text("trace", kind="query")
+    assert not busy.metric("latency_ms", kind="query")
+    assert_finalized([parent, busy])
+
+
+def test_a_relative_repo_stays_where_the_app_started_when_it_changes_directory(workdir, repo):
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent("""
+            import os, sys
+            import aim_llama.auto
+            from llama_index.core.llms import MockLLM
+            os.makedirs("elsewhere")
+            os.chdir("elsewhere")  # after activation, before the first record
+            MockLLM(max_tokens=2).complete("parent")
+            child = os.fork()
+            if child == 0:
+                os.setsid()
+                os.chdir("/")  # a daemonizing child
+                MockLLM(max_tokens=2).complete("daemon")
+                sys.exit(0)
+            assert os.waitpid(child, 0)[1] == 0
+        """)],
+        cwd=workdir, env=clean_env(AIM_REPO="runs"), capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    assert not (workdir / "elsewhere" / "runs").exists() and not Path("/runs").exists()
+    runs = read_all(workdir / "runs")
+    assert sorted(p for r in runs for p in prompts(r)) == ["daemon", "parent"]

@@ -123,13 +123,24 @@ def _environment() -> dict[str, str]:
     return environment_variables()
 
 
+def _fixed_repo(repo: str | None) -> str | None:
+    """A local repo as an absolute path, fixed where activation happened (an aim:// address
+    as it is; as given when the working directory no longer exists)."""
+    from .aimrun import resolve_repo
+
+    try:
+        return resolve_repo(repo)
+    except OSError:
+        return repo
+
+
 def _run_config(settings: Any, role: str) -> Any:
     from . import __version__
     from .aimrun import RunConfig
     from .content import patterns_from
 
     return RunConfig(
-        repo=settings.repo,
+        repo=_fixed_repo(settings.repo),
         experiment=settings.experiment,
         system_tracking_interval=settings.system_tracking_interval,
         log_system_params=settings.log_system_params,
@@ -169,6 +180,11 @@ def _activate(settings: Any) -> _Active:
     from .lifecycle import SignalChain, TerminalTee
     from .records import TerminalOutput
 
+    # A local repo is fixed where activation happened: an app (or a daemonized fork child)
+    # that changes its working directory later still writes where it was configured to.
+    fixed = _fixed_repo(settings.repo)
+    if fixed != settings.repo:
+        settings = settings.model_copy(update={"repo": fixed})
     writer = _new_writer(settings, os.environ.get("AIM_LLAMA_ROLE", "main"))
     handler = AimLlamaHandler(
         writer.submit,
@@ -322,6 +338,7 @@ def _after_fork_in_child() -> None:
     with contextlib.suppress(Exception):
         handler._lock = threading.Lock()
         handler._llm_steps = itertools.count()  # the child's run numbers its calls from 0
+        handler._open = {}  # the parent's open events end in the parent, not in this run
         handler.handler_errors = 0
     pending = _ForkChildWriter(active.settings)
     active.writer = pending

@@ -148,7 +148,9 @@ def uninstall() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """A forked child records into its own run: fresh lock and LLM step numbers."""
+    """A forked child records into its own run: fresh lock and LLM step numbers, and none of
+    the parent's open requests (their spans end in the parent; the child must neither write
+    them into its own run nor attach its own work to them)."""
     import itertools
     import threading
 
@@ -159,6 +161,10 @@ def _after_fork_in_child() -> None:
             observer._llm_steps = itertools.count()
             observer._models = {}
             observer._seen_models = set()
+            observer._spans = {}
+            observer._roots = {}
+            observer._calls = {}
+            observer._timed = {}
 
 
 if hasattr(__import__("os"), "register_at_fork"):
