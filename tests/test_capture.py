@@ -447,6 +447,26 @@ def test_tool_that_raises(repo: Path) -> None:
     assert entry["args"]["exception_type"] == "ValueError"
 
 
+def test_an_llm_failing_inside_a_tool_is_one_error_not_two(repo: Path) -> None:
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    def ask_backend(x: int) -> str:
+        """Ask a backend LLM (which is down)."""
+        return FailingLLM().complete(f"about {x}").text
+
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(ask_backend, name="ask_backend")],
+                          llm=ScriptedToolLLM(tool_name="ask_backend", tool_args={"x": 1}))
+    with recording(repo):
+        asyncio.run(_run(agent, user_msg="go"))
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]  # where it happened
+    assert not run.metric("errors", kind="tool")
+    assert len(_log_records(repo, run.hash)) == 1
+    (call,) = [t for _, t in run.text("tool_call", kind="tool", tool="ask_backend")]
+    assert "-> error: RuntimeError: backend down [REDACTED]" in call  # still shown
+
+
 def test_react_agent(repo: Path) -> None:
     from llama_index.core.agent.workflow import ReActAgent
     from llama_index.core.tools import FunctionTool

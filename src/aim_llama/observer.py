@@ -116,6 +116,7 @@ class _Root:
     __slots__ = (
         "answer",
         "end",
+        "error_count",
         "errors",
         "finalized",
         "hold",
@@ -147,6 +148,7 @@ class _Root:
         self.finalized = False
         self.last_seen = now
         self.errors: list[BaseException] = []
+        self.error_count = 0  # errors recorded under it so far (`errors` keeps the last 8)
         self.tokens = 0
         self.llm_calls = 0
         self.streams = 0  # streamed LLM calls finished under this request
@@ -239,6 +241,9 @@ class Observer:
         self._seen_models: set[str] = set()
         self._next_sweep = _now() + SWEEP_INTERVAL
         self._kinds: dict[type, str] = {}
+        # tool spans: the request's error count when they started (an error recorded under a
+        # tool, e.g. its LLM call's, is not counted again as the tool's)
+        self._tool_marks: dict[str, int] = {}
         self._classes = _component_classes()
         # The event handler routes by class name (`dispatcher.AimEventHandler.handle`).
         self.routes: dict[str, Callable[[Any, float], None]] = {
@@ -360,6 +365,8 @@ class Observer:
                     else:
                         node.disp = shown_parent
                 node.root = root
+                if kind == "tool":
+                    self._tool_marks[id_] = root.error_count
                 root.open += 1
                 root.last_seen = now
                 self._spans[id_] = node
@@ -440,8 +447,10 @@ class Observer:
                     out = []
                     try:
                         if kind == "tool":
+                            mark = self._tool_marks.pop(id_, root.error_count)
                             if not node.nested:
-                                self._tool(out, node, instance, bound_args, result, None)
+                                self._tool(out, node, instance, bound_args, result, None,
+                                           counted=root.error_count > mark)
                         elif not self._off(kind):
                             ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
                             out.append(Track("latency_ms", (now - node.start) * 1000.0,
@@ -478,6 +487,7 @@ class Observer:
                 ended = self._end_node(id_, now)
                 if ended is None:
                     return
+                mark = self._tool_marks.pop(id_, None)
                 node, instance, root = ended
                 cancelled = err is None or _cancelled(err)
                 node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
@@ -494,8 +504,9 @@ class Observer:
                         if not call.nested:  # a nested call's failure is recorded by the outer
                             self._llm_records(out, call, call.last, now, err)
                     elif node.kind == "tool" and not node.nested:
+                        counted = recorded or (mark is not None and root.error_count > mark)
                         recorded = True
-                        self._tool(out, node, instance, bound_args, None, err)
+                        self._tool(out, node, instance, bound_args, None, err, counted)
                     elif (node.kind in ERROR_KINDS and not recorded and not cancelled
                           and err is not None):
                         recorded = True
@@ -504,6 +515,7 @@ class Observer:
                     self.failed("span error", exc)
                 if recorded and err is not None and not any(e is err for e in root.errors):
                     root.errors.append(err)
+                    root.error_count += 1
                     del root.errors[:-8]
                 if node is root.node:
                     root.end = now
@@ -639,6 +651,7 @@ class Observer:
                 if root is not None:
                     if isinstance(err, BaseException):
                         root.errors.append(err)
+                        root.error_count += 1
                     root.pending -= 1
                     root.hold = 0
                     out.extend(self._maybe_finish(root, now))
@@ -823,7 +836,9 @@ class Observer:
 
     # -- tools ------------------------------------------------------------------------
     def _tool(self, out: list[Record], node: _Node, instance: Any, bound_args: Any,
-              result: Any, err: BaseException | None) -> None:
+              result: Any, err: BaseException | None, counted: bool = False) -> None:
+        """latency, the `tool_call` text, and the tool's error — unless `counted`: recorded
+        already under the tool (its own LLM call failed, say): one exception, counted once."""
         if self._off("tool"):
             return
         name = "tool"
@@ -840,7 +855,8 @@ class Observer:
             node.status = "cancelled"
             output = "cancelled"
         elif err is not None:
-            self._error(out, "tool", name, err)
+            if not counted:
+                self._error(out, "tool", name, err)
             node.status = f"error {type(err).__name__}"
             output = f"error: {type(err).__name__}: {err}"
         else:
