@@ -202,6 +202,26 @@ def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
     assert "stream llm" in trace  # the deferred LLM stream joined its query's trace
 
 
+def test_a_streaming_query_that_needs_no_llm_ends_when_its_stream_does(repo: Path) -> None:
+    """Nothing retrieved: LlamaIndex streams "Empty Response" without an LLM call; the request
+    ends when that stream is read, not at shutdown."""
+    from llama_index.core.postprocessor import SimilarityPostprocessor
+
+    llm = RuleLLM()
+    engine = _index().as_query_engine(streaming=True, llm=llm, node_postprocessors=[
+        SimilarityPostprocessor(similarity_cutoff=2.0)])
+    with recording(repo):
+        consumed = "".join(engine.query("nothing matches").response_gen)
+        aim_llama.flush(30)
+        from aim_llama.autoinstrument import _active
+        assert _active is not None and _active.handler.observer.open_state()["roots"] == 0
+    assert consumed == "Empty Response" and llm.calls == 0
+    run = only_run(repo)
+    assert [t for _, t in run.text("answer", kind="query")] == ["Empty Response"]
+    (trace,) = traces(run, "query")
+    assert " · ok · llm calls 0 " in trace.splitlines()[1]
+
+
 def test_streaming_queries_read_later_or_elsewhere_join_their_own_requests(repo: Path) -> None:
     # A streaming query's LLM call happens when its response is first read: here after a
     # second query returned its stream, and in another thread than the query ran in (a web

@@ -466,7 +466,7 @@ class Observer:
                         elif render.is_streaming(result) and not root.pending and not root.streams:
                             # the stream has not run yet: wait for it (its LLM call, or expiry)
                             root.hold = 1
-                            if not _follow_stream(result, root):
+                            if not _follow_stream(result, root, self._stream_ended):
                                 _awaiting.set(root)
                 root.open -= 1
                 if root.open <= 0 and not root.pending and not root.hold and not root.finalized:
@@ -656,6 +656,20 @@ class Observer:
                     root.hold = 0
                     out.extend(self._maybe_finish(root, now))
             self._emit(out)
+
+    def _stream_ended(self, root: _Root, text: str) -> None:
+        """A streaming request's response ran out and no LLM call joined it: it is complete."""
+        try:
+            with self._lock:
+                if not root.hold or root.finalized:
+                    return
+                root.hold = 0
+                if root.answer is None:
+                    root.answer = text
+                out = self._maybe_finish(root, _now())
+            self._emit(out)
+        except Exception as exc:
+            self.failed("stream end", exc)
 
     def _stream_done(self, event: Any, now: float) -> None:
         with self._lock:
@@ -974,7 +988,8 @@ class Observer:
         self._emit(out)
 
 
-def _follow_stream(result: Any, root: _Root) -> bool:
+def _follow_stream(result: Any, root: _Root,
+                   ended: Callable[[_Root, str], None] | None = None) -> bool:
     """Make the LLM call of a streaming query's response join its request when it is read.
 
     A `StreamingResponse`'s generator makes its LLM call only when it is first read — in
@@ -986,25 +1001,34 @@ def _follow_stream(result: Any, root: _Root) -> bool:
     if not isinstance(gen, types.GeneratorType):
         return False
     try:
-        result.response_gen = _following(gen, root)
+        result.response_gen = _following(gen, root, ended)
     except Exception:
         return False
     return True
 
 
-def _following(gen: Generator[Any, None, Any], root: _Root) -> Generator[Any, None, Any]:
-    """`gen`, telling `span_enter` which request it belongs to while each item is made."""
+def _following(gen: Generator[Any, None, Any], root: _Root,
+               ended: Callable[[_Root, str], None] | None = None
+               ) -> Generator[Any, None, Any]:
+    """`gen`, telling `span_enter` which request it belongs to while each item is made; and,
+    when it runs out without an LLM call having joined (LlamaIndex's "Empty Response" when
+    nothing was retrieved), ending the request with what it yielded."""
+    texts: list[str] = []
     try:
         while True:
             token = _awaiting.set(root) if root.hold else None
             try:
                 item = next(gen)
             except StopIteration as stop:
+                if root.hold and ended is not None:
+                    ended(root, "".join(texts))
                 return stop.value
             finally:
                 if token is not None:
                     with contextlib.suppress(ValueError):
                         _awaiting.reset(token)
+            if root.hold and isinstance(item, str) and len(texts) < 1000:
+                texts.append(item)
             yield item
     finally:
         gen.close()
