@@ -472,3 +472,45 @@ def test_sigterm_during_uninstrument_waits_for_its_flush_then_kills(repo, workdi
     run = only_run(repo)
     assert [t for _, t in run.text("note", kind="t")] == [f"record {i}" for i in range(3000)]
     assert run.end_time is not None and not run.active
+
+
+def test_an_app_that_closes_every_descriptor_gets_its_new_ones_untouched(run_py):
+    """A hand-rolled daemonization closes every fd and opens new ones, which may get the
+    numbers of aim-llama's pipes: aim-llama must then neither read, write nor close them."""
+    proc = run_py(
+        """
+        import os, socket
+        import aim_llama.auto
+        import aim_llama
+        from aim_llama import autoinstrument
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=4)
+        llm.complete("before")
+        assert aim_llama.flush(60)
+        backend = autoinstrument._active.writer._backend
+        fds = (backend._fd, backend._ack_fd)
+        os.closerange(3, 4096)
+        pairs = [socket.socketpair() for _ in range(4)]  # the lowest numbers again
+        mine = {s.fileno(): s for pair in pairs for s in pair}
+        peer = {a.fileno(): b for a, b in pairs} | {b.fileno(): a for a, b in pairs}
+        assert set(fds) <= set(mine)
+        for fd in fds:
+            peer[fd].sendall(b"app data %d;" % fd)
+        for i in range(3):
+            llm.complete(f"after {i}")
+        aim_llama.flush(5)
+        for fd in fds:
+            mine[fd].setblocking(False)
+            peer[fd].setblocking(False)
+            got = mine[fd].recv(65536)
+            try:
+                foreign = peer[fd].recv(65536)
+            except BlockingIOError:
+                foreign = b""
+            print("FD", fd, got == b"app data %d;" % fd, len(foreign), flush=True)
+        """,
+    )
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("FD ")]
+    assert len(lines) == 2 and all(ok == "True" and foreign == "0" for _, _, ok, foreign in lines)
+    assert proc.stderr.count("the application closed aim-llama's pipes") == 1, proc.stderr
+    assert "records could not be stored" in proc.stderr

@@ -149,6 +149,20 @@ def _read_exact(stream: Any, size: int) -> bytes:
     return bytes(data)
 
 
+def _fd_id(fd: int) -> tuple[int, int] | None:
+    """What file descriptor `fd` refers to now (device, inode), None when it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+# Pipe objects whose descriptor numbers the application closed and may have reused: kept
+# alive so that their garbage collection never closes what those numbers mean now.
+_abandoned: list[Any] = []
+
+
 class ProcessBackend:
     """Feeds a writer process over its stdin and reads its acknowledgements from its stdout.
 
@@ -186,7 +200,22 @@ class ProcessBackend:
         self.closed_info: tuple[Any, ...] | None = None
         self.stored = 0  # records the writer process reported in the repo (or on the server)
         self.broken = False
+        # An application that closes every descriptor (a hand-rolled daemonization) and opens
+        # new ones may be given these numbers back: never read, write or close them then.
+        self._pipe_ids = (_fd_id(self._fd), _fd_id(self._ack_fd))
+        self.lost_pipes = False
         write_frame(self._fd, config)
+
+    def _pipes_ok(self) -> bool:
+        """False (for good) once either pipe number no longer means our pipe."""
+        if self.lost_pipes:
+            return False
+        if (_fd_id(self._fd), _fd_id(self._ack_fd)) == self._pipe_ids:
+            return True
+        self.lost_pipes = self.broken = self._eof = True
+        _abandoned.append((self.proc.stdin, self.proc.stdout))
+        self.proc.stdin = self.proc.stdout = None
+        return False
 
     @property
     def eof(self) -> bool:
@@ -196,6 +225,8 @@ class ProcessBackend:
     def poll(self, timeout: float = 0.0) -> None:
         """Handle every acknowledgement that arrives within `timeout` seconds (0: what is there)."""
         deadline = time.monotonic() + timeout
+        if not self._eof:
+            self._pipes_ok()
         while not self._eof:
             left = max(0.0, deadline - time.monotonic())
             try:
@@ -203,7 +234,7 @@ class ProcessBackend:
             except (OSError, ValueError):
                 self._eof = True
                 break
-            if not ready:
+            if not ready or not self._pipes_ok():  # (the number may have changed meanwhile)
                 break
             try:
                 chunk = os.read(self._ack_fd, 65536)
@@ -233,7 +264,7 @@ class ProcessBackend:
                 self.stored = max(self.stored, int(msg[1]))
 
     def send(self, chunks: list[bytes]) -> None:
-        if self.broken:
+        if self.broken or not self._pipes_ok():
             raise BrokenPipeError("writer process is gone")
         try:
             write_raw_frame(self._fd, b"".join(chunks))
@@ -249,11 +280,12 @@ class ProcessBackend:
 
     def close(self, deadline: float) -> bool:
         try:
-            if not self.broken and self.proc.poll() is None:
+            if self._pipes_ok() and not self.broken and self.proc.poll() is None:
                 close = frame((*CLOSE, max(0.0, deadline - time.monotonic())))
                 with sigpipe_as_error():  # called on the application's thread
                     write_until(self._fd, close, deadline)
-            self.proc.stdin.close()  # type: ignore[union-attr]
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
         except OSError:
             pass
         while self.closed_info is None and not self._eof and time.monotonic() < deadline:
@@ -489,12 +521,20 @@ class Writer:
             self._ack(token)
 
     def _writer_died(self, backend: ProcessBackend) -> None:
-        """The writer process went away: what it received but never reported stored is lost."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            backend.proc.wait(timeout=1.0)
+        """The writer process went away (or the application closed our pipes to it): what it
+        received but never reported stored is lost."""
         unstored = max(0, self._sent - backend.stored)
         self._sent = backend.stored
         self.lost += unstored
+        if backend.lost_pipes:
+            warn_once("writer-pipes",
+                      "the application closed aim-llama's pipes to its writer process "
+                      "(descriptors %d and %d): %d records the writer had not reported stored "
+                      "and every later record are lost (aim-llama leaves those descriptor "
+                      "numbers alone from now on)", backend._fd, backend._ack_fd, unstored)
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            backend.proc.wait(timeout=1.0)
         status = backend.proc.returncode
         how = ("still running" if status is None else f"killed by signal {-status}" if status < 0
                else f"exit status {status}")
