@@ -215,3 +215,33 @@ def test_a_relative_repo_stays_where_the_app_started_when_it_changes_directory(w
     assert not (workdir / "elsewhere" / "runs").exists() and not Path("/runs").exists()
     runs = read_all(workdir / "runs")
     assert sorted(p for r in runs for p in prompts(r)) == ["daemon", "parent"]
+
+
+def test_fork_workers_that_import_llamaindex_themselves_keep_every_record(workdir, repo):
+    """The parent never used LlamaIndex, so each worker activates aim-llama itself; its
+    multiprocessing exit (os._exit) must still flush and finalize its run."""
+    proc = run_app(workdir, repo, """
+        import multiprocessing as mp
+        import os
+        import aim_llama.auto
+
+        def work(x):
+            from llama_index.core.embeddings import MockEmbedding
+            embed = MockEmbedding(embed_dim=8)
+            for i in range(5):
+                embed.get_text_embedding(f"text {x} {i}")
+            return os.getpid()
+
+        if __name__ == "__main__":
+            with mp.get_context("fork").Pool(2) as pool:
+                pids = set(pool.map(work, range(4)))
+                pool.close()
+                pool.join()
+            print("WORKERS", len(pids), flush=True)
+    """, launcher=False)
+    assert value_of(proc.stdout, "WORKERS") in ("1", "2")
+    runs = read_all(repo)
+    embedded = [v for r in runs for _, v in r.metric("embedded_texts", kind="embedding")]
+    assert len(embedded) == 20
+    assert {r.params["aim_llama"]["role"] for r in runs} == {"fork-child"}
+    assert_finalized(runs)

@@ -123,6 +123,23 @@ def _environment() -> dict[str, str]:
     return environment_variables()
 
 
+def _multiprocessing_child() -> str | None:
+    """The role of a multiprocessing worker that activates aim-llama itself (None elsewhere):
+    `spawn-child` for spawn and forkserver workers, `fork-child` for a fork worker whose parent
+    had not activated it (a lazy LlamaIndex import inside the task, say)."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is None or "multiprocessing.util" not in sys.modules:
+        return None
+    try:
+        if process.parent_process() is None:
+            return None
+    except Exception:
+        return None
+    argv = " ".join(getattr(sys, "orig_argv", ()))
+    return "spawn-child" if ("--multiprocessing-fork" in argv
+                             or "multiprocessing.forkserver" in argv) else "fork-child"
+
+
 def _fixed_repo(repo: str | None) -> str | None:
     """A local repo as an absolute path, fixed where activation happened (an aim:// address
     as it is; as given when the working directory no longer exists)."""
@@ -185,7 +202,13 @@ def _activate(settings: Any) -> _Active:
     fixed = _fixed_repo(settings.repo)
     if fixed != settings.repo:
         settings = settings.model_copy(update={"repo": fixed})
-    writer = _new_writer(settings, os.environ.get("AIM_LLAMA_ROLE", "main"))
+    worker = _multiprocessing_child()
+    writer = _new_writer(settings, os.environ.get("AIM_LLAMA_ROLE") or worker or "main")
+    if worker is not None:
+        # multiprocessing ends its workers through os._exit: atexit never runs, this does
+        with contextlib.suppress(Exception):
+            sys.modules["multiprocessing.util"].Finalize(
+                None, _close_fork_child_writer, args=(writer,), exitpriority=100)
     handler = AimLlamaHandler(
         writer.submit,
         event_starts_to_ignore=settings.event_starts_to_ignore,

@@ -202,7 +202,7 @@ class ProcessBackend:
         self.broken = False
         # An application that closes every descriptor (a hand-rolled daemonization) and opens
         # new ones may be given these numbers back: never read, write or close them then.
-        self._pipe_ids = (_fd_id(self._fd), _fd_id(self._ack_fd))
+        self._pipe_ids = {fd: _fd_id(fd) for fd in (self._fd, self._ack_fd)}  # those still ours
         self.lost_pipes = False
         write_frame(self._fd, config)
 
@@ -210,7 +210,7 @@ class ProcessBackend:
         """False (for good) once either pipe number no longer means our pipe."""
         if self.lost_pipes:
             return False
-        if (_fd_id(self._fd), _fd_id(self._ack_fd)) == self._pipe_ids:
+        if all(_fd_id(fd) == known for fd, known in self._pipe_ids.items()):
             return True
         self.lost_pipes = self.broken = self._eof = True
         _abandoned.append((self.proc.stdin, self.proc.stdout))
@@ -285,6 +285,7 @@ class ProcessBackend:
                 with sigpipe_as_error():  # called on the application's thread
                     write_until(self._fd, close, deadline)
             if self.proc.stdin is not None:
+                self._pipe_ids.pop(self._fd, None)  # closed by us: no longer ours to check
                 self.proc.stdin.close()
         except OSError:
             pass
