@@ -51,29 +51,34 @@ if args.config == "aimcallback":
 
 engine = build_engine(args.docs)
 
-if args.config == "diag-noop":
+
+def replace_handlers(enter, exit_, handle):
+    """Put `enter` / `exit_` / `handle` in place of aim-llama's dispatcher handlers (instance
+    attributes win over methods) and make its callback handler return at once."""
     from llama_index.core.instrumentation import get_dispatcher
 
     from aim_llama import autoinstrument
     from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
 
     for h in get_dispatcher().span_handlers + get_dispatcher().event_handlers:
-        if isinstance(h, (AimSpanHandler, AimEventHandler)):
-            for name in ("span_enter", "span_exit", "span_drop", "handle"):
-                h.__dict__[name] = lambda *a, **k: None  # instance attributes win over methods
+        if isinstance(h, AimSpanHandler):
+            h.__dict__["span_enter"] = enter
+            h.__dict__["span_exit"] = exit_
+            h.__dict__["span_drop"] = exit_
+        if isinstance(h, AimEventHandler):
+            h.__dict__["handle"] = handle
     active = autoinstrument._active
     assert active is not None
     active.handler.on_event_start = lambda *a, **k: k.get("event_id", "")
     active.handler.on_event_end = lambda *a, **k: None
 
+
+if args.config == "diag-noop":
+    replace_handlers(lambda *a, **k: None, lambda *a, **k: None, lambda *a, **k: None)
+
 if args.config == "diag-minimal":
     # The least a span-tree recorder can do: one tuple per call into a list, nothing else.
     import time as _time
-
-    from llama_index.core.instrumentation import get_dispatcher
-
-    from aim_llama import autoinstrument
-    from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
 
     _log: list = []
     _pc = _time.perf_counter
@@ -89,17 +94,7 @@ if args.config == "diag-minimal":
     def _handle(event, **kw):
         _log.append((type(event).__name__, event.span_id, _pc()))
 
-    for h in get_dispatcher().span_handlers + get_dispatcher().event_handlers:
-        if isinstance(h, AimSpanHandler):
-            h.__dict__["span_enter"] = _enter
-            h.__dict__["span_exit"] = _exit
-            h.__dict__["span_drop"] = _exit
-        if isinstance(h, AimEventHandler):
-            h.__dict__["handle"] = _handle
-    active = autoinstrument._active
-    assert active is not None
-    active.handler.on_event_start = lambda *a, **k: k.get("event_id", "")
-    active.handler.on_event_end = lambda *a, **k: None
+    replace_handlers(_enter, _exit, _handle)
 
 if args.config == "diag-raw":
     # The floor of a "ship raw data" design: span tuples plus the payloads the records need,
@@ -107,11 +102,6 @@ if args.config == "diag-raw":
     import collections
     import pickle
     import time as _time
-
-    from llama_index.core.instrumentation import get_dispatcher
-
-    from aim_llama import autoinstrument
-    from aim_llama.dispatcher import AimEventHandler, AimSpanHandler
 
     _buf: list = []
     _queue: collections.deque = collections.deque(maxlen=10000)
@@ -156,17 +146,7 @@ if args.config == "diag-raw":
         elif name in ("EmbeddingStartEvent", "RetrievalStartEvent"):
             _buf.append((name, event.span_id, _pc()))
 
-    for h in get_dispatcher().span_handlers + get_dispatcher().event_handlers:
-        if isinstance(h, AimSpanHandler):
-            h.__dict__["span_enter"] = _enter
-            h.__dict__["span_exit"] = _exit
-            h.__dict__["span_drop"] = _exit
-        if isinstance(h, AimEventHandler):
-            h.__dict__["handle"] = _handle
-    active = autoinstrument._active
-    assert active is not None
-    active.handler.on_event_start = lambda *a, **k: k.get("event_id", "")
-    active.handler.on_event_end = lambda *a, **k: None
+    replace_handlers(_enter, _exit, _handle)
 
 if args.config in ("diag-nospans", "diag-noevents", "diag-nosubmit"):
     from llama_index.core.instrumentation import get_dispatcher
