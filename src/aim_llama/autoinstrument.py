@@ -157,7 +157,7 @@ def _run_config(settings: Any, role: str) -> Any:
     from .content import patterns_from
 
     return RunConfig(
-        repo=_fixed_repo(settings.repo),
+        repo=settings.repo,  # made absolute at activation (`_activate`)
         experiment=settings.experiment,
         system_tracking_interval=settings.system_tracking_interval,
         log_system_params=settings.log_system_params,
