@@ -189,10 +189,7 @@ class ContentPolicy:
 
     def clip(self, text: str) -> str | Clipped:
         """`text`, or its head (maximum length + margin) with its length when it is longer."""
-        limit = self.max_length
-        if limit is not None and len(text) > limit + MARGIN:
-            return Clipped(text[: limit + MARGIN], len(text))
-        return text
+        return clip_to(text, self.max_length)
 
     def finish(self, value: str | Clipped) -> str:
         """The stored form of a captured text: secrets redacted, cut to the maximum length."""
@@ -213,6 +210,12 @@ def error_message(err: BaseException) -> str | Clipped:
         message = str(err)
     except Exception:
         message = f"<{type(err).__name__} whose message cannot be shown>"
-    if len(message) > ERROR_LENGTH + MARGIN:
-        return Clipped(message[: ERROR_LENGTH + MARGIN], len(message))
-    return message
+    return clip_to(message, ERROR_LENGTH)
+
+
+def clip_to(text: str, limit: int | None) -> str | Clipped:
+    """`text`, or — when it is longer than `limit` + `MARGIN` — its head of that size with
+    its length: what the application hands over of a text the writer cuts at `limit`."""
+    if limit is not None and len(text) > limit + MARGIN:
+        return Clipped(text[: limit + MARGIN], len(text))
+    return text
