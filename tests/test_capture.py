@@ -384,6 +384,27 @@ def test_structured_llm_rerank(repo: Path) -> None:
     assert_llm_steps_line_up(run, 2)  # the reranker's structured call + the answer
 
 
+def test_a_structured_llm_call_keeps_the_providers_token_usage(repo: Path) -> None:
+    """`as_structured_llm(...)` returns the parsed object: the provider's usage is on the call
+    nested inside it, and is the one recorded (not an estimate of the outer prompt)."""
+    from llama_index.core.llms import ChatMessage
+    from pydantic import BaseModel
+
+    class Ranking(BaseModel):
+        documents: list[dict[str, int]]
+
+    structured = RuleLLM(usage=USAGE).as_structured_llm(Ranking)
+    with recording(repo):
+        out = structured.chat([ChatMessage(role="user", content="rank by document_number")])
+        assert out.raw.documents[0] == {"document_number": 2, "relevance": 9}
+        structured.complete("rank by document_number")  # complete → chat → the provider's call
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 2, source="provider")
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert [v for _, v in run.metric(name, kind="llm", source="provider")] == [USAGE[name]] * 2
+        assert not run.metric(name, kind="llm", source="estimated")
+
+
 def test_sub_question_query_engine(repo: Path) -> None:
     from llama_index.core.query_engine import SubQuestionQueryEngine
     from llama_index.core.question_gen import LLMQuestionGenerator
@@ -566,6 +587,33 @@ def test_five_concurrent_threads(repo: Path) -> None:
         for t in threads:
             t.join()
     _assert_isolated(only_run(repo), QUESTIONS)
+
+
+def test_queries_under_run_jobs_or_a_user_span_are_requests_of_their_own(repo: Path) -> None:
+    """LlamaIndex's `run_jobs` and a user's `@dispatcher.span` function are spans with no
+    component: the queries they run are still requests, each with question, answer, latency
+    and trace (the wrapper's span is not a request and gets no records of its own)."""
+    from llama_index.core.async_utils import run_jobs
+    from llama_index.core.instrumentation import get_dispatcher
+
+    engine = _index().as_query_engine(similarity_top_k=2)
+    dispatcher = get_dispatcher("my_app")
+
+    @dispatcher.span
+    def my_pipeline(questions: list[str]) -> list[Any]:
+        return [engine.query(q) for q in questions]
+
+    async def batch() -> None:
+        await run_jobs([engine.aquery(q) for q in QUESTIONS[2:]], workers=3)
+
+    with recording(repo):
+        my_pipeline(QUESTIONS[:2])
+        asyncio.run(batch())
+    run = only_run(repo)
+    _assert_isolated(run, QUESTIONS)
+    assert sorted(t for _, t in run.text("question", kind="query")) == sorted(QUESTIONS)
+    assert len(run.text("answer", kind="query")) == 5
+    assert len(run.metric("latency_ms", kind="query")) == 5
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -163,11 +163,13 @@ class _Call:
     __slots__ = (
         "claimed",
         "first",
+        "inner",
         "last",
         "messages",
         "model",
         "nested",
         "node",
+        "outer",
         "prompt",
         "root",
         "start",
@@ -186,6 +188,9 @@ class _Call:
         self.root = node.root if node is not None else None
         self.nested = nested
         self.claimed = False  # an async stream whose sync body has started (see `_outer_stream`)
+        self.outer: _Call | None = None  # a nested call: the call it is part of
+        # provider usage reported by calls nested in this one (a structured LLM's inner call)
+        self.inner: TokenCounts | None = None
 
 
 _GENERATION_PARAMS = ("model", "temperature", "max_tokens", "top_p", "top_k", "seed",
@@ -341,7 +346,10 @@ class Observer:
                 if parent is None:
                     parent = self._late_parent(id_, kind, parent_id, instance, bound_args)
                 node = _Node(id_, kind, parent, now, instance)
-                if parent is None:
+                if parent is None or (kind in REQUEST_KINDS
+                                      and parent.root.kind not in REQUEST_KINDS):
+                    # (a query under `run_jobs`, a user's `@dispatcher.span` function or a
+                    # tool called directly is a request of its own: the wrapper is not one)
                     root = self._new_root(node, bound_args, now)
                 else:
                     root = parent.root
@@ -533,18 +541,20 @@ class Observer:
         sid = event.span_id
         with self._lock:
             node = self._spans.get(sid) if sid else None
-            nested = False
+            outer: _Call | None = None
             p = node.parent if node is not None else None
             while p is not None:
-                if p.id in self._calls:
-                    nested = True
+                outer = self._calls.get(p.id)
+                if outer is not None:
                     break
                 p = p.parent
             fields = event.__dict__  # a pydantic event: getattr on a missing field is slow
-            if not nested and node is not None and node.inst_id:
-                nested = self._outer_stream(node.inst_id, node.name, fields.get("prompt"),
-                                            fields.get("messages")) is not None
+            if outer is None and node is not None and node.inst_id:
+                outer = self._outer_stream(node.inst_id, node.name, fields.get("prompt"),
+                                           fields.get("messages"))
+            nested = outer is not None
             call = _Call(now, node, nested)
+            call.outer = outer
             if not nested:
                 call.prompt = fields.get("prompt")
                 call.messages = fields.get("messages")
@@ -619,7 +629,10 @@ class Observer:
     def _llm_end(self, event: Any, now: float) -> None:
         with self._lock:
             call = self._calls.pop(event.span_id, None)
-        if call is None or call.nested:
+        if call is None:
+            return
+        if call.nested:
+            _fold_usage(call, getattr(event, "response", None) or call.last)
             return
         out: list[Record] = []
         try:
@@ -693,6 +706,8 @@ class Observer:
         # Cancelled (a timeout, a client that went away): not a failure of the LLM.
         cancelled = err is not None and not abandoned and _cancelled(err)
         counts = provider_counts(response) if response is not None else None
+        if counts is None:
+            counts = call.inner  # reported to the call nested in this one (a structured LLM)
         prompt_text = response_text = ""
         if capture or counts is None:
             if call.messages is not None:
@@ -1032,6 +1047,24 @@ def _following(gen: Generator[Any, None, Any], root: _Root,
             yield item
     finally:
         gen.close()
+
+
+def _fold_usage(call: _Call, response: Any) -> None:
+    """Add the provider usage of a nested call's response to its outer call's `inner`: the
+    outer call's own response may carry none (a structured LLM returns the parsed object)."""
+    outer = call.outer
+    if outer is None:
+        return
+    counts = provider_counts(response) if response is not None else None
+    if counts is None:
+        counts = call.inner  # a call nested twice (`complete` → `chat` → the provider's)
+        if counts is None:
+            return
+    was = outer.inner
+    if was is not None:
+        counts = TokenCounts(was.prompt + counts.prompt, was.completion + counts.completion,
+                             was.total + counts.total, counts.source)
+    outer.inner = counts
 
 
 def _cancelled(err: BaseException) -> bool:

@@ -182,6 +182,7 @@ class RuleLLM(CustomLLM):
     fail_after: int | None = None  # streams raise RuntimeError after this many chunks
     first_delay: float = 0.0  # seconds before a stream's first chunk (time to first token)
     chunk_delay: float = 0.0  # seconds between a stream's chunks
+    usage: dict[str, int] | None = None  # reported in `raw["usage"]` of non-streamed responses
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -205,7 +206,8 @@ class RuleLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return CompletionResponse(text=self._text(prompt))
+        raw = {"usage": dict(self.usage)} if self.usage else None
+        return CompletionResponse(text=self._text(prompt), raw=raw)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
