@@ -321,21 +321,46 @@ def test_only_the_main_thread_can_receive_the_applications_signals(run_py, backe
         assert "WRITER_PROCESS False" in proc.stdout
 
 
-def test_a_writer_process_that_dies_is_reported_with_every_record_it_lost(repo, workdir):
+def test_a_writer_process_that_dies_is_replaced_and_the_run_goes_on(repo, workdir):
     """Its death costs the application nothing (not even with SIGPIPE's default action, which
-    a write to its pipe would raise), and what it never stored is counted, not hidden."""
+    a write to its pipe would raise); what it never stored is counted, not hidden; a new writer
+    process continues the same run, its sequences after their last stored step, and
+    finalizes it."""
     proc = start(repo, workdir, "2000", "writer-dies", "--sigpipe-default")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "ALIVE" in out and "EXITING" in out
-    assert "FLUSH_AFTER_DEATH False" in out  # flush() does not claim what was lost is stored
-    assert re.search(r"the Aim writer process \(pid \d+\) ended unexpectedly \(killed by signal 9\)",
-                     err), err
-    # 1000 stored before it was stopped; 1000 sent to it and never stored; 1 sent after death
+    assert "FLUSH_AFTER_DEATH True" in out  # what came after the death is stored
+    assert "RESTARTS 1" in out
+    assert re.search(r"the Aim writer process \(pid \d+\) ended unexpectedly \(killed by signal 9\)"
+                     r": 1000 records it had received were not stored; a new writer process "
+                     r"\(pid \d+\) continues run [0-9a-f]+ \(restart 1 of at most 3\)", err), err
+    # 1000 stored before it was stopped; 1000 sent to it and never stored
     summary = re.search(r"Aim writer closed: (\d+) records could not be stored", err)
-    assert summary is not None and int(summary.group(1)) == 1001, err
+    assert summary is not None and int(summary.group(1)) == 1000, err
     assert "flush timeout" not in err  # a dead writer is not a slow one
-    assert values(only_run(repo), kind="t0") == [float(i) for i in range(1000)]
+    run = only_run(repo)  # one run: the new writer continued it
+    assert run.metric("value", kind="t0") == (
+        [(i, float(i)) for i in range(1000)] + [(1000 + i, 5000.0 + i) for i in range(100)])
+    assert values(run, kind="late") == [-1.0]
+    assert run.end_time is not None and not run.active  # finalized
+
+
+def test_a_writer_process_that_keeps_dying_is_restarted_three_times_then_given_up(repo,
+                                                                                  workdir):
+    proc = start(repo, workdir, "50", "writer-dies-often")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert [line for line in out.splitlines() if line.startswith("FLUSH ")] == [
+        f"FLUSH {i} True" for i in range(4)]
+    assert "RESTARTS 3" in out and "FLUSH_AFTER_LAST_DEATH False" in out
+    assert len(re.findall(r"a new writer process \(pid \d+\) continues run", err)) == 3, err
+    assert re.search(r"ended unexpectedly \(killed by signal 9\): 0 records it had received were "
+                     r"not stored, and later records are lost \(it was restarted 3 times "
+                     r"already\)", err), err
+    run = only_run(repo)
+    assert values(run, kind="t0") == [float(i) for i in range(200)]
+    assert not values(run, kind="late")
 
 
 def test_records_lost_with_a_dead_writer_are_counted_exactly_after_queue_drops(repo, workdir):

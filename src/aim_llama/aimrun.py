@@ -57,6 +57,8 @@ class RunConfig:
     # The writer's half of the content policy (`finish.py`): redaction and truncation.
     max_text_length: int | None = 20_000
     redact_patterns: tuple[str, ...] = DEFAULT_SECRET_PATTERNS
+    # a writer process started again after the previous one died: continue this run
+    run_hash: str | None = None
 
 
 def resolve_repo(repo: str | None) -> str:
@@ -578,6 +580,7 @@ class RunSink:
                 _install_group_commit()  # also sizes the memtables of the containers opened next
             with _tolerant_atexit():
                 run = Run(
+                    run_hash=self.config.run_hash,
                     repo=repo,
                     experiment=self.config.experiment,
                     system_tracking_interval=None,
@@ -611,6 +614,8 @@ class RunSink:
             return False
         self.run = run
         self.run_hash = str(run.hash)
+        if self.config.run_hash:
+            self._resume_steps(run)
         self._set_params(run)
         if self.address is not None:
             self._connected()
@@ -627,6 +632,28 @@ class RunSink:
                 if not _at_shutdown(exc):
                     raise
         return True
+
+    def _resume_steps(self, run: Any) -> None:
+        """Continue every sequence of a run an earlier writer process stored into after its
+        last step (a step written again would replace that earlier value)."""
+        try:
+            traces = run.meta_run_tree.subtree("traces").collect()
+        except Exception as exc:
+            log.warning("could not read the steps already stored in run %s (%s: %s); new "
+                        "values may replace some of them", run.hash, type(exc).__name__, exc)
+            return
+        for ctx_idx, names in (traces or {}).items():
+            try:
+                key = _ctx_key_fast(run.idx_to_ctx(ctx_idx).to_dict())
+            except Exception:
+                continue
+            for name, info in (names or {}).items():
+                last = info.get("last_step") if isinstance(info, dict) else None
+                if isinstance(last, int):
+                    self._steps[(name, key)] = max(self._steps.get((name, key), 0), last + 1)
+        line = self._steps.get(("logs", _ctx_key_fast(None)))
+        if line:
+            self._log_line = max(self._log_line, line)
 
     def _set_params(self, run: Any) -> None:
         """The run's parameters, each on its own: one Aim cannot store (an integer beyond 64

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -43,6 +44,9 @@ from .wire import dumps, loads_many
 log = logging.getLogger("aim_llama")
 
 BATCH_INTERVAL = 0.05
+# A writer process that dies (the OOM killer, a crash in Aim) is replaced this many times per
+# application process; a writer that keeps dying is not worth a fourth try.
+MAX_RESTARTS = 3
 MAX_BATCH = 2_000  # chunks (submit calls) per batch sent to the backend
 _HEADER = struct.Struct(">I")
 CLOSE = ("close",)
@@ -325,6 +329,8 @@ class Writer:
         self.after_close = 0  # records made after close(): not stored, said once
         self._after_close_reported = False
         self._sent = 0  # records handed to the backend
+        self._sent_token = 0  # the last flush token handed to the backend
+        self.restarts = 0  # writer processes started again after one died
         # (records in the chunk, pickled chunk), or a flush barrier. A tuple of an int and
         # bytes leaves the garbage collector's lists at the first collection that sees it.
         self._queue: collections.deque[tuple[int, bytes] | Flush] = collections.deque()
@@ -496,23 +502,29 @@ class Writer:
             if isinstance(backend, ProcessBackend) and not backend.eof:
                 backend.poll(BATCH_INTERVAL)  # take acknowledgements while the interval passes
                 if backend.eof and backend.closed_info is None and not self._stop:
-                    self._writer_died(backend)
-                    self._backend = None
+                    self._backend = self._writer_died(backend)
             else:
                 self._wake.wait(BATCH_INTERVAL)
             self._wake.clear()
 
-    def _send(self, chunks: list[bytes], records: int, tokens: list[int]) -> None:
+    def _send(self, chunks: list[bytes], records: int, tokens: list[int],
+              retry: bool = True) -> None:
         backend = self._backend
         if backend is not None:
             try:
                 backend.send(chunks)
                 self._sent += records
+                if tokens:
+                    self._sent_token = max(tokens)
                 return
             except Exception as exc:
                 if isinstance(backend, ProcessBackend) and backend.closed_info is None:
                     backend.poll()  # its last words, if any
-                    self._writer_died(backend)
+                    self._backend = self._writer_died(backend)
+                    if self._backend is not None and retry:
+                        # this batch never reached the dead writer: the new one takes it
+                        self._send(chunks, records, tokens, retry=False)
+                        return
                 else:
                     warn_once("writer-send",
                               "the Aim writer failed (%s); further records are lost", exc)
@@ -521,30 +533,64 @@ class Writer:
         for token in tokens:
             self._ack(token)
 
-    def _writer_died(self, backend: ProcessBackend) -> None:
+    def _writer_died(self, backend: ProcessBackend, restart: bool = True
+                     ) -> ProcessBackend | None:
         """The writer process went away (or the application closed our pipes to it): what it
-        received but never reported stored is lost."""
+        received but never reported stored is lost. Returns the writer process that takes
+        over (the same run, continued), if one could be started."""
         unstored = max(0, self._sent - backend.stored)
         self._sent = backend.stored
         self.lost += unstored
+        # flushes waiting for what the dead writer had received: answered (and failed, since
+        # `lost` grew); flushes still queued go to the next writer
+        self._ack(self._sent_token)
         if backend.lost_pipes:
             warn_once("writer-pipes",
                       "the application closed aim-llama's pipes to its writer process "
                       "(descriptors %d and %d): %d records the writer had not reported stored "
                       "and every later record are lost (aim-llama leaves those descriptor "
                       "numbers alone from now on)", backend._fd, backend._ack_fd, unstored)
-            return
+            return None
         with contextlib.suppress(subprocess.TimeoutExpired):
             backend.proc.wait(timeout=1.0)
         status = backend.proc.returncode
         how = ("still running" if status is None else f"killed by signal {-status}" if status < 0
                else f"exit status {status}")
+        successor = self._restart() if restart else None
+        if successor is not None:
+            log.warning(
+                "the Aim writer process (pid %d) ended unexpectedly (%s): %d records it had "
+                "received were not stored; a new writer process (pid %d) continues run %s "
+                "(restart %d of at most %d)",
+                backend.proc.pid, how, unstored, successor.proc.pid, self.run_hash or "(new)",
+                self.restarts, MAX_RESTARTS,
+            )
+            return successor
         warn_once(
-            "writer-died",
+            f"writer-died:{self.restarts}",
             "the Aim writer process (pid %d) ended unexpectedly (%s): %d records it had received "
-            "were not stored, and later records are lost",
+            "were not stored, and later records are lost%s",
             backend.proc.pid, how, unstored,
+            f" (it was restarted {MAX_RESTARTS} times already)" if self.restarts >= MAX_RESTARTS
+            else "",
         )
+        return None
+
+    def _restart(self) -> ProcessBackend | None:
+        """A new writer process continuing this writer's run, unless closing, in a forked
+        child, or out of restarts."""
+        if self._stop or self.restarts >= MAX_RESTARTS or os.getpid() != self._pid:
+            return None
+        self.restarts += 1
+        config = dataclasses.replace(self.config, run_hash=self.run_hash)
+        try:
+            backend = ProcessBackend(config, self._ack, self._set_run)
+        except Exception as exc:
+            warn_once("writer-restart", "cannot start a new writer process (%s: %s)",
+                      type(exc).__name__, exc)
+            return None
+        self._sent = 0  # what the new writer reports stored counts from zero
+        return backend
 
     def _report_after_close(self) -> None:
         """A later close() (the exit hook after SIGTERM's): how many records came too late."""
@@ -658,7 +704,7 @@ class Writer:
                 if backend.closed_info:
                     self.lost += int(backend.closed_info[1])
                 elif backend.died:
-                    self._writer_died(backend)
+                    self._writer_died(backend, restart=False)
                     ok = True  # not a timeout: the loss is counted and reported below
         pending += self.queued
         self._report_close(ok, limit, pending)

@@ -4,7 +4,9 @@ Usage: writer_app.py N_RECORDS MODE [--queue-size Q] [--flush-timeout T] [--back
 MODE: exit (normal exit right after submitting), flush-wait (flush, print FLUSHED, wait for stdin),
       sigterm-wait (print READY, sleep), app-handler (own SIGTERM handler exiting 7), kill-wait
       (flush half, submit the rest, print READY, sleep for SIGKILL), writer-dies (flush half,
-      stop the writer process, submit the rest, kill it, print ALIVE, exit normally),
+      stop the writer process, submit the rest, kill it, submit 100 more, print ALIVE, exit
+      normally), writer-dies-often (kill every writer process, MAX_RESTARTS + 1 times, with
+      N records stored before each death),
       writer-stalls (flush, stop the writer process, fill its pipe exactly, exit normally),
       drops-then-dies (overflow the queue in bursts of N, flush, stop the writer process, send
       it 15 records, kill it, exit normally).
@@ -89,9 +91,26 @@ if a.mode == "writer-dies":
     time.sleep(0.5)
     os.kill(writer_pid, signal.SIGKILL)  # e.g. the OOM killer
     time.sleep(0.5)
-    writer.submit(Track("value", -1.0, "metric", {"kind": "late"}))  # to a dead writer
+    writer.submit(Track("value", -1.0, "metric", {"kind": "late"}))  # to the next writer
+    for i in range(100):  # the same sequence as before the death: steps continue after it
+        writer.submit(Track("value", 5000.0 + i, "metric", {"kind": "t0"}))
     print("FLUSH_AFTER_DEATH", writer.flush(10), flush=True)
+    print("RESTARTS", writer.restarts, flush=True)
     print("ALIVE", flush=True)
+elif a.mode == "writer-dies-often":
+    from aim_llama.writer import MAX_RESTARTS
+
+    for death in range(MAX_RESTARTS + 1):
+        submit(death * a.n, a.n)
+        print("FLUSH", death, writer.flush(30), flush=True)
+        backend = writer._backend
+        os.kill(backend.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while writer._backend is backend and time.monotonic() < deadline:
+            time.sleep(0.05)
+    writer.submit(Track("value", -1.0, "metric", {"kind": "late"}))  # nobody takes it
+    print("FLUSH_AFTER_LAST_DEATH", writer.flush(5), flush=True)
+    print("RESTARTS", writer.restarts, flush=True)
 elif a.mode == "drops-then-dies":
     for burst in range(5):  # drops, and a record of the drop count in several batches
         submit(burst * a.n, a.n)
