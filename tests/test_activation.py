@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from aimread import run_hashes
+from aimread import read_all, run_hashes
 from conftest import APPS, only_run
 
 COUNT_HANDLERS = """
@@ -395,3 +398,119 @@ def test_contexts_stay_low_cardinality(run_py, repo):
     assert len(user_sequences) <= 6, user_sequences
     for _, context in user_sequences:
         assert all(key in {"kind", "model", "source", "tool"} for key, _ in context)
+
+
+@pytest.mark.parametrize("file", ["aim_llama.toml", "pyproject.toml"])
+def test_kill_switch_in_a_file_beats_a_broken_config_in_strict_mode(run_py, repo, workdir, file):
+    """`enabled = false` from any source wins, also over strict mode's eager validation."""
+    table = "[tool.aim_llama]\n" if file == "pyproject.toml" else ""
+    (workdir / file).write_text(f"{table}enabled = false\nflush_timeout = 0\n")
+    proc = run_py(script=APPS / "rag.py", args=["1"], env={"AIM_LLAMA_STRICT": "1"})
+    assert "DONE" in proc.stdout and proc.stderr.strip() == ""
+    assert run_hashes(repo) == []
+
+
+def test_a_config_file_that_is_a_pipe_is_read_once_and_fully(workdir, repo):
+    """`AIM_LLAMA_CONFIG=<(...)`: the switches and the full validation see the same text."""
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    code = ("import aim_llama.auto, llama_index.core, aim_llama.autoinstrument as a; "
+            "s = a._active.settings; print('SETTINGS', s.capture_content, s.redact, s.experiment)")
+    proc = subprocess.run(
+        ["bash", "-c", f'AIM_LLAMA_CONFIG=<(printf \'capture_content = false\\nredact = '
+                       f'["acme-[0-9]+"]\\nexperiment = "piped"\\n\') {sys.executable} -c "{code}"'],
+        cwd=workdir, env=clean_env(AIM_REPO=str(repo)), capture_output=True, text=True,
+        timeout=60)
+    assert "SETTINGS False ['acme-[0-9]+'] piped" in proc.stdout, proc.stderr
+
+
+def test_a_fifo_nobody_writes_is_one_line_not_a_hang(run_py, workdir):
+    os.mkfifo(workdir / "fifo.toml")
+    started = time.monotonic()
+    proc = run_py(LIGHT_APP, env={"AIM_LLAMA_CONFIG": str(workdir / "fifo.toml")}, timeout=30)
+    assert time.monotonic() - started < 15
+    assert "APP RAN False" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "fifo.toml" in lines[0] and "within 2s" in lines[0], proc.stderr
+
+
+def test_a_broken_pyproject_that_never_mentions_aim_llama_is_not_our_business(run_py, repo,
+                                                                             workdir):
+    (workdir / "pyproject.toml").write_text('[project]\nname = "x"\nversion = 1.0.0\n')
+    proc = run_py(LIGHT_APP)
+    assert "APP RAN True" in proc.stdout and proc.stderr.strip() == "", proc.stderr
+    (workdir / "pyproject.toml").write_text('[tool.aim_llama]\nexperiment = "x"\nversion = 1.0.0\n')
+    proc = run_py(LIGHT_APP)
+    assert "APP RAN False" in proc.stdout
+    assert "pyproject.toml [tool.aim_llama] is not valid TOML" in proc.stderr
+
+
+def test_a_directory_named_like_the_default_file_blames_itself_not_the_env(run_py, workdir):
+    (workdir / "aim_llama.toml").mkdir()
+    proc = run_py(LIGHT_APP)
+    assert "APP RAN False" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is a directory, but aim-llama reads its settings from a TOML file" \
+        in lines[0], proc.stderr
+
+
+def test_a_relative_repo_in_a_config_file_is_beside_that_file(run_py, repo, workdir):
+    (workdir / "cfg").mkdir()
+    (workdir / "cfg" / "prod.toml").write_text('repo = "runs"\n')
+    (workdir / "elsewhere").mkdir()
+    proc = run_py("import os; os.chdir('elsewhere')\n" + textwrap.dedent(LIGHT_APP),
+                  env={"AIM_LLAMA_CONFIG": "../cfg/prod.toml"}, use_repo=False)
+    assert "APP RAN True" in proc.stdout, proc.stderr
+    assert len(run_hashes(workdir / "cfg" / "runs")) == 1  # (../cfg/prod.toml from elsewhere/)
+    assert not (workdir / "elsewhere" / "runs").exists()
+
+
+INSTRUMENT_LATE = """
+    import sys, aim_llama.auto, aim_llama
+    from llama_index.core.llms import MockLLM
+    if sys.argv[1] == "late":
+        MockLLM(max_tokens=2).complete("recorded before instrument()")
+    print("RESULT", aim_llama.instrument(repo=sys.argv[2], experiment="chosen"))
+    import aim_llama.autoinstrument as a
+    print("ACTIVE", a._active.settings.repo, a._active.settings.experiment)
+    MockLLM(max_tokens=2).complete("after")
+"""
+
+
+def test_instrument_settings_after_auto_activation_take_over_or_are_reported(run_py, repo,
+                                                                             workdir):
+    """The launcher or `import aim_llama.auto` activated first: `instrument(**settings)` still
+    applies when nothing was recorded yet; later it is one warning (strict: an error), never
+    silently ignored, and never a run split in two."""
+    other = workdir / "other-repo"
+    proc = run_py(INSTRUMENT_LATE, args=["early", str(other)])
+    assert "RESULT True" in proc.stdout and f"ACTIVE {other} chosen" in proc.stdout
+    assert proc.stderr.strip() == "", proc.stderr
+    assert run_hashes(repo) == [] and len(run_hashes(other)) == 1
+    assert read_all(other)[0].experiment == "chosen"
+
+    proc = run_py(INSTRUMENT_LATE, args=["late", str(other)])
+    assert "RESULT True" in proc.stdout and f"ACTIVE {repo} None" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "came after aim-llama had started recording" in lines[0] \
+        and "experiment, repo stay as they were" in lines[0], proc.stderr
+    assert len(run_hashes(repo)) == 1
+
+    proc = run_py(INSTRUMENT_LATE, args=["late", str(other)], env={"AIM_LLAMA_STRICT": "1"},
+                  check=False)
+    assert proc.returncode == 1 and "ConfigError: instrument(experiment=..., repo=...) came after" \
+        in proc.stderr
+
+
+def test_instrument_accepts_a_path_and_rejects_non_utf8_names(run_py, repo, workdir):
+    proc = run_py("import pathlib, llama_index.core, aim_llama\n"
+                  f"print('RESULT', aim_llama.instrument(repo=pathlib.Path({str(workdir / 'p')!r})))")
+    assert "RESULT True" in proc.stdout, proc.stderr
+    proc = run_py(LIGHT_APP, env={"AIM_EXPERIMENT": "exp\udcff"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "APP RAN False" in proc.stdout
+    assert len(lines) == 1 and "invalid setting experiment (env AIM_EXPERIMENT=" in lines[0] \
+        and "not UTF-8" in lines[0], proc.stderr

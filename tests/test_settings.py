@@ -171,7 +171,7 @@ BAD: list[tuple[str, dict[str, str], dict[str, str], dict[str, object], list[str
      ["cannot be checked", "File name too long", "env AIM_LLAMA_CONFIG"]),
     ("config-unknown-user", {"AIM_LLAMA_CONFIG": "~nosuchuser-aimllama/x.toml"}, {}, {},
      ["'~nosuchuser-aimllama/x.toml'", "env AIM_LLAMA_CONFIG", "cannot be found"]),
-    ("pyproject-tool-not-a-table", {}, {"pyproject.toml": "tool = 5\n"}, {},
+    ("pyproject-tool-not-a-table", {}, {"pyproject.toml": "tool = 5  # aim_llama: below\n"}, {},
      ["pyproject.toml: tool = 5 is not a table", "[tool.aim_llama] table"]),
     ("pyproject-table-not-a-table", {}, {"pyproject.toml": "[tool]\naim_llama = 'on'\n"}, {},
      ["pyproject.toml: tool.aim_llama = 'on' is not a table"]),

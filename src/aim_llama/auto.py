@@ -95,8 +95,13 @@ def activate() -> None:
         strip_bootstrap_from_env()
     _mark_spawned_child()
     if _strict():
-        # Strict mode wants configuration errors at the import line, so validate eagerly.
+        # Strict mode wants configuration errors at the import line, so validate eagerly —
+        # unless a file turns aim-llama off: the kill switch wins over a broken configuration.
         from .settings import load_settings
+        from .switches import switch
+
+        if switch("enabled") is False:
+            return
 
         try:
             load_settings()

@@ -73,9 +73,10 @@ def instrument(**overrides: Any) -> bool:
     global _active
     with _lock:
         if is_instrumented():
-            if overrides:
-                log.debug("aim-llama is already instrumented; ignoring %s", sorted(overrides))
-            return True
+            if not overrides:
+                return True
+            if not _reconfigure(overrides):
+                return True
         if _switch("enabled", overrides) is False:
             return False  # the kill switch wins even over a broken configuration
         try:
@@ -114,6 +115,45 @@ def instrument(**overrides: Any) -> bool:
             )
             return False
         return True
+
+
+def _reconfigure(overrides: dict[str, Any]) -> bool:
+    """`instrument(**settings)` while already active (the launcher or `import aim_llama.auto`
+    activated first). True when the caller should activate again with these settings: they
+    differ and nothing was recorded yet, so the active instrumentation was removed. False
+    when they change nothing, or are invalid, or come too late (reported once; raised in
+    strict mode): settings never change under a run that already holds records (lock held)."""
+    from .settings import load_settings
+
+    active = _active
+    assert active is not None
+    strict = _switch("strict", overrides) or bool(getattr(active.settings, "strict", False))
+    try:
+        wanted = load_settings(overrides).settings
+    except ConfigError as exc:
+        if strict:
+            raise
+        _report_config_error(exc)
+        return False
+    wanted = wanted.model_copy(update={"repo": _fixed_repo(wanted.repo)})
+    changed = sorted(name for name in type(wanted).model_fields
+                     if getattr(wanted, name) != getattr(active.settings, name, None))
+    if not changed:
+        return False
+    if not getattr(active.writer, "_started", True):
+        log.debug("aim-llama: activating again with instrument()'s settings (%s)", changed)
+        uninstrument()
+        return True
+    message = (
+        f"instrument({', '.join(f'{k}=...' for k in sorted(overrides))}) came after aim-llama "
+        f"had started recording (activated by the launcher or `import aim_llama.auto`): "
+        f"{', '.join(changed)} stay as they were for this process; call "
+        f"aim_llama.uninstrument() first to start a new run with other settings"
+    )
+    if strict:
+        raise ConfigError(message, setting=changed[0], source="instrument()")
+    warn_once("instrument-late", "%s", message)
+    return False
 
 
 def _environment() -> dict[str, str]:

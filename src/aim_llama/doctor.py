@@ -228,6 +228,17 @@ def run_checks(with_probe: bool, timeout: float, keep_probe: bool = False) -> li
     return checks
 
 
+def _seconds(text: str) -> float:
+    """A `--timeout` value: a finite number of seconds between 0.1 and one day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 86_400:  # (NaN fails every comparison)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.1 to 86400")
+    return value
+
+
 def add_doctor_parser(subparsers: Any, func: Any) -> argparse.ArgumentParser:
     """Add `doctor` to the `aim-llama` CLI."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -239,7 +250,7 @@ def add_doctor_parser(subparsers: Any, func: Any) -> argparse.ArgumentParser:
                         help="also write a small run through aim-llama, read it back, delete it")
     parser.add_argument("--keep-probe", action="store_true",
                         help="with --probe: leave the probe run in the repo (to see it in aim up)")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS",
                         help="network and probe timeout (default 5)")
     parser.set_defaults(func=func)
     return parser

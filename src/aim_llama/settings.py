@@ -29,7 +29,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
-from .switches import CONFIG_ENV, PYPROJECT, settings_files
+from .switches import CONFIG_ENV, DEFAULT_TOML, PYPROJECT, read_config, settings_files
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -260,10 +260,13 @@ class AimLlamaSettings(BaseSettings):
     def _non_empty_str(cls, value: Any) -> Any:
         if value is None:
             return None
+        if isinstance(value, os.PathLike):  # instrument(repo=Path(...))
+            value = os.fspath(value)
         if not isinstance(value, str):
             raise ValueError(f"{value!r} is not a string")
         if not value.strip():
             raise ValueError("must not be empty")
+        _check_utf8(value)
         return value.strip()
 
     @field_validator("repo", mode="after")
@@ -309,6 +312,7 @@ class AimLlamaSettings(BaseSettings):
         for key in value:
             if not isinstance(key, str) or not key or key.startswith("__"):
                 raise ValueError(f"key {key!r} is not allowed (empty or starting with '__')")
+        _check_utf8(json.dumps(value, ensure_ascii=False, default=str))
         return value
 
     @field_validator("queue_size", mode="before")
@@ -353,6 +357,15 @@ class AimLlamaSettings(BaseSettings):
         if isinstance(value, str):
             return value.strip().lower()
         return value
+
+
+def _check_utf8(text: str) -> None:
+    """Aim stores text as UTF-8: bytes that are not (an environment variable set from a
+    Latin-1 terminal reaches Python as surrogates) would fail when the run is created."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds bytes that are not UTF-8 (at position {exc.start})") from None
 
 
 def _number(value: Any) -> float:
@@ -456,11 +469,14 @@ def _describe(source_kind: str, field: str, value: Any, file_label: str = "") ->
     return f"{file_label}: {field} = {_fmt_value(value)}"
 
 
-def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str) -> dict[str, Any]:
-    """aim-llama's table of one TOML file; every failure becomes a one-line ConfigError."""
+def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
+               data: bytes | None = None) -> dict[str, Any]:
+    """aim-llama's table of one TOML file (whose bytes may be read already); every failure
+    becomes a one-line ConfigError."""
     try:
-        with open(path, "rb") as fh:
-            doc: Any = tomllib.load(fh)
+        if data is None:
+            data = read_config(str(path))
+        doc: Any = tomllib.loads(data.decode("utf-8"))
     except PermissionError:
         raise ConfigError(
             f"cannot read config file {path}: permission denied; make it readable or set "
@@ -492,8 +508,8 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str) -> d
                 setting=".".join(table),
                 source=str(path),
             )
-    data: dict[str, Any] = doc
-    unknown = [key for key in data if key not in FIELDS]
+    table_values: dict[str, Any] = doc
+    unknown = [key for key in table_values if key not in FIELDS]
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
@@ -503,7 +519,19 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str) -> d
             setting=key,
             source=label,
         )
-    return data
+    return table_values
+
+
+def _anchor_repo(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A relative `repo` in a config file names a directory beside that file (as other tools
+    read paths in their config files), not one in whichever directory a process starts in."""
+    repo = data.get("repo")
+    if not isinstance(repo, str) or not repo.strip() or "://" in repo:
+        return data
+    repo = os.path.expanduser(repo.strip())
+    if os.path.isabs(repo) or not path.is_file():  # a pipe's "directory" means nothing
+        return data
+    return {**data, "repo": os.path.join(os.path.dirname(os.path.abspath(path)), repo)}
 
 
 def _exists(path: Path, explicit: bool) -> bool:
@@ -527,8 +555,14 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
     toml_path, explicit, pyproject = config_file_path(env)
     if pyproject is not None and _exists(pyproject, False) and pyproject.is_file():
         label = f"{PYPROJECT} [tool.aim_llama]"
-        data = _read_toml(pyproject, label, ("tool", "aim_llama"), str(pyproject))
-        layers.append(("file", label, data))
+        try:
+            text = read_config(str(pyproject))
+        except OSError:
+            text = None  # reported below, by `_read_toml`
+        # A project file that never mentions aim-llama is not ours to judge, even if broken.
+        if text is None or b"aim_llama" in text or b"aim-llama" in text:
+            data = _read_toml(pyproject, label, ("tool", "aim_llama"), str(pyproject), text)
+            layers.append(("file", label, data))
 
     if toml_path is not None and explicit and not _exists(toml_path, True):
         raise ConfigError(
@@ -540,15 +574,18 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
     if toml_path is not None and _exists(toml_path, explicit):
         if toml_path.is_dir():
             raise ConfigError(
-                f"config file {str(toml_path)!r} is a directory; "
-                f"{CONFIG_ENV} must name a TOML file",
-                setting=CONFIG_ENV,
+                f"config file {str(toml_path)!r} is a directory; {CONFIG_ENV} must name a "
+                "TOML file" if explicit else
+                f"{str(toml_path)!r} is a directory, but aim-llama reads its settings from a "
+                f"TOML file of that name in the working directory; rename the directory or set "
+                f"{CONFIG_ENV} to a TOML file",
+                setting=CONFIG_ENV if explicit else DEFAULT_TOML,
                 source=f"env {CONFIG_ENV}" if explicit else str(toml_path),
             )
         label = str(toml_path) if explicit else toml_path.name
         data = _read_toml(toml_path, label, (),
                           f"env {CONFIG_ENV}" if explicit else str(toml_path))
-        layers.append(("file", label, data))
+        layers.append(("file", label, _anchor_repo(data, toml_path)))
 
     return layers
 

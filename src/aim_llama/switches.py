@@ -97,11 +97,63 @@ def _files(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
     return files
 
 
+MAX_CONFIG_BYTES = 4_000_000
+PIPE_WAIT = 2.0  # seconds a config file that is a pipe may take to deliver its text
+# Config "files" that can be read only once (`AIM_LLAMA_CONFIG=<(...)`, a FIFO): their text,
+# so that the switches and full validation see the same settings.
+_once: dict[str, bytes | OSError] = {}
+
+
+def read_config(path: str) -> bytes:
+    """The bytes of a config file. A pipe or FIFO is read once per process (later calls get
+    the same text) without ever blocking for more than `PIPE_WAIT` seconds; OSError
+    (ETIMEDOUT when it gave nothing in time) as `open` would raise it."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        with open(path, "rb") as fh:
+            return fh.read(MAX_CONFIG_BYTES)
+    key = os.path.abspath(path)
+    if key in _once:
+        known = _once[key]
+        if isinstance(known, OSError):
+            raise known
+        return known
+    import errno
+    import select
+    import time
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + PIPE_WAIT
+    try:
+        size = 0
+        while size < MAX_CONFIG_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                error = OSError(errno.ETIMEDOUT, f"no end of its text within {PIPE_WAIT:g}s "
+                                "(a pipe or FIFO nobody writes to?)")
+                _once[key] = error
+                raise error
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    _once[key] = data = b"".join(chunks)
+    return data
+
+
 def _peek(path: str, table: tuple[str, ...], key: str, quick: bool) -> tuple[bool, Any]:
     """(found, value) of `key` in `path`'s `table`; (False, None) when absent or unreadable."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(4_000_000)
+        data = read_config(path)
     except (OSError, ValueError):
         return False, None
     if key.encode() not in data or (table and table[-1].encode() not in data):
