@@ -143,6 +143,33 @@ def test_spawn_pool_under_the_launcher_activates_the_children(workdir, repo):
     check_pool_runs(proc.stdout, repo, "spawn-child")
 
 
+def test_a_program_a_spawn_worker_starts_is_no_spawn_child_itself(workdir, repo):
+    """The worker's role comes from its own command line: a plain Python program it runs
+    (propagated by the launcher) records as `main`, not as a `spawn-child`."""
+    proc = run_app(workdir, repo, """
+        import multiprocessing as mp, os, subprocess, sys
+        from llama_index.core.llms import MockLLM
+
+        GRANDCHILD = ("import os; from llama_index.core.llms import MockLLM; "
+                      "MockLLM(max_tokens=2).complete('grandchild'); print('GRANDCHILD', os.getpid())")
+
+        def work(_):
+            MockLLM(max_tokens=2).complete("worker")
+            out = subprocess.run([sys.executable, "-c", GRANDCHILD], capture_output=True, text=True)
+            return os.getpid(), int(out.stdout.split()[-1])
+
+        if __name__ == "__main__":
+            with mp.get_context("spawn").Pool(1) as pool:
+                worker, grandchild = pool.apply(work, (0,))
+            print("PIDS", worker, grandchild, flush=True)
+    """, launcher=True)
+    worker, grandchild = map(int, value_of(proc.stdout, "PIDS").split())
+    roles = {r.params["aim_llama"]["pid"]: (r.params["aim_llama"]["role"], prompts(r))
+             for r in read_all(repo)}
+    assert roles[worker] == ("spawn-child", ["worker"])
+    assert roles[grandchild] == ("main", ["grandchild"])
+
+
 def test_a_child_forked_during_a_request_never_writes_that_request(workdir, repo):
     """The parent's open request (question, spans, LLM call) belongs to the parent alone: a
     child forked inside it that records nothing leaves no run; one that records has only its

@@ -449,3 +449,92 @@ def test_pythons_a_shell_command_starts_do_not_each_say_they_lack_aim_llama(work
     proc = launch(["--", "sh", "-c", shell], workdir)
     assert proc.returncode == 0 and proc.stdout.split() == ["1", "2", "3"], proc.stderr
     assert "cannot import aim_llama" not in proc.stderr  # the command is sh, not a Python
+
+
+def test_exec_mode_gives_the_command_default_sigpipe_and_a_closed_stdout_is_fine(workdir):
+    """Python ignores SIGPIPE and SIGXFSZ; the command must not inherit that through exec (it
+    would never die of a broken pipe), and a launcher whose stdout is closed still runs it."""
+    proc = launch(["--", "grep", "^SigIgn", "/proc/self/status"], workdir)
+    ignored = int(proc.stdout.split()[1], 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1)) == 0 and ignored & (1 << (signal.SIGXFSZ - 1)) == 0
+    shell = subprocess.run(
+        ["bash", "-c", f"{AIM_LLAMA} run -- seq 1 10000000 | head -1; echo STATUS ${{PIPESTATUS[0]}};"
+                       f"{AIM_LLAMA} run -- sh -c 'echo ran >&2' >&-; echo CLOSED $?"],
+        cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert "STATUS 141" in shell.stdout, shell  # died of SIGPIPE, as without the launcher
+    assert "CLOSED 0" in shell.stdout and "ran" in shell.stderr, shell
+
+
+def test_spawn_keeps_a_signal_the_launcher_was_started_with_ignored(workdir):
+    """`nohup aim-llama run --spawn …`: SIGHUP stays ignored, in the command too."""
+    code = ("import signal, time\n"
+            "print('HUP IGNORED', signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, flush=True)\n"
+            "time.sleep(2)\nprint('SURVIVED', flush=True)\n")
+    proc = subprocess.Popen(
+        [AIM_LLAMA, "run", "--spawn", "--", sys.executable, "-c", code], cwd=workdir,
+        env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "HUP IGNORED True"
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "SURVIVED" in out, err
+
+
+def test_no_propagate_takes_any_installs_bootstrap_off_pythonpath(tmp_path):
+    from aim_llama.auto import strip_bootstrap_from_env
+
+    other = str(tmp_path / "pipx" / "site-packages" / "aim_llama" / "launcher" / "bootstrap")
+    env = {"PYTHONPATH": os.pathsep.join([BOOTSTRAP_DIR, other, "", "/keep/aim_llama"])}
+    strip_bootstrap_from_env(env)
+    assert env["PYTHONPATH"] == os.pathsep.join(["", "/keep/aim_llama"])
+
+
+def test_spawn_in_a_terminal_delivers_terminal_signals_once(workdir):
+    """Ctrl-\\ and a window resize reach the terminal's whole foreground group, the command
+    included: the launcher must not forward them a second time (Ctrl-C's case as well)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    counter = (
+        "import signal, sys\n"
+        "seen = {'QUIT': 0, 'WINCH': 0}\n"
+        "def on(name):\n    return lambda *a: seen.__setitem__(name, seen[name] + 1)\n"
+        "signal.signal(signal.SIGQUIT, on('QUIT'))\nsignal.signal(signal.SIGWINCH, on('WINCH'))\n"
+        "print('READY', flush=True)\nsys.stdin.readline()\nprint('SEEN', seen, flush=True)\n"
+    )
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session of its own, the pty as its terminal
+        os.chdir(workdir)
+        os.execve(AIM_LLAMA, [AIM_LLAMA, "run", "--spawn", "--", sys.executable, "-c", counter],
+                  clean_env())
+    out = b""
+
+    def read_until(word: bytes, timeout: float = 30) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while word not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"READY")
+        assert b"READY" in out, out
+        os.write(fd, b"\x1c")  # Ctrl-\
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # a resize
+        time.sleep(1.0)
+        os.write(fd, b"report\n")
+        read_until(b"}")
+    finally:
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert b"SEEN {'QUIT': 1, 'WINCH': 1}" in out, out

@@ -10,7 +10,6 @@ that moment. It never raises, unless strict mode is on. The launcher's start-up 
 from __future__ import annotations
 
 import os
-import sys
 
 from .importhook import after_module, initializing, when_imported
 
@@ -30,6 +29,14 @@ def _env_is(name: str, words: set[str]) -> bool:
     return os.environ.get(name, "").strip().lower() in words
 
 
+_BOOTSTRAP_TAIL = os.path.normcase(os.path.join("aim_llama", "launcher", "bootstrap"))
+
+
+def _is_bootstrap(entry: str) -> bool:
+    path = os.path.normcase(os.path.abspath(entry))
+    return path == _BOOTSTRAP_KEY or path.endswith(os.sep + _BOOTSTRAP_TAIL)
+
+
 def strip_bootstrap_from_env(environ: dict[str, str] | None = None) -> None:
     """Remove the launcher's bootstrap directory from PYTHONPATH so child processes start plain."""
     env = os.environ if environ is None else environ
@@ -37,8 +44,9 @@ def strip_bootstrap_from_env(environ: dict[str, str] | None = None) -> None:
     if not value:
         return
     entries = value.split(os.pathsep)
-    # An empty entry means the working directory to Python: it is the user's, keep it.
-    kept = [e for e in entries if not e or os.path.normcase(os.path.abspath(e)) != _BOOTSTRAP_KEY]
+    # An empty entry means the working directory to Python: it is the user's, keep it. Any
+    # aim-llama install's bootstrap goes (a launcher from pipx may drive a project's venv).
+    kept = [e for e in entries if not e or not _is_bootstrap(e)]
     if len(kept) == len(entries):
         return
     if kept:
@@ -56,12 +64,6 @@ def _strict() -> bool:
         return switch("strict", quick=True) is True
     except Exception:
         return False
-
-
-def _mark_spawned_child() -> None:
-    """Tag `multiprocessing` spawn/forkserver children so their runs say which role they play."""
-    if ROLE_ENV not in os.environ and "--multiprocessing-fork" in getattr(sys, "orig_argv", ()):
-        os.environ[ROLE_ENV] = "spawn-child"
 
 
 # aim-llama's own modules that import LlamaIndex at their top: when the application imports
@@ -93,7 +95,6 @@ def activate() -> None:
     _activated_pid = pid
     if _env_is(PROPAGATE_ENV, _FALSE):
         strip_bootstrap_from_env()
-    _mark_spawned_child()
     if _strict():
         # Strict mode wants configuration errors at the import line, so validate eagerly —
         # unless a file turns aim-llama off: the kill switch wins over a broken configuration.

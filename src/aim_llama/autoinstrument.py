@@ -243,7 +243,11 @@ def _activate(settings: Any) -> _Active:
     if fixed != settings.repo:
         settings = settings.model_copy(update={"repo": fixed})
     worker = _multiprocessing_child()
-    writer = _new_writer(settings, os.environ.get("AIM_LLAMA_ROLE") or worker or "main")
+    # (a spawn worker activating while its main module is prepared has no parent process yet;
+    # its command line says what it is — never the environment, which its own children inherit)
+    spawned = "--multiprocessing-fork" in getattr(sys, "orig_argv", ())
+    role = os.environ.get("AIM_LLAMA_ROLE") or worker or ("spawn-child" if spawned else "main")
+    writer = _new_writer(settings, role)
     if worker is not None:
         # multiprocessing ends its workers through os._exit: atexit never runs, this does
         with contextlib.suppress(Exception):

@@ -203,6 +203,14 @@ def exit_status(returncode: int) -> int:
 
 
 _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+# What a terminal sends to its whole foreground process group (Ctrl-C, Ctrl-\, a resize, a
+# hang-up): the command, in the launcher's group, has it already.
+_FROM_TERMINAL = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGQUIT", "SIGWINCH",
+                                                              "SIGHUP") if hasattr(signal, name))
+# Python ignores these at start-up; an ignored signal stays ignored across exec, so the command
+# would never die of a broken pipe (`aim-llama run -- seq 1 1000000 | head -1`).
+_PYTHON_IGNORES = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ")
+                        if hasattr(signal, name))
 
 
 def _from_terminal() -> bool:
@@ -222,8 +230,8 @@ def _spawn(cmd: list[str], env: dict[str, str]) -> int:
     pending: list[int] = []  # signals that came before the command was started
 
     def forward(signum: int, _frame: Any) -> None:
-        if signum == signal.SIGINT and _from_terminal():
-            return  # Ctrl-C reached the whole foreground group: the command has it already
+        if signum in _FROM_TERMINAL and _from_terminal():
+            return  # it reached the whole foreground group: the command has it already
         if proc is None:
             pending.append(signum)
             return
@@ -235,7 +243,9 @@ def _spawn(cmd: list[str], env: dict[str, str]) -> int:
     previous: dict[int, Any] = {}
     for name in _FORWARDED:
         signum = getattr(signal, name, None)
-        if signum is not None:
+        # A signal the launcher was started with ignored (`nohup`, a background job's SIGINT)
+        # stays ignored, in the command too: it inherits the disposition as exec would.
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
             previous[signum] = signal.signal(signum, forward)
     try:
         try:
@@ -274,9 +284,13 @@ def run_command(args: argparse.Namespace) -> int:
     if getattr(args, "spawn", False) or os.name == "nt":  # Windows has no real exec
         return _spawn(cmd, env)
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:  # (closed by the caller: `aim-llama run … >&-`)
+            stream.flush()
+    restored = {signum: signal.signal(signum, signal.SIG_DFL) for signum in _PYTHON_IGNORES}
     try:
         os.execvpe(cmd[0], cmd, env)
     except OSError as exc:
+        for signum, handler in restored.items():
+            signal.signal(signum, handler)
         return _cannot_start(cmd, exc)
     return 0  # pragma: no cover - execvpe does not return
