@@ -143,6 +143,13 @@ def test_spawn_pool_under_the_launcher_activates_the_children(workdir, repo):
     check_pool_runs(proc.stdout, repo, "spawn-child")
 
 
+def test_forkserver_pool_under_the_launcher_keeps_every_record(workdir, repo):
+    """Forkserver workers activate while their main module is prepared, and leave through
+    os._exit: each has its own finalized run with every call, and says `spawn-child`."""
+    proc = run_app(workdir, repo, POOL_APP.replace("{context}", "forkserver"), launcher=True)
+    check_pool_runs(proc.stdout, repo, "spawn-child")
+
+
 def test_a_program_a_spawn_worker_starts_is_no_spawn_child_itself(workdir, repo):
     """The worker's role comes from its own command line: a plain Python program it runs
     (propagated by the launcher) records as `main`, not as a `spawn-child`."""

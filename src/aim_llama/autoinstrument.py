@@ -243,16 +243,16 @@ def _activate(settings: Any) -> _Active:
     if fixed != settings.repo:
         settings = settings.model_copy(update={"repo": fixed})
     worker = _multiprocessing_child()
-    # (a spawn worker activating while its main module is prepared has no parent process yet;
-    # its command line says what it is — never the environment, which its own children inherit)
-    spawned = "--multiprocessing-fork" in getattr(sys, "orig_argv", ())
+    # A spawn or forkserver worker activating while its main module is prepared has no parent
+    # process yet: its command line says what it is (never the environment, which its own
+    # children inherit). A forkserver worker is forked from the server and inherits its command
+    # line; it leaves through os._exit, as fork workers do.
+    argv = " ".join(getattr(sys, "orig_argv", ()))
+    spawned = "--multiprocessing-fork" in argv or "multiprocessing.forkserver" in argv
     role = os.environ.get("AIM_LLAMA_ROLE") or worker or ("spawn-child" if spawned else "main")
     writer = _new_writer(settings, role)
-    if worker is not None:
-        # multiprocessing ends its workers through os._exit: atexit never runs, this does
-        with contextlib.suppress(Exception):
-            sys.modules["multiprocessing.util"].Finalize(
-                None, _close_fork_child_writer, args=(writer,), exitpriority=100)
+    if worker is not None or spawned:
+        _close_with_multiprocessing(writer)
     handler = AimLlamaHandler(
         writer.submit,
         event_starts_to_ignore=settings.event_starts_to_ignore,
@@ -483,6 +483,29 @@ def _start_fork_child_writer(pending: _ForkChildWriter) -> Any:
             with contextlib.suppress(Exception):
                 mp_util.Finalize(None, _close_fork_child_writer, args=(writer,), exitpriority=100)
         return writer
+
+
+def _close_with_multiprocessing(writer: Any) -> None:
+    """multiprocessing ends its workers through os._exit: atexit never runs, its exit hook
+    does. A worker that activated while its main module was prepared (spawn, forkserver) is
+    bootstrapped after that, and the bootstrap clears the hooks registered so far: the
+    after-fork callbacks it then runs register ours again."""
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is None:
+        return
+    with contextlib.suppress(Exception):
+        mp_util.Finalize(None, _close_fork_child_writer, args=(writer,), exitpriority=100)
+    with contextlib.suppress(Exception):
+        mp_util.register_after_fork(writer, _close_with_multiprocessing_again)
+
+
+def _close_with_multiprocessing_again(writer: Any) -> None:
+    active = _active
+    if active is not None and active.writer is writer and active.pid == os.getpid():
+        mp_util = sys.modules.get("multiprocessing.util")
+        with contextlib.suppress(Exception):
+            mp_util.Finalize(  # type: ignore[union-attr]
+                None, _close_fork_child_writer, args=(writer,), exitpriority=100)
 
 
 def _close_fork_child_writer(writer: Any) -> None:
