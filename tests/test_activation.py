@@ -375,6 +375,11 @@ def test_ignore_lists_are_honored(run_py, repo):
     assert "prompt" not in names and "response" not in names
     assert run.text("chunk", kind="chunking")  # other events still recorded
     assert not run.metric("latency_ms", kind="query")  # its start was ignored: no latency
+    # either list suppresses a type's data, also where it is recorded at the event's end
+    run_py(script=APPS / "rag.py", args=["1"],
+           env={"AIM_EVENT_STARTS_TO_IGNORE": "chunking"})
+    assert all(not r.text("chunk", kind="chunking") for r in read_all(repo)
+               if r.hash != run.hash)
 
 
 def test_contexts_stay_low_cardinality(run_py, repo):

@@ -780,13 +780,21 @@ def test_sample_rate_zero_keeps_counters(repo: Path) -> None:
 
 def test_ignore_lists_suppress_dispatcher_data(repo: Path) -> None:
     engine = _index().as_query_engine(similarity_top_k=2)
+    # (RuleLLM: MockLLM's last streamed chunk lags its deltas by one word)
+    streaming = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=RuleLLM())
     with recording(repo, event_ends_to_ignore=["llm"], event_starts_to_ignore=["retrieve"]):
         engine.query("ignored")
+        streamed = "".join(streaming.query("streamed").response_gen)
     run = only_run(repo)
     assert not run.text("prompt", kind="llm") and not run.metric("latency_ms", kind="llm")
+    assert not any(name == "llm_models" for name in run.params)
     assert not run.metric("retrieved_nodes", kind="retrieve")
     assert run.metric("embedded_texts", kind="embedding")  # the rest still lands
-    assert len(traces(run, "query")) == 1
+    assert len(traces(run, "query")) == 2
+    # ignoring `llm` keeps the requests' own records, a streamed answer included
+    assert [t for _, t in run.text("question", kind="query")] == ["ignored", "streamed"]
+    answers = [t for _, t in run.text("answer", kind="query")]
+    assert len(answers) == 2 and answers[1] == streamed and streamed
 
 
 def test_a_failure_inside_the_observer_is_contained_logged_once_and_counted(

@@ -65,3 +65,12 @@ def test_example_config_documents_every_setting_and_is_valid(workdir: Path) -> N
     proc = cli("config", "--json", cwd=workdir, AIM_LLAMA_CONFIG=str(example))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["writer"]["source"].endswith("aim_llama.toml: writer")
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(workdir: Path) -> None:
+    """`aim-llama config | head -1`: the status of a program killed by SIGPIPE, nothing on stderr."""
+    proc = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m aim_llama config --json | true; "
+                       "echo STATUS ${PIPESTATUS[0]} >&2"],
+        cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert proc.stderr.strip() == "STATUS 141", proc.stderr

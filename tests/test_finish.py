@@ -62,6 +62,10 @@ def test_trace_rows_become_an_indented_tree_with_a_redacted_first_line() -> None
     ]
     assert format_trace(value._replace(input=None), ContentPolicy()).startswith(
         "query: [content not captured]")
+    # a rough count on any call (`~`) makes the request's total rough as well
+    rough = value._replace(rows=[*value.rows[:2], (1, "MockLLM.predict" + uuid, 1.003, 1.004,
+                                                   "ok", " llm 1.0ms tokens=~40+~2")])
+    assert format_trace(rough, ContentPolicy()).splitlines()[1].endswith("· tokens ~42")
 
 
 def test_nodes_render_with_rank_score_and_snippet() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -84,5 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `aim-llama` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `aim-llama config | head -1`: the reader left; end as a program killed by SIGPIPE
+        # would, without a traceback (and without Python's own failing flush at exit)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return result

@@ -42,10 +42,13 @@ def format_trace(value: TraceValue, policy: ContentPolicy) -> str:
         first = " ".join(policy.redact_head(value.input, limit).split())
         if len(value.input) > limit:
             first += "…"
+    # a call's rough count (`~`, the writer counts exactly for the token metrics) makes the
+    # request's total rough too
+    approx = "~" if any("tokens=~" in row[5] for row in value.rows) else ""
     lines = [
         f"{value.kind}: {first}",
         f"{value.latency_ms:.1f} ms · {value.state} · llm calls {value.llm_calls} · "
-        f"tokens {value.tokens}",
+        f"tokens {approx}{value.tokens}",
     ]
     for depth, span_id, start, end, status, note in value.rows:
         duration = "open" if end is None else f"{(end - start) * 1000.0:.1f}ms"

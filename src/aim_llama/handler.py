@@ -192,11 +192,13 @@ class AimLlamaHandler(BaseCallbackHandler):
         skipped = [e for e in CBEventType if e.value in skip_kinds]
         # LlamaIndex checks these lists before calling us: event types another channel records,
         # and those that never yield a record here, cost no Python call at all (~12 per query).
-        starts = [CBEventType(e) for e in event_starts_to_ignore or []]
-        ends = [CBEventType(e) for e in event_ends_to_ignore or []]
+        # A type named in either of the user's lists is not recorded at all (as on the
+        # dispatcher channel): most of its records are made at its end.
+        named = [CBEventType(e) for e in [*(event_starts_to_ignore or []),
+                                          *(event_ends_to_ignore or [])]]
         super().__init__(
-            event_starts_to_ignore=_union(starts, skipped, NO_START),
-            event_ends_to_ignore=_union(ends, skipped, NO_END),
+            event_starts_to_ignore=_union(named, skipped, NO_START),
+            event_ends_to_ignore=_union(named, skipped, NO_END),
         )
         self.submit = submit
         self.submit_many: SubmitMany = submit_many or self._one_by_one

@@ -536,8 +536,8 @@ class Observer:
 
     # -- events -----------------------------------------------------------------------
     def _llm_start(self, event: Any, now: float) -> None:
-        if self._off("llm"):
-            return
+        # (an ignored `llm` is still followed, unrecorded: a streaming request's answer and
+        # end come from its LLM call)
         sid = event.span_id
         with self._lock:
             node = self._spans.get(sid) if sid else None
@@ -565,7 +565,8 @@ class Observer:
                                   if isinstance(t, dict) else str(t) for t in tools[:50]]
                 model_dict = fields.get("model_dict") or {}
                 call.model = model_dict if isinstance(model_dict, dict) else {}
-                self._model_param(call, node)
+                if not self._off("llm"):
+                    self._model_param(call, node)
                 if call.root is not None:
                     call.root.pending += 1
                     call.root.last_seen = now
@@ -697,8 +698,16 @@ class Observer:
     def _llm_records(self, out: list[Record], call: _Call, response: Any, now: float,
                      err: BaseException | None) -> None:
         """prompt, response, latency, tokens (and ttft for streams) at one step; or the error."""
-        step = next(self._llm_steps)
         root = call.root
+        if self._off("llm"):  # nothing recorded; its request still learns what it answered
+            if root is not None:
+                root.llm_calls += 1
+                if call.first is not None:
+                    root.streams += 1
+                if response is not None:
+                    root.last_llm_text = render.render_response(response)
+            return
+        step = next(self._llm_steps)
         sampled = root.sampled if root is not None else True
         capture = self.policy.capture and sampled
         ctx = {"kind": "llm"}
