@@ -200,9 +200,26 @@ def patch_aim_exit_cleanup() -> None:
         atexit.register(cleanup)
 
 
+# Set once a sink gave up on its server: Aim's exit finalizers then must not run in place
+# (they send requests without a timeout to that server, which may never answer).
+_server_abandoned: list[bool] = []
+_servers_in_use: list[remote.Address] = []  # the aim:// servers this process opened runs on
+
+
 def _cleanup_in_place(auto_clean: Any) -> None:
     """Aim's exit finalizers, run in this thread (its own runs them in a new one): every one is
-    tried; failures are kept out of stderr as `_quiet_aim_cleanup` keeps those of Aim's thread."""
+    tried; failures are kept out of stderr as `_quiet_aim_cleanup` keeps those of Aim's thread.
+    None of them once we gave up on the server: what it never confirmed is reported already."""
+    for address in _servers_in_use:
+        if _server_abandoned:
+            break
+        try:  # (no thread may start now to bound a request: ask, with a timeout, first)
+            remote.server_version(address, timeout=0.5)
+        except Exception:
+            _server_abandoned.append(True)
+    if _server_abandoned:
+        auto_clean.stop_signal.set()
+        return
     finalizers: Any = getattr(auto_clean, "_finalizers", None)  # a WeakKeyDictionary (3.29)
     if not hasattr(finalizers, "items"):
         auto_clean._cleanup()
@@ -618,6 +635,7 @@ class RunSink:
             self._resume_steps(run)
         self._set_params(run)
         if self.address is not None:
+            _servers_in_use.append(self.address)
             self._connected()
         else:
             self._fast = FastTrack.create(run)
@@ -796,6 +814,7 @@ class RunSink:
             missing = max(missing, received - self.confirmed)
         self.lost += missing
         self._gave_up = True  # counted once, as lost; nothing is unconfirmed any more
+        _server_abandoned.append(True)
         if self._client is not None:
             remote.abandon_queue(self._client)
         self._report_lost(

@@ -682,6 +682,7 @@ class Writer:
         thread.join(max(0.0, deadline - margin - time.monotonic()))
         ok = not thread.is_alive()
         pending = 0
+        given_up = False
         if not ok and isinstance(self._backend, ThreadBackend) and thread is not None:
             # Out of time: make the writer thread leave Aim's native code between records (the
             # interpreter must not tear down under it: that can crash the process at exit); it
@@ -694,7 +695,11 @@ class Writer:
                 # Still waiting for a server: what it holds is lost with the process; the sink
                 # counts and reports it once (as it does when its own exit deadline passes).
                 self._backend.sink.give_up()
-        if ok and isinstance(self._backend, ThreadBackend):
+                given_up = True
+        if given_up and isinstance(self._backend, ThreadBackend):
+            self.lost += self._backend.sink.lost
+            ok = True  # not a slow writer: a server given up on, its loss counted below
+        elif ok and isinstance(self._backend, ThreadBackend):
             ok = self._close_ok  # the writer thread closed the run on its way out
             self.lost += self._backend.sink.lost
         elif ok and self._backend is not None:
