@@ -797,6 +797,15 @@ def test_ignore_lists_suppress_dispatcher_data(repo: Path) -> None:
     assert len(answers) == 2 and answers[1] == streamed and streamed
 
 
+def test_an_ignored_llm_still_has_its_failures_counted(repo: Path) -> None:
+    """Ignoring `llm` drops the call records, not the `errors` it caused (`exception` does)."""
+    with recording(repo, event_ends_to_ignore=["llm"]), pytest.raises(RuntimeError):
+        FailingLLM().complete("fail, unrecorded")
+    run = only_run(repo)
+    assert not run.text("prompt", kind="llm")
+    assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]
+
+
 def test_a_failure_inside_the_observer_is_contained_logged_once_and_counted(
     repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:

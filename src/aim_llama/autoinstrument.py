@@ -477,35 +477,34 @@ def _start_fork_child_writer(pending: _ForkChildWriter) -> Any:
         active.writer = writer
         active.handler.submit = writer.submit
         active.handler.submit_many = writer.submit_many
-        mp_util = sys.modules.get("multiprocessing.util")
-        if mp_util is not None:
-            # multiprocessing children leave through os._exit: atexit never runs, these do.
-            with contextlib.suppress(Exception):
-                mp_util.Finalize(None, _close_fork_child_writer, args=(writer,), exitpriority=100)
+        _finalize_at_worker_exit(writer)
         return writer
 
 
-def _close_with_multiprocessing(writer: Any) -> None:
+def _finalize_at_worker_exit(writer: Any) -> None:
     """multiprocessing ends its workers through os._exit: atexit never runs, its exit hook
-    does. A worker that activated while its main module was prepared (spawn, forkserver) is
-    bootstrapped after that, and the bootstrap clears the hooks registered so far: the
-    after-fork callbacks it then runs register ours again."""
+    (`multiprocessing.util.Finalize`) does."""
     mp_util = sys.modules.get("multiprocessing.util")
-    if mp_util is None:
-        return
-    with contextlib.suppress(Exception):
-        mp_util.Finalize(None, _close_fork_child_writer, args=(writer,), exitpriority=100)
-    with contextlib.suppress(Exception):
-        mp_util.register_after_fork(writer, _close_with_multiprocessing_again)
+    if mp_util is not None:
+        with contextlib.suppress(Exception):
+            mp_util.Finalize(None, _close_fork_child_writer, args=(writer,), exitpriority=100)
+
+
+def _close_with_multiprocessing(writer: Any) -> None:
+    """`_finalize_at_worker_exit`, for a worker that activated while its main module was
+    prepared (spawn, forkserver): it is bootstrapped after that, and the bootstrap clears the
+    exit hooks registered so far; the after-fork callbacks it then runs register ours again."""
+    _finalize_at_worker_exit(writer)
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        with contextlib.suppress(Exception):
+            mp_util.register_after_fork(writer, _close_with_multiprocessing_again)
 
 
 def _close_with_multiprocessing_again(writer: Any) -> None:
     active = _active
     if active is not None and active.writer is writer and active.pid == os.getpid():
-        mp_util = sys.modules.get("multiprocessing.util")
-        with contextlib.suppress(Exception):
-            mp_util.Finalize(  # type: ignore[union-attr]
-                None, _close_fork_child_writer, args=(writer,), exitpriority=100)
+        _finalize_at_worker_exit(writer)
 
 
 def _close_fork_child_writer(writer: Any) -> None:

@@ -699,7 +699,12 @@ class Observer:
                      err: BaseException | None) -> None:
         """prompt, response, latency, tokens (and ttft for streams) at one step; or the error."""
         root = call.root
-        if self._off("llm"):  # nothing recorded; its request still learns what it answered
+        abandoned = isinstance(err, GeneratorExit)
+        # Cancelled (a timeout, a client that went away): not a failure of the LLM.
+        cancelled = err is not None and not abandoned and _cancelled(err)
+        if self._off("llm"):  # no call records; its request still learns what it answered
+            if err is not None and not abandoned and not cancelled:
+                self._error(out, "llm", call.node.name if call.node else "llm", err)
             if root is not None:
                 root.llm_calls += 1
                 if call.first is not None:
@@ -711,9 +716,6 @@ class Observer:
         sampled = root.sampled if root is not None else True
         capture = self.policy.capture and sampled
         ctx = {"kind": "llm"}
-        abandoned = isinstance(err, GeneratorExit)
-        # Cancelled (a timeout, a client that went away): not a failure of the LLM.
-        cancelled = err is not None and not abandoned and _cancelled(err)
         counts = provider_counts(response) if response is not None else None
         if counts is None:
             counts = call.inner  # reported to the call nested in this one (a structured LLM)
