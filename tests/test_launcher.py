@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -405,16 +406,21 @@ def test_spawn_reports_a_command_it_cannot_execute_in_one_line(workdir, what):
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
+def spawn_python(code: str, cwd: Path, **popen: Any) -> subprocess.Popen[str]:
+    """`aim-llama run --spawn -- python -c CODE` in a session of its own, its stdout readable."""
+    return subprocess.Popen(
+        [AIM_LLAMA, "run", "--spawn", "--", sys.executable, "-c", code], cwd=cwd,
+        env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, **popen,
+    )
+
+
 def test_spawn_forwards_a_sigint_sent_to_the_launcher(workdir):
     """Not from a terminal (no Ctrl-C reached the command itself): the launcher passes it on."""
     code = ("import time\n"
             "try:\n    print('READY', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
             "    print('CHILD GOT SIGINT', flush=True)\n    raise SystemExit(6)\n")
-    proc = subprocess.Popen(
-        [AIM_LLAMA, "run", "--spawn", "--", sys.executable, "-c", code], cwd=workdir,
-        env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )
+    proc = spawn_python(code, workdir)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "READY"
     proc.send_signal(signal.SIGINT)
@@ -470,12 +476,8 @@ def test_spawn_keeps_a_signal_the_launcher_was_started_with_ignored(workdir):
     code = ("import signal, time\n"
             "print('HUP IGNORED', signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, flush=True)\n"
             "time.sleep(2)\nprint('SURVIVED', flush=True)\n")
-    proc = subprocess.Popen(
-        [AIM_LLAMA, "run", "--spawn", "--", sys.executable, "-c", code], cwd=workdir,
-        env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )
+    proc = spawn_python(code, workdir,
+                        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "HUP IGNORED True"
     proc.send_signal(signal.SIGHUP)
