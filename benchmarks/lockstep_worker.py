@@ -12,7 +12,10 @@ environment as overhead.py does), or the diagnostic `diag-noop`: aim-llama's han
 registered on LlamaIndex but return at once, which is the floor any handler-based
 instrumentation pays (LlamaIndex's own dispatch to a registered handler). For attribution:
 `diag-nospans` (the span handler returns at once, events are recorded), `diag-noevents` (the
-other way round), `diag-nosubmit` (the dispatcher records are mapped, not handed to the writer).
+other way round), `diag-nosubmit` (the dispatcher records are mapped, not handed to the
+writer), `diag-discard` (every record mapped, then dropped at the hand-off: no writer process at
+all), `diag-deferred` (the same observer fed in one burst per request: every call is buffered
+with its time and replayed when the request's root span exits; is batched work cheaper?).
 Floors of other designs: `diag-minimal` (each span and event call appends one small tuple to a
 list: the least any span-tree recorder does) and `diag-raw` (what a design that ships raw data
 to the writer process and maps it there would do on the application thread: span tuples plus
@@ -162,9 +165,76 @@ if args.config in ("diag-nospans", "diag-noevents", "diag-nosubmit"):
         if args.config == "diag-nosubmit" and isinstance(h, AimSpanHandler):
             h.obs._emit = lambda records: None
 
+if args.config == "diag-deferred":
+    # Hypothesis test: the same observer, fed in one burst per request instead of call by call
+    # (the calls are buffered with their times and replayed when the request's root exits).
+    from llama_index.core.instrumentation import get_dispatcher
+
+    from aim_llama import observer as _obs_mod
+    from aim_llama.dispatcher import AimSpanHandler
+
+    _obs = next(h.obs for h in get_dispatcher().span_handlers if isinstance(h, AimSpanHandler))
+    _calls: list = []
+    _rootset: set = set()
+    _real_now = _obs_mod._now
+    _pc2 = time.perf_counter
+    _fake = [0.0]
+
+    def _drain():
+        enter, exit_, handle = _obs.span_enter, _obs.span_exit, _handle_real
+        for c in _calls:
+            _fake[0] = c[1]
+            if c[0] == 0:
+                enter(c[2], c[3], c[4], c[5])
+            elif c[0] == 1:
+                exit_(c[2], c[3], c[4], c[5])
+            else:
+                handle(c[2])
+        _calls.clear()
+
+    _obs_mod._now = lambda: _fake[0]
+
+    def _enter2(id_, bound_args, instance=None, parent_id=None, tags=None, **kw):
+        if parent_id is None:
+            _rootset.add(id_)
+        _calls.append((0, _pc2(), id_, bound_args, instance, parent_id))
+
+    def _exit2(id_, bound_args, instance=None, result=None, **kw):
+        _calls.append((1, _pc2(), id_, bound_args, instance, result))
+        if id_ in _rootset:
+            _rootset.discard(id_)
+            _drain()
+
+    from aim_llama.dispatcher import AimEventHandler
+    _eh = next(h for h in get_dispatcher().event_handlers if isinstance(h, AimEventHandler))
+    _handle_real = type(_eh).handle.__get__(_eh)
+
+    def _handle2(event, **kw):
+        _calls.append((2, _pc2(), event))
+
+    for h in get_dispatcher().span_handlers + get_dispatcher().event_handlers:
+        if isinstance(h, AimSpanHandler):
+            h.__dict__["span_enter"] = _enter2
+            h.__dict__["span_exit"] = _exit2
+        if isinstance(h, AimEventHandler):
+            h.__dict__["handle"] = _handle2
+    _in_req = _obs.in_request
+    _cur = _obs.current_sampled
+    _obs.in_request = lambda: (_drain(), _in_req())[1]
+    _obs.current_sampled = lambda: (_drain(), _cur())[1]
+
+if args.config == "diag-discard":
+    # Every record mapped as usual, then discarded at the hand-off: no writer process at all.
+    from aim_llama import autoinstrument
+
+    _active = autoinstrument._active
+    assert _active is not None
+    _active.handler.submit = lambda record: None
+    _active.handler.submit_many = lambda records: None
+
 for i in range(args.warmup):
     engine.query(question(i))
-if AIM_LLAMA:
+if AIM_LLAMA and args.config != "diag-discard":
     import aim_llama
 
     aim_llama.flush(120)  # the writer is up and has stored the warm-up: measure the steady state
