@@ -27,6 +27,7 @@ from fakellm import USAGE, FailingLLM, RuleLLM, ScriptedToolLLM, SlowLLM, WordEm
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.llms import MockLLM
+from llama_index.core.workflow import Context
 
 import aim_llama
 from aimread import RunData, read_run
@@ -544,6 +545,130 @@ def test_plain_workflow_step_calling_llm(repo: Path) -> None:
     (trace,) = traces(run, "workflow")
     assert trace.startswith("workflow: llamas\n") and "Poet.write" in trace
     assert [t for _, t in run.text("answer", kind="workflow")] == [result]
+
+
+
+def test_failed_and_cancelled_workflow_runs_say_so_and_stay_in_step(repo: Path) -> None:
+    """A run that raises or is cancelled has no answer (not its last LLM text), its trace and
+    interrupted step say how it ended, every step run has a latency, and the next run's
+    question, answer, latency and trace share one step again."""
+    from llama_index.core.workflow import Event, StartEvent, StopEvent, Workflow, step
+
+    class Drafted(Event):
+        draft: str
+
+    class Flaky(Workflow):
+        @step
+        async def draft(self, ev: StartEvent) -> Drafted:
+            return Drafted(draft=str(await Settings.llm.acomplete(f"draft about {ev.topic}")))
+
+        @step
+        async def publish(self, ev: Drafted) -> StopEvent:
+            if self._fail:
+                raise KeyError("no publisher")
+            return StopEvent(result="published")
+
+        def __init__(self, fail: bool) -> None:
+            super().__init__(timeout=30)
+            self._fail = fail
+
+    class Slow(Workflow):
+        @step
+        async def wait(self, ev: StartEvent) -> StopEvent:
+            await asyncio.sleep(30)
+            return StopEvent(result="never")
+
+    async def main() -> None:
+        with pytest.raises(KeyError):
+            await Flaky(fail=True).run(topic="failing")
+        handler = Slow(timeout=60).run(topic="cancelled")
+        await asyncio.sleep(0.3)
+        await handler.cancel_run()
+        with pytest.raises(Exception) as cancelled:
+            await handler
+        assert "Cancel" in type(cancelled.value).__name__
+        assert await Flaky(fail=False).run(topic="working") == "published"
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    questions = dict(run.text("question", kind="workflow"))
+    answers = dict(run.text("answer", kind="workflow"))
+    tr = dict(run.text("trace", kind="workflow"))
+    assert questions == {0: "failing", 1: "cancelled", 2: "working"}
+    assert answers == {2: "published"}  # the failed and the cancelled run have none
+    assert sorted(dict(run.metric("latency_ms", kind="workflow"))) == [0, 1, 2]
+    assert sorted(tr) == [0, 1, 2]
+    assert "· error KeyError ·" in tr[0] and "Flaky.publish" in tr[0]
+    assert [line.split()[-1] for line in tr[0].splitlines() if "Flaky.publish" in line] == [
+        "KeyError"]
+    assert "· cancelled ·" in tr[1]
+    assert [line.split()[-1] for line in tr[1].splitlines() if "Slow.wait" in line] == [
+        "cancelled"]
+    assert "· ok ·" in tr[2]
+    # the step that raised has its latency too: publish ran twice, once failing
+    assert len(run.metric("latency_ms", kind="workflow_step", step="publish")) == 2
+    assert len(run.metric("latency_ms", kind="workflow_step", step="wait")) == 1
+
+
+def test_a_typed_start_event_is_the_question_and_a_structured_result_the_answer(
+        repo: Path) -> None:
+    from llama_index.core.bridge.pydantic import BaseModel
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    class Ask(StartEvent):
+        query: str
+        top_k: int = 3
+
+    class Report(BaseModel):
+        title: str
+
+    class Typed(Workflow):
+        @step
+        async def answer(self, ev: Ask) -> StopEvent:
+            await Settings.llm.acomplete(ev.query)
+            return StopEvent(result=Report(title=f"on {ev.query}"))
+
+    class Flags(Workflow):
+        @step
+        async def go(self, ev: StartEvent) -> StopEvent:
+            return StopEvent(result="done")
+
+    async def main() -> None:
+        await Typed().run(query="typed via keywords")
+        await Typed().run(start_event=Ask(query="typed start event"))
+        await Flags().run(dry_run=True, retries=2)
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    assert [q for _, q in run.text("question", kind="workflow")] == [
+        "typed via keywords", "typed start event", "dry_run=True, retries=2"]
+    answers = [a for _, a in run.text("answer", kind="workflow")]
+    assert answers[:2] == ['{"title":"on typed via keywords"}', '{"title":"on typed start event"}']
+    assert [t.splitlines()[0] for t in traces(run, "workflow")][:2] == [
+        "workflow: typed via keywords", "workflow: typed start event"]
+
+
+async def remember(ctx: Context, fact: str) -> str:
+    """Remember a fact (a tool that asks for the workflow's context)."""
+    return f"remembered {fact}"
+
+
+# (this module's annotations are strings; LlamaIndex looks for the Context class itself)
+remember.__annotations__ = {"ctx": Context, "fact": str, "return": str}
+
+
+def test_a_tools_workflow_context_argument_is_not_in_its_call_text(repo: Path) -> None:
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    llm = ScriptedToolLLM(tool_name="remember", tool_args={"fact": "llamas hum"})
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(remember, name="remember")], llm=llm)
+    with recording(repo):
+        asyncio.run(_run(agent, user_msg="remember this"))
+    (call,) = [t for _, t in only_run(repo).text("tool_call", kind="tool", tool="remember")]
+    assert call == "remember(fact=llamas hum)\n-> remembered llamas hum"
 
 
 # -- concurrency ---------------------------------------------------------------------------

@@ -46,6 +46,7 @@ MAX_TRACE_NODES = 400  # lines per trace; further spans are counted, not listed
 REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
 _SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step"})  # spans with records at exit
+_STEP_KINDS = frozenset({"agent_step", "workflow_step"})
 ERROR_KINDS = frozenset({
     "llm", "embedding", "retrieve", "query", "chat", "agent", "workflow", "tool",
     "postprocess", "synthesize", "agent_step", "workflow_step",
@@ -242,6 +243,9 @@ class Observer:
         # once (an async embedding batch sends every batch's start before the first end).
         self._timed: dict[tuple[str, str | None], list[tuple[float, Any]]] = {}
         self._llm_steps = itertools.count()
+        # A request's question, answer, latency and trace share one step per request kind,
+        # so they line up in Aim even when one of them is missing (a failed request's answer).
+        self._request_steps: dict[str, itertools.count[int]] = {}
         self._models: dict[str, dict[str, Any]] = {}
         self._seen_models: set[str] = set()
         self._next_sweep = _now() + SWEEP_INTERVAL
@@ -267,6 +271,9 @@ class Observer:
             "ReRankStartEvent": self._timed_start,
             "ReRankEndEvent": self._rerank_end,
             "ExceptionEvent": self._exception,
+            # Workflows swallow a step's (or a run's) cancellation and say so with this event
+            # before the span exits normally.
+            "SpanCancelledEvent": self._span_cancelled,
             "StreamChatEndEvent": self._stream_done,
             "StreamChatErrorEvent": self._stream_done,
         }
@@ -519,6 +526,11 @@ class Observer:
                           and err is not None):
                         recorded = True
                         self._error(out, node.kind, node.name, err)
+                    if node.kind in _STEP_KINDS and not self._off(node.kind):
+                        # every step run has its latency; how it ended is in the trace
+                        ctx = {"kind": node.kind, "step": node.name.rsplit(".", 1)[-1]}
+                        out.append(Track("latency_ms", (now - node.start) * 1000.0, "metric",
+                                         ctx))
                 except Exception as exc:  # the request must still end
                     self.failed("span error", exc)
                 if recorded and err is not None and not any(e is err for e in root.errors):
@@ -648,6 +660,14 @@ class Observer:
                         root.hold = 0  # the stream of a streaming chat finished
                     out.extend(self._maybe_finish(root, now))
             self._emit(out)
+
+    def _span_cancelled(self, event: Any, now: float) -> None:
+        """A workflow step or run was cancelled; its span will still exit normally."""
+        span_id = getattr(event, "span_id", None)
+        with self._lock:
+            node = self._spans.get(span_id) if span_id else None
+            if node is not None:
+                node.status = "cancelled"
 
     def _exception(self, event: Any, now: float) -> None:
         """A failure (or `GeneratorExit`: an abandoned stream) while a stream was consumed."""
@@ -931,15 +951,22 @@ class Observer:
         end = now if status is None else (root.end or root.last_seen)
         latency = (end - root.node.start) * 1000.0
         ctx = {"kind": kind}
+        counter = self._request_steps.get(kind)
+        if counter is None:
+            counter = self._request_steps[kind] = itertools.count()
+        step = next(counter)
         if kind in ANSWER_KINDS and not self._off(kind):
-            out.append(Track("latency_ms", latency, "metric", ctx))
+            out.append(Track("latency_ms", latency, "metric", ctx, step))
             if self.policy.capture and root.sampled:
-                self._text(out, "question", root.input, ctx)
-                answer = root.answer if root.answer is not None else root.last_llm_text
+                self._text(out, "question", root.input, ctx, step)
+                answer = root.answer
+                if answer is None and status is None and root.node.status == "ok":
+                    answer = root.last_llm_text  # (a failed request has no answer)
                 if answer is not None:
-                    self._text(out, "answer", answer, ctx)
+                    self._text(out, "answer", answer, ctx, step)
         if root.sampled:
-            out.append(Track("trace", self._trace_value(root, latency, status), "text", ctx))
+            out.append(Track("trace", self._trace_value(root, latency, status), "text", ctx,
+                             step))
         _release(root)
         return out
 

@@ -116,7 +116,21 @@ def answer_text(result: Any) -> str | None:
         return answer_text(result.result) if not isinstance(result.result, str) else result.result
     if isinstance(result, str):
         return result
-    return str(result) if type(result).__module__ == "builtins" else None
+    if type(result).__module__ == "builtins":
+        return str(result)
+    return _model_json(inner) if inner is not None else _model_json(result)
+
+
+def _model_json(value: Any) -> str | None:
+    """A pydantic model's JSON (a structured answer), None for anything else."""
+    dump = getattr(value, "model_dump_json", None)
+    if dump is None or isinstance(value, type):
+        return None
+    try:
+        text = dump()
+    except Exception:
+        return None
+    return text if isinstance(text, str) else None
 
 
 def query_text(value: Any) -> str:
@@ -143,13 +157,12 @@ def input_text(arguments: dict[str, Any]) -> str:
         if value is None:
             continue
         if key == "start_event":  # a workflow StartEvent: its fields live in a dict-like model
-            try:
-                fields = dict(value.items())
-            except Exception:
-                fields = {}
+            fields = _event_fields(value)
             found = input_text(fields) if fields else ""
             if found:
                 return found
+            if fields:  # no text among them: the run's inputs as `name=value`
+                return ", ".join(f"{k}={render_value(v, 200)}" for k, v in fields.items())
             continue
         if key == "messages" and isinstance(value, list):
             users = [m for m in value if getattr(getattr(m, "role", None), "value", "") == "user"]
@@ -161,6 +174,22 @@ def input_text(arguments: dict[str, Any]) -> str:
         if isinstance(value, str):
             return value
     return ""
+
+
+def _event_fields(event: Any) -> dict[str, Any]:
+    """A workflow StartEvent's inputs: the fields a typed subclass declares, then the ones
+    given to a plain StartEvent (they live in its dict-like store)."""
+    fields: dict[str, Any] = {}
+    try:
+        for name in type(event).model_fields:
+            fields[name] = getattr(event, name)
+    except Exception:
+        pass
+    try:
+        fields.update(dict(event.items()))
+    except Exception:
+        pass
+    return fields
 
 
 def _repr(value: Any) -> str:
@@ -191,8 +220,16 @@ def render_tool_call(name: str, arguments: dict[str, Any], output: str,
     kwargs = args.pop("kwargs", None)
     if isinstance(kwargs, dict):
         args.update(kwargs)
-    parts.extend(f"{k}={render_value(v, 500, head)}" for k, v in args.items())
+    parts.extend(f"{k}={render_value(v, 500, head)}" for k, v in args.items()
+                 if not _is_workflow_context(v))
     return f"{name}({', '.join(parts)})\n-> {output}"
+
+
+def _is_workflow_context(value: Any) -> bool:
+    """The workflow `Context` LlamaIndex passes to tools that ask for it: not an argument the
+    model gave (and its repr holds a memory address)."""
+    cls = type(value)
+    return cls.__name__ == "Context" and "workflow" in (cls.__module__ or "")
 
 
 def render_nodes(nodes: list[Any], query: str | None = None) -> str:
