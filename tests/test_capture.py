@@ -203,6 +203,24 @@ def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
     assert "stream llm" in trace  # the deferred LLM stream joined its query's trace
 
 
+def test_a_stream_whose_last_chunk_lags_is_recorded_as_the_app_read_it(repo: Path) -> None:
+    """MockLLM's last chunk carries the text before its own delta: the stored response and
+    answer are what the application read, not one chunk short."""
+    from llama_index.core.llms import ChatMessage
+
+    llm = MockLLM(max_tokens=6)
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=llm)
+    with recording(repo):
+        consumed = "".join(engine.query(QUESTIONS[0]).response_gen)
+        chatted = "".join(r.delta or "" for r in llm.stream_chat(
+            [ChatMessage(role="user", content="hello")]))
+    assert consumed.split() == ["text"] * 6 and chatted.split() == ["text"] * 6
+    run = only_run(repo)
+    assert [t for _, t in run.text("response", kind="llm")] == [consumed.strip(),
+                                                                 chatted.strip()]
+    assert [t for _, t in run.text("answer", kind="query")] == [consumed]
+
+
 def test_a_streaming_query_that_needs_no_llm_ends_when_its_stream_does(repo: Path) -> None:
     """Nothing retrieved: LlamaIndex streams "Empty Response" without an LLM call; the request
     ends when that stream is read, not at shutdown."""
@@ -319,6 +337,7 @@ def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
     run = only_run(repo)
     assert_llm_steps_line_up(run, 3)
     responses = [t for _, t in run.text("response", kind="llm")]
+    print("RESPONSES", responses)
     assert responses[0] == finished == "an answer from the rule llm"
     assert responses[1] == "an\n[stream abandoned]"
     assert responses[2] == "an answer\n[error: RuntimeError]"

@@ -163,6 +163,7 @@ class _Call:
 
     __slots__ = (
         "claimed",
+        "deltas",
         "first",
         "inner",
         "last",
@@ -181,6 +182,8 @@ class _Call:
         self.start = start
         self.first: float | None = None
         self.last: Any = None
+        # a stream's chunks as the application read them (None: a chunk without a text delta)
+        self.deltas: list[str] | None = []
         self.prompt: str | None = None
         self.messages: Any = None
         self.tools: list[str] = []
@@ -635,7 +638,14 @@ class Observer:
         if call is not None:
             if call.first is None:
                 call.first = now
-            call.last = event.response
+            call.last = response = event.response
+            deltas = call.deltas
+            if deltas is not None:
+                delta = getattr(response, "delta", None)
+                if isinstance(delta, str):
+                    deltas.append(delta)
+                else:
+                    call.deltas = None
             if call.root is not None:
                 call.root.last_seen = now
 
@@ -747,7 +757,7 @@ class Observer:
                 prompt_text = call.prompt or ""
             if call.tools:
                 prompt_text += "\n[tools: " + ", ".join(call.tools) + "]"
-            response_text = render.render_response(response)
+            response_text = _streamed(call, render.render_response(response))
         if capture:
             self._text(out, "prompt", prompt_text, ctx, step)
             shown = response_text
@@ -1039,6 +1049,16 @@ class Observer:
             self._calls.clear()
             self._timed.clear()
         self._emit(out)
+
+
+def _streamed(call: _Call, text: str) -> str:
+    """A stream's text as the application read it: some LLMs' last chunk (MockLLM's among
+    them) carries the text *before* its own delta, one chunk short of what was streamed."""
+    deltas = call.deltas
+    if call.first is None or not deltas:
+        return text
+    streamed = "".join(deltas)
+    return streamed if len(streamed) > len(text) and streamed.startswith(text) else text
 
 
 def _follow_stream(result: Any, root: _Root,
