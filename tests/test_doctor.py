@@ -136,3 +136,13 @@ def test_unusable_local_repo_fails_with_a_fix(workdir, tmp_path):
     assert got["repo"].startswith("FAIL") and "is not a directory" in got["repo"]
     assert "fix:" in got["repo"]
     assert got["probe"].startswith("FAIL")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_repo_that_cannot_be_created_fails_even_where_permissions_say_yes(workdir):
+    """/proc lets root write by its mode bits, yet nothing can be made there: doctor tries."""
+    proc = doctor(workdir, AIM_REPO="/proc/aim-llama-doctor-test/repo")
+    assert proc.returncode == 1
+    got = lines(proc)
+    assert got["repo"].startswith("FAIL") and "cannot create" in got["repo"]
+    assert "fix:" in got["repo"]

@@ -9,6 +9,7 @@ failure comes with a fix; the exit status is 1 when any check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -87,6 +88,13 @@ def check_local(repo: str | None) -> list[Check]:
     if not os.access(parent, os.W_OK | os.X_OK):
         return [Check("repo", False, f"cannot create {aim_dir}: {parent} is not writable",
                       f"make {parent} writable or use another AIM_REPO")]
+    try:  # permissions are not everything (root in /proc, a read-only mount): try it
+        probe = tempfile.mkdtemp(dir=parent, prefix=".aim-llama-doctor-")
+    except OSError as exc:
+        return [Check("repo", False, f"cannot create {aim_dir} in {parent} "
+                      f"({exc.strerror or exc})", "use another AIM_REPO")]
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
     return [Check("repo", True, f"local Aim repo {aim_dir} will be created at the first record")]
 
 
