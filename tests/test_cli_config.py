@@ -29,6 +29,17 @@ def test_config_shows_values_and_sources(workdir: Path) -> None:
     assert set(lines) == set(FIELDS)
 
 
+def test_config_shows_what_an_unset_repo_and_experiment_mean(workdir: Path) -> None:
+    proc = cli("config", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert json.dumps(str(workdir / ".aim")) in lines["repo"]
+    assert "(default: .aim in the working directory)" in lines["repo"]
+    assert '"default"' in lines["experiment"] and "Aim's default experiment" in lines["experiment"]
+    as_json = json.loads(cli("config", "--json", cwd=workdir).stdout)
+    assert as_json["repo"] == {"value": None, "source": "default"}  # machines see the unset
+
+
 def test_config_json_and_secret_redaction(workdir: Path) -> None:
     proc = cli(
         "config", "--json", cwd=workdir,

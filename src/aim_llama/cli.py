@@ -40,8 +40,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
     width = max(len(r["setting"]) for r in rows)
     for r in rows:
         value = json.dumps(r["value"], default=str)
-        print(f"{r['setting']:<{width}}  {value:<30}  ({r['source']})")
+        source = r["source"]
+        if r["value"] is None and r["setting"] in _UNSET_MEANS:
+            effective, meaning = _UNSET_MEANS[r["setting"]]()
+            value, source = json.dumps(effective), f"{source}: {meaning}"
+        print(f"{r['setting']:<{width}}  {value:<30}  ({source})")
     return 0
+
+
+def _default_repo() -> tuple[str, str]:
+    return os.path.join(os.getcwd(), ".aim"), ".aim in the working directory"
+
+
+# What an unset setting means (the table shows it; `--json` keeps the null)
+_UNSET_MEANS = {
+    "repo": _default_repo,
+    "experiment": lambda: ("default", "Aim's default experiment"),
+}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
