@@ -256,3 +256,11 @@ def test_unreadable_file_as_a_bad_encoding(cwd: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(environ={})
     assert "aim_llama.toml is not valid TOML" in str(info.value)
+
+
+def test_a_huge_bad_value_is_cut_in_its_one_line(cwd: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, environ={"AIM_LLAMA_QUEUE_SIZE": "9" * 3 + "z" * 20_000})
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600
+    assert "AIM_LLAMA_QUEUE_SIZE='999zz" in message and "allowed:" in message

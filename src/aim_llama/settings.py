@@ -667,6 +667,8 @@ def _to_config_error(
         message = f"{merged.get(field)!r} has the wrong type"
     elif error["type"] == "dict_type":
         message = f"must be a table/object, got {type(merged.get(field)).__name__}"
+    if len(message) > 300:  # a long bad value is shown (cut) once, in `where`, not again here
+        message = message[:150] + " … " + message[-120:]
     kind, label = origin.get(field, ("default", "default"))
     where = _describe(kind, field, merged.get(field), label) if field in merged else "default"
     allowed = ALLOWED.get(field, "")
