@@ -9,6 +9,7 @@ seconds), each reading only its own run by hash.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import threading
 import time
@@ -284,6 +285,77 @@ def test_async_streaming_query_counts_its_llm_call_once(repo: Path) -> None:
     assert run.text("response", kind="llm")[0][1] == consumed
     (trace,) = traces(run, "query")
     assert "llm calls 1" in trace.splitlines()[1]
+
+
+def test_async_streams_read_in_another_task_or_later_join_their_own_requests(
+        repo: Path) -> None:
+    """`aquery` streams read where a web framework reads them: in a task of its own, or after
+    a second request opened its stream. Each LLM call joins its own request."""
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=MockLLM())
+    # (MockLLM with no max_tokens echoes its prompt: an answer names its question)
+
+    async def read(response: Any) -> str:
+        return "".join([t async for t in response.async_response_gen()])
+
+    async def main() -> list[str]:
+        first = await asyncio.create_task(engine.aquery(QUESTIONS[0]))
+        got = [await asyncio.create_task(read(first))]
+        second, third = await engine.aquery(QUESTIONS[1]), await engine.aquery(QUESTIONS[2])
+        got += [await read(second), await read(third)]
+        return got
+
+    with recording(repo):
+        consumed = asyncio.run(main())
+    run = only_run(repo)
+    questions = dict(run.text("question", kind="query"))
+    answers = dict(run.text("answer", kind="query"))
+    assert [questions[i] for i in range(3)] == QUESTIONS[:3]
+    assert [answers[i] for i in range(3)] == consumed
+    for i in range(3):
+        assert QUESTIONS[i] in answers[i]
+    for trace in traces(run, "query"):
+        assert "llm calls 1 " in trace
+    assert_llm_steps_line_up(run, 3)
+
+
+def test_async_streams_closed_after_one_chunk_leave_nothing_behind(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True, llm=MockLLM())
+
+    async def partial(question: str) -> None:
+        response = await engine.aquery(question)
+        stream = response.async_response_gen()
+        await stream.__anext__()
+        await stream.aclose()  # the client stopped reading
+
+    with recording(repo):
+        from aim_llama.autoinstrument import _active
+
+        observer = _active.handler.observer  # type: ignore[union-attr]
+
+        async def main() -> dict[str, int]:
+            for q in QUESTIONS:
+                await partial(q)
+            await asyncio.sleep(0.2)
+            gc.collect()
+            return observer.open_state()  # while the service goes on running
+
+        assert asyncio.run(main()) == {"spans": 0, "roots": 0, "calls": 0, "timed": 0}
+    run = only_run(repo)  # (each ends when its stream is closed, in the event loop's order)
+    assert sorted(q for _, q in run.text("question", kind="query")) == sorted(QUESTIONS)
+    assert all("llm calls 1 " in t for t in traces(run, "query"))
+
+
+def test_a_request_open_at_shutdown_has_a_trace_but_no_latency(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True)
+    with recording(repo):
+        engine.query(QUESTIONS[0])  # its stream is never read
+        engine.query(QUESTIONS[1]).get_response()
+    run = only_run(repo)
+    # steps count requests as they end: the finished one first, the open one at shutdown
+    assert dict(run.text("question", kind="query")) == {0: QUESTIONS[1], 1: QUESTIONS[0]}
+    tr = dict(run.text("trace", kind="query"))
+    assert "· ok ·" in tr[0] and "incomplete at shutdown" in tr[1]
+    assert [s for s, _ in run.metric("latency_ms", kind="query")] == [0]
 
 
 def test_two_streams_opened_before_either_is_read_are_two_calls(repo: Path) -> None:

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import types
-from collections.abc import Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any
 
 from . import render
@@ -951,6 +951,11 @@ class Observer:
     def _finish(self, root: _Root, now: float, status: str | None) -> list[Record]:
         root.finalized = True
         self._roots.pop(root.node.id, None)
+        if self._calls:  # calls nested in this request's calls never end on their own when
+            # their stream was dropped unclosed (an async stream's sync body): their outer
+            # call has recorded them
+            for call_id in [k for k, c in self._calls.items() if c.nested and c.root is root]:
+                self._calls.pop(call_id, None)
         kind = root.kind
         out: list[Record] = []
         if kind not in REQUEST_KINDS:
@@ -966,7 +971,8 @@ class Observer:
             counter = self._request_steps[kind] = itertools.count()
         step = next(counter)
         if kind in ANSWER_KINDS and not self._off(kind):
-            out.append(Track("latency_ms", latency, "metric", ctx, step))
+            if status is None:  # (an incomplete request's latency is not known: trace only)
+                out.append(Track("latency_ms", latency, "metric", ctx, step))
             if self.policy.capture and root.sampled:
                 self._text(out, "question", root.input, ctx, step)
                 answer = root.answer
@@ -1003,6 +1009,13 @@ class Observer:
         excess = len(self._roots) - len(expired) - MAX_OPEN_ROOTS
         if excess > 0:
             expired.extend(list(self._roots.values())[:excess])
+        # LLM calls and timed starts whose end never came (a stream nobody closed) and whose
+        # request is gone: forgotten, so that a long-running service never accumulates them.
+        for call_id in [k for k, c in self._calls.items()
+                        if (c.root is None or c.root.finalized) and now - c.start > ROOT_TTL]:
+            self._calls.pop(call_id, None)
+        for key in [k for k, v in self._timed.items() if not v or now - v[-1][0] > ROOT_TTL]:
+            self._timed.pop(key, None)
         return self._expire(expired, now, "expired (incomplete)")
 
     def _expire(self, roots: list[_Root], now: float, status: str) -> list[Record]:
@@ -1071,10 +1084,13 @@ def _follow_stream(result: Any, root: _Root,
     names its request to `span_enter`. False when `result` has no such generator.
     """
     gen = getattr(result, "response_gen", None)
-    if not isinstance(gen, types.GeneratorType):
-        return False
     try:
-        result.response_gen = _following(gen, root, ended)
+        if isinstance(gen, types.GeneratorType):
+            result.response_gen = _following(gen, root, ended)
+        elif isinstance(gen, types.AsyncGeneratorType):  # `aquery` with streaming=True
+            result.response_gen = _following_async(gen, root, ended)
+        else:
+            return False
     except Exception:
         return False
     return True
@@ -1105,6 +1121,32 @@ def _following(gen: Generator[Any, None, Any], root: _Root,
             yield item
     finally:
         gen.close()
+
+
+async def _following_async(gen: AsyncGenerator[Any, None], root: _Root,
+                           ended: Callable[[_Root, str], None] | None = None
+                           ) -> AsyncGenerator[Any, None]:
+    """`_following` for an async generator: read in whichever task (a web framework's own,
+    after other requests opened theirs), its LLM call still joins this request."""
+    texts: list[str] = []
+    try:
+        while True:
+            token = _awaiting.set(root) if root.hold else None
+            try:
+                item = await gen.__anext__()
+            except StopAsyncIteration:
+                if root.hold and ended is not None:
+                    ended(root, "".join(texts))
+                return
+            finally:
+                if token is not None:
+                    with contextlib.suppress(ValueError):
+                        _awaiting.reset(token)
+            if root.hold and isinstance(item, str) and len(texts) < 1000:
+                texts.append(item)
+            yield item
+    finally:
+        await gen.aclose()
 
 
 def _fold_usage(call: _Call, response: Any) -> None:
