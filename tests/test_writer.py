@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aimread import read_run
+from aimread import read_all, read_run
 from conftest import APPS, clean_env, only_run
 
 WRITER_APP = APPS / "writer_app.py"
@@ -539,3 +539,144 @@ def test_an_app_that_closes_every_descriptor_gets_its_new_ones_untouched(run_py)
     assert len(lines) == 2 and all(ok == "True" and foreign == "0" for _, _, ok, foreign in lines)
     assert proc.stderr.count("the application closed aim-llama's pipes") == 1, proc.stderr
     assert "records could not be stored" in proc.stderr
+
+
+# -- the writer process started when LlamaIndex starts importing ---------------------------
+PRESTART_APP = """
+import os, sys, time
+import aim_llama.auto
+from aim_llama import writer
+assert writer._prestarted is None  # LlamaIndex not imported yet: nothing started
+import llama_index.core
+from llama_index.core.llms import MockLLM
+warm = writer._prestarted
+print("WARM", warm[1].pid if warm and warm[0] == os.getpid() else 0, flush=True)
+mode = sys.argv[1]
+if mode == "record":
+    MockLLM(max_tokens=4).complete("hello")
+    import aim_llama
+    assert aim_llama.flush(60)
+    backend = aim_llama.autoinstrument._active.writer._backend
+    print("USED", backend.proc.pid, flush=True)
+elif mode == "fork":
+    pid = os.fork()
+    if pid == 0:  # the child records into its own run; the parent's writer is not its own
+        MockLLM(max_tokens=4).complete("from the child")
+        import aim_llama
+        aim_llama.flush(60)
+        print("CHILD_USED", aim_llama.autoinstrument._active.writer._backend.proc.pid, flush=True)
+        time.sleep(float(sys.argv[2]))
+        os._exit(0)
+    print("CHILD", pid, flush=True)
+elif mode == "late":  # nothing recorded for longer than a prestarted writer waits
+    time.sleep(float(sys.argv[2]))
+    with open(f"/proc/{warm[1].pid}/stat") as fh:
+        print("WARM_STATE", fh.read().rsplit(")", 1)[1].split()[0], flush=True)
+    MockLLM(max_tokens=4).complete("late")
+    import aim_llama
+    assert aim_llama.flush(60)
+    print("USED", aim_llama.autoinstrument._active.writer._backend.proc.pid, flush=True)
+elif mode == "uninstrument":
+    import aim_llama
+    aim_llama.uninstrument()
+    print("UNINSTRUMENTED", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True  # exited, not yet reaped by whoever is its parent now
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _value(out: str, key: str) -> int:
+    return int(re.search(rf"^{key} (\d+)$", out, re.M).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads Linux's /proc")
+def test_the_writer_process_started_with_llamaindex_stores_the_run(run_py, repo):
+    """Started as LlamaIndex starts importing, the writer process is the one that stores the
+    run: a short program no longer waits for Python and Aim to start after its first record."""
+    out = run_py(PRESTART_APP, args=["record"]).stdout
+    warm = _value(out, "WARM")
+    assert warm != 0 and _value(out, "USED") == warm
+    run = only_run(repo)
+    assert run.end_time is not None and not run.active
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["hello"]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads Linux's /proc")
+def test_a_writer_process_never_used_leaves_with_the_app_and_makes_no_run(run_py, repo):
+    """A program that imports LlamaIndex and records nothing: its writer process leaves when
+    the program does, and there is no run."""
+    proc = run_py(PRESTART_APP, args=["nothing"])
+    warm = _value(proc.stdout, "WARM")
+    assert warm != 0
+    assert _gone_within(warm, 10.0), "the unused writer process outlived the application"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert read_all(repo) == []
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads Linux's /proc")
+def test_uninstrument_lets_an_unused_writer_process_go_at_once(repo):
+    proc = subprocess.Popen([sys.executable, "-c", PRESTART_APP, "uninstrument", "30"],
+                            env=clean_env(AIM_REPO=str(repo)), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        warm = int(proc.stdout.readline().split()[1])
+        assert proc.stdout.readline().strip() == "UNINSTRUMENTED"
+        assert warm != 0 and _gone_within(warm, 10.0), "still there while the app runs on"
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads Linux's /proc")
+def test_a_forked_child_neither_uses_nor_holds_its_parents_unused_writer(run_py, repo):
+    """The child records through a writer of its own; the parent's, never used, leaves when
+    the parent does although the child lives on (it closed its copies of the pipes)."""
+    proc = subprocess.Popen([sys.executable, "-c", PRESTART_APP, "fork", "4"],
+                            env=clean_env(AIM_REPO=str(repo)), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    warm = int(proc.stdout.readline().split()[1])
+    child = int(proc.stdout.readline().split()[1])
+    assert proc.wait(timeout=60) == 0  # the parent left; its child sleeps on
+    assert warm != 0
+    assert _gone_within(warm, 5.0), "the parent's unused writer waits for the forked child"
+    assert not _gone_within(child, 0.1)  # (the child was still running meanwhile)
+    out, err = proc.communicate(timeout=60)  # the child's end of the pipes closes as it exits
+    assert "Traceback" not in err, err
+    assert _value(out, "CHILD_USED") not in (0, warm)
+    runs = read_all(repo)
+    assert len(runs) == 1 and runs[0].params["aim_llama"]["role"] == "fork-child"
+    assert [t for _, t in runs[0].text("prompt", kind="llm")] == ["from the child"]
+    assert runs[0].end_time is not None
+
+
+def test_the_thread_writer_starts_no_writer_process(run_py, repo):
+    out = run_py(PRESTART_APP, args=["nothing"], env={"AIM_LLAMA_WRITER": "thread"}).stdout
+    assert _value(out, "WARM") == 0
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads Linux's /proc")
+def test_a_writer_process_not_needed_soon_leaves_and_a_later_record_starts_another(run_py,
+                                                                                   repo):
+    """A process that records nothing for long (a pre-forking server's master) keeps no idle
+    writer process; its first record, later, starts a fresh one."""
+    out = run_py(PRESTART_APP, args=["late", "3.5"],
+                 env={"_AIM_LLAMA_PRESTART_IDLE": "2"}).stdout
+    assert re.search(r"^WARM_STATE Z$", out, re.M), out  # it left by itself (not yet reaped)
+    assert _value(out, "USED") != _value(out, "WARM")
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["late"]
+    assert run.end_time is not None
