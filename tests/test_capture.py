@@ -762,6 +762,87 @@ def test_a_tools_workflow_context_argument_is_not_in_its_call_text(repo: Path) -
     assert call == "remember(fact=llamas hum)\n-> remembered llamas hum"
 
 
+
+def test_workflow_inputs_and_structured_answers(repo: Path) -> None:
+    """A field named `question` wins over an id; a large non-text input is named by type and
+    size (never a repr of it all); structured answers with `response` / `content` fields are
+    their JSON."""
+    from llama_index.core.bridge.pydantic import BaseModel
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    class Ask(StartEvent):
+        user_id: str
+        question: str
+
+    class Graded(BaseModel):
+        response: list[str]
+        score: float
+
+    class Grader(Workflow):
+        @step
+        async def grade(self, ev: StartEvent) -> StopEvent:
+            return StopEvent(result=Graded(response=["a", "b"], score=0.9))
+
+    class Typed(Workflow):
+        @step
+        async def answer(self, ev: Ask) -> StopEvent:
+            return StopEvent(result=f"about {ev.question}")
+
+    async def main() -> None:
+        await Typed().run(start_event=Ask(user_id="u-42", question="what is the refund policy?"))
+        await Grader().run(documents=[Document(text=str(i)) for i in range(3000)], dry_run=True)
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    assert [q for _, q in run.text("question", kind="workflow")] == [
+        "what is the refund policy?", "documents=<list of 3000>, dry_run=True"]
+    assert [a for _, a in run.text("answer", kind="workflow")] == [
+        "about what is the refund policy?", '{"response":["a","b"],"score":0.9}']
+
+
+def test_a_query_with_an_output_class_answers_with_its_json(repo: Path) -> None:
+    from llama_index.core.bridge.pydantic import BaseModel
+
+    class Article(BaseModel):
+        title: str
+        content: list[str]
+
+    class ArticleLLM(RuleLLM):
+        def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            from llama_index.core.llms import CompletionResponse
+
+            return CompletionResponse(text='{"title": "Topics", "content": ["a", "b"]}')
+
+    engine = _index().as_query_engine(similarity_top_k=2, llm=ArticleLLM(), output_cls=Article)
+    with recording(repo):
+        response = engine.query("list the topics")
+    assert response.response == Article(title="Topics", content=["a", "b"])
+    (answer,) = [a for _, a in only_run(repo).text("answer", kind="query")]
+    assert answer == '{"title":"Topics","content":["a","b"]}'
+
+
+def test_a_request_whose_stream_fails_as_it_is_read_failed(repo: Path) -> None:
+    """The query's and the chat's own spans returned a stream; the stream raised while the
+    app read it: the requests failed, with no answer (their partial text is in `response`)."""
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    with recording(repo):
+        response = _index().as_query_engine(streaming=True, llm=RuleLLM(fail_after=2)).query(
+            QUESTIONS[0])
+        with pytest.raises(RuntimeError, match="stream broke"):
+            "".join(response.response_gen)
+        chat = SimpleChatEngine.from_defaults(llm=RuleLLM(fail_after=2)).stream_chat("hello")
+        with pytest.raises(RuntimeError, match="stream broke"):
+            "".join(chat.response_gen)
+    run = only_run(repo)
+    for kind in ("query", "chat"):
+        (trace,) = traces(run, kind)
+        assert "· error RuntimeError ·" in trace.splitlines()[1], trace
+        assert not run.text("answer", kind=kind)
+    assert all(r.endswith("[error: RuntimeError]") for _, r in run.text("response", kind="llm"))
+
+
 # -- concurrency ---------------------------------------------------------------------------
 def _assert_isolated(run: RunData, questions: list[str]) -> None:
     tr = traces(run, "query")
@@ -1147,6 +1228,47 @@ def test_abandoned_stream_expires(repo: Path, monkeypatch: pytest.MonkeyPatch) -
     run = only_run(repo)
     expired = [t for t in traces(run, "query") if t.startswith("query: never consumed")]
     assert len(expired) == 1 and "expired" in expired[0]
+
+
+def test_a_long_async_embedding_batch_outlives_the_request_ttl(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An async batch sends every batch's start before the first end; other requests sweep
+    meanwhile. The starts wait for their ends however long that takes (ROOT_TTL scaled down)."""
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+
+    from aim_llama import observer as observer_module
+
+    class SlowBatches(BaseEmbedding):
+        def _get_query_embedding(self, query: str) -> list[float]:
+            return [1.0, 0.0]
+
+        async def _aget_query_embedding(self, query: str) -> list[float]:
+            return [1.0, 0.0]
+
+        def _get_text_embedding(self, text: str) -> list[float]:
+            return [1.0, 0.0]
+
+        async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+            await asyncio.sleep(0.8)
+            return [[1.0, 0.0] for _ in texts]
+
+    monkeypatch.setattr(observer_module, "ROOT_TTL", 0.3)
+    monkeypatch.setattr(observer_module, "SWEEP_INTERVAL", 0.0)
+
+    async def main() -> None:
+        async def other_traffic() -> None:
+            for _ in range(6):
+                await asyncio.sleep(0.15)
+                await Settings.llm.acomplete("ping")
+
+        await asyncio.gather(SlowBatches(embed_batch_size=2).aget_text_embedding_batch(
+            [f"text {i}" for i in range(6)]), other_traffic())
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    assert [v for _, v in run.metric("embedded_texts", kind="embedding")] == [2.0, 2.0, 2.0]
+    assert all(v >= 800 for _, v in run.metric("latency_ms", kind="embedding"))
 
 
 def test_auto_import_subprocess_with_process_writer(run_py: Any, repo: Path) -> None:

@@ -696,6 +696,11 @@ class Observer:
                     if isinstance(err, BaseException):
                         root.errors.append(err)
                         root.error_count += 1
+                        if (call.first is not None and root.node.end is not None
+                                and root.node.status == "ok" and not _cancelled(err)):
+                            # the stream a request returned failed as the app read it: the
+                            # request failed (no answer), though its own span had returned
+                            root.node.status = f"error {type(err).__name__}"
                     root.pending -= 1
                     root.hold = 0
                     out.extend(self._maybe_finish(root, now))
@@ -1009,13 +1014,14 @@ class Observer:
         excess = len(self._roots) - len(expired) - MAX_OPEN_ROOTS
         if excess > 0:
             expired.extend(list(self._roots.values())[:excess])
-        # LLM calls and timed starts whose end never came (a stream nobody closed) and whose
-        # request is gone: forgotten, so that a long-running service never accumulates them.
-        for call_id in [k for k, c in self._calls.items()
-                        if (c.root is None or c.root.finalized) and now - c.start > ROOT_TTL]:
-            self._calls.pop(call_id, None)
-        for key in [k for k, v in self._timed.items() if not v or now - v[-1][0] > ROOT_TTL]:
-            self._timed.pop(key, None)
+        # LLM calls and timed starts whose end never comes (a stream nobody closed) are not
+        # expired by age: a long async embedding batch, or a stream read for longer than
+        # ROOT_TTL, still ends and is recorded. Their number is capped instead (oldest first).
+        for pending in (self._calls, self._timed):
+            over = len(pending) - MAX_OPEN_ROOTS
+            if over > 0:
+                for key in list(itertools.islice(pending, over)):
+                    pending.pop(key, None)  # type: ignore[arg-type]
         return self._expire(expired, now, "expired (incomplete)")
 
     def _expire(self, roots: list[_Root], now: float, status: str) -> list[Record]:

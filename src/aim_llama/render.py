@@ -110,15 +110,17 @@ def answer_text(result: Any) -> str | None:
     inner = getattr(result, "response", None)
     if isinstance(inner, str):
         return inner
-    if inner is not None and hasattr(inner, "content"):  # AgentOutput.response: ChatMessage
-        return _content(inner)
+    if inner is not None and hasattr(inner, "content") and hasattr(inner, "role"):
+        return _content(inner)  # AgentOutput.response: a ChatMessage
     if hasattr(result, "result") and type(result).__name__.endswith("StopEvent"):
         return answer_text(result.result) if not isinstance(result.result, str) else result.result
     if isinstance(result, str):
         return result
     if type(result).__module__ == "builtins":
         return str(result)
-    return _model_json(inner) if inner is not None else _model_json(result)
+    # a structured answer: the query engine's `output_cls` object, or the result itself
+    found = _model_json(inner) if inner is not None else None
+    return found if found is not None else _model_json(result)
 
 
 def _model_json(value: Any) -> str | None:
@@ -141,8 +143,8 @@ def query_text(value: Any) -> str:
     return q if isinstance(q, str) else ("" if value is None else str(value))
 
 
-_INPUT_KEYS = ("str_or_query_bundle", "query_str", "query", "message", "user_msg", "prompt",
-               "messages", "input", "start_event")
+_INPUT_KEYS = ("str_or_query_bundle", "query_str", "query", "question", "message", "user_msg",
+               "prompt", "messages", "input", "start_event")
 
 
 def input_text(arguments: dict[str, Any]) -> str:
@@ -162,7 +164,7 @@ def input_text(arguments: dict[str, Any]) -> str:
             if found:
                 return found
             if fields:  # no text among them: the run's inputs as `name=value`
-                return ", ".join(f"{k}={render_value(v, 200)}" for k, v in fields.items())
+                return ", ".join(f"{k}={_brief(v)}" for k, v in fields.items())
             continue
         if key == "messages" and isinstance(value, list):
             users = [m for m in value if getattr(getattr(m, "role", None), "value", "") == "user"]
@@ -170,10 +172,18 @@ def input_text(arguments: dict[str, Any]) -> str:
         if hasattr(value, "role") and hasattr(value, "content"):
             return _content(value)
         return query_text(value)
-    for value in args.values():
-        if isinstance(value, str):
-            return value
-    return ""
+    texts = [value for value in args.values() if isinstance(value, str)]
+    return max(texts, key=len) if texts else ""  # (the longest: an id is rarely the input)
+
+
+def _brief(value: Any) -> str:
+    """A short, cheap rendering of a workflow input that is not text: scalars as they are,
+    anything else by type and size (never a repr of a whole document list)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    return f"<{type(value).__name__}>"
 
 
 def _event_fields(event: Any) -> dict[str, Any]:
