@@ -6,9 +6,9 @@ Runs a program that makes one MockLLM call, then works (sleeps) W seconds, then 
 time and exits: once uninstrumented, once with `import aim_llama.auto` (process writer, a
 local repo in a temporary directory). Reports, per W, the median time from that last line
 to the process's end, and of the whole program (start to end). The writer process starts
-when the program starts importing LlamaIndex and must start Python, import Aim, open the
-run, store and finalize it before the program may end; the program's own work overlaps
-with that. Set PYTHONPATH to another checkout's `src` to measure that code instead.
+at the first record and must start Python, import Aim, open the run, store and finalize it
+before the program may end; work done after the first record overlaps with that. Set
+PYTHONPATH to another checkout's `src` to measure that code instead.
 """
 
 from __future__ import annotations

@@ -78,14 +78,8 @@ def _instrument_now() -> None:
             return
     from . import autoinstrument
 
-    try:
-        autoinstrument.instrument()
-    finally:
-        active = autoinstrument._active
-        if active is None or getattr(active.settings, "writer", "process") != "process":
-            from .writer import discard_prestarted  # off, or the thread writer: not needed
-
-            discard_prestarted()
+    autoinstrument.instrument()
+    active = autoinstrument._active
     if active is not None and not getattr(active.settings, "propagate", True):
         strip_bootstrap_from_env()  # propagate = false (e.g. from TOML): children start plain
 
@@ -115,17 +109,7 @@ def activate() -> None:
         except BaseException:
             _activated_pid = 0
             raise
-    when_imported("llama_index.core", _instrument_now, on_begin=_prestart_writer)
-
-
-def _prestart_writer() -> None:
-    """LlamaIndex starts importing: start the writer process now, so that it imports Aim on
-    the other core meanwhile (see `writer.prestart`). Not for the thread writer."""
-    if os.environ.get("AIM_LLAMA_WRITER", "").strip().lower() == "thread":
-        return
-    from .writer import prestart
-
-    prestart()
+    when_imported("llama_index.core", _instrument_now)
 
 
 activate()

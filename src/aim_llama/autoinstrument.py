@@ -330,10 +330,6 @@ def uninstrument() -> None:
                 active.tee.uninstall()
             if active.pid == os.getpid():
                 active.writer.close()
-            with contextlib.suppress(Exception):
-                from .writer import discard_prestarted
-
-                discard_prestarted()  # never used: nothing was recorded
         finally:
             _closing = None
             try:

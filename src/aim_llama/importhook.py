@@ -54,11 +54,9 @@ class _NotifyingLoader:
 class PostImportFinder:
     """A `sys.meta_path` entry that watches for one module name and removes itself once it fired."""
 
-    def __init__(self, module_name: str, callback: Callable[[], None],
-                 on_begin: Callable[[], None] | None = None) -> None:
+    def __init__(self, module_name: str, callback: Callable[[], None]) -> None:
         self.module_name = module_name
         self.callback = callback
-        self.on_begin = on_begin
         self._busy = _local()
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
@@ -82,12 +80,6 @@ class PostImportFinder:
             return None
         remove(self)
         spec.loader = _NotifyingLoader(spec.loader, self.callback, self)
-        if self.on_begin is not None:
-            on_begin, self.on_begin = self.on_begin, None  # once, even if the import is retried
-            try:
-                on_begin()
-            except Exception:
-                pass
         return spec
 
 
@@ -123,16 +115,14 @@ def remove(finder: PostImportFinder) -> None:
         pass
 
 
-def when_imported(module_name: str, callback: Callable[[], None],
-                  on_begin: Callable[[], None] | None = None) -> PostImportFinder | None:
-    """Call `callback` now if `module_name` is imported, else right after it gets imported
-    (and `on_begin` as its import begins)."""
+def when_imported(module_name: str, callback: Callable[[], None]) -> PostImportFinder | None:
+    """Call `callback` now if `module_name` is imported, else right after it gets imported."""
     if module_name in sys.modules:
         callback()
         return None
     for finder in sys.meta_path:
         if isinstance(finder, PostImportFinder) and finder.module_name == module_name:
             return finder  # already waiting (one activation per process)
-    finder = PostImportFinder(module_name, callback, on_begin)
+    finder = PostImportFinder(module_name, callback)
     sys.meta_path.insert(0, finder)
     return finder

@@ -167,104 +167,6 @@ def _fd_id(fd: int) -> tuple[int, int] | None:
 _abandoned: list[Any] = []
 
 
-def spawn_writer_process() -> subprocess.Popen[bytes]:
-    """Start `python -m aim_llama.writer_process`; it waits for its `RunConfig` on stdin."""
-    env = dict(os.environ)
-    env["AIM_LLAMA_ENABLED"] = "false"  # the writer must never instrument itself
-    env["AIM_LLAMA_ROLE"] = "writer"
-    env.pop("__AIM_CLIENT_QUEUE_MAX_MEMORY__", None)  # breaks remote Runs (read as a string)
-    # The child must import this very copy of aim_llama, even if the app put it on sys.path
-    # by hand: put its parent directory first.
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
-    return subprocess.Popen(
-        [sys.executable, "-m", "aim_llama.writer_process"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=None,
-        bufsize=0,  # raw pipes: no buffered-reader lock a forked child could inherit held
-        env=env,
-        start_new_session=True,  # group signals (Ctrl-C, kill -TERM -pgid) go to the app only
-        close_fds=True,
-    )
-
-
-# A writer process started ahead of need (`prestart`): the pid of the process it belongs to,
-# the process, and when it was started.
-_prestarted: tuple[int, subprocess.Popen[bytes], float] | None = None
-_let_go: list[subprocess.Popen[bytes]] = []  # unused prestarted writers (they leave by themselves)
-
-
-def prestart_idle() -> float:
-    """Seconds a prestarted writer waits for its configuration before it leaves: a process
-    that imports LlamaIndex and records nothing for long (a pre-forking server's master) keeps
-    no idle writer (and Aim's ~100 MB) around. It is used only within two thirds of that
-    time. (`_AIM_LLAMA_PRESTART_IDLE` shortens it for tests.)"""
-    try:
-        return max(1.0, float(os.environ.get("_AIM_LLAMA_PRESTART_IDLE", "") or 30.0))
-    except ValueError:
-        return 30.0
-
-
-def prestart() -> None:
-    """Start a writer process now, before any record exists (called when the application starts
-    importing LlamaIndex): Python and Aim are then imported while LlamaIndex is, on the other
-    core, instead of after the first record — a short program no longer waits ~2 s at exit for
-    them. It waits for its `RunConfig`; unused, it leaves when its stdin closes (at the latest
-    when the application exits). Never raises."""
-    global _prestarted
-    if _prestarted is not None and _prestarted[0] == os.getpid():
-        return
-    try:
-        _prestarted = (os.getpid(), spawn_writer_process(), time.monotonic())
-    except Exception:
-        _prestarted = None
-
-
-def _take_prestarted() -> subprocess.Popen[bytes] | None:
-    """The prestarted writer process of this process, still alive, for its one and only use."""
-    global _prestarted
-    taken, _prestarted = _prestarted, None
-    if taken is None:
-        return None
-    pid, proc, started = taken
-    if (pid != os.getpid() or proc.poll() is not None
-            or time.monotonic() - started > prestart_idle() * 2 / 3):
-        _close_pipes(proc)
-        _let_go.append(proc)
-        return None
-    return proc
-
-
-def discard_prestarted() -> None:
-    """Let an unused prestarted writer process go (end of file before any `RunConfig`)."""
-    proc = _take_prestarted()
-    if proc is not None:
-        _close_pipes(proc)
-        _let_go.append(proc)  # it leaves by itself; never waited for (nor warned about)
-
-
-
-def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
-    for stream in (proc.stdin, proc.stdout):
-        with contextlib.suppress(Exception):
-            if stream is not None:
-                stream.close()  # raw pipes (bufsize=0): no lock a vanished thread may hold
-
-
-def _forget_prestarted_in_child() -> None:
-    """A forked child never uses its parent's prestarted writer: close its copies of the pipes,
-    so that the writer still sees end of file when the parent leaves."""
-    global _prestarted
-    taken, _prestarted = _prestarted, None
-    if taken is not None:
-        _close_pipes(taken[1])
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_prestarted_in_child)
-
-
 class ProcessBackend:
     """Feeds a writer process over its stdin and reads its acknowledgements from its stdout.
 
@@ -273,9 +175,25 @@ class ProcessBackend:
     shutdown, and a program may exit right after its first record.)
     """
 
-    def __init__(self, config: RunConfig, on_ack: Any, on_run: Any,
-                 proc: subprocess.Popen[bytes] | None = None) -> None:
-        self.proc = proc if proc is not None else spawn_writer_process()
+    def __init__(self, config: RunConfig, on_ack: Any, on_run: Any) -> None:
+        env = dict(os.environ)
+        env["AIM_LLAMA_ENABLED"] = "false"  # the writer must never instrument itself
+        env["AIM_LLAMA_ROLE"] = "writer"
+        env.pop("__AIM_CLIENT_QUEUE_MAX_MEMORY__", None)  # breaks remote Runs (read as a string)
+        # The child must import this very copy of aim_llama, even if the app put it on sys.path
+        # by hand: put its parent directory first.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aim_llama.writer_process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            bufsize=0,  # raw pipes: no buffered-reader lock a forked child could inherit held
+            env=env,
+            start_new_session=True,  # group signals (Ctrl-C, kill -TERM -pgid) go to the app only
+            close_fds=True,
+        )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._fd = self.proc.stdin.fileno()
         self._ack_fd = self.proc.stdout.fileno()
@@ -509,8 +427,7 @@ class Writer:
     def _make_backend(self) -> Backend:
         if self.backend_name == "process":
             try:
-                return ProcessBackend(self.config, self._ack, self._set_run,
-                                      _take_prestarted())
+                return ProcessBackend(self.config, self._ack, self._set_run)
             except Exception as exc:
                 warn_once(
                     "writer-process",

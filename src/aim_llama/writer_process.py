@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import queue
-import select
 import signal
 import sys
 import threading
@@ -93,14 +92,6 @@ class _Shutdown:
         return self.deadline - time.monotonic()
 
 
-def _import_aim() -> None:
-    """Import the parts of Aim the run needs (errors surface later, where the run is opened)."""
-    try:
-        import aim.sdk  # noqa: F401
-    except BaseException:
-        pass
-
-
 NICE = 10  # the writer (and the RocksDB threads it starts) yields the CPU to the application
 
 
@@ -125,25 +116,12 @@ def main() -> int:
     from .aimrun import RunConfig, RunSink
     from .log import logger as log  # importing it installs the stderr fallback
     from .records import Flush
-    from .writer import prestart_idle, read_frame
+    from .writer import read_frame
 
-    # Import Aim while waiting for the configuration: a prestarted writer (see
-    # `writer.prestart`) is ready by the time the application's first record comes.
-    importer = threading.Thread(target=_import_aim, name="aim-llama-import", daemon=True)
-    importer.start()
     stdin = os.fdopen(0, "rb", buffering=1 << 16)
-    try:
-        # A prestarted writer that is not needed soon leaves (see `writer.prestart_idle`).
-        ready, _, _ = select.select([0], [], [], prestart_idle())
-        config = read_frame(stdin) if ready else None
-    except Exception:
-        config = None
+    config = read_frame(stdin)
     if not isinstance(config, RunConfig):
-        # Never used (the application recorded nothing), or not talking our protocol: leave
-        # at once, without waiting for the import above.
-        sys.stderr.flush()
-        os._exit(0 if config is None else 2)
-    importer.join()  # one thread imports Aim at a time (concurrent imports may deadlock)
+        return 2
 
     channel = _Channel(ack_fd)
     sink = RunSink(config)
