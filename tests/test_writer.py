@@ -539,3 +539,45 @@ def test_an_app_that_closes_every_descriptor_gets_its_new_ones_untouched(run_py)
     assert len(lines) == 2 and all(ok == "True" and foreign == "0" for _, _, ok, foreign in lines)
     assert proc.stderr.count("the application closed aim-llama's pipes") == 1, proc.stderr
     assert "records could not be stored" in proc.stderr
+
+
+DROP_PRIVILEGES_APP = """
+import os, pickle, pwd, struct, sys, time
+import aim_llama, aim_llama.auto
+from llama_index.core.llms import MockLLM
+MockLLM(max_tokens=4).complete("as root")
+assert aim_llama.flush(60)  # the writer process runs, as root
+fd = aim_llama.autoinstrument._active.writer._backend._fd
+nobody = pwd.getpwnam("nobody")
+os.setgroups([]); os.setgid(nobody.pw_gid); os.setuid(nobody.pw_uid)
+# from here on, code running as nobody (an attacker in the app) writes to the writer's pipe
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {sys.argv[1]}",))
+data = pickle.dumps(Payload())
+os.write(fd, struct.pack(">I", len(data)) + data)
+time.sleep(2)
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0
+                    or not Path("/proc/self/status").exists(), reason="needs root and /proc")
+def test_a_root_writer_unpickles_nothing_once_the_app_dropped_privileges(repo, workdir,
+                                                                         tmp_path):
+    import pwd
+
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    marker = tmp_path / "pwned"
+    proc = subprocess.run([sys.executable, "-c", DROP_PRIVILEGES_APP, str(marker)], cwd=workdir,
+                          env=clean_env(AIM_REPO=str(repo), AIM_LLAMA_FLUSH_TIMEOUT="3"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
+    assert not marker.exists(), "the root writer ran code the unprivileged app sent"
+    assert "changed its user (it dropped root privileges)" in proc.stderr, proc.stderr
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["as root"]
+    assert run.end_time is not None  # the root writer finalized what it had

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .aimrun import RunConfig, RunSink, track_dropped
@@ -130,8 +131,12 @@ def write_until(fd: int, data: bytes, deadline: float) -> bool:
             os.set_blocking(fd, blocking)
 
 
-def read_frame(stream: Any) -> Any:
-    """Read one frame from a binary stream; None at end of file."""
+REFUSED = ("refused",)  # what `read_frame` returns for a frame its `trusted` check turned down
+
+
+def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
+    """Read one frame from a binary stream; None at end of file. With `trusted`, the frame is
+    unpickled only if it says yes (else `REFUSED`): unpickling runs code the sender chose."""
     header = _read_exact(stream, _HEADER.size)
     if len(header) < _HEADER.size:
         return None
@@ -139,6 +144,8 @@ def read_frame(stream: Any) -> Any:
     data = _read_exact(stream, size)
     if len(data) < size:
         return None
+    if trusted is not None and not trusted():
+        return REFUSED
     return loads_many(data)
 
 

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 POLL_INTERVAL = 0.25  # seconds between idle-time retries of an unreachable server
@@ -92,6 +93,37 @@ class _Shutdown:
         return self.deadline - time.monotonic()
 
 
+def _same_user_as_parent() -> Callable[[], bool] | None:
+    """For a writer running as root: a check that the application still runs as the users it
+    ran as when it started us. Records are pickles, and unpickling runs code the sender chose:
+    an application that dropped root privileges must not be able to run code as root through
+    us. None (no check) for any other writer, or where /proc cannot tell."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    status = f"/proc/{os.getppid()}/status"
+
+    def users() -> str | None:
+        try:
+            with open(status) as fh:
+                for line in fh:
+                    if line.startswith("Uid:"):
+                        return line
+        except OSError:
+            pass
+        return None  # gone: it may have dropped privileges, written, and died
+
+    started_as = users()
+    if started_as is None:
+        return None
+
+    def unchanged() -> bool:
+        # (a root writer therefore refuses what a program killed outright left in the pipe:
+        # at most a batch or two beyond what was already read)
+        return users() == started_as
+
+    return unchanged
+
+
 NICE = 10  # the writer (and the RocksDB threads it starts) yields the CPU to the application
 
 
@@ -116,10 +148,12 @@ def main() -> int:
     from .aimrun import RunConfig, RunSink
     from .log import logger as log  # importing it installs the stderr fallback
     from .records import Flush
-    from .writer import read_frame
+    from .writer import REFUSED, read_frame
 
     stdin = os.fdopen(0, "rb", buffering=1 << 16)
-    config = read_frame(stdin)
+    app_pid = os.getppid()
+    trusted = _same_user_as_parent()
+    config = read_frame(stdin, trusted)
     if not isinstance(config, RunConfig):
         return 2
 
@@ -142,8 +176,20 @@ def main() -> int:
     def reader() -> None:
         while True:
             try:
-                msg = read_frame(stdin)
+                msg = read_frame(stdin, trusted)
             except Exception:
+                msg = None
+            if msg == REFUSED:
+                if os.getppid() != app_pid:
+                    log.warning("the application (pid %d) is gone: records it left in the "
+                                "pipe are not read (a root writer unpickles only what the "
+                                "application sent while it still ran as its first user)",
+                                app_pid)
+                else:
+                    log.error("the application (pid %d) changed its user (it dropped root "
+                              "privileges): this writer, still root, takes no more records "
+                              "from it and finalizes the run; later records are not stored",
+                              app_pid)
                 msg = None
             if isinstance(msg, list):
                 n = sum(1 for r in msg if not isinstance(r, Flush))
