@@ -179,7 +179,7 @@ def main() -> int:
                 msg = read_frame(stdin, trusted)
             except Exception:
                 msg = None
-            if msg == REFUSED:
+            if msg is REFUSED:
                 if os.getppid() != app_pid:
                     log.warning("the application (pid %d) is gone: records it left in the "
                                 "pipe are not read (a root writer unpickles only what the "
