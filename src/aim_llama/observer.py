@@ -182,8 +182,9 @@ class _Call:
         self.start = start
         self.first: float | None = None
         self.last: Any = None
-        # a stream's chunks as the application read them (None: a chunk without a text delta)
-        self.deltas: list[str] | None = []
+        # a stream's chunks as the application read them: () before the first (no list for
+        # the calls that never stream), None after a chunk without a text delta
+        self.deltas: list[str] | tuple[()] | None = ()
         self.prompt: str | None = None
         self.messages: Any = None
         self.tools: list[str] = []
@@ -642,10 +643,12 @@ class Observer:
             deltas = call.deltas
             if deltas is not None:
                 delta = getattr(response, "delta", None)
-                if isinstance(delta, str):
+                if not isinstance(delta, str):
+                    call.deltas = None
+                elif isinstance(deltas, list):
                     deltas.append(delta)
                 else:
-                    call.deltas = None
+                    call.deltas = [delta]
             if call.root is not None:
                 call.root.last_seen = now
 
