@@ -1105,28 +1105,52 @@ def _follow_stream(result: Any, root: _Root,
     return True
 
 
+class _Follow:
+    """What following a sync and an async stream share: while an item is made, `span_enter`
+    learns which request it belongs to (`_awaiting`); the texts are kept to end a request that
+    no LLM call joined (LlamaIndex's "Empty Response" when nothing was retrieved)."""
+
+    __slots__ = ("ended", "root", "texts")
+
+    def __init__(self, root: _Root, ended: Callable[[_Root, str], None] | None) -> None:
+        self.root = root
+        self.ended = ended
+        self.texts: list[str] = []
+
+    def naming(self) -> contextvars.Token[_Root | None] | None:
+        return _awaiting.set(self.root) if self.root.hold else None
+
+    def named(self, token: contextvars.Token[_Root | None] | None) -> None:
+        if token is not None:
+            with contextlib.suppress(ValueError):  # (reset in another context)
+                _awaiting.reset(token)
+
+    def saw(self, item: Any) -> None:
+        if self.root.hold and isinstance(item, str) and len(self.texts) < 1000:
+            self.texts.append(item)
+
+    def ran_out(self) -> None:
+        if self.root.hold and self.ended is not None:
+            self.ended(self.root, "".join(self.texts))
+
+
 def _following(gen: Generator[Any, None, Any], root: _Root,
                ended: Callable[[_Root, str], None] | None = None
                ) -> Generator[Any, None, Any]:
     """`gen`, telling `span_enter` which request it belongs to while each item is made; and,
-    when it runs out without an LLM call having joined (LlamaIndex's "Empty Response" when
-    nothing was retrieved), ending the request with what it yielded."""
-    texts: list[str] = []
+    when it runs out without an LLM call having joined, ending the request (`_Follow`)."""
+    follow = _Follow(root, ended)
     try:
         while True:
-            token = _awaiting.set(root) if root.hold else None
+            token = follow.naming()
             try:
                 item = next(gen)
             except StopIteration as stop:
-                if root.hold and ended is not None:
-                    ended(root, "".join(texts))
+                follow.ran_out()
                 return stop.value
             finally:
-                if token is not None:
-                    with contextlib.suppress(ValueError):
-                        _awaiting.reset(token)
-            if root.hold and isinstance(item, str) and len(texts) < 1000:
-                texts.append(item)
+                follow.named(token)
+            follow.saw(item)
             yield item
     finally:
         gen.close()
@@ -1137,22 +1161,18 @@ async def _following_async(gen: AsyncGenerator[Any, None], root: _Root,
                            ) -> AsyncGenerator[Any, None]:
     """`_following` for an async generator: read in whichever task (a web framework's own,
     after other requests opened theirs), its LLM call still joins this request."""
-    texts: list[str] = []
+    follow = _Follow(root, ended)
     try:
         while True:
-            token = _awaiting.set(root) if root.hold else None
+            token = follow.naming()
             try:
                 item = await gen.__anext__()
             except StopAsyncIteration:
-                if root.hold and ended is not None:
-                    ended(root, "".join(texts))
+                follow.ran_out()
                 return
             finally:
-                if token is not None:
-                    with contextlib.suppress(ValueError):
-                        _awaiting.reset(token)
-            if root.hold and isinstance(item, str) and len(texts) < 1000:
-                texts.append(item)
+                follow.named(token)
+            follow.saw(item)
             yield item
     finally:
         await gen.aclose()
