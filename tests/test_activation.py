@@ -519,3 +519,38 @@ def test_instrument_accepts_a_path_and_rejects_non_utf8_names(run_py, repo, work
     assert "APP RAN False" in proc.stdout
     assert len(lines) == 1 and "invalid setting experiment (env AIM_EXPERIMENT=" in lines[0] \
         and "not UTF-8" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("how", ["exec", "spawn", "env"])
+def test_a_piped_config_reaches_the_launched_program_and_its_python_children(workdir, repo, how):
+    """`aim-llama run --config <(...)` (or `AIM_LLAMA_CONFIG=<(...)` beside a launcher that
+    reads it): the launcher reads the pipe, so the program, and the Python child it starts
+    (started with close_fds: the pipe is gone there), get its text from the environment;
+    before, both found the pipe empty and ran silently with the defaults."""
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    (workdir / "child.py").write_text(
+        "from llama_index.core.llms import MockLLM\nMockLLM(max_tokens=2).complete('child')\n")
+    (workdir / "parent.py").write_text(
+        "import subprocess, sys\nfrom llama_index.core.llms import MockLLM\n"
+        "MockLLM(max_tokens=2).complete('parent')\n"
+        "subprocess.run([sys.executable, 'child.py'], check=True)\nprint('PARENT DONE')\n")
+    pipe = "<(printf 'experiment = \"piped\"\\nqueue_size = 700\\n')"
+    launcher = f"{sys.executable} -m aim_llama run"
+    command = {
+        "exec": f"{launcher} --config {pipe} -- {sys.executable} parent.py",
+        "spawn": f"{launcher} --spawn --config {pipe} -- {sys.executable} parent.py",
+        "env": f"AIM_LLAMA_CONFIG={pipe} {launcher} -- {sys.executable} parent.py",
+    }[how]
+    proc = subprocess.run(["bash", "-c", command], cwd=workdir,
+                          env=clean_env(AIM_REPO=str(repo)), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "PARENT DONE" in proc.stdout, proc.stderr
+    assert "aim_llama" not in proc.stderr, proc.stderr
+    runs = read_all(repo, with_texts=False)
+    assert len(runs) == 2
+    assert sorted(run.experiment for run in runs) == ["piped", "piped"]
+    assert all(run.end_time is not None and not run.active for run in runs)

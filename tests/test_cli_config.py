@@ -23,7 +23,8 @@ def test_config_shows_values_and_sources(workdir: Path) -> None:
     proc = cli("config", cwd=workdir, AIM_REPO="aim://127.0.0.1:53800", AIM_LLAMA_QUEUE_SIZE="")
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
-    assert '"from-file"' in lines["experiment"] and "(aim_llama.toml: experiment)" in lines["experiment"]
+    assert '"from-file"' in lines["experiment"]
+    assert f"({workdir / 'aim_llama.toml'}: experiment)" in lines["experiment"]
     assert "(env AIM_REPO)" in lines["repo"]
     assert "(default)" in lines["queue_size"]  # empty env var = unset
     assert set(lines) == set(FIELDS)

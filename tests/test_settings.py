@@ -46,9 +46,10 @@ def test_precedence_kwargs_env_toml_pyproject(cwd: Path) -> None:
     loaded = load_settings({"system_tracking_interval": 2}, environ=env)
     s = loaded.settings
     assert s.system_tracking_interval == 2 and loaded.sources["system_tracking_interval"] == "instrument()"
-    assert s.experiment == "toml" and loaded.sources["experiment"] == "aim_llama.toml: experiment"
+    assert s.experiment == "toml"
+    assert loaded.sources["experiment"] == f"{Path.cwd() / 'aim_llama.toml'}: experiment"
     assert s.repo == "from-pyproject"
-    assert loaded.sources["repo"] == "pyproject.toml [tool.aim_llama]: repo"
+    assert loaded.sources["repo"] == f"{Path.cwd() / 'pyproject.toml'} [tool.aim_llama]: repo"
     assert s.queue_size == 1234
     env_only = load_settings(environ=env)
     assert env_only.settings.system_tracking_interval == 3
@@ -177,6 +178,17 @@ BAD: list[tuple[str, dict[str, str], dict[str, str], dict[str, object], list[str
      ["pyproject.toml: tool.aim_llama = 'on' is not a table"]),
     ("writer-choice", {"AIM_LLAMA_WRITER": "fork"}, {}, {},
      ["writer", "env AIM_LLAMA_WRITER='fork'", "process or thread"]),
+    ("run-params-reserved", {}, {"aim_llama.toml": "[run_params]\nllm_models = 5\n"}, {},
+     ["run_params", "'llm_models' is aim-llama's own run parameter"]),
+    ("env-unknown-prefix", {"AIM_LLAMA_REPO": "/tmp/x"}, {}, {},
+     ["unknown environment variable AIM_LLAMA_REPO", "did you mean AIM_REPO?"]),
+    ("env-unknown-typo", {"AIM_LLAMA_QUEUESIZE": "500"}, {}, {},
+     ["unknown environment variable AIM_LLAMA_QUEUESIZE", "did you mean AIM_LLAMA_QUEUE_SIZE?"]),
+    ("pyproject-dash-table", {}, {"pyproject.toml": "[tool.aim-llama]\nqueue_size = 500\n"}, {},
+     ["pyproject.toml: [tool.aim-llama] is not read", "[tool.aim_llama]"]),
+    ("pyproject-syntax-in-our-table", {},
+     {"pyproject.toml": "[tool.ruff]\nx = 1\n[tool.aim_llama]\nqueue_size = \n"}, {},
+     ["pyproject.toml [tool.aim_llama] is not valid TOML", "line 4"]),
     ("kwarg-unknown", {}, {}, {"experimant": "x"},
      ["instrument(): unknown setting 'experimant'", "did you mean 'experiment'"]),
     ("kwarg-bad-type", {}, {}, {"system_tracking_interval": "x"},
@@ -216,7 +228,7 @@ def test_a_table_comes_whole_from_its_highest_source(cwd: Path) -> None:
     assert loaded.sources["run_params"] == "instrument()"
     from_file = load_settings(environ={})
     assert from_file.settings.run_params == {"team": "search"}
-    assert from_file.sources["run_params"] == "aim_llama.toml: run_params"
+    assert from_file.sources["run_params"] == f"{Path.cwd() / 'aim_llama.toml'}: run_params"
     os.environ["AIM_LLAMA_QUEUE_SIZE"] = "400"  # the cwd fixture restores the environment
     try:
         assert load_settings(environ={}).settings.queue_size == 300
@@ -264,3 +276,47 @@ def test_a_huge_bad_value_is_cut_in_its_one_line(cwd: Path) -> None:
     message = str(info.value)
     assert "\n" not in message and len(message) < 600
     assert "AIM_LLAMA_QUEUE_SIZE='999zz" in message and "allowed:" in message
+
+
+def test_a_labelled_file_is_named_by_its_full_path(cwd: Path) -> None:
+    """A program that changes directory may read another directory's file: the error says which."""
+    (cwd / "aim_llama.toml").write_text("queue_size = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={})
+    assert f"({Path.cwd() / 'aim_llama.toml'}: queue_size = 5)" in str(info.value)
+
+
+def test_another_tools_broken_section_is_not_ours_to_judge(cwd: Path) -> None:
+    """pyproject.toml that depends on aim-llama but has a syntax error in [tool.ruff]: ignored,
+    not blamed on [tool.aim_llama]; the same file fixed is read as usual."""
+    broken = '[project]\nname = "app"\ndependencies = ["aim-llama>=0.1"]\n[tool.ruff]\nline-length = \n'
+    (cwd / "pyproject.toml").write_text(broken)
+    assert load_settings(environ={}).settings.queue_size == 50_000
+    (cwd / "pyproject.toml").write_text(broken.replace("line-length = ", "line-length = 99")
+                                        + "[tool.aim_llama]\nqueue_size = 700\n")
+    assert load_settings(environ={}).settings.queue_size == 700
+
+
+def test_a_byte_order_mark_is_read_past(cwd: Path) -> None:
+    (cwd / "aim_llama.toml").write_bytes(b"\xef\xbb\xbfqueue_size = 500\n")
+    assert load_settings(environ={}).settings.queue_size == 500
+
+
+def test_a_config_file_beyond_the_size_read_is_an_error_not_a_cut(cwd: Path) -> None:
+    (cwd / "aim_llama.toml").write_bytes(b"#" * 99 + b"\n" + (b"#" * 99 + b"\n") * 40_000
+                                         + b"queue_size = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={})
+    assert "larger than 4000 kB" in str(info.value) and "aim_llama.toml" in str(info.value)
+
+
+@pytest.mark.parametrize(("line", "expected"), [("strict = true", True), ("enabled = false", False)])
+def test_switches_count_in_a_file_with_a_syntax_error(cwd: Path, line: str, expected: bool) -> None:
+    """Strict mode and the kill switch are known even when another line breaks the TOML."""
+    from aim_llama.switches import switch
+
+    (cwd / "aim_llama.toml").write_text(f"{line}  # on purpose\nqueue_size = \n")
+    assert switch(line.split()[0], {}) is expected
+    (cwd / "pyproject.toml").write_text(f"[tool.aim_llama]\n{line}\nqueue_size = \n")
+    (cwd / "aim_llama.toml").unlink()
+    assert switch(line.split()[0], {}) is expected

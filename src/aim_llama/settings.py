@@ -29,7 +29,15 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
-from .switches import CONFIG_ENV, DEFAULT_TOML, PYPROJECT, read_config, settings_files
+from .switches import (
+    CONFIG_ENV,
+    CONFIG_TEXT_ENV,
+    DEFAULT_TOML,
+    decode,
+    inherited_text,
+    read_config,
+    settings_files,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,6 +48,10 @@ else:  # pragma: no cover
 # the model then reads no source of its own (pydantic-settings would read them all again and
 # deep-merge tables across sources).
 _GATHERED: contextvars.ContextVar[bool] = contextvars.ContextVar("aim_llama_gathered", default=False)
+# Run parameters aim-llama sets itself: a `run_params` key of these names would be overwritten.
+RESERVED_PARAMS = frozenset({"aim_llama", "llm_models"})
+# `AIM_LLAMA_*` variables that are not settings: set by aim-llama for its own processes.
+INTERNAL_ENV = frozenset({CONFIG_ENV, CONFIG_TEXT_ENV, "AIM_LLAMA_LAUNCHED", "AIM_LLAMA_ROLE"})
 MAX_SECONDS = 86_400  # a day: longer waits and intervals are mistakes (and overflow timeouts)
 
 # LlamaIndex's CBEventType values (llama_index.core.callbacks.schema). Kept here so that
@@ -312,6 +324,8 @@ class AimLlamaSettings(BaseSettings):
         for key in value:
             if not isinstance(key, str) or not key or key.startswith("__"):
                 raise ValueError(f"key {key!r} is not allowed (empty or starting with '__')")
+            if key in RESERVED_PARAMS:
+                raise ValueError(f"key {key!r} is aim-llama's own run parameter; use another name")
         _check_utf8(json.dumps(value, ensure_ascii=False, default=str))
         return value
 
@@ -476,7 +490,7 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
     try:
         if data is None:
             data = read_config(str(path))
-        doc: Any = tomllib.loads(data.decode("utf-8"))
+        doc: Any = tomllib.loads(decode(data))
     except PermissionError:
         raise ConfigError(
             f"cannot read config file {path}: permission denied; make it readable or set "
@@ -498,6 +512,7 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
             setting=".".join(table) or None,
             source=str(path),
         ) from None
+    root = doc
     for depth, part in enumerate(table):
         doc = doc.get(part, {})
         if not isinstance(doc, dict):
@@ -509,6 +524,13 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
                 source=str(path),
             )
     table_values: dict[str, Any] = doc
+    if table == ("tool", "aim_llama") and "aim-llama" in root.get("tool", {}):
+        raise ConfigError(
+            f"{path}: [tool.aim-llama] is not read; aim-llama's table is [tool.aim_llama] "
+            "(with an underscore)",
+            setting="tool.aim-llama",
+            source=str(path),
+        )
     unknown = [key for key in table_values if key not in FIELDS]
     if unknown:
         key = unknown[0]
@@ -548,30 +570,53 @@ def _exists(path: Path, explicit: bool) -> bool:
         ) from None
 
 
+_OUR_TABLE = re.compile(
+    rb"^[ \t]*(?:\[[ \t]*tool[ \t]*\.[ \t]*[\"']?aim[-_]llama|tool[ \t]*\.[ \t]*[\"']?aim[-_]llama)",
+    re.MULTILINE,
+)
+
+
+def _our_table(text: bytes) -> bool:
+    """Whether pyproject.toml's text has a line that opens or sets aim-llama's table."""
+    return _OUR_TABLE.search(text) is not None
+
+
+def _parses(text: bytes) -> bool:
+    try:
+        tomllib.loads(decode(text))
+    except Exception:
+        return False
+    return True
+
+
 def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(kind, label, values) of pyproject.toml's [tool.aim_llama] and the TOML file, lowest
     precedence first; any problem with them is a one-line ConfigError."""
     layers: list[tuple[str, str, dict[str, Any]]] = []
     toml_path, explicit, pyproject = config_file_path(env)
     if pyproject is not None and _exists(pyproject, False) and pyproject.is_file():
-        label = f"{PYPROJECT} [tool.aim_llama]"
+        label = f"{pyproject} [tool.aim_llama]"
         try:
             text = read_config(str(pyproject))
         except OSError:
             text = None  # reported below, by `_read_toml`
-        # A project file that never mentions aim-llama is not ours to judge, even if broken.
-        if text is None or b"aim_llama" in text or b"aim-llama" in text:
+        # A project file that never mentions aim-llama is not ours to judge, even if broken;
+        # nor is one whose syntax error we cannot tie to aim-llama's table.
+        if text is None or ((b"aim_llama" in text or b"aim-llama" in text)
+                            and (_our_table(text) or _parses(text))):
             data = _read_toml(pyproject, label, ("tool", "aim_llama"), str(pyproject), text)
             layers.append(("file", label, data))
 
-    if toml_path is not None and explicit and not _exists(toml_path, True):
+    if (toml_path is not None and explicit and not _exists(toml_path, True)
+            and inherited_text(str(toml_path), env) is None):
         raise ConfigError(
             f"config file {str(toml_path)!r} named by env {CONFIG_ENV} does not exist; "
             "point it at a readable TOML file or unset it",
             setting=CONFIG_ENV,
             source=f"env {CONFIG_ENV}",
         )
-    if toml_path is not None and _exists(toml_path, explicit):
+    if toml_path is not None and (_exists(toml_path, explicit)
+                                  or (explicit and inherited_text(str(toml_path), env) is not None)):
         if toml_path.is_dir():
             raise ConfigError(
                 f"config file {str(toml_path)!r} is a directory; {CONFIG_ENV} must name a "
@@ -582,7 +627,7 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
                 setting=CONFIG_ENV if explicit else DEFAULT_TOML,
                 source=f"env {CONFIG_ENV}" if explicit else str(toml_path),
             )
-        label = str(toml_path) if explicit else toml_path.name
+        label = str(toml_path)
         data = _read_toml(toml_path, label, (),
                           f"env {CONFIG_ENV}" if explicit else str(toml_path))
         layers.append(("file", label, _anchor_repo(data, toml_path)))
@@ -611,6 +656,7 @@ def load_settings(
     env = os.environ if environ is None else environ
     overrides = dict(overrides or {})
     layers = _file_layers(env)
+    _check_env_names(env)
     layers.append(("env", "env", ExactEnvSource(AimLlamaSettings, env)()))
 
     for key in overrides:
@@ -651,6 +697,29 @@ def load_settings(
         else:
             sources[name] = "default"
     return LoadedSettings(settings=settings, sources=sources)
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """An `AIM_LLAMA_*` variable that names no setting is a typo (`AIM_LLAMA_REPO` for
+    `AIM_REPO`, say): a one-line ConfigError, as an unknown key in a TOML file is."""
+    known = set(ENV_NAMES.values()) | INTERNAL_ENV
+    for name in env:
+        if not name.startswith("AIM_LLAMA_") or name in known:
+            continue
+        short = "AIM_" + name.removeprefix("AIM_LLAMA_")
+        if short in known:
+            hint = f"did you mean {short}? "
+        else:
+            close = difflib.get_close_matches(name, sorted(known - INTERNAL_ENV), n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]}? " if close else ""
+        listed = f"{', '.join(ENV_NAMES[f] for f in FIELDS)}, {CONFIG_ENV}"
+        raise ConfigError(
+            f"unknown environment variable {name}; "
+            + (f"{hint}(`aim-llama config` lists them all)" if hint
+               else f"aim-llama's variables: {listed}"),
+            setting=name,
+            source=f"env {name}",
+        )
 
 
 def _to_config_error(

@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any
 
 CONFIG_ENV = "AIM_LLAMA_CONFIG"
+# The text of a config that was a pipe (`AIM_LLAMA_CONFIG=<(...)`), for the processes started
+# after it was read: the launcher's command and the program's own Python children, which would
+# otherwise find the pipe empty (or closed) and run with the defaults.
+CONFIG_TEXT_ENV = "AIM_LLAMA_CONFIG_TEXT"
 DEFAULT_TOML = "aim_llama.toml"
 PYPROJECT = "pyproject.toml"
 ENV = {"enabled": "AIM_LLAMA_ENABLED", "strict": "AIM_LLAMA_STRICT",
@@ -98,22 +102,57 @@ def _files(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
 
 
 MAX_CONFIG_BYTES = 4_000_000
+MAX_PIPE_BYTES = 32_768  # a pipe's text travels on in the environment (one variable's limit: 128 KiB)
 PIPE_WAIT = 2.0  # seconds a config file that is a pipe may take to deliver its text
 # Config "files" that can be read only once (`AIM_LLAMA_CONFIG=<(...)`, a FIFO): their text,
 # so that the switches and full validation see the same settings.
 _once: dict[str, bytes | OSError] = {}
 
 
-def read_config(path: str) -> bytes:
-    """The bytes of a config file. A pipe or FIFO is read once per process (later calls get
-    the same text) without ever blocking for more than `PIPE_WAIT` seconds; OSError
-    (ETIMEDOUT when it gave nothing in time) as `open` would raise it."""
+def _too_big(limit: int, what: str) -> OSError:
+    import errno
+
+    return OSError(errno.EFBIG, f"{what} is larger than {limit // 1000} kB, the most aim-llama "
+                                "reads; keep only aim-llama's settings in it")
+
+
+def inherited_text(path: str, environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The text a parent read from the pipe that `AIM_LLAMA_CONFIG` names (see
+    `CONFIG_TEXT_ENV`); None when `path` is a regular file or no parent passed a text on."""
     import stat
 
+    env = os.environ if environ is None else environ
+    text = env.get(CONFIG_TEXT_ENV)
+    named = env.get(CONFIG_ENV, "").strip()
+    if text is None or not named:
+        return None
+    try:
+        if os.path.abspath(os.path.expanduser(named)) != os.path.abspath(path):
+            return None
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return None
+    except OSError:
+        pass  # the pipe is gone here (a child started with close_fds): the text stands for it
+    return text.encode("utf-8", "surrogateescape")
+
+
+def read_config(path: str) -> bytes:
+    """The bytes of a config file. A pipe or FIFO is read once per process (later calls get
+    the same text, and so do the processes started after: `CONFIG_TEXT_ENV`) without ever
+    blocking for more than `PIPE_WAIT` seconds; OSError (ETIMEDOUT when it gave nothing in
+    time, EFBIG beyond the size aim-llama reads) as `open` would raise it."""
+    import stat
+
+    inherited = inherited_text(path)
+    if inherited is not None:
+        return inherited
     mode = os.stat(path).st_mode
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         with open(path, "rb") as fh:
-            return fh.read(MAX_CONFIG_BYTES)
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise _too_big(MAX_CONFIG_BYTES, "the file")
+        return data
     key = os.path.abspath(path)
     if key in _once:
         known = _once[key]
@@ -129,7 +168,7 @@ def read_config(path: str) -> bytes:
     deadline = time.monotonic() + PIPE_WAIT
     try:
         size = 0
-        while size < MAX_CONFIG_BYTES:
+        while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 error = OSError(errno.ETIMEDOUT, f"no end of its text within {PIPE_WAIT:g}s "
@@ -144,30 +183,53 @@ def read_config(path: str) -> bytes:
                 break
             chunks.append(chunk)
             size += len(chunk)
+            if size > MAX_PIPE_BYTES:
+                _once[key] = error = _too_big(MAX_PIPE_BYTES, "a config given through a pipe")
+                raise error
     finally:
         os.close(fd)
     _once[key] = data = b"".join(chunks)
+    if os.path.abspath(os.path.expanduser(os.environ.get(CONFIG_ENV, "").strip() or ".")) == key:
+        # for this program's own Python children, which find the pipe empty or closed
+        os.environ[CONFIG_TEXT_ENV] = data.decode("utf-8", "surrogateescape")
     return data
 
 
+def pipe_text(path: str) -> str | None:
+    """The text this process read from the pipe at `path`, for a command it starts; None if
+    `path` was not read as a pipe here."""
+    known = _once.get(os.path.abspath(path))
+    return known.decode("utf-8", "surrogateescape") if isinstance(known, bytes) else None
+
+
+def decode(data: bytes) -> str:
+    """A config file's text: UTF-8, with the byte-order mark some editors write left out."""
+    return data.decode("utf-8-sig")
+
+
 def _peek(path: str, table: tuple[str, ...], key: str, quick: bool) -> tuple[bool, Any]:
-    """(found, value) of `key` in `path`'s `table`; (False, None) when absent or unreadable."""
+    """(found, value) of `key` in `path`'s `table`; (False, None) when absent or unreadable.
+    A file TOML cannot parse is read line by line: `strict = true` and the kill switch still
+    count in a file whose other lines are broken (full validation reports the syntax)."""
     try:
         data = read_config(path)
     except (OSError, ValueError):
         return False, None
     if key.encode() not in data or (table and table[-1].encode() not in data):
         return False, None
-    if quick and not _key_line(data, table, key):
+    line_value = _key_line(data, table, key)
+    if quick and line_value is None:
         return False, None
     try:
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # pragma: no cover
             import tomli as tomllib
-        doc: Any = tomllib.loads(data.decode("utf-8"))
+        doc: Any = tomllib.loads(decode(data))
     except Exception:
-        return False, None
+        if line_value is None:
+            return False, None
+        return True, line_value.split(b"#", 1)[0].strip().decode("utf-8", "replace")
     for part in table:
         doc = doc.get(part) if isinstance(doc, dict) else None
     if isinstance(doc, dict) and key in doc:
@@ -175,17 +237,20 @@ def _peek(path: str, table: tuple[str, ...], key: str, quick: bool) -> tuple[boo
     return False, None
 
 
-def _key_line(data: bytes, table: tuple[str, ...], key: str) -> bool:
-    """Whether a plain `key = ...` line stands under the `[table]` header (top level: `()`)."""
+def _key_line(data: bytes, table: tuple[str, ...], key: str) -> bytes | None:
+    """The raw value of a plain `key = ...` line under the `[table]` header (top level: `()`),
+    or None when there is no such line."""
     want = tuple(part.encode() for part in table)
     name = key.encode()
     header: tuple[bytes, ...] = ()
-    for raw in data.splitlines():
+    for raw in data.removeprefix(b"\xef\xbb\xbf").splitlines():
         line = raw.strip()
         if line.startswith(b"["):
             inner = line.lstrip(b"[")
             end = inner.find(b"]")
             header = tuple(p.strip().strip(b"\"'") for p in inner[: max(end, 0)].split(b"."))
-        elif header == want and line.startswith(name) and line[len(name):].lstrip()[:1] == b"=":
-            return True
-    return False
+        elif header == want and line.startswith(name):
+            rest = line[len(name):].lstrip()
+            if rest[:1] == b"=":
+                return rest[1:].strip()
+    return None

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ..switches import switch
+from ..switches import CONFIG_ENV, CONFIG_TEXT_ENV, pipe_text, read_config, switch
 from . import BOOTSTRAP_DIR
 
 PROPAGATE_ENV = "AIM_LLAMA_PROPAGATE"
@@ -171,12 +172,31 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
             env[var] = _absolute(env[var])
     if switch("propagate", env) is False:
         env[PROPAGATE_ENV] = "false"  # the bootstrap takes itself off PYTHONPATH for grandchildren
+    text = _pipe_config(env)
+    if text is not None:  # the command would find the pipe empty (or, spawned, closed)
+        env[CONFIG_TEXT_ENV] = text
     env["PYTHONPATH"] = prepend_bootstrap(env.get("PYTHONPATH"))
     # Only the command's own process may say that it cannot import aim_llama (see the bootstrap):
     # exec keeps the launcher's pid; a spawned command is the launcher's child.
     mode = "ppid" if getattr(args, "spawn", False) or os.name == "nt" else "pid"
     env[LAUNCHED_ENV] = f"{mode}={os.getpid()}"
     return env
+
+
+def _pipe_config(env: Mapping[str, str]) -> str | None:
+    """The text of the config file `env` names if it is a pipe (read here, once); None for a
+    regular file, none at all, or one that cannot be read (the command reports that)."""
+    named = env.get(CONFIG_ENV, "").strip()
+    if not named:
+        return None
+    path = os.path.expanduser(named)
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        read_config(path)
+    except (OSError, ValueError):
+        return None
+    return pipe_text(path)
 
 
 def _absolute(value: str) -> str:
