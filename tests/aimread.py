@@ -39,6 +39,11 @@ class RunData:
     texts: dict[tuple[str, tuple[tuple[str, Any], ...]], list[tuple[int, str]]] = field(
         default_factory=dict
     )
+    # (samples counted, (low, high)) per step: what Aim's distributions view draws
+    distributions: dict[tuple[str, tuple[tuple[str, Any], ...]],
+                        list[tuple[int, tuple[int, tuple[float, float]]]]] = field(
+        default_factory=dict
+    )
     logs: list[str] = field(default_factory=list)
 
     def metric(self, name: str, **context: Any) -> list[tuple[int, float]]:
@@ -47,8 +52,12 @@ class RunData:
     def text(self, name: str, **context: Any) -> list[tuple[int, str]]:
         return self.texts.get((name, tuple(sorted(context.items()))), [])
 
+    def distribution(self, name: str, **context: Any
+                     ) -> list[tuple[int, tuple[int, tuple[float, float]]]]:
+        return self.distributions.get((name, tuple(sorted(context.items()))), [])
+
     def sequences(self) -> set[tuple[str, tuple[tuple[str, Any], ...]]]:
-        return set(self.metrics) | set(self.texts)
+        return set(self.metrics) | set(self.texts) | set(self.distributions)
 
 
 def _index(repo: Any, run_hash: str) -> None:
@@ -99,6 +108,13 @@ def read_run(path: str | Path, run_hash: str, with_texts: bool = True) -> RunDat
                 item = value[0] if isinstance(value, list) else value
                 texts.append((int(step), str(getattr(item, "data", item))))
             data.texts[(seq.name, ctx)] = texts
+        for seq in repo.query_distributions(query, report_mode=0).iter():
+            ctx = tuple(sorted(seq.context.to_dict().items()))
+            steps, (values, _e, _t) = seq.data.items_list()
+            data.distributions[(seq.name, ctx)] = [
+                (int(step), (round(float(sum(d.weights))), tuple(d.range)))
+                for step, d in zip(steps, values, strict=False)
+            ]
     return data
 
 

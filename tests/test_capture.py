@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import sys
 import threading
 import time
@@ -107,9 +108,20 @@ def assert_llm_steps_line_up(run: RunData, n: int, source: str = "estimated") ->
         from llama_index.core import Settings
 
         prompts = dict(run.text("prompt", kind="llm"))
+        responses = dict(run.text("response", kind="llm"))
+        completion = dict(run.metric("completion_tokens", kind="llm", source="estimated"))
+        total = dict(run.metric("total_tokens", kind="llm", source="estimated"))
+        checked = 0
         for step, value in run.metric("prompt_tokens", kind="llm", source="estimated"):
-            if "[REDACTED]" not in prompts[step] and "[truncated" not in prompts[step]:
-                assert value == len(Settings.tokenizer(prompts[step])), step
+            texts = (prompts[step], responses[step])
+            if any("[REDACTED]" in t or "[truncated" in t for t in texts):
+                continue
+            assert value == len(Settings.tokenizer(prompts[step])), step
+            said = re.sub(r"\n\[(stream abandoned|error: \w+)\]$", "", responses[step])  # status
+            assert completion[step] == len(Settings.tokenizer(said)), step
+            assert total[step] == value + completion[step], step
+            checked += 1
+        assert checked, "no step whose texts were stored whole"
 
 
 # -- index, query, streaming ------------------------------------------------------------
@@ -154,6 +166,12 @@ def test_query_sync_exactly_once_steps_and_trace(repo: Path) -> None:
     # each request's latency spans its LLM call (sequential queries: step i is query i's call)
     assert all(q > m > 0 for q, m in zip(query_latency, llm_latency, strict=True))
     assert [v for _, v in run.metric("retrieved_nodes", kind="retrieve")] == [2.0] * 3
+    # each retrieval's two scores, as Aim's distributions view shows them, around its top score
+    scores = run.distribution("retrieval_scores", kind="retrieve")
+    assert [(step, count) for step, (count, _) in scores] == [(0, 2), (1, 2), (2, 2)]
+    for (_, (_, (low, high))), (_, top) in zip(scores, run.metric("top_score", kind="retrieve"),
+                                               strict=True):
+        assert low <= top <= high + 1e-9
     retrieved = run.text("retrieved", kind="retrieve")
     assert retrieved[0][1].startswith(f"query: {QUESTIONS[0]}\n1. ")
     tr = traces(run, "query")
@@ -313,6 +331,7 @@ def test_async_streams_read_in_another_task_or_later_join_their_own_requests(
     assert [answers[i] for i in range(3)] == consumed
     for i in range(3):
         assert QUESTIONS[i] in answers[i]
+    assert len(traces(run, "query")) == 3
     for trace in traces(run, "query"):
         assert "llm calls 1 " in trace
     assert_llm_steps_line_up(run, 3)
@@ -342,6 +361,7 @@ def test_async_streams_closed_after_one_chunk_leave_nothing_behind(repo: Path) -
         assert asyncio.run(main()) == {"spans": 0, "roots": 0, "calls": 0, "timed": 0}
     run = only_run(repo)  # (each ends when its stream is closed, in the event loop's order)
     assert sorted(q for _, q in run.text("question", kind="query")) == sorted(QUESTIONS)
+    assert len(traces(run, "query")) == len(QUESTIONS)
     assert all("llm calls 1 " in t for t in traces(run, "query"))
 
 
@@ -840,6 +860,7 @@ def test_a_request_whose_stream_fails_as_it_is_read_failed(repo: Path) -> None:
         (trace,) = traces(run, kind)
         assert "· error RuntimeError ·" in trace.splitlines()[1], trace
         assert not run.text("answer", kind=kind)
+    assert len(run.text("response", kind="llm")) == 2
     assert all(r.endswith("[error: RuntimeError]") for _, r in run.text("response", kind="llm"))
 
 
@@ -1075,6 +1096,26 @@ def test_sample_rate_zero_keeps_counters(repo: Path) -> None:
     assert len(run.metric("retrieved_nodes", kind="retrieve")) == 3
 
 
+def test_sample_rate_half_samples_whole_requests(repo: Path) -> None:
+    """About half the requests keep their texts; a sampled request keeps all of them (question,
+    prompt, retrieved nodes, answer, trace), an unsampled one none; every request is counted."""
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo, sample_rate=0.5):
+        for i in range(40):
+            engine.query(f"question number {i}")
+    run = only_run(repo)
+    questions = [t for _, t in run.text("question", kind="query")]
+    assert 6 <= len(questions) <= 34, len(questions)  # Binomial(40, 0.5): outside, p < 1e-5
+    asked = {q.rsplit(" ", 1)[1] for q in questions}
+    prompted = {re.search(r"question number (\d+)", t).group(1)  # type: ignore[union-attr]
+                for _, t in run.text("prompt", kind="llm")}
+    assert prompted == asked
+    for name, kind in (("answer", "query"), ("retrieved", "retrieve"), ("trace", "query")):
+        assert len(run.text(name, kind=kind)) == len(questions), name
+    assert len(run.metric("latency_ms", kind="query")) == 40
+    assert len(run.metric("latency_ms", kind="llm")) == 40
+
+
 def test_ignore_lists_suppress_dispatcher_data(repo: Path) -> None:
     engine = _index().as_query_engine(similarity_top_k=2)
     # (RuleLLM: MockLLM's last streamed chunk lags its deltas by one word)
@@ -1149,6 +1190,7 @@ def test_a_failure_recording_an_llm_call_does_not_hold_up_its_request(
     # each request is complete when its query returns, not left waiting for an LLM call whose
     # records failed (it would be written as incomplete at the end, or expire after 30 min)
     assert [t for _, t in run.text("question", kind="query")] == QUESTIONS[:3]
+    assert len(traces(run, "query")) == 3
     for trace in traces(run, "query"):
         assert " ok " in trace.splitlines()[1] and "incomplete" not in trace, trace
 

@@ -39,3 +39,51 @@ def test_terminal_output_is_stored_with_secrets_redacted(run_py, repo):
     assert "debug: key [REDACTED] ssn [REDACTED]" in lines
     assert "plain line" in lines
     assert not any("ABCDEFGH" in line or "6789" in line for line in lines)
+
+
+def test_terminal_logs_keep_stderr_progress_lines_and_an_unfinished_last_line(run_py, repo):
+    """Both streams are copied; a `\\r`-rewritten progress line is stored as it ended; the last
+    line, written without a newline just before exit, is not lost."""
+    from aimread import terminal_lines
+
+    run_py(
+        """
+        import sys
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=2).complete("hi")
+        print("to stderr", file=sys.stderr, flush=True)
+        sys.stdout.write("progress 10%\\rprogress 100%\\n")
+        sys.stdout.write("last words, no newline")
+        sys.stdout.flush()
+        """,
+    )
+    lines = terminal_lines(repo, only_run(repo).hash)
+    assert "to stderr" in lines
+    assert "progress 100%" in lines and not any("10%" in line for line in lines)
+    assert lines[-1] == "last words, no newline"
+
+
+def test_system_metrics_describe_the_application_process(run_py, repo):
+    """On by default (every second): CPU and memory of the application's process, not of the
+    writer process that stores them. The app holds ~1 GB; the writer holds ~0.2 GB."""
+    import psutil
+
+    run_py(
+        """
+        import time
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=2).complete("hi")
+        ballast = b"x" * 1_000_000_000
+        time.sleep(3.5)
+        """,
+        env={"AIM_SYSTEM_TRACKING_INTERVAL": "1"},
+    )
+    run = only_run(repo)
+    names = {name for name, _ in run.metrics}
+    assert {"__system__cpu", "__system__p_memory_percent"} <= names, names
+    memory = [v for _, v in run.metric("__system__p_memory_percent")]
+    assert len(memory) >= 2
+    held = max(memory) / 100 * psutil.virtual_memory().total
+    assert held > 0.9e9, held

@@ -696,7 +696,11 @@ class Writer:
             # then finalizes what it stored and counts the rest.
             self._backend.sink.abort = True
             thread.join(max(0.05, deadline - time.monotonic()))
-            if not thread.is_alive():
+            if not thread.is_alive() and self._backend.sink.address is not None and not self.queued:
+                # It left a server it had been waiting for, in time: as when given up on
+                # below, the sink has reported that server and this is its loss, not a timeout.
+                given_up = True
+            elif not thread.is_alive():
                 pending += self._backend.sink.lost
             elif self._backend.sink.address is not None:
                 # Still waiting for a server: what it holds is lost with the process; the sink
