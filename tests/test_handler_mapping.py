@@ -9,7 +9,7 @@ from llama_index.core.callbacks.schema import CBEventType, EventPayload
 
 from aim_llama.handler import AimLlamaHandler, records_for_end
 from aim_llama.log import reset_reported
-from aim_llama.records import Track
+from aim_llama.records import LogError, Track
 
 
 class Unprintable:
@@ -45,12 +45,21 @@ def test_a_failure_inside_the_handler_is_contained_logged_once_and_counted(
     assert counts == [1, 2, 3]
 
 
-def test_llm_exception_payload_becomes_an_error_record_not_a_key_error() -> None:
-    steps = iter(range(10))
+def test_an_exception_in_a_payload_becomes_an_error_record_not_a_chunk() -> None:
     records = records_for_end(
-        CBEventType.LLM, {EventPayload.EXCEPTION: RuntimeError("model down")}, 5.0,
-        lambda: next(steps),
+        CBEventType.CHUNKING, {EventPayload.EXCEPTION: RuntimeError("splitter broke")}, 5.0,
     )
     names = [getattr(r, "name", type(r).__name__) for r in records]
-    assert "errors" in names and "LogError" in names
-    assert not any(getattr(r, "name", "") == "response" for r in records)
+    assert names == ["errors", "LogError"]  # and no latency: chunking has none
+    (error,) = [r for r in records if isinstance(r, LogError)]
+    assert error.details["operation"] == "chunking" and "splitter broke" in str(error.error)
+
+
+def test_only_event_types_the_dispatcher_does_not_record_reach_the_handler() -> None:
+    """LLM calls, retrievals … are the dispatcher's: LlamaIndex never calls the handler for
+    them (its ignore lists), so nothing is recorded twice."""
+    handler = AimLlamaHandler(lambda r: None)
+    for kind in ("llm", "embedding", "retrieve", "query", "exception"):
+        assert CBEventType(kind) in handler.event_starts_to_ignore
+        assert CBEventType(kind) in handler.event_ends_to_ignore
+    assert CBEventType.CHUNKING not in handler.event_ends_to_ignore

@@ -233,7 +233,7 @@ def _activate(settings: Any) -> _Active:
 
     from . import dispatcher
     from .content import ContentPolicy
-    from .handler import DISPATCHER_OWNED, AimLlamaHandler
+    from .handler import AimLlamaHandler
     from .lifecycle import SignalChain, TerminalTee
     from .records import TerminalOutput
 
@@ -257,7 +257,6 @@ def _activate(settings: Any) -> _Active:
         writer.submit,
         event_starts_to_ignore=settings.event_starts_to_ignore,
         event_ends_to_ignore=settings.event_ends_to_ignore,
-        skip_kinds=DISPATCHER_OWNED,
         policy=ContentPolicy.from_settings(settings),
         submit_many=writer.submit_many,
     )

@@ -59,38 +59,6 @@ def _ctx(kind: str) -> dict[str, Any]:
     return {"kind": kind}
 
 
-def render_messages(messages: Iterable[Any]) -> str:
-    """Chat messages as `role: content` lines (tool calls included by LlamaIndex's own str())."""
-    lines = []
-    for message in messages:
-        role = getattr(getattr(message, "role", None), "value", None)
-        content = getattr(message, "content", None)
-        if role is not None and content is not None:
-            lines.append(f"{role}: {content}")
-        else:
-            lines.append(str(message))
-    return "\n".join(lines)
-
-
-def response_text(response: Any) -> str:
-    """The text of a CompletionResponse / ChatResponse / Response, without consuming streams."""
-    if response is None:
-        return ""
-    text = getattr(response, "text", None)
-    if isinstance(text, str):
-        return text
-    message = getattr(response, "message", None)
-    if message is not None:
-        content = getattr(message, "content", None)
-        return content if isinstance(content, str) else str(message)
-    inner = getattr(response, "response", None)
-    if isinstance(inner, str):
-        return inner
-    if hasattr(response, "response_gen"):  # a streaming response: never str() it
-        return ""
-    return str(response)
-
-
 def error_records(kind: str, exc: BaseException, step: int | None = None) -> list[Record]:
     """An `errors` count for the kind plus a Logs-tab entry naming operation, type and message."""
     return [
@@ -103,68 +71,25 @@ def error_records(kind: str, exc: BaseException, step: int | None = None) -> lis
     ]
 
 
-_LLM = CBEventType.LLM.value
 _CHUNKING = CBEventType.CHUNKING.value
-_EMBEDDING = CBEventType.EMBEDDING.value
-_RETRIEVE = CBEventType.RETRIEVE.value
-_QUERY = CBEventType.QUERY.value
 
 
 def records_for_end(
-    event_type: str,
-    payload: dict[str, Any] | None,
-    latency_ms: float | None,
-    llm_step: Callable[[], int],
-    start_payload: dict[str, Any] | None = None,
+    event_type: str, payload: dict[str, Any] | None, latency_ms: float | None
 ) -> list[Record]:
-    """Map one finished callback event to records. Pure: no I/O, no Aim."""
+    """Map one finished callback event to records. Pure: no I/O, no Aim.
+
+    Only the event types the dispatcher does not record reach here (`DISPATCHER_OWNED`):
+    chunking texts, other steps' latency, and an exception a payload carries."""
     payload = payload or {}
     kind = str(getattr(event_type, "value", event_type))
     exc = payload.get(EventPayload.EXCEPTION)
     out: list[Record] = []
-    if kind == _LLM:
-        step = llm_step()
-        if isinstance(exc, BaseException):
-            out.extend(error_records(kind, exc, step))
-        else:
-            if EventPayload.PROMPT in payload:
-                prompt = str(payload[EventPayload.PROMPT])
-                completion = response_text(payload.get(EventPayload.COMPLETION))
-            else:
-                messages = payload.get(EventPayload.MESSAGES) or []
-                prompt = render_messages(messages)
-                completion = response_text(payload.get(EventPayload.RESPONSE))
-            out.append(Track("prompt", prompt, "text", _ctx(kind), step))
-            out.append(Track("response", completion, "text", _ctx(kind), step))
-        if latency_ms is not None:
-            out.append(Track("latency_ms", latency_ms, "metric", _ctx(kind), step))
-        return out
-
     if isinstance(exc, BaseException):
         out.extend(error_records(kind, exc))
     elif kind == _CHUNKING:
         for chunk in payload.get(EventPayload.CHUNKS) or []:
             out.append(Track("chunk", str(chunk), "text", _ctx(kind)))
-    elif kind == _EMBEDDING:
-        chunks = payload.get(EventPayload.CHUNKS)
-        if chunks is not None:
-            out.append(Track("embedded_texts", len(chunks), "metric", _ctx(kind)))
-    elif kind == _RETRIEVE:
-        nodes = payload.get(EventPayload.NODES)
-        if nodes is not None:
-            out.append(Track("retrieved_nodes", len(nodes), "metric", _ctx(kind)))
-            scores = [n.score for n in nodes if getattr(n, "score", None) is not None]
-            if scores:
-                out.append(Track("top_score", float(max(scores)), "metric", _ctx(kind)))
-    elif kind == _QUERY:
-        question = (start_payload or {}).get(EventPayload.QUERY_STR)
-        if question is not None:
-            out.append(Track("question", str(question), "text", _ctx(kind)))
-        response = payload.get(EventPayload.RESPONSE)
-        if response is not None:
-            answer = response_text(response)
-            if answer:
-                out.append(Track("answer", answer, "text", _ctx(kind)))
     if latency_ms is not None and kind not in NO_LATENCY:
         out.append(Track("latency_ms", latency_ms, "metric", _ctx(kind)))
     return out
@@ -174,9 +99,9 @@ class AimLlamaHandler(BaseCallbackHandler):
     """A LlamaIndex callback handler that turns events into records for the Aim writer.
 
     It never raises into the application: a failure inside it is logged once per kind and
-    counted (`handler_errors`), and the event is skipped. `skip_kinds` names event types another
-    channel records (the dispatcher): they join LlamaIndex's ignore lists, which the
-    CallbackManager checks before calling; `policy` redacts, truncates or drops every text.
+    counted (`handler_errors`), and the event is skipped. The event types the dispatcher
+    records (`DISPATCHER_OWNED`) join LlamaIndex's ignore lists, which the CallbackManager
+    checks before calling; `policy` redacts, truncates or drops every text.
     """
 
     def __init__(
@@ -185,11 +110,10 @@ class AimLlamaHandler(BaseCallbackHandler):
         event_starts_to_ignore: list[str] | None = None,
         event_ends_to_ignore: list[str] | None = None,
         *,
-        skip_kinds: frozenset[str] | set[str] = frozenset(),
         policy: ContentPolicy | None = None,
         submit_many: SubmitMany | None = None,
     ) -> None:
-        skipped = [e for e in CBEventType if e.value in skip_kinds]
+        skipped = [e for e in CBEventType if e.value in DISPATCHER_OWNED]
         # LlamaIndex checks these lists before calling us: event types another channel records,
         # and those that never yield a record here, cost no Python call at all (~12 per query).
         # A type named in either of the user's lists is not recorded at all (as on the
@@ -203,10 +127,8 @@ class AimLlamaHandler(BaseCallbackHandler):
         self.submit = submit
         self.submit_many: SubmitMany = submit_many or self._one_by_one
         self.handler_errors = 0
-        self._open: dict[str, tuple[float, dict[str, Any] | None]] = {}
-        self._llm_steps = itertools.count()
+        self._open: dict[str, float] = {}
         self._lock = threading.Lock()
-        self.skip_kinds = frozenset(skip_kinds)
         self.policy = policy or ContentPolicy()
         self.observer: Any = None  # the dispatcher observer registered alongside, if any
 
@@ -214,9 +136,6 @@ class AimLlamaHandler(BaseCallbackHandler):
         submit = self.submit
         for record in records:
             submit(record)
-
-    def _next_llm_step(self) -> int:
-        return next(self._llm_steps)
 
     def on_event_start(
         self,
@@ -226,17 +145,14 @@ class AimLlamaHandler(BaseCallbackHandler):
         parent_id: str = "",
         **kwargs: Any,
     ) -> str:
-        """Remember when the event started (and the query text, for QUERY events)."""
+        """Remember when the event started (for its latency)."""
         try:
-            keep: dict[str, Any] | None = None
-            if event_type == CBEventType.QUERY and payload:
-                keep = {EventPayload.QUERY_STR: payload.get(EventPayload.QUERY_STR)}
             opened = self._open
             if len(opened) >= MAX_OPEN_EVENTS:
                 with self._lock:
                     for key in list(itertools.islice(opened, MAX_OPEN_EVENTS // 10)):
                         opened.pop(key, None)
-            opened[event_id] = (time.perf_counter(), keep)
+            opened[event_id] = time.perf_counter()
         except Exception as exc:
             self._failed("start", event_type, exc)
         return event_id
@@ -257,18 +173,12 @@ class AimLlamaHandler(BaseCallbackHandler):
                 self._open.pop(event_id, None)
                 return
             started = self._open.pop(event_id, None)
-            latency = None
-            start_payload = None
-            if started is not None:
-                latency = (time.perf_counter() - started[0]) * 1000.0
-                start_payload = started[1]
+            latency = None if started is None else (time.perf_counter() - started) * 1000.0
             policy = self.policy
             observer = self.observer
             sampled = observer is None or policy.sample_rate >= 1.0 or observer.current_sampled()
             out: list[Record] = []
-            for record in records_for_end(
-                event_type, payload, latency, self._next_llm_step, start_payload
-            ):
+            for record in records_for_end(event_type, payload, latency):
                 if isinstance(record, Track) and record.kind == "text":
                     text = policy.text(record.value) if sampled else None
                     if text is None:
