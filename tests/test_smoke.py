@@ -87,3 +87,33 @@ def test_system_metrics_describe_the_application_process(run_py, repo):
     assert len(memory) >= 2
     held = max(memory) / 100 * psutil.virtual_memory().total
     assert held > 0.9e9, held
+
+
+def test_the_app_never_waits_for_its_writer_to_start(run_py, repo, tmp_path):
+    """The writer process starts at the first record and needs Python, Aim and the run before it
+    stores anything; here its start is made 6 s slower (a `sitecustomize` it inherits sleeps
+    when it is the writer). The application's calls do not wait for it; at exit everything is
+    stored within the flush timeout."""
+    slow = tmp_path / "slowwriter"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('AIM_LLAMA_ROLE') == 'writer':\n    time.sleep(6)\n")
+    proc = run_py(
+        """
+        import time
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=3)
+        llm.complete("warm up LlamaIndex's lazy imports")
+        t0 = time.perf_counter()
+        for i in range(20):
+            llm.complete(f"call {i}")
+        print(f"CALLS TOOK {time.perf_counter() - t0:.3f}", flush=True)
+        """,
+        env={"PYTHONPATH": str(slow), "AIM_LLAMA_FLUSH_TIMEOUT": "30"},
+    )
+    took = float(proc.stdout.split("CALLS TOOK ")[1].split()[0])
+    assert took < 3.0, took  # a writer that made the app wait would cost it 6 s or more
+    run = only_run(repo)
+    assert len(run.text("prompt", kind="llm")) == 21
+    assert run.end_time is not None and not run.active
