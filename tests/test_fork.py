@@ -279,3 +279,58 @@ def test_fork_workers_that_import_llamaindex_themselves_keep_every_record(workdi
     assert len(embedded) == 20
     assert {r.params["aim_llama"]["role"] for r in runs} == {"fork-child"}
     assert_finalized(runs)
+
+
+def test_a_fork_right_after_the_first_record_does_not_stall_the_writer(workdir, repo):
+    """The first record starts the writer process on aim-llama's thread; a pool forked in that
+    moment used to inherit `Popen`'s error pipe, and Popen then waited for the pool's workers
+    to exit: nothing of the parent was stored while the pool lived (5 of 12 runs). Forks now
+    wait for the start (milliseconds). Four writers, each raced by a pool."""
+    proc = run_app(workdir, repo, """
+        import multiprocessing as mp
+        import aim_llama
+        from llama_index.core.llms import MockLLM
+
+        def square(i):
+            return i * i
+
+        if __name__ == "__main__":
+            llm = MockLLM(max_tokens=3)
+            for round_ in range(4):
+                aim_llama.instrument()
+                llm.complete(f"first of round {round_}")
+                pool = mp.get_context("fork").Pool(2)
+                pool.map(square, range(4))
+                for i in range(20):
+                    llm.complete(f"round {round_} call {i}")
+                print("FLUSHED", aim_llama.flush(timeout=6), flush=True)
+                pool.close()
+                pool.join()
+                aim_llama.uninstrument()
+        """, launcher=False)
+    assert proc.stdout.count("FLUSHED True") == 4, proc.stdout + proc.stderr
+    runs = read_all(repo, with_texts=False)
+    assert len(runs) == 4 and all(r.end_time is not None for r in runs)
+
+
+def test_a_fork_child_keeps_the_apps_sigterm_until_it_records(workdir, repo):
+    """A Python-level SIGTERM handler in a pool worker blocked on a lock can miss
+    `Pool.terminate()`'s SIGTERM (CPython's race) and hang the pool: a fork child that has
+    recorded nothing has nothing to flush, so it keeps the application's own disposition."""
+    proc = run_app(workdir, repo, """
+        import os, signal
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+
+        MockLLM(max_tokens=3).complete("parent")
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the parent flushes
+        pid = os.fork()
+        if pid == 0:
+            before = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            MockLLM(max_tokens=3).complete("child")
+            after = signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            print("CHILD", before, after, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """, launcher=False)
+    assert "CHILD True True" in proc.stdout, proc.stdout + proc.stderr

@@ -581,3 +581,54 @@ def test_a_root_writer_unpickles_nothing_once_the_app_dropped_privileges(repo, w
     run = only_run(repo)
     assert [t for _, t in run.text("prompt", kind="llm")] == ["as root"]
     assert run.end_time is not None  # the root writer finalized what it had
+
+
+def test_a_startup_banner_on_stdout_does_not_break_the_writers_replies(run_py, repo, tmp_path):
+    """A `sitecustomize.py` (or `.pth`) that prints runs in the writer process too, before it
+    can keep its stdout private: the banner is skipped, never read as a reply (before, every
+    flush waited out its timeout and the exit reported a false loss)."""
+    site = tmp_path / "banner"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("print('Welcome to this machine!')\n")
+    proc = run_py(
+        """
+        import time
+        import aim_llama
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        for i in range(20):
+            MockLLM(max_tokens=3).complete(f"call {i}")
+        started = time.monotonic()
+        print("FLUSHED", aim_llama.flush(timeout=8), round(time.monotonic() - started, 2),
+              aim_llama.current_run_hash() is not None, flush=True)
+        """,
+        env={"PYTHONPATH": str(site)},
+    )
+    flushed = proc.stdout.split("FLUSHED ")[1].split()
+    assert flushed[0] == "True" and flushed[2] == "True", proc.stdout + proc.stderr
+    assert "not stored" not in proc.stderr and "unexpectedly" not in proc.stderr, proc.stderr
+    run = only_run(repo)
+    assert len(run.text("prompt", kind="llm")) == 20 and run.end_time is not None
+
+
+def test_an_apps_own_ctrl_c_handler_runs_at_once(run_py):
+    """The app's SIGINT handler is its own business: no flush before it (with a server that
+    is unreachable, that flush held every Ctrl-C for the whole flush timeout)."""
+    proc = run_py(
+        """
+        import os, signal, time
+        got = []
+        signal.signal(signal.SIGINT, lambda s, f: got.append(time.monotonic()))
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        for i in range(3):
+            MockLLM(max_tokens=3).complete(f"call {i}")
+        sent = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        print("HANDLED AFTER", round(got[0] - sent, 3), flush=True)
+        """,
+        env={"AIM_REPO": "aim://127.0.0.1:9", "AIM_LLAMA_FLUSH_TIMEOUT": "3"},
+        use_repo=False,
+    )
+    assert float(proc.stdout.split("HANDLED AFTER ")[1].split()[0]) < 0.5, proc.stdout

@@ -81,7 +81,8 @@ def sigpipe_as_error() -> Iterator[None]:
 
 
 class SignalChain:
-    """Installs a flush-then-chain handler for SIGTERM (and SIGINT when it has no Python handler)."""
+    """Installs a flush-then-chain handler for SIGTERM (and SIGINT when it has no Python handler:
+    set to SIG_DFL, the process would die without its atexit flush)."""
 
     def __init__(self, on_signal: Callable[[int], bool | None]) -> None:
         self._on_signal = on_signal
@@ -96,8 +97,13 @@ class SignalChain:
             current = signal.getsignal(signum)
             if current is signal.SIG_IGN or current is None:
                 continue  # the app wants it ignored, or a non-Python handler owns it
-            if signum == signal.SIGINT and current is signal.default_int_handler:
-                continue  # KeyboardInterrupt unwinds normally; the atexit flush covers it
+            if signum == signal.SIGINT and current is not signal.SIG_DFL:
+                # KeyboardInterrupt unwinds normally and the atexit flush covers it; an app's
+                # own Ctrl-C handler runs at once (a flush first would hold it up to the flush
+                # timeout), and if it exits, the atexit flush covers that too.
+                continue
+            if signal.getsignal(signum) == self._handle:
+                continue  # installed already (a forked child that starts to record)
             self._previous[signum] = current
             signal.signal(signum, self._handle)
         return bool(self._previous)

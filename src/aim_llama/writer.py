@@ -50,6 +50,10 @@ BATCH_INTERVAL = 0.05
 MAX_RESTARTS = 3
 MAX_BATCH = 2_000  # chunks (submit calls) per batch sent to the backend
 _HEADER = struct.Struct(">I")
+# Written by the writer process before its first acknowledgement: what its interpreter start-up
+# printed on stdout before that (a `sitecustomize.py`, `usercustomize.py` or `.pth` banner) is
+# skipped, never read as a frame.
+ACK_SYNC = b"\0aim-llama acknowledgements\0"
 CLOSE = ("close",)
 
 
@@ -174,6 +178,31 @@ def _fd_id(fd: int) -> tuple[int, int] | None:
 _abandoned: list[Any] = []
 
 
+# Held while a writer process is started and its pipes attached: an application thread that
+# forks meanwhile (a multiprocessing pool) waits for it. Otherwise the forked child keeps
+# `Popen`'s error pipe open (Popen then waits until that child exits: the application's records
+# are not stored while its pool lives) and pipes `_disown_inherited_writer` cannot yet see.
+_spawning = threading.Lock()
+_held_for_fork = False
+
+
+def _before_fork() -> None:
+    global _held_for_fork
+    _held_for_fork = _spawning.acquire(timeout=5.0)  # bounded: never a deadlocked fork
+
+
+def _after_fork() -> None:
+    global _held_for_fork
+    if _held_for_fork:
+        _held_for_fork = False
+        _spawning.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                        after_in_child=_after_fork)
+
+
 class ProcessBackend:
     """Feeds a writer process over its stdin and reads its acknowledgements from its stdout.
 
@@ -205,6 +234,7 @@ class ProcessBackend:
         self._fd = self.proc.stdin.fileno()
         self._ack_fd = self.proc.stdout.fileno()
         self._buf = b""
+        self._synced = False  # ACK_SYNC seen
         self._eof = False  # the writer process closed its end (exited or died)
         self._on_ack = on_ack
         self._on_run = on_run
@@ -258,6 +288,13 @@ class ProcessBackend:
             self._dispatch()
 
     def _dispatch(self) -> None:
+        if not self._synced:
+            at = self._buf.find(ACK_SYNC)
+            if at < 0:  # start-up output so far: keep only what may begin the marker
+                self._buf = self._buf[-(len(ACK_SYNC) - 1):]
+                return
+            self._buf = self._buf[at + len(ACK_SYNC):]
+            self._synced = True
         while len(self._buf) >= _HEADER.size:
             (size,) = _HEADER.unpack(self._buf[: _HEADER.size])
             if len(self._buf) < _HEADER.size + size:
@@ -485,7 +522,8 @@ class Writer:
 
     def _sender(self) -> None:
         try:
-            self._backend = self._make_backend()
+            with _spawning:
+                self._backend = self._make_backend()
         except Exception as exc:
             warn_once("writer-start", "cannot start the Aim writer: %s; recording is off", exc)
             self._backend = None
@@ -591,7 +629,8 @@ class Writer:
         self.restarts += 1
         config = dataclasses.replace(self.config, run_hash=self.run_hash)
         try:
-            backend = ProcessBackend(config, self._ack, self._set_run)
+            with _spawning:
+                backend = ProcessBackend(config, self._ack, self._set_run)
         except Exception as exc:
             warn_once("writer-restart", "cannot start a new writer process (%s: %s)",
                       type(exc).__name__, exc)

@@ -13,6 +13,7 @@ At the deadline it reports how many records were lost and leaves with `os._exit`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -144,6 +145,10 @@ def main() -> int:
     ack_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    from .writer import ACK_SYNC
+
+    with contextlib.suppress(OSError):
+        os.write(ack_fd, ACK_SYNC)  # what start-up printed on stdout came before: skipped
 
     from .aimrun import RunConfig, RunSink
     from .log import logger as log  # importing it installs the stderr fallback
