@@ -568,3 +568,27 @@ def test_a_piped_config_reaches_the_launched_program_and_its_python_children(wor
     assert len(runs) == 2
     assert sorted(run.experiment for run in runs) == ["piped", "piped"]
     assert all(run.end_time is not None and not run.active for run in runs)
+
+
+def test_exec_stores_and_finalizes_the_run_first(run_py, repo, workdir):
+    """`os.exec*` replaces the process without atexit: the run is finalized first, with every
+    record (before, the records still queued were lost without a word)."""
+    (workdir / "stages.py").write_text(textwrap.dedent("""
+        import os, sys
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=3)
+        if len(sys.argv) == 1:
+            for i in range(30):
+                llm.complete(f"before exec {i}")
+            os.execv(sys.executable, [sys.executable, __file__, "second"])
+        llm.complete("after exec")
+        print("SECOND STAGE DONE", flush=True)
+        """))
+    proc = run_py(script=workdir / "stages.py")
+    assert "SECOND STAGE DONE" in proc.stdout, proc.stderr
+    runs = {len(r.text("prompt", kind="llm")): r for r in read_all(repo)}
+    assert sorted(runs) == [1, 30]
+    stored = [t for _, t in runs[30].text("prompt", kind="llm")]
+    assert stored == [f"before exec {i}" for i in range(30)]
+    assert all(r.end_time is not None and not r.active for r in runs.values())

@@ -1097,6 +1097,9 @@ class RunSink:
             proc = psutil.Process(self.config.app_pid or os.getpid())
             proc.cpu_percent(None)
         except Exception as exc:
+            if type(exc).__name__ == "NoSuchProcess":
+                return  # the application ended before its first sample: nothing to measure
+
             log.warning("system metrics are off: %s", exc)
             return
         step = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -286,6 +287,7 @@ def _activate(settings: Any) -> _Active:
     if not _fork_hook_registered and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_after_fork_in_child)
         _fork_hook_registered = True
+    _hook_exec()
     return _Active(handler, writer, settings, manager, signals, tee, os.getpid())
 
 
@@ -347,6 +349,27 @@ def _finish_process(active: _Active) -> None:
         active.tee.uninstall()
     active.writer.close()
     active.signals.redeliver()  # a SIGTERM that arrived during the flush takes effect now
+
+
+def _hook_exec() -> None:
+    """`os.execv` / `os.execve` (which every `os.exec*` ends in) finalize the run first, as a
+    normal exit does: exec replaces the process without running atexit, and what was still
+    queued for the writer would be lost without a word."""
+    for name in ("execv", "execve"):
+        original = getattr(os, name, None)
+        if original is None or hasattr(original, "__aim_llama_original__"):
+            continue
+
+        def hooked(*args: Any, __original: Any = original, **kwargs: Any) -> Any:
+            active = _active
+            if active is not None and active.pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    _finish_process(active)
+            return __original(*args, **kwargs)
+
+        functools.update_wrapper(hooked, original)
+        hooked.__aim_llama_original__ = original  # type: ignore[attr-defined]
+        setattr(os, name, hooked)
 
 
 def _at_exit() -> None:
