@@ -568,6 +568,36 @@ def test_a_piped_config_reaches_the_launched_program_and_its_python_children(wor
     assert len(runs) == 2
     assert sorted(run.experiment for run in runs) == ["piped", "piped"]
     assert all(run.end_time is not None and not run.active for run in runs)
+    # the piped text is passed on, never recorded (a piped config is often secret)
+    assert all("AIM_LLAMA_CONFIG_TEXT" not in run.params["__system_params"]["env_variables"]
+               for run in runs)
+
+
+def test_a_nested_piped_config_is_read_not_taken_for_the_outer_one(workdir, repo):
+    """bash gives both pipes the same name (/dev/fd/63): the inner program reads its own."""
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    (workdir / "inner.py").write_text("import aim_llama.auto\n"
+                                      "from llama_index.core.llms import MockLLM\n"
+                                      "MockLLM(max_tokens=2).complete('inner')\n")
+    (workdir / "inner.sh").write_text(
+        "AIM_LLAMA_CONFIG=<(printf 'experiment = \"inner\"\\n') \"$1\" inner.py\n")
+    (workdir / "outer.py").write_text(
+        "import subprocess, sys\nimport aim_llama.auto\n"
+        "from llama_index.core.llms import MockLLM\n"
+        "MockLLM(max_tokens=2).complete('outer')\n"
+        "subprocess.run(['bash', 'inner.sh', sys.executable], check=True)\n")
+    command = f"AIM_LLAMA_CONFIG=<(printf 'experiment = \"outer\"\\n') {sys.executable} outer.py"
+    proc = subprocess.run(["bash", "-c", command], cwd=workdir,
+                          env=clean_env(AIM_REPO=str(repo)), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    experiments = {r.text("prompt", kind="llm")[0][1]: r.experiment
+                   for r in read_all(repo)}
+    assert experiments == {"outer": "outer", "inner": "inner"}, (experiments, proc.stderr)
 
 
 def test_exec_stores_and_finalizes_the_run_first(run_py, repo, workdir):
@@ -579,7 +609,13 @@ def test_exec_stores_and_finalizes_the_run_first(run_py, repo, workdir):
         from llama_index.core.llms import MockLLM
         llm = MockLLM(max_tokens=3)
         if len(sys.argv) == 1:
-            for i in range(30):
+            for i in range(15):
+                llm.complete(f"before exec {i}")
+            try:  # a failed exec leaves the run recording
+                os.execvp("no-such-program-aim-llama", ["no-such-program-aim-llama"])
+            except FileNotFoundError:
+                pass
+            for i in range(15, 30):
                 llm.complete(f"before exec {i}")
             os.execv(sys.executable, [sys.executable, __file__, "second"])
         llm.complete("after exec")
@@ -587,6 +623,7 @@ def test_exec_stores_and_finalizes_the_run_first(run_py, repo, workdir):
         """))
     proc = run_py(script=workdir / "stages.py")
     assert "SECOND STAGE DONE" in proc.stdout, proc.stderr
+    assert "not stored" not in proc.stderr, proc.stderr
     runs = {len(r.text("prompt", kind="llm")): r for r in read_all(repo)}
     assert sorted(runs) == [1, 30]
     stored = [t for _, t in runs[30].text("prompt", kind="llm")]

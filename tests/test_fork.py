@@ -334,3 +334,40 @@ def test_a_fork_child_keeps_the_apps_sigterm_until_it_records(workdir, repo):
         os.waitpid(pid, 0)
         """, launcher=False)
     assert "CHILD True True" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_fork_never_waits_for_a_slow_writer_start_and_the_child_records(workdir, repo,
+                                                                           tmp_path):
+    """The fork lock covers only `Popen` (milliseconds), not the writer process's start-up nor
+    the config it is sent (here ~150 kB of run parameters, more than a pipe holds, to a writer
+    that takes 4 s to start); a child forked meanwhile records into its own run."""
+    slow = tmp_path / "slowwriter"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('AIM_LLAMA_ROLE') == 'writer':\n    time.sleep(4)\n")
+    params = "".join(f'p{i:04d} = "{"x" * 40}"\n' for i in range(3000))
+    (workdir / "aim_llama.toml").write_text(f"[run_params]\n{params}")
+    script = workdir / "app.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        import aim_llama, aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=3).complete("parent")
+        time.sleep(0.2)  # the writer process is being started now
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            MockLLM(max_tokens=3).complete("child")
+            print("CHILD FLUSHED", aim_llama.flush(timeout=20), flush=True)
+            os._exit(0)
+        print("FORK TOOK", round(time.monotonic() - started, 3), flush=True)
+        os.waitpid(pid, 0)
+        """))
+    proc = subprocess.run([sys.executable, str(script)], cwd=workdir,
+                          env=clean_env(AIM_REPO=str(repo), PYTHONPATH=str(slow)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split("FORK TOOK ")[1].split()[0]) < 1.0, proc.stdout
+    assert "CHILD FLUSHED True" in proc.stdout, proc.stdout + proc.stderr
+    prompts_by_role = {r.params["aim_llama"]["role"]: prompts(r) for r in read_all(repo)}
+    assert prompts_by_role == {"main": ["parent"], "fork-child": ["child"]}

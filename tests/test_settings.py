@@ -320,3 +320,9 @@ def test_switches_count_in_a_file_with_a_syntax_error(cwd: Path, line: str, expe
     (cwd / "pyproject.toml").write_text(f"[tool.aim_llama]\n{line}\nqueue_size = \n")
     (cwd / "aim_llama.toml").unlink()
     assert switch(line.split()[0], {}) is expected
+
+
+def test_a_broken_other_table_beside_ours_is_not_ours_to_judge(cwd: Path) -> None:
+    (cwd / "pyproject.toml").write_text(
+        "[project]\nname = 'app'\n[tool.aim_llama]\nqueue_size = 700\n[tool.ruff]\nline-length =\n")
+    assert load_settings(environ={}).settings.queue_size == 700

@@ -352,9 +352,11 @@ def _finish_process(active: _Active) -> None:
 
 
 def _hook_exec() -> None:
-    """`os.execv` / `os.execve` (which every `os.exec*` ends in) finalize the run first, as a
-    normal exit does: exec replaces the process without running atexit, and what was still
-    queued for the writer would be lost without a word."""
+    """`os.execv` / `os.execve` (which every `os.exec*` ends in) store what was recorded first:
+    exec replaces the process without running atexit, and what was still queued for the
+    writer would be lost without a word. The process writer is flushed: the exec closes its
+    pipe and it finalizes the run, and an exec that fails leaves the run recording. The thread
+    writer's run lives in this process, so it is finalized."""
     for name in ("execv", "execve"):
         original = getattr(os, name, None)
         if original is None or hasattr(original, "__aim_llama_original__"):
@@ -364,7 +366,10 @@ def _hook_exec() -> None:
             active = _active
             if active is not None and active.pid == os.getpid():
                 with contextlib.suppress(Exception):
-                    _finish_process(active)
+                    if getattr(active.writer, "backend_name", "process") == "process":
+                        active.writer.flush()
+                    else:
+                        _finish_process(active)
             return __original(*args, **kwargs)
 
         functools.update_wrapper(hooked, original)

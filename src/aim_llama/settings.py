@@ -581,6 +581,24 @@ def _our_table(text: bytes) -> bool:
     return _OUR_TABLE.search(text) is not None
 
 
+_HEADER_LINE = re.compile(rb"^[ \t]*\[\[?[ \t]*([^\]]*)\]")
+
+
+def _our_section(text: bytes) -> bytes:
+    """The lines of pyproject.toml under `[tool.aim_llama]` headers (and its sub-tables) only,
+    each line kept in its place (blank elsewhere) so that errors keep their line numbers."""
+    lines = text.splitlines()
+    ours = False
+    out = []
+    for line in lines:
+        match = _HEADER_LINE.match(line)
+        if match is not None:
+            name = b"".join(match.group(1).split()).replace(b'"', b"").replace(b"'", b"")
+            ours = name.startswith((b"tool.aim_llama", b"tool.aim-llama"))
+        out.append(line if ours else b"")
+    return b"\n".join(out)
+
+
 def _parses(text: bytes) -> bool:
     try:
         tomllib.loads(decode(text))
@@ -602,6 +620,11 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
             text = None  # reported below, by `_read_toml`
         # A project file that never mentions aim-llama is not ours to judge, even if broken;
         # nor is one whose syntax error we cannot tie to aim-llama's table.
+        if text is not None and (b"aim_llama" in text or b"aim-llama" in text) \
+                and _our_table(text) and not _parses(text):
+            # Broken somewhere: judge only aim-llama's own table (a syntax error in
+            # [tool.ruff] is ruff's business, not a reason to run uninstrumented).
+            text = _our_section(text)
         if text is None or ((b"aim_llama" in text or b"aim-llama" in text)
                             and (_our_table(text) or _parses(text))):
             data = _read_toml(pyproject, label, ("tool", "aim_llama"), str(pyproject), text)

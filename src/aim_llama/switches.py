@@ -122,18 +122,21 @@ def inherited_text(path: str, environ: Mapping[str, str] | None = None) -> bytes
     import stat
 
     env = os.environ if environ is None else environ
-    text = env.get(CONFIG_TEXT_ENV)
+    value = env.get(CONFIG_TEXT_ENV)
     named = env.get(CONFIG_ENV, "").strip()
-    if text is None or not named:
+    if value is None or not named or value.count(":") < 2:
         return None
+    dev, ino, text = value.split(":", 2)
     try:
         if os.path.abspath(os.path.expanduser(named)) != os.path.abspath(path):
             return None
-        if stat.S_ISREG(os.stat(path).st_mode):
-            return None
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode) or f"{st.st_dev}:{st.st_ino}" != f"{dev}:{ino}":
+            return None  # a file, or another pipe under the same name (bash reuses /dev/fd/63)
     except OSError:
         pass  # the pipe is gone here (a child started with close_fds): the text stands for it
     return text.encode("utf-8", "surrogateescape")
+
 
 
 def read_config(path: str) -> bytes:
@@ -164,6 +167,7 @@ def read_config(path: str) -> bytes:
     import time
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    identity = os.fstat(fd)
     chunks: list[bytes] = []
     deadline = time.monotonic() + PIPE_WAIT
     try:
@@ -189,17 +193,24 @@ def read_config(path: str) -> bytes:
     finally:
         os.close(fd)
     _once[key] = data = b"".join(chunks)
+    _identity[key] = f"{identity.st_dev}:{identity.st_ino}:"
     if os.path.abspath(os.path.expanduser(os.environ.get(CONFIG_ENV, "").strip() or ".")) == key:
         # for this program's own Python children, which find the pipe empty or closed
-        os.environ[CONFIG_TEXT_ENV] = data.decode("utf-8", "surrogateescape")
+        os.environ[CONFIG_TEXT_ENV] = pipe_text(path) or ""
     return data
 
 
+_identity: dict[str, str] = {}  # "dev:ino:" of each pipe read here
+
+
 def pipe_text(path: str) -> str | None:
-    """The text this process read from the pipe at `path`, for a command it starts; None if
-    `path` was not read as a pipe here."""
-    known = _once.get(os.path.abspath(path))
-    return known.decode("utf-8", "surrogateescape") if isinstance(known, bytes) else None
+    """`CONFIG_TEXT_ENV`'s value for the pipe at `path` read by this process (its identity,
+    then its text), for a command it starts; None if `path` was not read as a pipe here."""
+    key = os.path.abspath(path)
+    known = _once.get(key)
+    if not isinstance(known, bytes):
+        return None
+    return _identity[key] + known.decode("utf-8", "surrogateescape")
 
 
 def decode(data: bytes) -> str:

@@ -31,10 +31,14 @@ def installed_packages() -> dict[str, str]:
 
 
 def environment_variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment variables, minus any whose name looks like it holds a secret."""
+    """Environment variables, minus any whose name looks like it holds a secret, and the text
+    of a piped config (`AIM_LLAMA_CONFIG_TEXT`: a config given through a pipe is often secret)."""
+    from .switches import CONFIG_TEXT_ENV
+
     env = os.environ if environ is None else environ
     return {
-        k: v for k, v in env.items() if not any(m in k.lower() for m in SECRET_MARKERS)
+        k: v for k, v in env.items()
+        if k != CONFIG_TEXT_ENV and not any(m in k.lower() for m in SECRET_MARKERS)
     }
 
 

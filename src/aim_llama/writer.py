@@ -178,29 +178,35 @@ def _fd_id(fd: int) -> tuple[int, int] | None:
 _abandoned: list[Any] = []
 
 
-# Held while a writer process is started and its pipes attached: an application thread that
-# forks meanwhile (a multiprocessing pool) waits for it. Otherwise the forked child keeps
-# `Popen`'s error pipe open (Popen then waits until that child exits: the application's records
-# are not stored while its pool lives) and pipes `_disown_inherited_writer` cannot yet see.
+# Held while `Popen` starts a writer process (milliseconds): an application thread that forks
+# meanwhile (a multiprocessing pool) waits for it. Otherwise the forked child keeps `Popen`'s
+# error pipe open, and Popen waits until that child exits: the application's records are not
+# stored while its pool lives.
 _spawning = threading.Lock()
 _held_for_fork = False
 
 
 def _before_fork() -> None:
     global _held_for_fork
-    _held_for_fork = _spawning.acquire(timeout=5.0)  # bounded: never a deadlocked fork
+    _held_for_fork = _spawning.acquire(timeout=2.0)  # bounded: never a deadlocked fork
 
 
-def _after_fork() -> None:
+def _after_fork_in_parent() -> None:
     global _held_for_fork
     if _held_for_fork:
         _held_for_fork = False
         _spawning.release()
 
 
+def _after_fork_in_child() -> None:
+    global _spawning, _held_for_fork
+    _spawning = threading.Lock()  # whoever held it in the parent does not exist here
+    _held_for_fork = False
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
-                        after_in_child=_after_fork)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 class ProcessBackend:
@@ -220,16 +226,17 @@ class ProcessBackend:
         # by hand: put its parent directory first.
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aim_llama.writer_process"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            bufsize=0,  # raw pipes: no buffered-reader lock a forked child could inherit held
-            env=env,
-            start_new_session=True,  # group signals (Ctrl-C, kill -TERM -pgid) go to the app only
-            close_fds=True,
-        )
+        with _spawning:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "aim_llama.writer_process"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+                bufsize=0,  # raw pipes: no buffered-reader lock a forked child could inherit held
+                env=env,
+                start_new_session=True,  # group signals (Ctrl-C, kill -TERM -pgid) go to the app only
+                close_fds=True,
+            )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._fd = self.proc.stdin.fileno()
         self._ack_fd = self.proc.stdout.fileno()
@@ -522,8 +529,7 @@ class Writer:
 
     def _sender(self) -> None:
         try:
-            with _spawning:
-                self._backend = self._make_backend()
+            self._backend = self._make_backend()
         except Exception as exc:
             warn_once("writer-start", "cannot start the Aim writer: %s; recording is off", exc)
             self._backend = None
@@ -629,8 +635,7 @@ class Writer:
         self.restarts += 1
         config = dataclasses.replace(self.config, run_hash=self.run_hash)
         try:
-            with _spawning:
-                backend = ProcessBackend(config, self._ack, self._set_run)
+            backend = ProcessBackend(config, self._ack, self._set_run)
         except Exception as exc:
             warn_once("writer-restart", "cannot start a new writer process (%s: %s)",
                       type(exc).__name__, exc)
