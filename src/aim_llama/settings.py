@@ -595,8 +595,10 @@ def _our_section(text: bytes) -> bytes:
         if match is not None:
             name = b"".join(match.group(1).split()).replace(b'"', b"").replace(b"'", b"")
             ours = name.startswith((b"tool.aim_llama", b"tool.aim-llama"))
+        elif line.lstrip().startswith(b"["):  # a header broken itself: ours if it names us
+            ours = _our_table(line.lstrip()) or (ours and not line.lstrip().startswith(b"[["))
         out.append(line if ours else b"")
-    return b"\n".join(out)
+    return b"\n".join(out) + b"\n"
 
 
 def _parses(text: bytes) -> bool:
