@@ -132,6 +132,7 @@ class _Root:
         "pending",
         "sampled",
         "shown",
+        "stream_err",
         "streams",
         "tokens",
     )
@@ -153,6 +154,10 @@ class _Root:
         self.tokens = 0
         self.llm_calls = 0
         self.streams = 0  # streamed LLM calls finished under this request
+        # a stream of this request that failed before the request's own span returned (read
+        # by a thread of LlamaIndex's, e.g. a chat engine's): the request fails if it returns
+        # a stream
+        self.stream_err: str | None = None
         self.shown = 1
         self.omitted = 0
         self.end: float | None = None
@@ -480,7 +485,9 @@ class Observer:
                     root.end = now
                     if kind in ANSWER_KINDS:
                         answer = render.answer_text(result)
-                        if answer is not None:
+                        if root.stream_err is not None and render.is_streaming(result):
+                            node.status = root.stream_err  # its stream failed already
+                        elif answer is not None:
                             root.answer = answer
                         elif render.is_streaming(result) and not root.pending and not root.streams:
                             # the stream has not run yet: wait for it (its LLM call, or expiry)
@@ -699,11 +706,15 @@ class Observer:
                     if isinstance(err, BaseException):
                         root.errors.append(err)
                         root.error_count += 1
-                        if (call.first is not None and root.node.end is not None
-                                and root.node.status == "ok" and not _cancelled(err)):
+                        if (call.first is not None and root.node.status == "ok"
+                                and not _cancelled(err)):
                             # the stream a request returned failed as the app read it: the
                             # request failed (no answer), though its own span had returned
-                            root.node.status = f"error {type(err).__name__}"
+                            # (or, read by another thread, returns after this: `span_exit`)
+                            if root.node.end is not None:
+                                root.node.status = f"error {type(err).__name__}"
+                            else:
+                                root.stream_err = f"error {type(err).__name__}"
                     root.pending -= 1
                     root.hold = 0
                     out.extend(self._maybe_finish(root, now))
