@@ -107,6 +107,7 @@ PIPE_WAIT = 2.0  # seconds a config file that is a pipe may take to deliver its 
 # Config "files" that can be read only once (`AIM_LLAMA_CONFIG=<(...)`, a FIFO): their text,
 # so that the switches and full validation see the same settings.
 _once: dict[str, bytes | OSError] = {}
+_identity: dict[str, str] = {}  # "dev:ino:" of each pipe read here (see `inherited_text`)
 
 
 def _too_big(limit: int, what: str) -> OSError:
@@ -198,9 +199,6 @@ def read_config(path: str) -> bytes:
         # for this program's own Python children, which find the pipe empty or closed
         os.environ[CONFIG_TEXT_ENV] = pipe_text(path) or ""
     return data
-
-
-_identity: dict[str, str] = {}  # "dev:ino:" of each pipe read here
 
 
 def pipe_text(path: str) -> str | None:
