@@ -420,7 +420,10 @@ def test_spawn_forwards_a_sigint_sent_to_the_launcher(workdir):
     code = ("import time\n"
             "try:\n    print('READY', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
             "    print('CHILD GOT SIGINT', flush=True)\n    raise SystemExit(6)\n")
-    proc = spawn_python(code, workdir)
+    # (a test run started in the background of a non-interactive shell has SIGINT ignored,
+    # which the launcher rightly keeps for its command: give it the default disposition)
+    proc = spawn_python(code, workdir,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "READY"
     proc.send_signal(signal.SIGINT)
