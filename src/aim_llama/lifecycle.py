@@ -102,7 +102,7 @@ class SignalChain:
                 # own Ctrl-C handler runs at once (a flush first would hold it up to the flush
                 # timeout), and if it exits, the atexit flush covers that too.
                 continue
-            if signal.getsignal(signum) == self._handle:
+            if current == self._handle:
                 continue  # installed already (a forked child that starts to record)
             self._previous[signum] = current
             signal.signal(signum, self._handle)
