@@ -487,6 +487,41 @@ def test_a_relative_repo_in_a_config_file_is_beside_that_file(run_py, repo, work
     assert not (workdir / "elsewhere" / "runs").exists()
 
 
+def test_a_program_that_changes_directory_before_llamaindex_keeps_its_start_directory(
+        run_py, workdir):
+    # strict is read at `import aim_llama.auto`; the settings when LlamaIndex is imported:
+    # both from the directory the program started in, and a relative repo lands there too.
+    (workdir / "aim_llama.toml").write_text('experiment = "start-dir"\nrepo = "runs"\n')
+    (workdir / "elsewhere").mkdir()
+    (workdir / "elsewhere" / "aim_llama.toml").write_text(
+        'strict = true\nexperiment = "elsewhere"\nqueue_size = -1\n')
+    proc = run_py("""
+        import os, aim_llama.auto, aim_llama
+        os.chdir("elsewhere")
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=2).complete("recorded")
+        print("APP RAN", aim_llama.is_instrumented())
+    """, use_repo=False, env={"AIM_REPO": ""})
+    assert "APP RAN True" in proc.stdout, proc.stderr
+    assert "aim_llama" not in proc.stderr, proc.stderr
+    runs = read_all(workdir / "runs")
+    assert [run.experiment for run in runs] == ["start-dir"]
+    assert not (workdir / "elsewhere" / "runs").exists()
+
+    # ... and a relative AIM_REPO / AIM_LLAMA_CONFIG too
+    (workdir / "cfg.toml").write_text('experiment = "named"\n')
+    proc = run_py("""
+        import os, aim_llama.auto, aim_llama
+        os.chdir("elsewhere")
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=2).complete("recorded")
+        print("APP RAN", aim_llama.is_instrumented())
+    """, use_repo=False, env={"AIM_REPO": "envruns", "AIM_LLAMA_CONFIG": "cfg.toml"})
+    assert "APP RAN True" in proc.stdout, proc.stderr
+    assert [run.experiment for run in read_all(workdir / "envruns")] == ["named"]
+    assert not (workdir / "elsewhere" / "envruns").exists()
+
+
 INSTRUMENT_LATE = """
     import sys, aim_llama.auto, aim_llama
     from llama_index.core.llms import MockLLM

@@ -65,9 +65,15 @@ def resolve_repo(repo: str | None) -> str:
     """An absolute repo path (Aim's default `.aim` in the working directory) or an aim:// URL."""
     if repo and "://" in repo:
         return repo
-    path = os.path.abspath(os.path.expanduser(repo or "."))
+    path = os.path.expanduser(repo or ".")
+    if not os.path.isabs(path):
+        from .switches import here
+
+        base = here()  # where `import aim_llama.auto` ran, during the activation it deferred
+        if base is not None:
+            path = os.path.join(base, path)
     # Aim takes the directory that holds `.aim` (or the `.aim` directory itself).
-    return path
+    return os.path.abspath(path)
 
 
 def ensure_repo_initialized(repo: str) -> None:

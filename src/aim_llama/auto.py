@@ -23,6 +23,8 @@ _BOOTSTRAP_KEY = os.path.normcase(BOOTSTRAP_DIR)
 
 # pid of the process that activated; survives `importlib.reload` so activation runs once per process.
 _activated_pid: int = globals().get("_activated_pid", 0)
+# The working directory at activation: the deferred instrumentation reads its settings there.
+_home: str | None = globals().get("_home")
 
 
 def _env_is(name: str, words: set[str]) -> bool:
@@ -77,8 +79,10 @@ def _instrument_now() -> None:
             after_module(name, _instrument_now)
             return
     from . import autoinstrument
+    from .switches import pinned_directory
 
-    autoinstrument.instrument()
+    with pinned_directory(_home):  # the files `strict` was read from, whatever the cwd is now
+        autoinstrument.instrument()
     active = autoinstrument._active
     if active is not None and not getattr(active.settings, "propagate", True):
         strip_bootstrap_from_env()  # propagate = false (e.g. from TOML): children start plain
@@ -93,6 +97,11 @@ def activate() -> None:
     if _env_is("AIM_LLAMA_ENABLED", _FALSE):
         return
     _activated_pid = pid
+    global _home
+    try:
+        _home = os.getcwd()
+    except OSError:
+        _home = None
     if _env_is(PROPAGATE_ENV, _FALSE):
         strip_bootstrap_from_env()
     if _strict():

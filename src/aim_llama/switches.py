@@ -69,20 +69,56 @@ def switch(name: str, environ: Mapping[str, str] | None = None,
     return None
 
 
+# The directory `import aim_llama.auto` ran in, while the activation it deferred to
+# LlamaIndex's import runs (`pinned_directory`): a program that changes directory in between
+# gets the settings files, and the strict switch, of one directory.
+_pinned: str | None = None
+
+
+class pinned_directory:
+    """Within the block, relative settings paths (the default files, a relative
+    `AIM_LLAMA_CONFIG` or `AIM_REPO`) are read in `path`, not the working directory.
+    None changes nothing (the directory was deleted before it could be noted)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.before: str | None = None
+
+    def __enter__(self) -> None:
+        global _pinned
+        self.before = _pinned
+        if self.path is not None:
+            _pinned = self.path
+
+    def __exit__(self, *exc: object) -> None:
+        global _pinned
+        _pinned = self.before
+
+
+def here() -> str | None:
+    """The directory relative settings paths are read in (see `pinned_directory`); None where
+    the working directory was deleted."""
+    if _pinned is not None:
+        return _pinned
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
 def settings_files(environ: Mapping[str, str]) -> tuple[str | None, bool, str | None]:
     """Where settings files are looked for: (the TOML file, whether `AIM_LLAMA_CONFIG` named
     it, pyproject.toml); None where the working directory was deleted (no files "here").
     An unknown `~user` in `AIM_LLAMA_CONFIG` raises RuntimeError, as `Path.expanduser` does."""
     explicit = environ.get(CONFIG_ENV, "").strip()
-    try:
-        cwd: str | None = os.getcwd()
-    except OSError:
-        cwd = None
+    cwd = here()
     pyproject = None if cwd is None else os.path.join(cwd, PYPROJECT)
     if explicit:
         path = os.path.expanduser(explicit)
         if path.startswith("~"):
             raise RuntimeError("Could not determine home directory.")
+        if _pinned is not None:
+            path = os.path.join(_pinned, path)  # (an absolute path stays as it is)
         return path, True, pyproject
     return (None if cwd is None else os.path.join(cwd, DEFAULT_TOML)), False, pyproject
 
