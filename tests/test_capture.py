@@ -494,6 +494,12 @@ def test_structured_llm_rerank(repo: Path) -> None:
     text = run.text("reranked", kind="rerank")[0][1]
     assert text.startswith("before:\nquery: rank these\n") and "\nafter:\n" in text
     assert_llm_steps_line_up(run, 2)  # the reranker's structured call + the answer
+    # the reranker is in the trace (LlamaIndex spans only its private `_postprocess_nodes`),
+    # with its LLM call under it
+    trace = traces(run, "query")[0].splitlines()
+    (line,) = [i for i, t in enumerate(trace) if "StructuredLLMRerank._postprocess_nodes" in t]
+    assert "RuleLLM." in trace[line + 1] and trace[line + 1].startswith(
+        " " * (len(trace[line]) - len(trace[line].lstrip()) + 2)), trace
 
 
 def test_a_structured_llm_call_keeps_the_providers_token_usage(repo: Path) -> None:
@@ -1326,3 +1332,148 @@ def test_auto_import_subprocess_with_process_writer(run_py: Any, repo: Path) -> 
     chunks = [t for _, t in run.text("chunk", kind="chunking")]  # the CallbackManager channel
     assert chunks[:6] == [f"Document number {i} talks about topic {i % 3}." for i in range(6)]
     assert run.metric("embedded_texts", kind="embedding")[0] == (0, 6.0)
+
+
+# -- found by a review of less common shapes (2026-11-26, third session) -----------------------
+
+def test_a_synthesizer_failure_is_one_error_though_both_channels_see_it(repo: Path) -> None:
+    # A query longer than the LLM's context: the response synthesizer raises before any LLM
+    # call. The exception reaches the callback channel (the SYNTHESIZE event's payload) and
+    # the dispatcher (the failing spans): one exception, one `errors` point, one Logs entry.
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo), pytest.raises(ValueError, match="context size"):
+        engine.query("tell me " * 5000)
+    run = only_run(repo)
+    assert run.metric("errors", kind="synthesize") == [(0, 1.0)]
+    assert not run.metric("errors", kind="query")
+    logs = _log_records(repo, run.hash)
+    assert len(logs) == 1 and "synthesize failed: ValueError" in str(logs[0]), logs
+    assert "error ValueError" in traces(run, "query")[0]
+
+
+def test_ignoring_exception_events_records_no_error_from_either_channel(repo: Path) -> None:
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo, event_ends_to_ignore=["exception"]), pytest.raises(ValueError):
+        engine.query("tell me " * 5000)
+    run = only_run(repo)
+    assert not [k for k in run.metrics if k[0] == "errors"], run.metrics.keys()
+    assert _log_records(repo, run.hash) == []
+    assert "error ValueError" in traces(run, "query")[0]  # the trace still says how it ended
+
+
+class _TwoToolsAtOnce(ScriptedToolLLM):
+    """Asks for the tools `alpha` and `beta` in one answer, then answers `done`."""
+
+    def _respond(self, messages: Any) -> Any:
+        from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
+
+        self.calls += 1
+        if messages and messages[-1].role == MessageRole.TOOL:
+            return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content="done"))
+        calls = [{"id": f"call_{n}", "type": "function",
+                  "function": {"name": n, "arguments": '{"x": 1}'}} for n in ("alpha", "beta")]
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content="",
+                                                additional_kwargs={"tool_calls": calls}))
+
+
+def test_two_tools_that_fail_at_the_same_time_are_two_errors(repo: Path) -> None:
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    async def alpha(x: int) -> str:
+        """Tool alpha."""
+        await asyncio.sleep(0.05)
+        raise ValueError("alpha broke")
+
+    async def beta(x: int) -> str:
+        """Tool beta (fails while alpha's failure is already counted)."""
+        await asyncio.sleep(0.15)
+        raise KeyError("beta broke")
+
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(async_fn=alpha, name="alpha"),
+                                 FunctionTool.from_defaults(async_fn=beta, name="beta")],
+                          llm=_TwoToolsAtOnce())
+    async def main() -> Any:
+        return await agent.run(user_msg="use both tools")
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    assert len(run.metric("errors", kind="tool")) == 2
+    messages = sorted(str(entry) for entry in _log_records(repo, run.hash))
+    assert len(messages) == 2 and "alpha broke" in messages[1] and "beta broke" in messages[0], \
+        messages
+
+
+def test_a_tool_whose_own_llm_call_failed_is_still_one_error(repo: Path) -> None:
+    # (what the per-tool count is for: the tool fails because of the error under it)
+    from llama_index.core.tools import FunctionTool
+
+    inner = FailingLLM()
+
+    def ask(q: str) -> str:
+        """Asks a failing LLM."""
+        try:
+            return inner.complete(q).text
+        except Exception as exc:
+            raise RuntimeError("the tool gave up") from exc
+
+    tool = FunctionTool.from_defaults(ask, name="ask")
+    with recording(repo), pytest.raises(RuntimeError, match="gave up"):
+        tool.call(q="hello")
+    run = only_run(repo)
+    assert len(run.metric("errors", kind="llm")) == 1
+    assert not run.metric("errors", kind="tool")
+
+
+def test_a_streaming_chat_does_not_take_the_callers_next_stream(repo: Path) -> None:
+    # condense_question's stream_chat returns a response LlamaIndex reads in its own thread;
+    # an unrelated stream the caller opens meanwhile is a request of its own.
+    index = _index()
+    engine = index.as_chat_engine(chat_mode="condense_question", llm=RuleLLM(first_delay=0.2))
+    other = RuleLLM()
+    with recording(repo):
+        response = engine.stream_chat("hello chat")
+        unrelated = "".join(c.delta or "" for c in other.stream_complete("UNRELATED title"))
+        answer = "".join(response.response_gen)
+        deadline = time.monotonic() + 10
+        while not response.is_done and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert unrelated and answer
+    run = only_run(repo)
+    (chat,) = traces(run, "chat")
+    assert "llm calls 1 " in chat and "UNRELATED" not in chat, chat
+    prompts = [t for _, t in run.text("prompt", kind="llm")]
+    assert len(prompts) == 2 and "UNRELATED title" in prompts
+
+
+def test_tool_calls_carried_as_blocks_are_shown(repo: Path) -> None:
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.base.llms.types import ToolCallBlock
+    from llama_index.core.llms import ChatMessage
+    from llama_index.core.llms.mock import MockFunctionCallingLLM
+    from llama_index.core.tools import FunctionTool
+
+    def ping(host: str = "example.org") -> str:
+        """Ping a host."""
+        return f"pong from {host}"
+
+    llm = MockFunctionCallingLLM()
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(ping, name="ping")], llm=llm)
+    reply = ChatMessage(role="assistant", blocks=[ToolCallBlock(
+        tool_call_id="c1", tool_name="ping", tool_kwargs={"host": "a.b"})])
+    async def main() -> Any:
+        return await agent.run(user_msg="ping something")
+
+    with recording(repo):
+        asyncio.run(main())
+        llm.response_generator = lambda messages, **kw: reply
+        llm.chat([ChatMessage(role="user", content="call ping on a.b")])
+    run = only_run(repo)
+    prompts = [t for _, t in run.text("prompt", kind="llm")]
+    responses = [t for _, t in run.text("response", kind="llm")]
+    assert prompts[0].endswith("[tools: ping]"), prompts[0]
+    assert "0x" not in "".join(prompts)
+    assert 'tool_call: ping({"host": "example.org"})' in prompts[1], prompts[1]
+    assert responses[0] == 'tool_call: ping({"host": "example.org"})', responses
+    assert responses[-1] == 'tool_call: ping({"host": "a.b"})', responses

@@ -166,7 +166,7 @@ def _after_fork_in_child() -> None:
             observer._roots = {}
             observer._calls = {}
             observer._timed = {}
-            observer._tool_marks = {}
+            observer._tool_errors = {}
 
 
 if hasattr(__import__("os"), "register_at_fork"):

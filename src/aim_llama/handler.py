@@ -75,18 +75,21 @@ _CHUNKING = CBEventType.CHUNKING.value
 
 
 def records_for_end(
-    event_type: str, payload: dict[str, Any] | None, latency_ms: float | None
+    event_type: str, payload: dict[str, Any] | None, latency_ms: float | None,
+    errors: bool = True,
 ) -> list[Record]:
     """Map one finished callback event to records. Pure: no I/O, no Aim.
 
     Only the event types the dispatcher does not record reach here (`DISPATCHER_OWNED`):
-    chunking texts, other steps' latency, and an exception a payload carries."""
+    chunking texts, other steps' latency, and an exception a payload carries (unless
+    `errors` is False: recorded by the dispatcher, or `exception` is ignored)."""
     payload = payload or {}
     kind = str(getattr(event_type, "value", event_type))
     exc = payload.get(EventPayload.EXCEPTION)
     out: list[Record] = []
     if isinstance(exc, BaseException):
-        out.extend(error_records(kind, exc))
+        if errors:
+            out.extend(error_records(kind, exc))
     elif kind == _CHUNKING:
         for chunk in payload.get(EventPayload.CHUNKS) or []:
             out.append(Track("chunk", str(chunk), "text", _ctx(kind)))
@@ -131,6 +134,8 @@ class AimLlamaHandler(BaseCallbackHandler):
         self._lock = threading.Lock()
         self.policy = policy or ContentPolicy()
         self.observer: Any = None  # the dispatcher observer registered alongside, if any
+        # `exception` named in an ignore list: no error is recorded, whichever channel sees it
+        self.errors_off = CBEventType.EXCEPTION in named
 
     def _one_by_one(self, records: list[Record]) -> None:
         submit = self.submit
@@ -177,8 +182,15 @@ class AimLlamaHandler(BaseCallbackHandler):
             policy = self.policy
             observer = self.observer
             sampled = observer is None or policy.sample_rate >= 1.0 or observer.current_sampled()
+            errors = not self.errors_off
+            if errors and payload and observer is not None:
+                exc = payload.get(EventPayload.EXCEPTION)
+                if isinstance(exc, BaseException):
+                    # a step's failure reaches both channels (this event's payload, then the
+                    # failing spans): one exception, recorded once, by whichever sees it first
+                    errors = observer.claim_error(exc)
             out: list[Record] = []
-            for record in records_for_end(event_type, payload, latency):
+            for record in records_for_end(event_type, payload, latency, errors):
                 if isinstance(record, Track) and record.kind == "text":
                     text = policy.text(record.value) if sampled else None
                     if text is None:

@@ -261,7 +261,9 @@ class Observer:
         self._kinds: dict[type, str] = {}
         # tool spans: the request's error count when they started (an error recorded under a
         # tool, e.g. its LLM call's, is not counted again as the tool's)
-        self._tool_marks: dict[str, int] = {}
+        # errors recorded under each running tool span (its own LLM call's, say): a tool that
+        # then fails, or returns an error, is not counted again; a sibling's do not count
+        self._tool_errors: dict[str, int] = {}
         self._classes = _component_classes()
         # The event handler routes by class name (`dispatcher.AimEventHandler.handle`).
         self.routes: dict[str, Callable[[Any, float], None]] = {
@@ -374,8 +376,10 @@ class Observer:
                     shown_parent = parent.disp or parent
                     same = instance is not None and shown_parent.inst_id == node.inst_id
                     node.nested = same
-                    # private methods (`Class._method-<uuid>`) are hidden
-                    if kind and not same and id_[id_.rfind(".", 0, len(id_) - 37) + 1] != "_":
+                    # private methods (`Class._method-<uuid>`) are hidden, except a node
+                    # postprocessor's (LlamaIndex spans only its `_postprocess_nodes`)
+                    if kind and not same and (id_[id_.rfind(".", 0, len(id_) - 37) + 1] != "_"
+                                              or kind == "postprocess"):
                         if root.shown < MAX_TRACE_NODES:
                             children = shown_parent.children
                             if children is None:
@@ -390,7 +394,7 @@ class Observer:
                         node.disp = shown_parent
                 node.root = root
                 if kind == "tool":
-                    self._tool_marks[id_] = root.error_count
+                    self._tool_errors[id_] = 0
                 root.open += 1
                 root.last_seen = now
                 self._spans[id_] = node
@@ -420,7 +424,8 @@ class Observer:
                 return outer.node  # the body of an async stream, run as it is consumed
         if kind == "llm" and "stream" in span_name(id_).rsplit(".", 1)[-1]:
             waiting = _awaiting.get()
-            if waiting is not None and not waiting.finalized and waiting.hold > 0:
+            if (waiting is not None and not waiting.finalized and waiting.hold > 0
+                    and not waiting.pending and not waiting.streams):  # (none of its own yet)
                 waiting.hold = 0
                 _awaiting.set(None)
                 return waiting.node  # the deferred LLM stream of a streaming query
@@ -471,10 +476,10 @@ class Observer:
                     out = []
                     try:
                         if kind == "tool":
-                            mark = self._tool_marks.pop(id_, root.error_count)
+                            under = self._tool_errors.pop(id_, 0)
                             if not node.nested:
                                 self._tool(out, node, instance, bound_args, result, None,
-                                           counted=root.error_count > mark)
+                                           counted=under > 0)
                         elif not self._off(kind):
                             ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
                             out.append(Track("latency_ms", (now - node.start) * 1000.0,
@@ -492,7 +497,8 @@ class Observer:
                         elif render.is_streaming(result) and not root.pending and not root.streams:
                             # the stream has not run yet: wait for it (its LLM call, or expiry)
                             root.hold = 1
-                            if not _follow_stream(result, root, self._stream_ended):
+                            if (not _follow_stream(result, root, self._stream_ended)
+                                    and not _read_by_llamaindex(result)):
                                 _awaiting.set(root)
                 root.open -= 1
                 if root.open <= 0 and not root.pending and not root.hold and not root.finalized:
@@ -513,7 +519,7 @@ class Observer:
                 ended = self._end_node(id_, now)
                 if ended is None:
                     return
-                mark = self._tool_marks.pop(id_, None)
+                under = self._tool_errors.pop(id_, 0)
                 node, instance, root = ended
                 cancelled = err is None or _cancelled(err)
                 node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
@@ -530,7 +536,7 @@ class Observer:
                         if not call.nested:  # a nested call's failure is recorded by the outer
                             self._llm_records(out, call, call.last, now, err)
                     elif node.kind == "tool" and not node.nested:
-                        counted = recorded or (mark is not None and root.error_count > mark)
+                        counted = recorded or under > 0
                         recorded = True
                         self._tool(out, node, instance, bound_args, None, err, counted)
                     elif (node.kind in ERROR_KINDS and not recorded and not cancelled
@@ -545,9 +551,7 @@ class Observer:
                 except Exception as exc:  # the request must still end
                     self.failed("span error", exc)
                 if recorded and err is not None and not any(e is err for e in root.errors):
-                    root.errors.append(err)
-                    root.error_count += 1
-                    del root.errors[:-8]
+                    self._note_error(root, err, node)
                 if node is root.node:
                     root.end = now
                 root.open -= 1
@@ -584,8 +588,7 @@ class Observer:
                 extra = fields.get("additional_kwargs") or {}
                 tools = extra.get("tools") if isinstance(extra, dict) else None
                 if isinstance(tools, list):
-                    call.tools = [str((t.get("function") or {}).get("name", "?"))
-                                  if isinstance(t, dict) else str(t) for t in tools[:50]]
+                    call.tools = [render.tool_name(t) for t in tools[:50]]
                 model_dict = fields.get("model_dict") or {}
                 call.model = model_dict if isinstance(model_dict, dict) else {}
                 if not self._off("llm"):
@@ -681,6 +684,33 @@ class Observer:
                     out.extend(self._maybe_finish(root, now))
             self._emit(out)
 
+    def _note_error(self, root: _Root, err: BaseException, node: _Node | None) -> None:
+        """An exception recorded under `node`: the request's spans that end with it (or a tool
+        above that returns an error for it) do not record it again (lock held)."""
+        root.errors.append(err)
+        root.error_count += 1
+        del root.errors[:-8]
+        if self._tool_errors:
+            while node is not None:
+                if node.kind == "tool" and node.id in self._tool_errors:
+                    self._tool_errors[node.id] += 1
+                node = node.parent
+
+    def claim_error(self, err: BaseException) -> bool:
+        """Whether the other channel (a callback event's exception payload) should record
+        `err`: False when it is recorded already in this context's request; True otherwise,
+        and then the request's spans that fail with it do not record it again."""
+        with self._lock:
+            span_id = _active_span_id().get()
+            node = self._spans.get(span_id) if span_id else None
+            if node is None:
+                return True
+            root = node.root
+            if any(e is err for e in root.errors):
+                return False
+            self._note_error(root, err, node)
+            return True
+
     def _span_cancelled(self, event: Any, now: float) -> None:
         """A workflow step or run was cancelled; its span will still exit normally."""
         span_id = getattr(event, "span_id", None)
@@ -704,8 +734,7 @@ class Observer:
             with self._lock:
                 if root is not None:
                     if isinstance(err, BaseException):
-                        root.errors.append(err)
-                        root.error_count += 1
+                        self._note_error(root, err, call.node)
                         if (call.first is not None and root.node.status == "ok"
                                 and not _cancelled(err)):
                             # the stream a request returned failed as the app read it: the
@@ -1092,6 +1121,14 @@ def _streamed(call: _Call, text: str) -> str:
         return text
     streamed = "".join(deltas)
     return streamed if len(streamed) > len(text) and streamed.startswith(text) else text
+
+
+def _read_by_llamaindex(result: Any) -> bool:
+    """Whether LlamaIndex reads this streaming chat response in a thread or task of its own
+    (a chat engine's `write_response_to_history`): its LLM call then joins the request
+    through its parent span, and the caller's next stream must not be taken for it."""
+    return (getattr(result, "write_response_to_history_thread", None) is not None
+            or getattr(result, "awrite_response_to_history_task", None) is not None)
 
 
 def _follow_stream(result: Any, root: _Root,

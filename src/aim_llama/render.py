@@ -46,6 +46,39 @@ def is_streaming(value: Any) -> bool:
     return value is not None and "Streaming" in type(value).__name__
 
 
+def _args_text(args: Any) -> str:
+    if isinstance(args, str):
+        return args
+    try:
+        return json.dumps(args, default=str)
+    except Exception:
+        return _repr(args)
+
+
+def _message_tool_calls(message: Any) -> list[str]:
+    """A message's tool calls: OpenAI-style `additional_kwargs["tool_calls"]`, else the
+    `ToolCallBlock`s of its content blocks (providers that set both would show them twice)."""
+    calls = _tool_calls(field(message, "additional_kwargs"))
+    if calls:
+        return calls
+    blocks = field(message, "blocks")
+    if not isinstance(blocks, list):
+        return []
+    return [f"tool_call: {field(b, 'tool_name')}({_args_text(field(b, 'tool_kwargs'))})"
+            for b in blocks[:MAX_ITEMS] if field(b, "block_type") == "tool_call"]
+
+
+def tool_name(tool: Any) -> str:
+    """The name of a tool offered to an LLM: an OpenAI-style dict or a LlamaIndex tool."""
+    if isinstance(tool, dict):
+        return str((tool.get("function") or {}).get("name", "?"))
+    try:
+        return str(tool.metadata.name)
+    except Exception:
+        name = getattr(tool, "name", None)
+        return name if isinstance(name, str) else type(tool).__name__
+
+
 def _tool_calls(additional_kwargs: Any) -> list[str]:
     if not isinstance(additional_kwargs, dict):
         return []
@@ -57,12 +90,7 @@ def _tool_calls(additional_kwargs: Any) -> list[str]:
             name, args = fn.get("name"), fn.get("arguments")
         else:
             name, args = getattr(fn, "name", None), getattr(fn, "arguments", None)
-        if not isinstance(args, str):
-            try:
-                args = json.dumps(args, default=str)
-            except Exception:
-                args = _repr(args)
-        out.append(f"tool_call: {name}({args})")
+        out.append(f"tool_call: {name}({_args_text(args)})")
     return out
 
 
@@ -78,7 +106,7 @@ def render_message(message: Any) -> str:
     """`role: content`, with any tool calls the message carries on following lines."""
     role = getattr(getattr(message, "role", None), "value", None) or "message"
     lines = [f"{role}: {_content(message)}"]
-    lines.extend("  " + c for c in _tool_calls(getattr(message, "additional_kwargs", None)))
+    lines.extend("  " + c for c in _message_tool_calls(message))
     return "\n".join(lines)
 
 
@@ -97,7 +125,7 @@ def render_response(response: Any) -> str:
         return ""
     message = field(response, "message")
     if message is not None:
-        parts = [_content(message), *_tool_calls(field(message, "additional_kwargs"))]
+        parts = [_content(message), *_message_tool_calls(message)]
         return "\n".join(p for p in parts if p)
     text = field(response, "text")
     return text if isinstance(text, str) else ""
