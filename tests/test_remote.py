@@ -288,3 +288,133 @@ def test_a_server_run_that_cannot_open_at_shutdown_counts_its_records_lost_at_on
     assert not [r for r in caplog.records if "not reachable" in r.getMessage()]
     sink.close(5.0)
     assert run_hashes(server.repo) == []
+
+
+# -- found by a review of the remote path (2026-11-26, third session) ---------------------------
+
+HUNG_FROM_START_APP = """
+import logging, sys, time
+logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
+from aim_llama.aimrun import RunConfig
+from aim_llama.records import Track
+from aim_llama.writer import Writer
+w = Writer(RunConfig(repo=sys.argv[1], system_tracking_interval=None, log_system_params=False),
+           flush_timeout=2.0, backend=sys.argv[2])
+n = 0
+for burst in range(int(sys.argv[3])):
+    for i in range(2000):
+        w.submit(Track("value", float(n), "metric", {"kind": "t"}))
+        n += 1
+    time.sleep(0.3)  # the writer takes a batch and blocks opening the run on the hung server
+ok = w.close()
+print("SUBMITTED", n, "LOST", w.lost, "DROPPED", w.dropped, "OK", ok, flush=True)
+"""
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_server_hung_from_the_start_loses_no_record_silently(aim_process, workdir, writer):
+    """A server that accepts connections but never answers (paused) before the first record:
+    the writer blocks opening the run. Every record is still accounted for at exit: counted
+    lost (thread writer), or named as not handed over / not confirmed (process writer, whose
+    pipe fills up)."""
+    server = aim_process("server")
+    server.pause()
+    bursts = "1" if writer == "thread" else "8"
+    proc = subprocess.run([sys.executable, "-c", HUNG_FROM_START_APP, server.url, writer, bursts],
+                          cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    n, lost, dropped = (int(proc.stdout.split()[i]) for i in (1, 3, 5))
+    if writer == "thread":
+        assert lost + dropped == n, (proc.stdout, proc.stderr)
+        assert f"{lost} records could not be stored" in proc.stderr, proc.stderr
+    else:
+        found = re.search(r"(\d+) records not handed to it; (\d+) more were handed to the writer "
+                          r"process", proc.stderr)
+        assert found is not None, proc.stderr
+        assert int(found.group(1)) + int(found.group(2)) + dropped == n, (proc.stdout, proc.stderr)
+
+
+FLUSH_TRUTH_APP = """
+import sys, time
+import aim_llama.auto, aim_llama
+from llama_index.core.llms import MockLLM
+llm = MockLLM(max_tokens=4)
+llm.complete("first")
+time.sleep(3)  # the writer process is up (the application's queue is never the one to drop)
+for i in range(int(sys.argv[1])):
+    llm.complete(f"question {i}")
+    if i % 50 == 49:
+        time.sleep(0.1)
+print("FIRST", aim_llama.flush(30), flush=True)
+llm.complete("one more")
+print("SECOND", aim_llama.flush(20), flush=True)
+"""
+
+
+def test_flush_says_false_when_the_servers_buffer_bound_dropped_records(aim_process, workdir):
+    server = aim_process("server", start=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLUSH_TRUTH_APP, "50"], cwd=workdir, text=True,
+        env=clean_env(AIM_REPO=server.url, AIM_LLAMA_QUEUE_SIZE="100",
+                      AIM_CAPTURE_TERMINAL_LOGS="false", AIM_SYSTEM_TRACKING_INTERVAL="off",
+                      AIM_LLAMA_FLUSH_TIMEOUT="30"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(5)  # the records are made while the server is down: more than the bound
+    server.start()
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    assert "FIRST False" in out and "SECOND True" in out, (out, err)
+    assert "buffer bound" in err and "could not be stored" in err, err
+
+
+def test_a_healthy_server_is_not_cut_by_a_small_buffer_bound(aim_process, workdir):
+    """The bound is for a server that does not keep up: at it, the writer waits for a server
+    that is confirming instead of dropping what that server is simply still taking."""
+    server = aim_process("server")
+    proc = subprocess.run(
+        [sys.executable, "-c", FLUSH_TRUTH_APP, "300"], cwd=workdir, text=True,
+        env=clean_env(AIM_REPO=server.url, AIM_LLAMA_QUEUE_SIZE="1000",
+                      AIM_CAPTURE_TERMINAL_LOGS="false", AIM_SYSTEM_TRACKING_INTERVAL="off"),
+        capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "FIRST True" in proc.stdout and "SECOND True" in proc.stdout, proc.stderr
+    assert "buffer bound" not in proc.stderr and "lost" not in proc.stderr, proc.stderr
+    server.stop()
+    (run_hash,) = run_hashes(server.repo)
+    assert len(prompts(server.repo, run_hash)) == 302
+
+
+UNINSTRUMENT_THEN_EXIT_APP = """
+import sys, time
+import aim_llama.auto, aim_llama
+from llama_index.core.llms import MockLLM
+MockLLM(max_tokens=4).complete("recorded")
+aim_llama.uninstrument()
+print("UNINSTRUMENTED", flush=True)
+sys.stdin.readline()
+print("EXITING", time.time(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "pause"])
+def test_thread_writer_exit_is_bounded_when_the_server_left_after_the_run_was_closed(
+        aim_process, workdir, how):
+    """Aim's own exit clean-up asks the server to release what the run's client held: a server
+    gone (or hung) by then must not hold the exit forever, nor print a traceback."""
+    server = aim_process("server")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UNINSTRUMENT_THEN_EXIT_APP], cwd=workdir, text=True,
+        env=clean_env(AIM_REPO=server.url, AIM_LLAMA_WRITER="thread", AIM_LLAMA_FLUSH_TIMEOUT="3",
+                      AIM_CAPTURE_TERMINAL_LOGS="false", AIM_SYSTEM_TRACKING_INTERVAL="off"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    expect(proc, "UNINSTRUMENTED")
+    server.kill() if how == "kill" else server.pause()
+    go_on(proc)
+    exiting = float(expect(proc, "EXITING").split()[1])
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the exit hung in Aim's clean-up") from None
+    assert time.time() - exiting < 3 + 2.0, err
+    assert proc.returncode == 0 and "Traceback" not in err, err

@@ -31,6 +31,7 @@ log = logging.getLogger("aim_llama")
 
 DROPPED_METRIC = "dropped_records"
 CONNECT_TIMEOUT = 2.0  # seconds for the TCP check before each attempt to reach an Aim server
+SERVER_PATIENCE = 1.0  # seconds the writer waits for a server at the buffer bound (see `_await_server`)
 STALL_WARNING = 5.0  # seconds without confirmation from a server before we say it is gone
 
 
@@ -503,6 +504,25 @@ def _repo_still_there(run: Any) -> bool:
     return not isinstance(path, str) or os.path.isdir(path)
 
 
+def _aim_cleanup_done(budget: float) -> bool:
+    """Whether Aim's exit cleanup finished within `budget` seconds (its finalizers all ran;
+    one that raises — a request to a dead server — means it never will)."""
+    try:
+        from aim.ext.cleanup import AutoClean, RobustExec
+    except Exception:
+        return True
+    deadline = time.monotonic() + budget
+    seen = False
+    while time.monotonic() < deadline:
+        if AutoClean.stop_signal.wait(0.05):
+            return True
+        if any(isinstance(t, RobustExec) for t in threading.enumerate()):
+            seen = True
+        elif seen:  # its thread ended without finishing: a finalizer raised
+            return AutoClean.stop_signal.is_set()
+    return AutoClean.stop_signal.is_set()
+
+
 def _release_aim_exit(budget: float = 1.0) -> None:
     """Unblock Aim's exit cleanup after we gave up on a vanished server.
 
@@ -576,6 +596,7 @@ class RunSink:
         self._gave_up = False
         self._closed = threading.Event()
         self._exiting = threading.Event()  # the interpreter began to exit (`_bound_exit`)
+        self._app_exit = threading.Event()  # ... set only by the exit itself
 
     # -- run lifecycle -------------------------------------------------------------------
     def _open(self) -> bool:
@@ -764,7 +785,7 @@ class RunSink:
                 self.run = None
             finally:
                 self._closed.set()
-                self._exiting.set()  # (an idle `_exit_deadline` thread sees `_closed` and ends)
+                self._exiting.set()  # (an idle `_exit_deadline` thread sees `_closed`)
 
     def _lose_held(self) -> None:
         """Count what is held for the server as lost and answer the flush requests among it,
@@ -779,6 +800,7 @@ class RunSink:
     def _bound_exit(self) -> None:
         """Interpreter exit in the application: Aim's cleanup (next) waits forever for a server
         that is gone; after the flush timeout, give up on what it still holds."""
+        self._app_exit.set()
         if self.run is None:
             return
         if self._client is not None:
@@ -791,7 +813,15 @@ class RunSink:
         self._exiting.wait()
         # Keep about a second for what follows (Aim stops its heartbeat thread, our writer
         # closes), so the whole exit stays within the flush timeout.
-        if self._closed.wait(max(0.2, self.config.flush_timeout - 1.0)):
+        budget = max(0.2, self.config.flush_timeout - 1.0)
+        if self._closed.wait(budget):
+            # Finalized, everything delivered. Aim's exit cleanup still asks the server to
+            # release what the run's client held; a server gone by then (after `uninstrument()`,
+            # long before exit) must not hold the exit either.
+            self._app_exit.wait()
+            _quiet_aim_cleanup()
+            if not _aim_cleanup_done(budget):
+                _release_aim_exit()
             return
         self.give_up()
         _release_aim_exit()
@@ -817,7 +847,8 @@ class RunSink:
             return
         missing = self.unconfirmed()
         if received is not None:
-            missing = max(missing, received - self.confirmed)
+            # (those it counted lost already, a buffer bound's drops, are not lost twice)
+            missing = max(missing, received - self.confirmed - self.lost)
         self.lost += missing
         self._gave_up = True  # counted once, as lost; nothing is unconfirmed any more
         _server_abandoned.append(True)
@@ -895,12 +926,29 @@ class RunSink:
         self._held.append(rec)
         self._held_records += 1
 
+    def _await_server(self) -> bool:
+        """At the buffer bound with a server that is answering: wait (this is the writer, not
+        the application) up to `SERVER_PATIENCE` for it to confirm what it has, instead of
+        dropping records a healthy server is simply still taking. True once there is room;
+        False at once for a server that has confirmed nothing for that long (lock held)."""
+        if time.monotonic() - self._last_delivery > SERVER_PATIENCE or self.abort:
+            return False
+        self._mark([])
+        deadline = time.monotonic() + SERVER_PATIENCE
+        room = max(1, self.config.buffer_size * 3 // 4)
+        while self.unconfirmed() >= room:
+            if time.monotonic() >= deadline or self.abort or self._gave_up:
+                return self.unconfirmed() < self.config.buffer_size
+            time.sleep(0.005)
+        return True
+
     def _drop_unconfirmed(self) -> None:
         self.lost += 1
         warn_once(
             "remote-buffer-full",
-            "%d records are waiting for the Aim server %s (the buffer bound); newer records "
-            "are dropped and counted until it answers",
+            "%d records are waiting for the Aim server %s to confirm them (the buffer bound, "
+            "AIM_LLAMA_QUEUE_SIZE) and it has not confirmed any for a while; newer records "
+            "are dropped and counted until it catches up",
             self.config.buffer_size,
             self.address.url if self.address else "",
         )
@@ -1028,7 +1076,8 @@ class RunSink:
                 if not self._open():
                     self.lost += 1
                     continue
-                if self.address is not None and self.unconfirmed() >= self.config.buffer_size:
+                if (self.address is not None and self.unconfirmed() >= self.config.buffer_size
+                        and not self._await_server()):
                     self._drop_unconfirmed()
                     continue
                 self._store(rec)

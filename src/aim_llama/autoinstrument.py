@@ -294,7 +294,9 @@ def _activate(settings: Any) -> _Active:
 def flush(timeout: float | None = None) -> bool:
     """Block until everything recorded so far is stored in the Aim repo (or `timeout` passes).
 
-    True when it is; False on timeout, or when records were lost meanwhile (a writer that died).
+    True when it is; False on timeout, or when records were dropped or lost since the previous
+    `flush()` (a full queue, a server's buffer bound, a writer that died): the next one is True
+    again once nothing more was lost.
     """
     active = _active
     if active is None or active.pid != os.getpid():

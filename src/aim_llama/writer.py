@@ -247,6 +247,7 @@ class ProcessBackend:
         self._on_run = on_run
         self.closed_info: tuple[Any, ...] | None = None
         self.stored = 0  # records the writer process reported in the repo (or on the server)
+        self.writer_lost = 0  # records the writer process reported lost (a server's buffer bound …)
         self.broken = False
         # An application that closes every descriptor (a hand-rolled daemonization) and opens
         # new ones may be given these numbers back: never read, write or close them then.
@@ -312,6 +313,8 @@ class ProcessBackend:
                 self._on_ack(msg[1])
             elif msg[0] == "stored":
                 self.stored = max(self.stored, int(msg[1]))
+            elif msg[0] == "lost":
+                self.writer_lost = max(self.writer_lost, int(msg[1]))
             elif msg[0] == "run":
                 self._on_run(msg[1])
             elif msg[0] == "closed":
@@ -380,6 +383,8 @@ class Writer:
         self.after_close = 0  # records made after close(): not stored, said once
         self._after_close_reported = False
         self._sent = 0  # records handed to the backend
+        self._inflight = 0  # records being handed to it now (a write to a full pipe may block)
+        self._flush_mark = (0, 0, 0)  # `_losses()` when the last flush returned
         self._sent_token = 0  # the last flush token handed to the backend
         self.restarts = 0  # writer processes started again after one died
         # (records in the chunk, pickled chunk), or a flush barrier. A tuple of an int and
@@ -560,8 +565,16 @@ class Writer:
 
     def _send(self, chunks: list[bytes], records: int, tokens: list[int],
               retry: bool = True) -> None:
+        try:
+            self._send_now(chunks, records, tokens, retry)
+        finally:
+            self._inflight = 0
+
+    def _send_now(self, chunks: list[bytes], records: int, tokens: list[int],
+                  retry: bool) -> None:
         backend = self._backend
         if backend is not None:
+            self._inflight = records
             try:
                 backend.send(chunks)
                 self._sent += records
@@ -650,20 +663,28 @@ class Writer:
             log.warning("%d records made after aim-llama's writer was closed were not stored",
                         self.after_close)
 
-    def _report_close(self, ok: bool, limit: float, pending: int) -> None:
+    def _report_close(self, ok: bool, limit: float, pending: int, unconfirmed: int = 0
+                      ) -> None:
         """Say what did not make it into the repo; silence means everything did."""
         backend = self._backend
         if not ok:
-            background = isinstance(backend, ProcessBackend) and backend.proc.poll() is None
+            if isinstance(backend, ProcessBackend):
+                remote = "://" in (self.config.repo or "")
+                running = backend.proc.poll() is None
+                where = (f"; {unconfirmed} more were handed to the writer process (pid "
+                         f"{backend.proc.pid}) and not yet confirmed stored: "
+                         + ("it reports itself which of them it could not deliver to the "
+                            "server" if remote else
+                            "it goes on storing them" if running else "it has ended"))
+            else:
+                where = " (plus any batch the writer thread was storing)"
             log.warning(
                 "the Aim writer did not finish within the flush timeout (%gs, "
-                "AIM_LLAMA_FLUSH_TIMEOUT): %d records not written%s; %d dropped earlier because "
-                "the queue was full",
+                "AIM_LLAMA_FLUSH_TIMEOUT): %d records not handed to it%s; %d dropped earlier "
+                "because the queue was full",
                 limit,
                 pending,
-                f" (the writer process, pid {backend.proc.pid}, goes on storing what it already "
-                "received)" if background and isinstance(backend, ProcessBackend)
-                else " (plus any batch the writer thread was storing)",
+                where,
                 self.dropped,
             )
         elif self.lost or self.dropped:
@@ -676,12 +697,23 @@ class Writer:
             )
 
     # -- public control -----------------------------------------------------------------
+    def _losses(self) -> tuple[int, int, int]:
+        """(lost here, dropped at the queue, lost in the writer) so far."""
+        backend = self._backend
+        if isinstance(backend, ProcessBackend):
+            inside = backend.writer_lost
+        elif isinstance(backend, ThreadBackend):
+            inside = backend.sink.lost
+        else:
+            inside = 0
+        return self.lost, self.dropped, inside
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted so far is stored; False if `timeout` ran out
-        first, or if records were lost meanwhile (a writer that died or failed)."""
+        first, or if records were dropped or lost since the previous flush (a full queue, a
+        server's buffer bound, a writer that died or failed)."""
         if not self._started or self._closed:
             return True
-        lost = self.lost
         token = next(self._tokens)
         self._queue.append(Flush(token))
         self._wake.set()
@@ -693,7 +725,8 @@ class Writer:
                 if left <= 0:
                     return False
                 self._ack_cond.wait(min(left, 0.05))  # `_ack` may not get the lock to notify
-        return self.lost == lost
+        before, self._flush_mark = self._flush_mark, self._losses()
+        return self._flush_mark == before
 
     def close(self, timeout: float | None = None) -> bool:
         """Store everything queued, finalize the run, within `timeout`; report what was lost."""
@@ -748,8 +781,9 @@ class Writer:
                 pending += self._backend.sink.lost
             elif self._backend.sink.address is not None:
                 # Still waiting for a server: what it holds is lost with the process; the sink
-                # counts and reports it once (as it does when its own exit deadline passes).
-                self._backend.sink.give_up()
+                # counts and reports it once (as it does when its own exit deadline passes),
+                # the batch it is still taking (stuck opening the run, say) included.
+                self._backend.sink.give_up(received=self._sent + self._inflight)
                 given_up = True
         if given_up and isinstance(self._backend, ThreadBackend):
             self.lost += self._backend.sink.lost
@@ -767,5 +801,13 @@ class Writer:
                     self._writer_died(backend, restart=False)
                     ok = True  # not a timeout: the loss is counted and reported below
         pending += self.queued
-        self._report_close(ok, limit, pending)
+        unconfirmed = 0
+        if ok and pending:
+            # left here by a writer that has finished, or a server given up on: lost, and said
+            self.lost += pending
+            pending = 0
+        elif not ok and isinstance(self._backend, ProcessBackend):
+            pending += self._inflight  # a batch stuck in a write to the writer's full pipe
+            unconfirmed = max(0, self._sent - self._backend.stored)
+        self._report_close(ok, limit, pending, unconfirmed)
         return ok

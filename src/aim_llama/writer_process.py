@@ -231,6 +231,7 @@ def main() -> int:
 
     announced = False
     reported = 0
+    reported_lost = 0
     leaving = False
     last_store = 0.0  # the first batch is stored at once
     while not leaving:
@@ -266,6 +267,9 @@ def main() -> int:
         if sink.confirmed != reported:  # so that the application can count what a crash loses
             reported = sink.confirmed
             channel.send(("stored", reported))
+        if sink.lost != reported_lost:  # before the acks: a flush answered after a loss says so
+            reported_lost = sink.lost
+            channel.send(("lost", reported_lost))
         for token in tokens:
             channel.send(("ack", token))
     try:

@@ -94,7 +94,9 @@ if a.mode == "writer-dies":
     writer.submit(Track("value", -1.0, "metric", {"kind": "late"}))  # to the next writer
     for i in range(100):  # the same sequence as before the death: steps continue after it
         writer.submit(Track("value", 5000.0 + i, "metric", {"kind": "t0"}))
-    print("FLUSH_AFTER_DEATH", writer.flush(10), flush=True)
+    # the first flush since the death says records were lost; the next one, that what came
+    # after it is stored
+    print("FLUSH_AFTER_DEATH", writer.flush(10), writer.flush(10), flush=True)
     print("RESTARTS", writer.restarts, flush=True)
     print("ALIVE", flush=True)
 elif a.mode == "writer-dies-often":
@@ -115,7 +117,8 @@ elif a.mode == "drops-then-dies":
     for burst in range(5):  # drops, and a record of the drop count in several batches
         submit(burst * a.n, a.n)
         time.sleep(0.2)
-    assert writer.flush(60), "flush timed out"
+    assert not writer.flush(60), "records were dropped: flush must say so"
+    assert writer.flush(60), "flush timed out (or a loss since the previous flush)"
     writer_pid = writer._backend.proc.pid
     os.kill(writer_pid, signal.SIGSTOP)
     for i in range(15):  # handed to the stopped writer process: never stored
