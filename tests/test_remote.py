@@ -418,3 +418,23 @@ def test_thread_writer_exit_is_bounded_when_the_server_left_after_the_run_was_cl
         raise AssertionError("the exit hung in Aim's clean-up") from None
     assert time.time() - exiting < 3 + 2.0, err
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_a_service_that_is_not_aim_is_named_so(workdir):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"aim://127.0.0.1:{server.server_address[1]}"
+        proc = subprocess.run(
+            [sys.executable, str(APPS / "rag.py"), "1"], cwd=workdir, text=True,
+            capture_output=True, env=clean_env(AIM_REPO=url, AIM_LLAMA_FLUSH_TIMEOUT="1.5"),
+            timeout=60)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
+    assert f"{url} answers, but not as an Aim tracking server" in proc.stderr, proc.stderr
+    assert "not reachable" not in proc.stderr
+    assert re.search(r"(\d+) records could not be stored", proc.stderr), proc.stderr

@@ -834,15 +834,27 @@ class RunSink:
                 self._apply_held([])
                 return
             left = (deadline or 0.0) - time.monotonic()
-            if left <= 0.05:
+            if left <= 0.3:  # leave `close` time to see this end (and say why) before its deadline
                 return
-            time.sleep(min(0.5, left))
+            time.sleep(min(0.5, left - 0.25))
 
     def give_up(self, received: int | None = None) -> None:
         """The deadline passed: count what the server never confirmed and release Aim's waiters.
 
         `received`: records the writer was handed in all (some may not have reached this sink).
         """
+        if self._gave_up:
+            return
+        # A close that is just ending reports what it lost itself: wait a moment for it (but
+        # never for a sink stuck inside Aim with the lock held: a hung server).
+        locked = self._lock.acquire(timeout=0.25)
+        try:
+            self._give_up(received)
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _give_up(self, received: int | None) -> None:
         if self._gave_up:
             return
         missing = self.unconfirmed()
@@ -886,9 +898,14 @@ class RunSink:
         if self._unreachable_since is None:
             self._unreachable_since = now
         assert self.address is not None
+        if isinstance(exc, ValueError):  # (JSONDecodeError) something answered, not Aim
+            problem = ("answers, but not as an Aim tracking server (%s: is it `aim up`, or "
+                       "another service, on that port?)")
+        else:
+            problem = "is not reachable (%s)"
         warn_once(
             "remote-unreachable",
-            "the Aim server %s is not reachable (%s); the application continues, up to %d "
+            "the Aim server %s " + problem + "; the application continues, up to %d "
             "records are kept in memory and sent when it answers (retrying with backoff)",
             self.address.url,
             remote.describe_failure(exc),
