@@ -800,11 +800,13 @@ class RunSink:
     def _bound_exit(self) -> None:
         """Interpreter exit in the application: Aim's cleanup (next) waits forever for a server
         that is gone; after the flush timeout, give up on what it still holds."""
+        if self._client is not None:
+            # Aim's cleanup (next) may fail on a dead server before we give up, also when the
+            # run was finalized long ago (it still releases the client's resources)
+            _quiet_aim_cleanup()
         self._app_exit.set()
         if self.run is None:
             return
-        if self._client is not None:
-            _quiet_aim_cleanup()  # Aim's cleanup may fail on a dead server before we give up
         self._exiting.set()  # starts the clock of `_exit_deadline`
 
     def _exit_deadline(self) -> None:
