@@ -71,6 +71,10 @@ class ThreadBackend:
     def __init__(self, config: RunConfig, on_ack: Any, on_run: Any) -> None:
         self.sink = RunSink(config)
         self.sink.on_ack = on_ack  # aim:// repos: flush tokens are acknowledged once delivered
+        if self.sink.address is not None:
+            # Aim's client warns once per outage, without the address; the sink says it once,
+            # with the address and what is kept (as the writer process does)
+            logging.getLogger("aim.ext.transport").setLevel(logging.ERROR)
         self._on_ack = on_ack
         self._on_run = on_run
 
