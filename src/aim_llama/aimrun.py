@@ -200,8 +200,27 @@ def patch_aim_exit_cleanup() -> None:
         except RuntimeError:  # "can't create new thread at interpreter shutdown"
             _cleanup_in_place(AutoClean)
 
+    def run_finalizers() -> None:
+        # Aim's own `_cleanup`, except that one finalizer that raises (a request to a server
+        # that is gone, a repo whose directory was deleted) neither skips the others nor
+        # leaves `stop_signal` unset: the interpreter would wait for it forever at exit.
+        first: BaseException | None = None
+        try:
+            entries: Any = AutoClean._finalizers  # type: ignore[misc]
+            finalizers = sorted(entries.items(), key=lambda item: item[1][0])
+            for _instance, (_priority, finalizer) in reversed(finalizers):
+                try:
+                    finalizer()
+                except Exception as exc:
+                    first = first or exc
+        finally:
+            AutoClean.stop_signal.set()
+        if first is not None:
+            raise first
+
     cleanup._aim_llama = True  # type: ignore[attr-defined]
     AutoClean.cleanup = staticmethod(cleanup)  # type: ignore[method-assign]
+    AutoClean._cleanup = staticmethod(run_finalizers)  # type: ignore[method-assign]
     if getattr(AutoClean, "_registered_with_atexit", False):
         atexit.unregister(original_func)
         atexit.register(cleanup)
@@ -489,9 +508,22 @@ def _quiet_aim_cleanup(everything: bool = False) -> None:
         if isinstance(args.thread, RobustExec) and (
                 _cleanup_quiet[0] or isinstance(args.exc_value, OSError)):
             return  # requests' ConnectionError is an OSError
+        if isinstance(args.exc_value, OSError) and _in_aim_reporter(args.exc_traceback):
+            return  # its run's repo was deleted: the sink says so, in one line
         previous(args)
 
     threading.excepthook = hook
+
+
+def _in_aim_reporter(tb: Any) -> bool:
+    """Whether a traceback passes through Aim's run status reporter (a thread of its own that
+    touches a file in the repo every few seconds)."""
+    marker = os.path.join("aim", "sdk", "reporter")
+    while tb is not None:
+        if marker in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _repo_still_there(run: Any) -> bool:
@@ -616,6 +648,7 @@ class RunSink:
                 from aim import Run  # type: ignore[attr-defined]
             patch_aim_exit_cleanup()
             patch_aim_status_reporters()
+            _quiet_aim_cleanup()  # (and Aim's status reporter's failures: see the hook)
 
             self._aim = aim
             repo = resolve_repo(self.config.repo)
@@ -1057,6 +1090,7 @@ class RunSink:
         self.stored -= batch
         self.lost += batch
         if self.failed is None:
+            _quiet_aim_cleanup(everything=True)  # Aim's exit clean-up fails on it too: said here
             self.failed = f"{type(exc).__name__}: {exc}"
             log.error(
                 "cannot write to the Aim repo %r any more (%s); %d records of this batch and "
