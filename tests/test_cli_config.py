@@ -77,6 +77,20 @@ def test_example_config_documents_every_setting_and_is_valid(workdir: Path) -> N
     proc = cli("config", "--json", cwd=workdir, AIM_LLAMA_CONFIG=str(example))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["writer"]["source"].endswith("aim_llama.toml: writer")
+    # a copied example must not make every Python start parse TOML (the switches' quick path
+    # parses a file only for a line that sets one of them)
+    from aim_llama.switches import ENV
+
+    for switch in ENV:
+        assert not [line for line in text.splitlines() if line.startswith(f"{switch} =")], switch
+
+
+def test_errors_name_a_relatively_given_config_file_by_its_full_path(workdir: Path) -> None:
+    (workdir / "cfg").mkdir()
+    (workdir / "cfg" / "b.toml").write_text("queue_sz = 1\n")
+    proc = cli("config", cwd=workdir, AIM_LLAMA_CONFIG="cfg/b.toml")
+    assert proc.returncode == 1
+    assert f"{workdir / 'cfg' / 'b.toml'}: unknown setting 'queue_sz'" in proc.stderr, proc.stderr
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(workdir: Path) -> None:

@@ -518,7 +518,7 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
         if not isinstance(doc, dict):
             name = ".".join(table[: depth + 1])
             raise ConfigError(
-                f"{path.name}: {name} = {_fmt_value(doc)} is not a table; aim-llama's "
+                f"{os.path.abspath(path)}: {name} = {_fmt_value(doc)} is not a table; aim-llama's "
                 f"settings go in a [{'.'.join(table)}] table",
                 setting=".".join(table),
                 source=str(path),
@@ -652,7 +652,7 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
                 setting=CONFIG_ENV if explicit else DEFAULT_TOML,
                 source=f"env {CONFIG_ENV}" if explicit else str(toml_path),
             )
-        label = str(toml_path)
+        label = os.path.abspath(toml_path)
         data = _read_toml(toml_path, label, (),
                           f"env {CONFIG_ENV}" if explicit else str(toml_path))
         layers.append(("file", label, _anchor_repo(data, toml_path)))

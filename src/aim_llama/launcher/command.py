@@ -63,7 +63,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--propagate", "propagate", PROPAGATE_ENV, "BOOL",
            "instrument Python child processes too (default true)"),
     Option("--capture-content", "capture_content", "AIM_LLAMA_CAPTURE_CONTENT", "BOOL",
-           "record prompt/response texts (false: only sizes and timings)"),
+           "record prompt/response texts (false: metrics, token counts and the trace structure only)"),
     Option("--max-text-length", "max_text_length", "AIM_LLAMA_MAX_TEXT_LENGTH", "N",
            "truncate recorded texts; none/off/0 for no limit"),
     Option("--redact", "redact", "AIM_LLAMA_REDACT", "REGEXES",
