@@ -117,7 +117,6 @@ class _Root:
     __slots__ = (
         "answer",
         "end",
-        "error_count",
         "errors",
         "finalized",
         "hold",
@@ -150,7 +149,6 @@ class _Root:
         self.finalized = False
         self.last_seen = now
         self.errors: list[BaseException] = []
-        self.error_count = 0  # errors recorded under it so far (`errors` keeps the last 8)
         self.tokens = 0
         self.llm_calls = 0
         self.streams = 0  # streamed LLM calls finished under this request
@@ -259,8 +257,6 @@ class Observer:
         self._seen_models: set[str] = set()
         self._next_sweep = _now() + SWEEP_INTERVAL
         self._kinds: dict[type, str] = {}
-        # tool spans: the request's error count when they started (an error recorded under a
-        # tool, e.g. its LLM call's, is not counted again as the tool's)
         # errors recorded under each running tool span (its own LLM call's, say): a tool that
         # then fails, or returns an error, is not counted again; a sibling's do not count
         self._tool_errors: dict[str, int] = {}
@@ -688,7 +684,6 @@ class Observer:
         """An exception recorded under `node`: the request's spans that end with it (or a tool
         above that returns an error for it) do not record it again (lock held)."""
         root.errors.append(err)
-        root.error_count += 1
         del root.errors[:-8]
         if self._tool_errors:
             while node is not None:
@@ -701,8 +696,7 @@ class Observer:
         `err`: False when it is recorded already in this context's request; True otherwise,
         and then the request's spans that fail with it do not record it again."""
         with self._lock:
-            span_id = _active_span_id().get()
-            node = self._spans.get(span_id) if span_id else None
+            node = self._current_node()
             if node is None:
                 return True
             root = node.root
@@ -1081,10 +1075,14 @@ class Observer:
                 out.extend(self._finish(root, now, status))
         return out
 
+    def _current_node(self) -> _Node | None:
+        """The span running in this context, if aim-llama tracks it."""
+        span_id = _active_span_id().get()
+        return self._spans.get(span_id) if span_id else None
+
     def _current_root(self) -> _Root | None:
         """The request of the span running in this context, if aim-llama tracks it."""
-        span_id = _active_span_id().get()
-        node = self._spans.get(span_id) if span_id else None
+        node = self._current_node()
         return node.root if node is not None else None
 
     def in_request(self) -> bool:
