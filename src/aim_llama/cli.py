@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser(
         "config",
         help="print the effective settings and where each came from; exit 1 if invalid",
+        description="Print the effective settings and where each came from (keyword, env "
+                    "variable, file and key, or default); exit 1 with the one-line error if "
+                    "they are invalid.",
     )
     config.add_argument("--json", action="store_true", help="machine-readable output")
     config.set_defaults(func=_cmd_config)

@@ -252,7 +252,8 @@ def add_doctor_parser(subparsers: Any, func: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "doctor",
         help="check the configuration and that the Aim repo or server is usable; exit 1 if not",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=(__doc__.splitlines()[0].replace("`aim-llama doctor`: ", "").capitalize()
+                     if __doc__ else None),
     )
     parser.add_argument("--probe", action="store_true",
                         help="also write a small run through aim-llama, read it back, delete it")
