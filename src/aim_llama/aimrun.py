@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,26 +201,21 @@ def patch_aim_exit_cleanup() -> None:
             _cleanup_in_place(AutoClean)
 
     def run_finalizers() -> None:
-        # Aim's own `_cleanup`, except that one finalizer that raises (a request to a server
-        # that is gone, a repo whose directory was deleted) neither skips the others nor
-        # leaves `stop_signal` unset: the interpreter would wait for it forever at exit.
-        first: BaseException | None = None
+        # Aim's own `_cleanup` (in its thread), except that one finalizer that raises (a
+        # request to a server that is gone, a repo whose directory was deleted) neither skips
+        # the others nor leaves `stop_signal` unset: the interpreter would wait forever at exit.
+        failures: list[Exception] = []
         try:
-            entries: Any = AutoClean._finalizers  # type: ignore[misc]
-            finalizers = sorted(entries.items(), key=lambda item: item[1][0])
-            for _instance, (_priority, finalizer) in reversed(finalizers):
-                try:
-                    finalizer()
-                except Exception as exc:
-                    first = first or exc
+            _run_finalizers(AutoClean, failures.append)
         finally:
             AutoClean.stop_signal.set()
-        if first is not None:
-            raise first
+        if failures:
+            raise failures[0]  # (for the thread's excepthook: see `_quiet_aim_cleanup`)
 
     cleanup._aim_llama = True  # type: ignore[attr-defined]
     AutoClean.cleanup = staticmethod(cleanup)  # type: ignore[method-assign]
-    AutoClean._cleanup = staticmethod(run_finalizers)  # type: ignore[method-assign]
+    if hasattr(getattr(AutoClean, "_finalizers", None), "items"):  # (Aim 3.29's layout)
+        AutoClean._cleanup = staticmethod(run_finalizers)  # type: ignore[method-assign]
     if getattr(AutoClean, "_registered_with_atexit", False):
         atexit.unregister(original_func)
         atexit.register(cleanup)
@@ -246,10 +241,23 @@ def _cleanup_in_place(auto_clean: Any) -> None:
     if _server_abandoned:
         auto_clean.stop_signal.set()
         return
-    finalizers: Any = getattr(auto_clean, "_finalizers", None)  # a WeakKeyDictionary (3.29)
-    if not hasattr(finalizers, "items"):
+    if not hasattr(getattr(auto_clean, "_finalizers", None), "items"):
         auto_clean._cleanup()
         return
+
+    def failed(exc: Exception) -> None:
+        if _cleanup_quiet and (_cleanup_quiet[0] or isinstance(exc, OSError)):
+            return  # about the server being gone: what that lost is reported already
+        log.warning("Aim's exit cleanup failed: %s: %s", type(exc).__name__, exc)
+
+    _run_finalizers(auto_clean, failed)
+    auto_clean.stop_signal.set()
+
+
+def _run_finalizers(auto_clean: Any, failed: Callable[[Exception], None]) -> None:
+    """Aim's exit finalizers (`AutoClean._finalizers`, a WeakKeyDictionary in 3.29), highest
+    priority first as Aim orders them, each tried whatever the others did."""
+    finalizers: Any = auto_clean._finalizers
     for _attempt in range(10):
         try:
             entries = list(finalizers.items())
@@ -262,10 +270,7 @@ def _cleanup_in_place(auto_clean: Any) -> None:
         try:
             finalizer()
         except Exception as exc:
-            if _cleanup_quiet and (_cleanup_quiet[0] or isinstance(exc, OSError)):
-                continue  # about the server being gone: what that lost is reported already
-            log.warning("Aim's exit cleanup failed: %s: %s", type(exc).__name__, exc)
-    auto_clean.stop_signal.set()
+            failed(exc)
 
 
 @contextlib.contextmanager
@@ -537,22 +542,14 @@ def _repo_still_there(run: Any) -> bool:
 
 
 def _aim_cleanup_done(budget: float) -> bool:
-    """Whether Aim's exit cleanup finished within `budget` seconds (its finalizers all ran;
-    one that raises — a request to a dead server — means it never will)."""
+    """Whether Aim's exit cleanup finished within `budget` seconds (with its finalizers run
+    by `patch_aim_exit_cleanup`, also when one raised; not when one never returns: a hung
+    server, whose requests have no timeout)."""
     try:
-        from aim.ext.cleanup import AutoClean, RobustExec
+        from aim.ext.cleanup import AutoClean
     except Exception:
         return True
-    deadline = time.monotonic() + budget
-    seen = False
-    while time.monotonic() < deadline:
-        if AutoClean.stop_signal.wait(0.05):
-            return True
-        if any(isinstance(t, RobustExec) for t in threading.enumerate()):
-            seen = True
-        elif seen:  # its thread ended without finishing: a finalizer raised
-            return AutoClean.stop_signal.is_set()
-    return AutoClean.stop_signal.is_set()
+    return AutoClean.stop_signal.wait(budget)
 
 
 def _release_aim_exit(budget: float = 1.0) -> None:

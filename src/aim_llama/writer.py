@@ -667,8 +667,7 @@ class Writer:
             log.warning("%d records made after aim-llama's writer was closed were not stored",
                         self.after_close)
 
-    def _report_close(self, ok: bool, limit: float, pending: int, unconfirmed: int = 0
-                      ) -> None:
+    def _report_close(self, ok: bool, limit: float, pending: int, unconfirmed: int) -> None:
         """Say what did not make it into the repo; silence means everything did."""
         backend = self._backend
         if not ok:
