@@ -366,6 +366,11 @@ def test_flush_says_false_when_the_servers_buffer_bound_dropped_records(aim_proc
     assert proc.returncode == 0, err
     assert "FIRST False" in out and "SECOND True" in out, (out, err)
     assert "buffer bound" in err and "could not be stored" in err, err
+    server.stop()
+    (run_hash,) = run_hashes(server.repo)
+    texts = [t for _, t in prompts(server.repo, run_hash)]
+    assert texts[0] == "first" and texts[-1] == "one more", texts  # held, then after the flush
+    assert len(texts) < 52  # the newest of those made while it was down were dropped
 
 
 def test_a_healthy_server_is_not_cut_by_a_small_buffer_bound(aim_process, workdir):
