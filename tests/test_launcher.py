@@ -372,6 +372,35 @@ def test_strict_mode_through_the_launcher_matches_the_import(workdir, repo):
     assert run_hashes(repo) == []
 
 
+@pytest.mark.parametrize("hook", ["sitecustomize", "pth"])
+def test_strict_mode_stops_a_program_from_a_start_up_hook_but_not_pip(workdir, tmp_path, hook):
+    """`site` catches what a sitecustomize or a `.pth` line raises and runs the program anyway:
+    strict mode ends it instead (one line, status 1). pip still runs, to fix the environment."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    if hook == "sitecustomize":
+        (hooks / "sitecustomize.py").write_text("import aim_llama.auto\n")
+        prefix, env = [], {"PYTHONPATH": str(hooks)}
+    else:  # what `site` does with a .pth file in site-packages
+        (hooks / "aim_llama_auto.pth").write_text("import aim_llama.auto\n")
+        prefix, env = ["-c", f"import site; site.addsitedir({str(hooks)!r}); print('APP RAN')"], {}
+    env = clean_env(AIM_LLAMA_STRICT="true", AIM_SYSTEM_TRACKING_INTERVAL="abc", **env)
+    app = prefix or ["-c", "print('APP RAN')"]
+    proc = subprocess.run([sys.executable, *app], cwd=workdir, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "APP RAN" not in proc.stdout
+    assert proc.stderr.startswith("aim_llama: error: invalid setting system_tracking_interval"), proc.stderr
+    assert "AIM_SYSTEM_TRACKING_INTERVAL='abc'" in proc.stderr and proc.stderr.count("\n") == 1
+    if hook == "sitecustomize":
+        pip = subprocess.run([sys.executable, "-m", "pip", "--version"], cwd=workdir, env=env,
+                             capture_output=True, text=True)
+        assert pip.returncode == 0 and pip.stdout.startswith("pip "), pip.stderr
+        assert "ConfigError: invalid setting system_tracking_interval" in pip.stderr  # site's report
+    relaxed = subprocess.run([sys.executable, *app], cwd=workdir, env={**env, "AIM_LLAMA_STRICT": "false"},
+                             capture_output=True, text=True)
+    assert relaxed.returncode == 0 and "APP RAN" in relaxed.stdout, relaxed.stderr
+
+
 @pytest.mark.parametrize("propagate", [True, False])
 def test_empty_pythonpath_entries_still_mean_the_working_directory(workdir, tmp_path, propagate):
     """`export PYTHONPATH=$PYTHONPATH:/x` with PYTHONPATH unset gives `:/x`: the empty entry is

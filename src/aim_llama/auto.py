@@ -10,6 +10,7 @@ that moment. It never raises, unless strict mode is on. The launcher's start-up 
 from __future__ import annotations
 
 import os
+import sys
 
 from .importhook import after_module, initializing, when_imported
 
@@ -68,6 +69,36 @@ def _strict() -> bool:
         return False
 
 
+# Functions of Python's `site` that run start-up code (sitecustomize, usercustomize, `.pth` lines).
+_SITE_RUNNERS = frozenset({"execsitecustomize", "execusercustomize", "addpackage"})
+_SITE_FILES = ("site.py", "<frozen site>")
+
+
+def _imported_by_site() -> bool:
+    """True while Python's `site` runs this import: it would catch strict mode's ConfigError,
+    print it and run the program anyway, so strict mode has to end the process itself."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in _SITE_RUNNERS and os.path.basename(code.co_filename) in _SITE_FILES:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _stop_at_start_up(exc: BaseException) -> None:
+    """Strict mode from a start-up hook: end the process as the failing import would have,
+    except for the tools that must keep working to fix the configuration (pip, aim, aim-llama)."""
+    from .launcher.startup import command_name, exit_at_start_up, is_skipped
+
+    try:
+        if is_skipped(command_name()):
+            return
+    except Exception:
+        pass
+    exit_at_start_up(f"aim_llama: error: {exc}")
+
+
 # aim-llama's own modules that import LlamaIndex at their top: when the application imports
 # one of them first, LlamaIndex finishes importing (and the hook fires) while it is half-run.
 _LLAMA_IMPORTING = ("aim_llama.dispatcher", "aim_llama.handler")
@@ -115,8 +146,12 @@ def activate() -> None:
 
         try:
             load_settings()
-        except BaseException:
+        except BaseException as exc:
             _activated_pid = 0
+            from .errors import ConfigError
+
+            if isinstance(exc, ConfigError) and _imported_by_site():
+                _stop_at_start_up(exc)
             raise
     when_imported("llama_index.core", _instrument_now)
 

@@ -77,7 +77,7 @@ def activate() -> None:
     try:
         import aim_llama.auto  # noqa: F401  (installs the post-import hook; nothing heavy)
     except ConfigError as exc:  # strict mode only: the program must not run with a bad config
-        _die(f"aim_llama: error: {exc}")
+        exit_at_start_up(f"aim_llama: error: {exc}")
     except Exception as exc:  # never break a program that merely inherited our PYTHONPATH
         try:
             from ..log import warn_once
@@ -88,7 +88,8 @@ def activate() -> None:
             pass
 
 
-def _die(message: str) -> None:
+def exit_at_start_up(message: str) -> None:
+    """Print `message` and end the process with status 1 (SystemExit is fatal inside `site`)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
