@@ -78,7 +78,7 @@ def read_run(path: str | Path, run_hash: str, with_texts: bool = True) -> RunDat
     """Index then read one run: params, metrics (step-ordered), texts, finalization state."""
     from aim import Repo
 
-    from aim_llama.aimrun import patch_aim_exit_cleanup
+    from aim_llama.aimexit import patch_aim_exit_cleanup
 
     patch_aim_exit_cleanup()  # Python 3.12: Aim's own exit cleanup cannot start its thread
     repo = Repo.from_path(str(repo_root(path)))

@@ -54,7 +54,7 @@ def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 
 
 INIT_REPO = (
-    "import sys\nfrom aim_llama.aimrun import patch_aim_exit_cleanup\nfrom aim import Repo\n"
+    "import sys\nfrom aim_llama.aimexit import patch_aim_exit_cleanup\nfrom aim import Repo\n"
     "patch_aim_exit_cleanup()\nRepo.from_path(sys.argv[1], init=True)\n"
 )
 

@@ -1,4 +1,5 @@
-"""The only module that touches Aim: turns batches of records into one Aim `Run`.
+"""Turns batches of records into one Aim `Run` (with `aimexit` and `fasttrack`, the only
+modules that touch Aim's SDK).
 
 Used by the writer, either in a writer process or in a writer thread; never on the
 application's thread. It creates the run lazily (at the first record), numbers steps itself
@@ -11,17 +12,28 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import remote
+from .aimexit import (
+    aim_cleanup_done,
+    at_shutdown,
+    patch_aim_exit_cleanup,
+    patch_aim_status_reporters,
+    quiet_aim_cleanup,
+    release_aim_exit,
+    server_abandoned,
+    servers_in_use,
+    tolerant_atexit,
+)
 from .content import DEFAULT_SECRET_PATTERNS, ContentPolicy
+from .fasttrack import FastTrack, context_key, group_commit, install_group_commit
 from .finish import Finisher, storable
 from .lifecycle import start_background
 from .log import warn_once
@@ -130,407 +142,6 @@ def _has_version(path: str) -> bool:
         return False
 
 
-def _at_shutdown(exc: BaseException) -> bool:
-    """Whether `exc` is Python refusing a new thread because the interpreter is shutting down."""
-    return isinstance(exc, RuntimeError) and "interpreter shutdown" in str(exc)
-
-
-class _InertReporter:
-    """Stands in for an Aim status reporter that could not start its thread: every method of
-    it (`check_in`, `close`, `stop` …) does nothing, so no caller in Aim needs a None check."""
-
-    def __getattr__(self, name: str) -> Any:
-        return _do_nothing
-
-
-def _do_nothing(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def patch_aim_status_reporters() -> None:
-    """Let Aim open a local Run while the interpreter shuts down (Python 3.12+).
-
-    A Run starts two status-reporter threads (they keep "still running" check-in files fresh);
-    from Python 3.12 no thread may start at shutdown, which is when the thread writer of a
-    short-lived program opens its run. There the reporter is left out — the run is finalized
-    moments later, so an inert stand-in (`_InertReporter`) takes the reporter's place.
-    At any other time (and on Python < 3.12, where threads may still start then) the real
-    reporter is made, unchanged.
-    """
-    try:
-        import aim.sdk.run as aim_run
-    except Exception:
-        return
-    for name in ("RunStatusReporter", "ScheduledStatusReporter"):
-        real = getattr(aim_run, name, None)
-        if real is None or getattr(real, "_aim_llama", False):
-            continue
-
-        def make(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
-            try:
-                return _real(*args, **kwargs)
-            except RuntimeError as exc:
-                if not _at_shutdown(exc):
-                    raise
-                return _InertReporter()
-
-        setattr(make, "_aim_llama", True)  # noqa: B010 (mypy: no such attribute)
-        setattr(aim_run, name, make)
-
-
-def patch_aim_exit_cleanup() -> None:
-    """Make Aim's exit-time cleanup work on Python 3.12+.
-
-    Aim's `AutoClean.cleanup` (registered with atexit) runs its finalizers in a new thread;
-    from Python 3.12 no thread may start at interpreter shutdown, so it fails with a traceback
-    and leaves runs unfinalized. Our replacement falls back to running them in place.
-    """
-    try:
-        from aim.ext.cleanup import AutoClean
-    except Exception:
-        return
-    original = AutoClean.__dict__.get("cleanup")
-    original_func = getattr(original, "__func__", original)
-    if original_func is None or getattr(original_func, "_aim_llama", False):
-        return
-
-    def cleanup() -> None:
-        try:
-            original_func()
-        except RuntimeError:  # "can't create new thread at interpreter shutdown"
-            _cleanup_in_place(AutoClean)
-
-    def run_finalizers() -> None:
-        # Aim's own `_cleanup` (in its thread), except that one finalizer that raises (a
-        # request to a server that is gone, a repo whose directory was deleted) neither skips
-        # the others nor leaves `stop_signal` unset: the interpreter would wait forever at exit.
-        failures: list[Exception] = []
-        try:
-            _run_finalizers(AutoClean, failures.append)
-        finally:
-            AutoClean.stop_signal.set()
-        if failures:
-            raise failures[0]  # (for the thread's excepthook: see `_quiet_aim_cleanup`)
-
-    cleanup._aim_llama = True  # type: ignore[attr-defined]
-    AutoClean.cleanup = staticmethod(cleanup)  # type: ignore[method-assign]
-    if hasattr(getattr(AutoClean, "_finalizers", None), "items"):  # (Aim 3.29's layout)
-        AutoClean._cleanup = staticmethod(run_finalizers)  # type: ignore[method-assign]
-    if getattr(AutoClean, "_registered_with_atexit", False):
-        atexit.unregister(original_func)
-        atexit.register(cleanup)
-
-
-# Set once a sink gave up on its server: Aim's exit finalizers then must not run in place
-# (they send requests without a timeout to that server, which may never answer).
-_server_abandoned: list[bool] = []
-_servers_in_use: list[remote.Address] = []  # the aim:// servers this process opened runs on
-
-
-def _cleanup_in_place(auto_clean: Any) -> None:
-    """Aim's exit finalizers, run in this thread (its own runs them in a new one): every one is
-    tried; failures are kept out of stderr as `_quiet_aim_cleanup` keeps those of Aim's thread.
-    None of them once we gave up on the server: what it never confirmed is reported already."""
-    for address in _servers_in_use:
-        if _server_abandoned:
-            break
-        try:  # (no thread may start now to bound a request: ask, with a timeout, first)
-            remote.server_version(address, timeout=0.5)
-        except Exception:
-            _server_abandoned.append(True)
-    if _server_abandoned:
-        auto_clean.stop_signal.set()
-        return
-    if not hasattr(getattr(auto_clean, "_finalizers", None), "items"):
-        auto_clean._cleanup()
-        return
-
-    def failed(exc: Exception) -> None:
-        if _cleanup_quiet and (_cleanup_quiet[0] or isinstance(exc, OSError)):
-            return  # about the server being gone: what that lost is reported already
-        log.warning("Aim's exit cleanup failed: %s: %s", type(exc).__name__, exc)
-
-    _run_finalizers(auto_clean, failed)
-    auto_clean.stop_signal.set()
-
-
-def _run_finalizers(auto_clean: Any, failed: Callable[[Exception], None]) -> None:
-    """Aim's exit finalizers (`AutoClean._finalizers`, a WeakKeyDictionary in 3.29), highest
-    priority first as Aim orders them, each tried whatever the others did."""
-    finalizers: Any = auto_clean._finalizers
-    for _attempt in range(10):
-        try:
-            entries = list(finalizers.items())
-            break
-        except RuntimeError:  # "changed size during iteration": a Run opening in another thread
-            time.sleep(0.01)
-    else:
-        entries = []
-    for _key, (_priority, finalizer) in reversed(sorted(entries, key=lambda item: item[1][0])):
-        try:
-            finalizer()
-        except Exception as exc:
-            failed(exc)
-
-
-@contextlib.contextmanager
-def _tolerant_atexit() -> Iterator[None]:
-    """Let Aim create a Run while the interpreter is already running atexit callbacks.
-
-    Aim registers an atexit hook per Run, and importing it pulls in concurrent.futures, which
-    registers one too; during shutdown both raise. We finalize the run ourselves in `close()`,
-    so a registration refused at shutdown can be skipped safely (thread writer only: the
-    writer process never opens its run at shutdown).
-    """
-    original = atexit.register
-    original_threading = getattr(threading, "_register_atexit", None)
-
-    def register(func: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(func, *args, **kwargs)
-        except RuntimeError:
-            return func
-
-    def register_threading(func: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            if original_threading is not None:
-                original_threading(func, *args, **kwargs)
-        except RuntimeError:
-            pass  # e.g. concurrent.futures imported during shutdown
-
-    atexit.register = register  # type: ignore[assignment]
-    if original_threading is not None:
-        threading._register_atexit = register_threading  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        atexit.register = original
-        if original_threading is not None:
-            threading._register_atexit = original_threading  # type: ignore[attr-defined]
-
-
-def _ctx_key_fast(context: dict[str, Any] | None) -> Any:
-    """A hashable key for a context dict (flat contexts of scalars; JSON for anything else)."""
-    if not context:
-        return ()
-    try:
-        key = tuple(sorted(context.items()))
-        hash(key)
-        return key
-    except TypeError:
-        return _ctx_key(context)
-
-
-_BLOB_SENTINEL = b""  # what Aim stores at a key whose value lives in the blob domain
-_BLOB_DOMAIN = b"BLOBS\xfe"
-
-
-class FastTrack:
-    """`run.track()` for a local repo, about twice as cheap for a stream of values.
-
-    Aim's `RunTracker._track` rebuilds (deep-copies and hashes) the context, reads the clock
-    through pytz, and rewrites a sequence's `last` / `last_step` (and `min` / `max`) keys for
-    every value. Here contexts are built once per distinct context, the first value of a
-    sequence and anything unusual (a new dtype, a list) take Aim's own path, and the summary
-    keys are written once per batch (`flush`), in the same group commit as the values. It uses
-    `RunTracker` internals of Aim 3.x and is only enabled when they are all present.
-    """
-
-    def __init__(self, run: Any) -> None:
-        from aim.sdk.utils import get_object_typename
-        from aim.storage.context import Context
-
-        self.run = run
-        self.tracker = run._tracker
-        self._context: Any = Context
-        self._typename: Any = get_object_typename
-        from aim.storage import encoding, treeutils
-
-        self._encode_path: Any = getattr(encoding, "encode_path")  # noqa: B009 (Cython, untyped)
-        self._encode_tree: Any = treeutils.encode_tree
-        from aim.storage import rockscontainer
-        from aim.storage.types import BLOB
-
-        self._blob: Any = BLOB
-        # Aim's own markers; checked here so a different Aim falls back to `run.track()`
-        if (rockscontainer.BLOB_SENTINEL, rockscontainer.BLOB_DOMAIN) != (_BLOB_SENTINEL,
-                                                                         _BLOB_DOMAIN):
-            raise RuntimeError("unexpected Aim blob layout")
-        self._contexts: dict[Any, Any] = {}
-        self._dirty: dict[tuple[int, str], tuple[Any, Any, int]] = {}
-        # seq_info → (RocksDB container, key prefixes of its val / epoch / time / step arrays)
-        self._keys: dict[int, tuple[Any, tuple[bytes | None, ...]] | None] = {}
-        for attr in ("sequence_infos", "_track", "_add_value", "meta_run_tree"):
-            getattr(self.tracker, attr)
-
-    @classmethod
-    def create(cls, run: Any) -> FastTrack | None:
-        """A fast tracker for `run`, or None when this Aim lacks the internals it relies on."""
-        try:
-            return cls(run)
-        except Exception as exc:
-            log.debug("aim-llama: fast tracking unavailable (%s); using run.track()", exc)
-            return None
-
-    def track(self, value: Any, name: str, step: int, context: dict[str, Any],
-              ctx_key: Any) -> None:
-        """Store `value` at `step` of sequence (name, context)."""
-        tracker = self.tracker
-        now = time.time()
-        ctx = self._contexts.get(ctx_key)
-        if ctx is None:
-            ctx = self._contexts[ctx_key] = self._context(context)
-        seq_info = tracker.sequence_infos[ctx.idx, name]
-        if (not seq_info.initialized or seq_info.count == 0 or isinstance(value, (list, tuple))
-                or self._typename(value) != seq_info.dtype):
-            self._flush_one((ctx.idx, name))
-            tracker._track(value, now, name, step, None, context=context)  # Aim's own path
-            return
-        fresh = step >= seq_info.count  # nothing stored at this step yet
-        if fresh:
-            seq_info.count = step + 1
-            self._dirty[(ctx.idx, name)] = (seq_info, value, step)
-        elif seq_info.version == 2 and (value > seq_info.max or value < seq_info.min):
-            self._dirty.setdefault((ctx.idx, name), (seq_info, None, -1))
-        if seq_info.version == 2:
-            if value > seq_info.max:
-                seq_info.max = value
-            if value < seq_info.min:
-                seq_info.min = value
-        if not self._put_value(seq_info, value, step, now, fresh):
-            tracker._add_value(seq_info, value, step, None, now)
-
-    def _put_value(self, seq_info: Any, value: Any, step: int, now: float, fresh: bool) -> bool:
-        """`RunTracker._add_value` as direct puts into the group-commit batch.
-
-        Aim's tree views write each of a value's four keys (value, epoch, time, step) with a
-        range delete, a put and a blob delete, through several Python layers: ~10 us a key,
-        and every delete leaves a tombstone that RocksDB's compactions must carry. A `fresh`
-        step has nothing to delete, so the same keys and bytes (Aim's own encoders; a BLOB as
-        Aim stores it: an empty marker plus the bytes under Aim's blob prefix) are put straight
-        into the batch. A rewritten step goes through `RocksContainer.set`, deletes included.
-        Only inside the writer's group commit, and only for views that are plain prefixes of
-        one container.
-        """
-        if _group.batches is None:
-            return False
-        seq_id = id(seq_info)
-        if seq_id in self._keys:
-            keys = self._keys[seq_id]
-        else:
-            keys = self._keys[seq_id] = self._resolve(seq_info)
-        if keys is None:
-            return False
-        container, (val_key, epoch_key, time_key, step_key) = keys
-        batch = container.batch()
-        step_path = self._encode_path((seq_info.step_hash_fn(step),))
-        put = batch.put
-        blob_type = self._blob
-        for prefix, item in ((val_key, value), (epoch_key, None), (time_key, now),
-                             (step_key, step)):
-            if prefix is None:
-                continue
-            for sub, encoded in self._encode_tree(item):
-                key = prefix + step_path + sub
-                if not fresh:
-                    container.set(key, encoded, store_batch=batch)
-                elif isinstance(encoded, blob_type):
-                    put(key, _BLOB_SENTINEL)
-                    put(_BLOB_DOMAIN + key, bytes(encoded))
-                else:
-                    put(key, encoded)
-        return True
-
-    def _resolve(self, seq_info: Any) -> tuple[Any, tuple[bytes | None, ...]] | None:
-        """The container and key prefixes behind a sequence's array views, if plain."""
-        from aim.storage.prefixview import PrefixView
-        from aim.storage.rockscontainer import RocksContainer
-
-        container = None
-        prefixes: list[bytes | None] = []
-        for name in ("val_view", "epoch_view", "time_view", "step_view"):
-            view = getattr(seq_info, name, None)
-            if view is None:
-                if name != "step_view":
-                    return None
-                prefixes.append(None)
-                continue
-            inner = getattr(getattr(view, "tree", None), "container", None)
-            if not isinstance(inner, PrefixView) or not isinstance(inner.parent, RocksContainer):
-                return None
-            if container is not None and inner.parent is not container:
-                return None
-            container = inner.parent
-            prefixes.append(inner.prefix)
-        return (container, tuple(prefixes)) if container is not None else None
-
-    def _flush_one(self, key: tuple[int, str]) -> None:
-        entry = self._dirty.pop(key, None)
-        if entry is not None:
-            self._write(key, *entry)
-
-    def _write(self, key: tuple[int, str], seq_info: Any, last: Any, last_step: int) -> None:
-        tree = self.tracker.meta_run_tree
-        ctx_idx, name = key
-        if last_step >= 0:
-            tree["traces", ctx_idx, name, "last"] = last
-            tree["traces", ctx_idx, name, "last_step"] = last_step
-        if seq_info.version == 2:
-            tree["traces", ctx_idx, name, "max"] = seq_info.max
-            tree["traces", ctx_idx, name, "min"] = seq_info.min
-
-    def flush(self) -> None:
-        """Write the summary keys (last value and step, min, max) of the sequences that changed."""
-        dirty, self._dirty = self._dirty, {}
-        for key, entry in dirty.items():
-            self._write(key, *entry)
-
-
-def _ctx_key(context: dict[str, Any] | None) -> str:
-    if not context:
-        return ""
-    return json.dumps(context, sort_keys=True, default=str)
-
-
-_cleanup_quiet: list[bool] = []  # [everything?] once the hook below is installed
-
-
-def _quiet_aim_cleanup(everything: bool = False) -> None:
-    """Keep tracebacks of Aim's exit-cleanup thread out of the application's stderr when they
-    are about the server being unreachable (we report what that lost, in one line); with
-    `everything`, after we gave up on the server, all of them. Installed once."""
-    try:
-        from aim.ext.cleanup import RobustExec
-    except Exception:
-        return
-    if _cleanup_quiet:
-        _cleanup_quiet[0] = _cleanup_quiet[0] or everything
-        return
-    _cleanup_quiet.append(everything)
-    previous = threading.excepthook
-
-    def hook(args: Any) -> None:
-        if isinstance(args.thread, RobustExec) and (
-                _cleanup_quiet[0] or isinstance(args.exc_value, OSError)):
-            return  # requests' ConnectionError is an OSError
-        if isinstance(args.exc_value, OSError) and _in_aim_reporter(args.exc_traceback):
-            return  # its run's repo was deleted: the sink says so, in one line
-        previous(args)
-
-    threading.excepthook = hook
-
-
-def _in_aim_reporter(tb: Any) -> bool:
-    """Whether a traceback passes through Aim's run status reporter (a thread of its own that
-    touches a file in the repo every few seconds)."""
-    marker = os.path.join("aim", "sdk", "reporter")
-    while tb is not None:
-        if marker in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
-
-
 def _repo_still_there(run: Any) -> bool:
     """False once the local repo's `.aim` directory is gone (deleted while the run was open:
     Aim would go on writing into unlinked files and the records would vanish)."""
@@ -539,43 +150,6 @@ def _repo_still_there(run: Any) -> bool:
     except Exception:
         return True
     return not isinstance(path, str) or os.path.isdir(path)
-
-
-def _aim_cleanup_done(budget: float) -> bool:
-    """Whether Aim's exit cleanup finished within `budget` seconds (with its finalizers run
-    by `patch_aim_exit_cleanup`, also when one raised; not when one never returns: a hung
-    server, whose requests have no timeout)."""
-    try:
-        from aim.ext.cleanup import AutoClean
-    except Exception:
-        return True
-    return AutoClean.stop_signal.wait(budget)
-
-
-def _release_aim_exit(budget: float = 1.0) -> None:
-    """Unblock Aim's exit cleanup after we gave up on a vanished server.
-
-    Aim's `AutoClean.cleanup` runs its finalizers in a thread and waits for a signal that thread
-    sets only when all succeeded; a finalizer that raises (a request to the dead server) or
-    never returns (a server that stopped answering: Aim's requests have no timeout) leaves the
-    interpreter waiting forever. Once that thread is gone — or at the end of `budget` seconds,
-    whatever it is doing — set the signal ourselves, and keep the failed requests' tracebacks
-    out of the application's stderr. (The thread was started during exit, after Python joined
-    its threads, so nothing waits for it afterwards.)
-    """
-    try:
-        from aim.ext.cleanup import AutoClean, RobustExec
-    except Exception:
-        return
-    _quiet_aim_cleanup(everything=True)
-    deadline = time.monotonic() + budget
-    while time.monotonic() < deadline and not AutoClean.stop_signal.is_set():
-        if not any(isinstance(t, RobustExec) and t.is_alive() for t in threading.enumerate()):
-            time.sleep(0.2)  # it may be about to start, or just finished
-            if not any(isinstance(t, RobustExec) and t.is_alive() for t in threading.enumerate()):
-                break
-        time.sleep(0.1)
-    AutoClean.stop_signal.set()
 
 
 def _address_of(repo: str | None) -> remote.Address | None:
@@ -640,19 +214,19 @@ class RunSink:
                 reason = remote.tcp_check(self.address, CONNECT_TIMEOUT)
                 if reason is not None:
                     raise ConnectionError(reason)
-            with _tolerant_atexit():
+            with tolerant_atexit():
                 import aim
                 from aim import Run  # type: ignore[attr-defined]
             patch_aim_exit_cleanup()
             patch_aim_status_reporters()
-            _quiet_aim_cleanup()  # (and Aim's status reporter's failures: see the hook)
+            quiet_aim_cleanup()  # (and Aim's status reporter's failures: see the hook)
 
             self._aim = aim
             repo = resolve_repo(self.config.repo)
             ensure_repo_initialized(repo)
             if self.address is None:
-                _install_group_commit()  # also sizes the memtables of the containers opened next
-            with _tolerant_atexit():
+                install_group_commit()  # also sizes the memtables of the containers opened next
+            with tolerant_atexit():
                 run = Run(
                     run_hash=self.config.run_hash,
                     repo=repo,
@@ -664,7 +238,7 @@ class RunSink:
             if getattr(run, "_resources", None) is None and not hasattr(run, "hash"):
                 raise RuntimeError("Aim returned an unusable Run")
         except Exception as exc:
-            if self.address is not None and not _at_shutdown(exc):
+            if self.address is not None and not at_shutdown(exc):
                 self._connect_failed(exc)
                 return False
             if self.address is not None:
@@ -692,7 +266,7 @@ class RunSink:
             self._resume_steps(run)
         self._set_params(run)
         if self.address is not None:
-            _servers_in_use.append(self.address)
+            servers_in_use.append(self.address)
             self._connected()
         else:
             self._fast = FastTrack.create(run)
@@ -704,7 +278,7 @@ class RunSink:
                 start_background(stats)
                 self._stats_thread = stats
             except RuntimeError as exc:  # opened during interpreter shutdown: no system metrics
-                if not _at_shutdown(exc):
+                if not at_shutdown(exc):
                     raise
         return True
 
@@ -719,14 +293,14 @@ class RunSink:
             return
         for ctx_idx, names in (traces or {}).items():
             try:
-                key = _ctx_key_fast(run.idx_to_ctx(ctx_idx).to_dict())
+                key = context_key(run.idx_to_ctx(ctx_idx).to_dict())
             except Exception:
                 continue
             for name, info in (names or {}).items():
                 last = info.get("last_step") if isinstance(info, dict) else None
                 if isinstance(last, int):
                     self._steps[(name, key)] = max(self._steps.get((name, key), 0), last + 1)
-        line = self._steps.get(("logs", _ctx_key_fast(None)))
+        line = self._steps.get(("logs", context_key(None)))
         if line:
             self._log_line = max(self._log_line, line)
 
@@ -833,7 +407,7 @@ class RunSink:
         if self._client is not None:
             # Aim's cleanup (next) may fail on a dead server before we give up, also when the
             # run was finalized long ago (it still releases the client's resources)
-            _quiet_aim_cleanup()
+            quiet_aim_cleanup()
         self._app_exit.set()
         if self.run is None:
             return
@@ -851,12 +425,12 @@ class RunSink:
             # release what the run's client held; a server gone by then (after `uninstrument()`,
             # long before exit) must not hold the exit either.
             self._app_exit.wait()
-            _quiet_aim_cleanup()
-            if not _aim_cleanup_done(budget):
-                _release_aim_exit()
+            quiet_aim_cleanup()
+            if not aim_cleanup_done(budget):
+                release_aim_exit()
             return
         self.give_up()
-        _release_aim_exit()
+        release_aim_exit()
 
     def _last_chance(self, deadline: float | None) -> None:
         """Closing with records held for an unreachable server: keep trying until the deadline."""
@@ -895,7 +469,7 @@ class RunSink:
             missing = max(missing, received - self.confirmed - self.lost)
         self.lost += missing
         self._gave_up = True  # counted once, as lost; nothing is unconfirmed any more
-        _server_abandoned.append(True)
+        server_abandoned.append(True)
         if self._client is not None:
             remote.abandon_queue(self._client)
         self._report_lost(
@@ -1087,7 +661,7 @@ class RunSink:
         self.stored -= batch
         self.lost += batch
         if self.failed is None:
-            _quiet_aim_cleanup(everything=True)  # Aim's exit clean-up fails on it too: said here
+            quiet_aim_cleanup(everything=True)  # Aim's exit clean-up fails on it too: said here
             self.failed = f"{type(exc).__name__}: {exc}"
             log.error(
                 "cannot write to the Aim repo %r any more (%s); %d records of this batch and "
@@ -1164,7 +738,7 @@ class RunSink:
                 value = count_in_writer(value)
             elif rec.kind == "distribution":
                 value = self._aim.Distribution(samples=list(value))
-            ctx_key = _ctx_key_fast(rec.context)
+            ctx_key = context_key(rec.context)
             step = self._next_step(rec.name, ctx_key, rec.step)
             fast = self._fast
             if fast is not None and fast.run is run:
@@ -1224,85 +798,6 @@ class RunSink:
             step += 1
             if self._stats_stop.wait(interval):
                 return
-
-
-class _GroupCommit(threading.local):
-    batches: dict[int, tuple[Any, Any]] | None = None
-
-
-_group = _GroupCommit()
-_patched = False
-WRITE_BUFFER_OPTIONS = {
-    "write_buffer_size": 8 * 1024 * 1024,
-    "db_write_buffer_size": 16 * 1024 * 1024,
-    "max_write_buffer_number": 2,
-}
-
-
-def _install_group_commit() -> bool:
-    """Let one thread collect Aim's RocksDB writes into one WriteBatch per container.
-
-    Aim commits a RocksDB write for every key it sets (about 8 per tracked value). Collecting
-    the writes of a whole batch of records and committing them once makes storing ~1.5x faster.
-    Only the thread inside `group_commit()` is affected; everything else writes through as usual.
-    """
-    global _patched
-    if _patched:
-        return True
-    try:
-        import aimrocks
-        from aim.storage.rockscontainer import RocksContainer
-    except Exception:
-        return False
-    orig_batch, orig_commit = RocksContainer.batch, RocksContainer.commit
-
-    def batch(self: Any) -> Any:
-        pending = _group.batches
-        if pending is None:
-            return orig_batch(self)
-        entry = pending.get(id(self))
-        if entry is None:
-            entry = pending[id(self)] = (self, aimrocks.WriteBatch())
-        return entry[1]
-
-    def commit(self: Any, write_batch: Any) -> None:
-        if _group.batches is None:
-            orig_commit(self, write_batch)
-
-    orig_init = RocksContainer.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        orig_init(self, *args, **kwargs)
-        if not getattr(self, "read_only", True) and isinstance(getattr(self, "_db_opts", None), dict):
-            # Aim's 1 MB memtable makes RocksDB flush and compact almost continuously under a
-            # stream of small writes: its background threads took ~0.8 of a core beside the
-            # writer. Larger memtables cut that work several-fold (up to 2 x 8 MB per container).
-            self._db_opts.update(WRITE_BUFFER_OPTIONS)
-
-    RocksContainer.__init__ = init
-    RocksContainer.batch = batch
-    RocksContainer.commit = commit
-    RocksContainer._aim_llama_commit = staticmethod(orig_commit)
-    _patched = True
-    return True
-
-
-class group_commit:
-    """Context manager: defer and merge RocksDB writes made by this thread until exit."""
-
-    def __enter__(self) -> None:
-        if _group.batches is None and _install_group_commit():
-            _group.batches = {}
-            self.active = True
-        else:
-            self.active = False
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.active:
-            return
-        pending, _group.batches = _group.batches, None
-        for container, write_batch in (pending or {}).values():
-            type(container)._aim_llama_commit(container, write_batch)
 
 
 def track_dropped(total: int) -> Track:

@@ -195,7 +195,7 @@ def _read_back(repo: str, run_hash: str, keep: bool = False) -> tuple[Any, list[
     from aim import Repo, Run  # type: ignore[attr-defined]
     from aim.storage.context import Context
 
-    from .aimrun import patch_aim_exit_cleanup
+    from .aimexit import patch_aim_exit_cleanup
 
     patch_aim_exit_cleanup()
 
