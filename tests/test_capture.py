@@ -870,6 +870,32 @@ def test_a_request_whose_stream_fails_as_it_is_read_failed(repo: Path) -> None:
     assert all(r.endswith("[error: RuntimeError]") for _, r in run.text("response", kind="llm"))
 
 
+def test_a_streamed_request_cancelled_as_it_is_read_was_cancelled(repo: Path) -> None:
+    """`asyncio.wait_for` ran out while the app read the stream its request returned: the
+    request was cancelled — no answer, though part of the text had arrived (that part is in
+    the LLM call's `response`, which ends with `[cancelled]`)."""
+    engine = _index().as_query_engine(streaming=True, llm=RuleLLM(chunk_delay=0.25))
+
+    async def read() -> None:
+        response = await engine.aquery(QUESTIONS[0])
+        async for _ in response.async_response_gen():
+            pass
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(read(), 0.4)
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    (trace,) = traces(run, "query")
+    assert "· cancelled ·" in trace.splitlines()[1], trace
+    assert not run.text("answer", kind="query")
+    ((_, response),) = run.text("response", kind="llm")
+    assert response.startswith("an answer") and response.endswith("[cancelled]"), response
+    assert len(run.metric("latency_ms", kind="query")) == 1
+
+
 # -- concurrency ---------------------------------------------------------------------------
 def _assert_isolated(run: RunData, questions: list[str]) -> None:
     tr = traces(run, "query")

@@ -729,15 +729,16 @@ class Observer:
                 if root is not None:
                     if isinstance(err, BaseException):
                         self._note_error(root, err, call.node)
-                        if (call.first is not None and root.node.status == "ok"
-                                and not _cancelled(err)):
-                            # the stream a request returned failed as the app read it: the
-                            # request failed (no answer), though its own span had returned
-                            # (or, read by another thread, returns after this: `span_exit`)
+                        status = _stream_status(err)
+                        if call.first is not None and root.node.status == "ok" and status:
+                            # the stream a request returned failed (or was cancelled) as the
+                            # app read it: so did the request (no answer), though its own span
+                            # had returned (or, read by another thread, returns after this:
+                            # `span_exit`)
                             if root.node.end is not None:
-                                root.node.status = f"error {type(err).__name__}"
+                                root.node.status = status
                             else:
-                                root.stream_err = f"error {type(err).__name__}"
+                                root.stream_err = status
                     root.pending -= 1
                     root.hold = 0
                     out.extend(self._maybe_finish(root, now))
@@ -1245,6 +1246,14 @@ def _fold_usage(call: _Call, response: Any) -> None:
 def _cancelled(err: BaseException) -> bool:
     """A call stopped from outside (asyncio cancellation, a closed generator), not a failure."""
     return isinstance(err, GeneratorExit) or type(err).__name__ == "CancelledError"
+
+
+def _stream_status(err: BaseException) -> str | None:
+    """How a request ends whose stream stopped with `err` while read: failed or cancelled; an
+    abandoned stream (`GeneratorExit`: the app stopped reading) leaves it as it was."""
+    if isinstance(err, GeneratorExit):
+        return None
+    return "cancelled" if _cancelled(err) else f"error {type(err).__name__}"
 
 
 def _release(root: _Root) -> None:

@@ -225,6 +225,24 @@ class RuleLLM(CustomLLM):
 
         return gen()
 
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        import asyncio
+
+        text = self._text(prompt)
+
+        async def gen() -> AsyncGenerator[CompletionResponse, None]:
+            so_far = ""
+            for i, word in enumerate(text.split(" ")):
+                await asyncio.sleep(self.first_delay if i == 0 else self.chunk_delay)
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise RuntimeError("stream broke")
+                delta = word if not so_far else " " + word
+                so_far += delta
+                yield CompletionResponse(text=so_far, delta=delta)
+
+        return gen()
+
 
 class WordEmbedding(BaseEmbedding):
     """Offline embeddings that tell texts apart: counts of a few words, so retrieval scores
