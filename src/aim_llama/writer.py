@@ -367,16 +367,24 @@ class ProcessBackend:
 
 
 class Writer:
-    """Application-side facade: bounded queue, drop accounting, flush/close with timeouts."""
+    """Application-side facade: bounded queue, drop accounting, flush/close with timeouts.
+
+    `flush_timeout` defaults to the config's; one given here replaces it in the config too, so
+    the writer process bounds its own waits by the same deadline as the application.
+    """
 
     def __init__(
         self,
         config: RunConfig,
         *,
         queue_size: int = 50_000,
-        flush_timeout: float = 10.0,
+        flush_timeout: float | None = None,
         backend: str = "process",
     ) -> None:
+        if flush_timeout is None:
+            flush_timeout = config.flush_timeout
+        elif flush_timeout != config.flush_timeout:  # the writer's own deadlines follow it too
+            config = dataclasses.replace(config, flush_timeout=flush_timeout)
         self.config = config
         self.queue_size = queue_size
         self.flush_timeout = flush_timeout
