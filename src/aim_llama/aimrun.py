@@ -43,8 +43,11 @@ log = logging.getLogger("aim_llama")
 
 DROPPED_METRIC = "dropped_records"
 CONNECT_TIMEOUT = 2.0  # seconds for the TCP check before each attempt to reach an Aim server
-SERVER_PATIENCE = 1.0  # seconds the writer waits for a server at the buffer bound (see `_await_server`)
 STALL_WARNING = 5.0  # seconds without confirmation from a server before we say it is gone
+# seconds the writer waits for a server at the buffer bound (see `_await_server`): a healthy
+# server on a loaded machine can confirm nothing for over a second (1 s dropped records of a
+# healthy server in 1 of 10 runs on a busy 2-vCPU box); one silent this long is called gone
+SERVER_PATIENCE = STALL_WARNING
 
 
 @dataclass(frozen=True)
