@@ -896,6 +896,36 @@ def test_a_streamed_request_cancelled_as_it_is_read_was_cancelled(repo: Path) ->
     assert len(run.metric("latency_ms", kind="query")) == 1
 
 
+def test_a_workflow_result_that_cannot_be_shown_still_ends_its_request(repo: Path) -> None:
+    """The answer of a result whose repr raises cannot be taken; the request must still end
+    (latency, trace) at once — it stayed open until exit or the 30-minute expiry."""
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    class Handle:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    class Opaque(Workflow):
+        @step
+        async def go(self, ev: StartEvent) -> StopEvent:
+            return StopEvent(result={"answer": "42", "handle": Handle()})
+
+    with recording(repo):
+        async def main() -> Any:
+            return await Opaque(timeout=10).run(question="what?")
+
+        result = asyncio.run(main())
+        from aim_llama.autoinstrument import _active
+
+        assert _active is not None and _active.handler.observer.open_state()["roots"] == 0
+    assert result["answer"] == "42"
+    run = only_run(repo)
+    assert len(run.metric("latency_ms", kind="workflow")) == 1
+    (trace,) = traces(run, "workflow")
+    assert "incomplete" not in trace and " · ok · " in trace.splitlines()[1], trace
+    assert not run.text("answer", kind="workflow")
+
+
 # -- concurrency ---------------------------------------------------------------------------
 def _assert_isolated(run: RunData, questions: list[str]) -> None:
     tr = traces(run, "query")

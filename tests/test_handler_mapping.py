@@ -63,3 +63,16 @@ def test_only_event_types_the_dispatcher_does_not_record_reach_the_handler() -> 
         assert CBEventType(kind) in handler.event_starts_to_ignore
         assert CBEventType(kind) in handler.event_ends_to_ignore
     assert CBEventType.CHUNKING not in handler.event_ends_to_ignore
+
+
+def test_big_containers_are_rendered_by_their_head_and_size() -> None:
+    """A tool argument or workflow result of 200 000 items is not repr'd whole on the app's
+    thread (0.3 s each) to keep a few hundred characters: its first 100 items and its size."""
+    from aim_llama.render import answer_text, bounded_repr
+
+    assert bounded_repr(list(range(1000))) == repr(list(range(100)))[:-1] + ", … 1000 items]"
+    assert bounded_repr(tuple(range(101))).endswith("99, … 101 items)")
+    big = {f"k{i}": i for i in range(500)}
+    assert bounded_repr(big) == repr(dict(list(big.items())[:100]))[:-1] + ", … 500 items}"
+    assert bounded_repr([1, 2]) == "[1, 2]" and answer_text({"a": 1}) == "{'a': 1}"
+    assert answer_text(list(range(200_000))).endswith(", … 200000 items]")

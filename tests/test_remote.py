@@ -218,12 +218,12 @@ def test_server_killed_before_exit_bounded_exit_and_loss_reported(aim_process, w
     ended = time.time()
     assert proc.returncode == 0, err
     # The writer (process or thread) gives up just before the app's deadline; the rest is
-    # interpreter teardown: ~0.4 s on an idle machine, up to 1.6 s seen under load, so 2 s is
-    # allowed. (Aim alone would block here forever.) On Python 3.12 the thread writer's exit
-    # asks a hung server once more, for at most 0.5 s, before it leaves Aim's finalizers alone
-    # (README, Known issues).
+    # interpreter teardown: ~0.4 s on an idle machine, up to 2.5 s seen with the CPUs
+    # saturated, so 3 s is allowed. (Aim alone would block here forever.) On Python 3.12
+    # the thread writer's exit asks a hung server once more, for at most 0.5 s, before it
+    # leaves Aim's finalizers alone (README, Known issues).
     probe = 0.5 if writer == "thread, server hung" and sys.version_info >= (3, 12) else 0.0
-    assert ended - exiting < timeout + 2.0 + probe, err
+    assert ended - exiting < timeout + 3.0 + probe, err
     assert "Traceback" not in err, err
     assert "Remote Server is unavailable" not in err, err  # Aim's own warning: ours says it
     lost = re.search(r"(\d+) records were not delivered to the Aim server (\S+)", err)
@@ -423,7 +423,7 @@ def test_thread_writer_exit_is_bounded_when_the_server_left_after_the_run_was_cl
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError("the exit hung in Aim's clean-up") from None
-    assert time.time() - exiting < 3 + 2.0, err
+    assert time.time() - exiting < 3 + 3.0, err  # (teardown slack for a saturated machine)
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 

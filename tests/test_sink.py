@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aim_llama.aimrun import RunConfig, RunSink
-from aim_llama.records import LogError, Record, Track
+from aim_llama.records import LogError, Param, Record, Track
 
 # (name, value, context kind, step): out-of-order steps, ints into a float sequence, a new
 # minimum and maximum after the first value, texts.
@@ -173,3 +173,62 @@ def test_a_run_opened_when_no_thread_may_start_is_stored_and_finalized(repo: Pat
     _steps, (values, *_rest) = logs.data.items_list()
     assert ["model is down" in str((v[0] if isinstance(v, list) else v).json()) for v in values] \
         == [True]
+
+
+def test_strings_utf8_cannot_encode_in_params_and_contexts_are_stored(tmp_path: Path) -> None:
+    """A model or tool name decoded from bad bytes (lone surrogates) must not cost its record:
+    the surrogates become U+FFFD in parameters and contexts, as they do in texts."""
+    from aimread import read_run
+
+    repo = tmp_path / "repo"
+    sink = RunSink(RunConfig(repo=str(repo), system_tracking_interval=None, log_system_params=False))
+    sink.apply([Param("llm_models", {"model\ud800": {"calls": 1}}),
+                Track("latency_ms", 2.0, "metric", {"kind": "tool", "tool": "gen\ud800tool"}, 0)])
+    sink.close()
+    assert sink.lost == 0 and sink.run_hash is not None
+    run = read_run(repo, sink.run_hash)
+    assert run.params["llm_models"] == {"model\ufffd": {"calls": 1}}
+    assert run.metric("latency_ms", kind="tool", tool="gen\ufffdtool") == [(0, 2.0)]
+
+
+def test_a_chunk_the_writer_cannot_read_is_counted_lost_and_the_rest_is_stored(
+        tmp_path: Path) -> None:
+    """Values of classes only the application has (defined in its `__main__`): a plain `str`
+    subclass is read as its `str`; a chunk that still cannot be unpickled is skipped and its
+    records counted lost — the chunks around it are stored (it once ended the whole stream)."""
+    import sys
+    import types
+
+    from aim_llama import wire
+    from aimread import read_run
+
+    module = types.ModuleType("app_only")
+    sys.modules["app_only"] = module
+
+    class Plain(str):
+        pass
+
+    class Tagged(str):
+        pass
+
+    for cls in (Plain, Tagged):
+        cls.__module__, cls.__qualname__ = "app_only", cls.__name__
+        setattr(module, cls.__name__, cls)
+    tagged = Tagged("with state")
+    tagged.source = "app"  # type: ignore[attr-defined]  (pickled as state: no plain reading)
+    first = wire.dumps([Track("prompt", Plain("plain subclass"), "text", {"kind": "llm"}, 0)])
+    bad = wire.dumps([Track("prompt", tagged, "text", {"kind": "llm"}, 1),
+                      Track("latency_ms", 1.0, "metric", {"kind": "llm"}, 1)])
+    last = wire.dumps([Track("prompt", "after", "text", {"kind": "llm"}, 2)])
+    del sys.modules["app_only"]  # as in the writer process
+    records = wire.loads_many(first + bad + last)
+    assert records.unreadable == 2 and len(records) == 2
+    assert type(records[0].value) is str
+
+    repo = tmp_path / "repo"
+    sink = RunSink(RunConfig(repo=str(repo), system_tracking_interval=None, log_system_params=False))
+    sink.apply(records)
+    sink.close()
+    assert sink.lost == 2
+    run = read_run(repo, str(sink.run_hash))
+    assert run.text("prompt", kind="llm") == [(0, "plain subclass"), (2, "after")]

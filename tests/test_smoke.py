@@ -117,3 +117,67 @@ def test_the_app_never_waits_for_its_writer_to_start(run_py, repo, tmp_path):
     run = only_run(repo)
     assert len(run.text("prompt", kind="llm")) == 21
     assert run.end_time is not None and not run.active
+
+
+def test_unusual_values_from_the_app_are_recorded_not_lost(run_py, repo):
+    """Values a real app produces, each of which once cost records with the writer process: a
+    query that is the app's own `str` subclass (the writer lacks its class: recording ended,
+    silently), a provider token count beyond 64 bits (the repo was taken for unwritable), zero
+    embeddings (NaN scores: an error line per retrieval) and a 30 000-character question
+    (it filled the `retrieved` text, leaving no node in it)."""
+    proc = run_py(
+        """
+        import aim_llama.auto, aim_llama
+        from llama_index.core import Document, Settings, VectorStoreIndex
+        from llama_index.core.embeddings import MockEmbedding
+        from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata, MockLLM
+        from llama_index.core.llms.callbacks import llm_completion_callback
+
+        class Question(str):
+            pass
+
+        class ZeroEmbedding(MockEmbedding):
+            def _get_vector(self):
+                return [0.0] * self.embed_dim
+
+        class HugeUsage(CustomLLM):
+            @property
+            def metadata(self):
+                return LLMMetadata(model_name="huge-usage")
+
+            @llm_completion_callback()
+            def complete(self, prompt, formatted=False, **kwargs):
+                usage = {"prompt_tokens": 2**64, "completion_tokens": 2}
+                return CompletionResponse(text="ok", raw={"usage": usage})
+
+            @llm_completion_callback()
+            def stream_complete(self, prompt, formatted=False, **kwargs):
+                raise NotImplementedError
+
+        HugeUsage().complete("first")
+        Settings.llm = MockLLM(max_tokens=4)
+        Settings.embed_model = ZeroEmbedding(embed_dim=4)
+        docs = [Document(text=f"document {i}") for i in range(3)]
+        index = VectorStoreIndex.from_documents(docs)
+        engine = index.as_query_engine(similarity_top_k=2)
+        for i in range(3):
+            engine.query(Question(f"question {i}"))
+        index.as_retriever(similarity_top_k=2).retrieve("long " * 6000)
+        print("FLUSHED", aim_llama.flush(30))
+        """
+    )
+    assert "FLUSHED True" in proc.stdout, proc.stderr
+    assert "aim_llama" not in proc.stderr, proc.stderr
+    run = only_run(repo)
+    questions = [text for _, text in run.text("question", kind="query")]
+    assert questions == ["question 0", "question 1", "question 2"]
+    assert len(run.metric("latency_ms", kind="query")) == 3
+    assert len(run.metric("retrieved_nodes", kind="retrieve")) == 4
+    assert run.metric("top_score", kind="retrieve") == []  # NaN is no score
+    retrieved = [text for _, text in run.text("retrieved", kind="retrieve")]
+    first, *nodes = retrieved[3].splitlines()
+    assert first.startswith("query: long long") and first.endswith("…") and len(first) < 400
+    assert [line[:3] for line in nodes] == ["1. ", "2. "]
+    tokens = {ctx: values for (name, ctx), values in run.metrics.items() if name == "prompt_tokens"}
+    assert tokens, run.metrics.keys()  # the huge count is not taken; the call still has its tokens
+    assert all(0 <= v < 2**63 for values in tokens.values() for _, v in values), tokens

@@ -244,8 +244,9 @@ def test_exit_never_exceeds_the_flush_timeout(repo, workdir):
     exiting = float(out.split("EXITING ")[1].split()[0])
     ended = time.time()
     assert proc.returncode == 0
-    # aim-llama's own exit wait is bounded by the timeout (plus scheduling slack) ...
-    assert float(out.split("CLOSE_TOOK ")[1].split()[0]) < 1.0 + 0.5
+    # aim-llama's own exit wait is bounded by the timeout (plus scheduling slack on a busy
+    # machine: the regression this guards against is a wait for all 50k texts, ~10 s) ...
+    assert float(out.split("CLOSE_TOOK ")[1].split()[0]) < 1.0 + 1.5
     # ... and the whole exit, Aim's and Python's teardown included, never hangs
     assert ended - exiting < 1.0 + 4.0
     assert "did not finish within the flush timeout (1s" in err
@@ -397,7 +398,7 @@ def test_exit_is_bounded_when_the_writer_process_is_stuck_with_a_full_pipe(repo,
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     took = float(re.search(r"CLOSE_TOOK (\S+)", out).group(1))  # type: ignore[union-attr]
-    assert took < 2.0 + 0.5, out
+    assert took < 2.0 + 1.5, out  # (slack for a busy machine; unbounded was the bug)
     assert "did not finish within the flush timeout (2s" in err, err
 
 

@@ -651,6 +651,12 @@ class RunSink:
         """
         tokens: list[int] = []
         stored_before = self.stored
+        unreadable = getattr(records, "unreadable", 0)
+        if unreadable:  # chunks the writer could not unpickle: counted, said once
+            self.lost += unreadable
+            warn_once("unreadable", "%d records from the application could not be read by the "
+                      "Aim writer (%s); they are lost (later ones are counted in the exit report)",
+                      unreadable, getattr(records, "why", ""), level=logging.ERROR)
         try:
             self._apply(records, tokens)
         except Exception as exc:  # the repo refused a write (a full disk, a deleted directory …)
@@ -718,8 +724,11 @@ class RunSink:
             self.stored += 1
         except Exception as exc:
             self.lost += 1
-            log.error("could not store %s in Aim: %s: %s", type(rec).__name__,
-                      type(exc).__name__, exc)
+            kind = f"{type(rec).__name__} {getattr(rec, 'name', '')}".rstrip()
+            warn_once(f"store {kind} {type(exc).__name__}",
+                      "could not store %s in Aim: %s: %s (further failures like it are counted "
+                      "in the exit report, not printed)", kind, type(exc).__name__, exc,
+                      level=logging.ERROR)
 
     def _next_step(self, name: str, ctx_key: Any, step: int | None) -> int:
         key = (name, ctx_key)

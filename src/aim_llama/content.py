@@ -216,6 +216,8 @@ def error_message(err: BaseException) -> str | Clipped:
 def clip_to(text: str, limit: int | None) -> str | Clipped:
     """`text`, or — when it is longer than `limit` + `MARGIN` — its head of that size with
     its length: what the application hands over of a text the writer cuts at `limit`."""
+    if type(text) is not str:  # the application's str subclass: the writer lacks its class
+        text = str.__str__(text)
     if limit is not None and len(text) > limit + MARGIN:
         return Clipped(text[: limit + MARGIN], len(text))
     return text

@@ -23,10 +23,9 @@ from .records import (
     TraceValue,
     Track,
 )
-from .render import format_nodes
+from .render import MAX_INPUT_LINE, format_nodes
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-MAX_INPUT_LINE = 300  # characters of the request input on a trace's first line
 
 
 def format_trace(value: TraceValue, policy: ContentPolicy) -> str:
@@ -66,6 +65,17 @@ def storable(text: str) -> str:
     except UnicodeEncodeError:
         return _SURROGATES.sub("\ufffd", text)
     return text
+
+
+def storable_value(value: Any) -> Any:
+    """`value` with `storable` applied to every string in it (dict keys and values, lists)."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable_value(k): storable_value(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(storable_value(v) for v in value)
+    return value
 
 
 def span_name(span_id: str) -> str:
@@ -120,11 +130,14 @@ class Finisher:
     def __call__(self, rec: Record) -> Record:
         """`rec` ready to store."""
         if isinstance(rec, Track):
+            context = rec.context
+            if context and not all(type(v) is not str or v.isascii() for v in context.values()):
+                rec = rec._replace(context=storable_value(context))  # (a tool's odd name)
             if rec.kind == "text":
                 return rec._replace(value=self.text(rec.value))
             return rec
         if isinstance(rec, LogError):
             return self.error(rec)
         if isinstance(rec, Param):
-            return Param(rec.key, self.policy.redact_value(rec.value))
+            return Param(rec.key, storable_value(self.policy.redact_value(rec.value)))
         return rec

@@ -30,9 +30,10 @@ from typing import Any
 
 from . import render
 from .content import MARGIN, ContentPolicy, error_message
-from .finish import MAX_INPUT_LINE, span_name
+from .finish import span_name
 from .log import warn_once
 from .records import LogError, NodesValue, Param, Record, RerankValue, TraceValue, Track
+from .render import MAX_INPUT_LINE
 from .tokens import TokenCounts, can_defer, estimate, estimated_counts, provider_counts, rough
 
 log = logging.getLogger("aim_llama")
@@ -485,7 +486,11 @@ class Observer:
                 if node is root.node:
                     root.end = now
                     if kind in ANSWER_KINDS:
-                        answer = render.answer_text(result)
+                        try:
+                            answer = render.answer_text(result)
+                        except Exception as exc:  # (a result whose str() raises)
+                            self.failed("answer", exc)  # the request must still end
+                            answer = None
                         if root.stream_err is not None and render.is_streaming(result):
                             node.status = root.stream_err  # its stream failed already
                         elif answer is not None:
@@ -916,7 +921,7 @@ class Observer:
             out.append(Track("top_score", max(scores), "metric", ctx))
             out.append(Track("retrieval_scores", scores, "distribution", ctx))
         if self.policy.capture and self._sampled(event.span_id):
-            query = render.query_text(event.str_or_query_bundle)
+            query = render.query_text(event.str_or_query_bundle)[: MAX_INPUT_LINE + MARGIN]
             value = NodesValue(query, render.node_rows(nodes), len(nodes))
             out.append(Track("retrieved", value, "text", ctx))
         node = self._spans.get(event.span_id) if event.span_id else None
@@ -941,7 +946,7 @@ class Observer:
         if scores:
             out.append(Track("top_score", max(scores), "metric", ctx))
         if self.policy.capture and self._sampled(event.span_id):
-            query = render.query_text(getattr(started[1], "query", None))
+            query = render.query_text(getattr(started[1], "query", None))[: MAX_INPUT_LINE + MARGIN]
             value = RerankValue(NodesValue(query, render.node_rows(before), len(before)),
                                 NodesValue(None, render.node_rows(after), len(after)))
             out.append(Track("reranked", value, "text", ctx))

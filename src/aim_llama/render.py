@@ -7,7 +7,9 @@ cut long texts through the content policy afterwards, and lists are rendered up 
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -137,15 +139,15 @@ def answer_text(result: Any) -> str | None:
         return None
     inner = getattr(result, "response", None)
     if isinstance(inner, str):
-        return inner
+        return plain(inner)
     if inner is not None and hasattr(inner, "content") and hasattr(inner, "role"):
         return _content(inner)  # AgentOutput.response: a ChatMessage
     if hasattr(result, "result") and type(result).__name__.endswith("StopEvent"):
-        return answer_text(result.result) if not isinstance(result.result, str) else result.result
+        return answer_text(result.result)
     if isinstance(result, str):
-        return result
+        return plain(result)
     if type(result).__module__ == "builtins":
-        return str(result)
+        return bounded_repr(result) if type(result) in (list, tuple, dict) else str(result)
     # a structured answer: the query engine's `output_cls` object, or the result itself
     found = _model_json(inner) if inner is not None else None
     return found if found is not None else _model_json(result)
@@ -166,9 +168,15 @@ def _model_json(value: Any) -> str | None:
 def query_text(value: Any) -> str:
     """A query given as a string or a QueryBundle."""
     if isinstance(value, str):
-        return value
+        return plain(value)
     q = getattr(value, "query_str", None)
-    return q if isinstance(q, str) else ("" if value is None else str(value))
+    return plain(q) if isinstance(q, str) else ("" if value is None else plain(str(value)))
+
+
+def plain(text: str) -> str:
+    """`text` as an exact `str`: a subclass of the application's own could not be unpickled by
+    the writer process, which does not have its class."""
+    return text if type(text) is str else str.__str__(text)
 
 
 _INPUT_KEYS = ("str_or_query_bundle", "query_str", "query", "question", "message", "user_msg",
@@ -230,11 +238,26 @@ def _event_fields(event: Any) -> dict[str, Any]:
     return fields
 
 
+_MAX_ITEMS_SHOWN = 100  # items of a big list / tuple / dict rendered (the rest is counted)
+
+
 def _repr(value: Any) -> str:
     try:
-        return repr(value)
+        return bounded_repr(value)
     except Exception:
         return f"<{type(value).__name__} object>"
+
+
+def bounded_repr(value: Any) -> str:
+    """repr(value), but a big builtin container shows its first items and its size only: the
+    whole repr of 200 000 dicts (~0.3 s) was made on the application's thread to keep a head."""
+    kind = type(value)
+    if kind in (list, tuple, dict) and len(value) > _MAX_ITEMS_SHOWN:
+        items = list(itertools.islice(value.items() if kind is dict else value, _MAX_ITEMS_SHOWN))
+        head = repr(dict(items) if kind is dict else items)[1:-1]
+        brackets = "[]" if kind is list else "()" if kind is tuple else "{}"
+        return f"{brackets[0]}{head}, … {len(value)} items{brackets[1]}"
+    return repr(value)
 
 
 def render_value(value: Any, limit: int = 2_000, head: Head | None = None) -> str:
@@ -275,10 +298,18 @@ def render_nodes(nodes: list[Any], query: str | None = None) -> str:
     return format_nodes(NodesValue(query, node_rows(nodes), len(nodes)))
 
 
+MAX_INPUT_LINE = 300  # characters of a request's input on a trace's first line, or a query's
+
+
 def format_nodes(value: NodesValue, head: Head | None = None) -> str:
     """The text of `render_nodes` from rows gathered by `node_rows` (the writer calls this,
     with the content policy's `redact_head`, so a snippet never ends in half a secret)."""
-    lines = [f"query: {value.query}"] if value.query is not None else []
+    lines = []
+    if value.query is not None:
+        query = value.query
+        if len(query) > MAX_INPUT_LINE:  # (as the trace's first line: the nodes stay in view)
+            query = (head(query, MAX_INPUT_LINE) if head is not None else query[:MAX_INPUT_LINE]) + "…"
+        lines.append(f"query: {query}")
     for i, (node_id, score, text) in enumerate(value.rows, 1):
         cut = head(text, SNIPPET) if head is not None else text[:SNIPPET]
         snippet = " ".join(cut.split())
@@ -312,4 +343,4 @@ def node_rows(nodes: list[Any]) -> list[tuple[str, float | None, str]]:
 def scores_of(nodes: list[Any]) -> list[float]:
     """The numeric scores of NodeWithScore items."""
     return [float(s) for s in (getattr(n, "score", None) for n in nodes)
-            if isinstance(s, (int, float))]
+            if isinstance(s, (int, float)) and math.isfinite(s)]  # (a zero vector's NaN)

@@ -46,11 +46,14 @@ def _get(obj: Any, key: str) -> Any:
     return field(obj, key)  # cheap on pydantic models that lack the attribute
 
 
+_INT64 = 2**63
+
+
 def _first_int(obj: Any, keys: tuple[str, ...]) -> int | None:
     for key in keys:
         value = _get(obj, key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _INT64:
+            return value  # (a count outside Aim's int64 would make its sequence unstorable)
     return None
 
 

@@ -6,12 +6,18 @@ thread). A chunk is therefore pickled as plain tuples: `(code, *fields)` per rec
 `code` is the record's type, and a `Track` carries one more field, the type code of its
 value (a `Clipped`, `TraceValue`, `NodesValue` or `RerankValue` travels as a plain tuple). That is ~4× less
 CPU on the application's thread; the writer rebuilds the named tuples.
+
+Each chunk is framed with its record count and size, so that a chunk the writer cannot
+unpickle (a value of a class only the application has) is skipped and counted lost, not taken
+for the end of the stream; a class the writer lacks is read, where it can be, as its plain
+value (a `str` subclass as its `str`).
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import struct
 from typing import Any, get_args
 
 from .records import Clipped, NodesValue, Record, RerankValue, TraceValue, Track
@@ -24,6 +30,15 @@ _VALUE_CODE = {cls: code for code, cls in enumerate(_VALUES, 1)}
 _OTHER = -1  # anything else (a subclass, a test double): pickled as itself
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _new = tuple.__new__
+_CHUNK = struct.Struct(">BII")  # marker, records in the chunk, size of its pickle
+_MARK = 0x52  # b"R": a pickle (a control message) starts with its PROTO opcode, 0x80
+
+
+class Records(list[Any]):
+    """The records of one or more chunks, with the count of those that could not be read."""
+
+    unreadable = 0
+    why = ""
 
 
 def dumps(records: list[Record]) -> bytes:
@@ -42,7 +57,8 @@ def dumps(records: list[Record]) -> bytes:
         else:
             code = record_code(cls)
             append((_OTHER, r) if code is None else (code, *r))
-    return pickle.dumps(out, protocol=_PROTOCOL)
+    data = pickle.dumps(out, protocol=_PROTOCOL)
+    return _CHUNK.pack(_MARK, len(records), len(data)) + data
 
 
 def decode(wire: list[tuple[Any, ...]]) -> list[Record]:
@@ -63,12 +79,40 @@ def decode(wire: list[tuple[Any, ...]]) -> list[Record]:
 
 
 def loads_many(data: bytes) -> Any:
-    """The records of several concatenated chunks as one list; any other pickled object as is."""
-    buf = io.BytesIO(data)
-    first = pickle.load(buf)
-    if not isinstance(first, list):
-        return first
-    records = decode(first)
-    while buf.tell() < len(data):
-        records.extend(decode(pickle.load(buf)))
+    """The records of several concatenated chunks as one `Records` list; a control message
+    (one pickled object) as is."""
+    if not data or data[0] != _MARK:
+        return pickle.loads(data)
+    records = Records()
+    view = memoryview(data)
+    at = 0
+    while at + _CHUNK.size <= len(data):
+        _, count, size = _CHUNK.unpack_from(view, at)
+        at += _CHUNK.size
+        try:
+            records.extend(decode(_Unpickler(io.BytesIO(view[at:at + size])).load()))
+        except Exception as exc:
+            records.unreadable += count
+            records.why = records.why or f"{type(exc).__name__}: {exc}"
+        at += size
     return records
+
+
+class _Unpickler(pickle.Unpickler):
+    """Reads a value of a class the writer does not have (defined in the application's
+    `__main__`, say) as its plain value where it is one (a `str` subclass: the `str`)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return _PlainValue
+
+
+class _PlainValue:
+    """Stands in for a missing class: built from one plain value, it is that value."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs and type(args[0]) in (str, int, float, bytes):
+            return args[0]
+        raise pickle.UnpicklingError("a value of a class the writer process does not have")
