@@ -561,8 +561,11 @@ def test_instrument_settings_after_auto_activation_take_over_or_are_reported(run
 
 def test_instrument_accepts_a_path_and_rejects_non_utf8_names(run_py, repo, workdir):
     proc = run_py("import pathlib, llama_index.core, aim_llama\n"
-                  f"print('RESULT', aim_llama.instrument(repo=pathlib.Path({str(workdir / 'p')!r})))")
+                  "from llama_index.core.llms import MockLLM\n"
+                  f"print('RESULT', aim_llama.instrument(repo=pathlib.Path({str(workdir / 'p')!r})))\n"
+                  "MockLLM(max_tokens=2).complete('hi')\n")
     assert "RESULT True" in proc.stdout, proc.stderr
+    assert len(run_hashes(workdir / "p")) == 1 and run_hashes(repo) == []  # the path given
     proc = run_py(LIGHT_APP, env={"AIM_EXPERIMENT": "exp\udcff"})
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "APP RAN False" in proc.stdout

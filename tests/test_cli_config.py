@@ -45,7 +45,6 @@ def test_config_json_and_secret_redaction(workdir: Path) -> None:
     proc = cli(
         "config", "--json", cwd=workdir,
         AIM_RUN_PARAMS='{"api_key": "sk-live-123", "team": "x"}',
-        AIM_REPO="/data/user:pw@host/repo",
     )
     data = json.loads(proc.stdout)
     assert data["run_params"]["value"] == {"api_key": "***", "team": "x"}

@@ -193,7 +193,7 @@ def test_run_params_and_terminal_lines_are_redacted() -> None:
     assert _without_credentials("git@github.com:o/r.git") == "git@github.com:o/r.git"
 
 
-def test_texts_that_utf8_cannot_encode_are_stored_with_a_replacement_character() -> None:
+def test_texts_that_utf8_cannot_encode_are_finished_with_a_replacement_character() -> None:
     assert Finisher(ContentPolicy()).text("lone \udcff here") == "lone \ufffd here"
     assert storable("emoji 🙂 and \x00") == "emoji 🙂 and \x00"
 

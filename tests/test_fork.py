@@ -309,8 +309,11 @@ def test_a_fork_right_after_the_first_record_does_not_stall_the_writer(workdir, 
                 aim_llama.uninstrument()
         """, launcher=False)
     assert proc.stdout.count("FLUSHED True") == 4, proc.stdout + proc.stderr
-    runs = read_all(repo, with_texts=False)
+    runs = read_all(repo)
     assert len(runs) == 4 and all(r.end_time is not None for r in runs)
+    rounds = sorted(sorted(text for _, text in r.text("prompt", kind="llm")) for r in runs)
+    assert rounds == sorted(sorted([f"first of round {n}"] + [f"round {n} call {i}" for i in range(20)])
+                            for n in range(4))  # every record of the parent, in its round's run
 
 
 def test_a_fork_child_keeps_the_apps_sigterm_until_it_records(workdir, repo):

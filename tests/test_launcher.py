@@ -263,9 +263,13 @@ def test_pip_and_aim_cli_are_never_instrumented(workdir, tmp_path):
         proc = launch(["--", str(bindir / name)], workdir)
         assert proc.returncode == 0, proc.stderr
         assert probe_of(proc.stdout)[0]["auto"] is expected, name
-    # the real pip, as `python -m pip`, works and is left alone too
-    proc = launch(["--", sys.executable, "-m", "pip", "--version"], workdir)
-    assert proc.returncode == 0 and "pip" in proc.stdout
+    # the real pip, as `python -m pip`, works and is left alone too (aim_llama.auto is never
+    # imported in it, as it is in any other Python the launcher starts)
+    proc = launch(["--", sys.executable, "-X", "importtime", "-m", "pip", "--version"], workdir)
+    assert proc.returncode == 0 and proc.stdout.startswith("pip ")
+    assert "aim_llama.launcher.startup" in proc.stderr and "aim_llama.auto" not in proc.stderr
+    proc = launch(["--", sys.executable, "-X", "importtime", "-c", "pass"], workdir)
+    assert proc.returncode == 0 and "aim_llama.auto" in proc.stderr
 
 
 def test_command_name_parsing():
