@@ -76,3 +76,6 @@ def test_big_containers_are_rendered_by_their_head_and_size() -> None:
     assert bounded_repr(big) == repr(dict(list(big.items())[:100]))[:-1] + ", … 500 items}"
     assert bounded_repr([1, 2]) == "[1, 2]" and answer_text({"a": 1}) == "{'a': 1}"
     assert answer_text(list(range(200_000))).endswith(", … 200000 items]")
+    nested = {"rows": [{"id": i} for i in range(1000)], "empty": set(), "one": (1,)}
+    assert bounded_repr(nested) == ("{'rows': " + repr([{"id": i} for i in range(100)])[:-1]
+                                    + ", … 1000 items], 'empty': set(), 'one': (1,)}")

@@ -380,29 +380,35 @@ def test_strict_mode_through_the_launcher_matches_the_import(workdir, repo):
 def test_strict_mode_stops_a_program_from_a_start_up_hook_but_not_pip(workdir, tmp_path, hook):
     """`site` catches what a sitecustomize or a `.pth` line raises and runs the program anyway:
     strict mode ends it instead (one line, status 1). pip still runs, to fix the environment."""
-    hooks = tmp_path / "hooks"
+    hooks, site_dir = tmp_path / "hooks", tmp_path / "site-packages"
     hooks.mkdir()
+    site_dir.mkdir()
+    (site_dir / "aim_llama_auto.pth").write_text("import aim_llama.auto\n")
     if hook == "sitecustomize":
         (hooks / "sitecustomize.py").write_text("import aim_llama.auto\n")
-        prefix, env = [], {"PYTHONPATH": str(hooks)}
-    else:  # what `site` does with a .pth file in site-packages
-        (hooks / "aim_llama_auto.pth").write_text("import aim_llama.auto\n")
-        prefix, env = ["-c", f"import site; site.addsitedir({str(hooks)!r}); print('APP RAN')"], {}
-    env = clean_env(AIM_LLAMA_STRICT="true", AIM_SYSTEM_TRACKING_INTERVAL="abc", **env)
-    app = prefix or ["-c", "print('APP RAN')"]
-    proc = subprocess.run([sys.executable, *app], cwd=workdir, env=env, capture_output=True, text=True)
+    else:  # a .pth file in a site directory that `site` reads at start-up
+        (hooks / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(site_dir)!r})\n")
+    env = clean_env(AIM_LLAMA_STRICT="true", AIM_SYSTEM_TRACKING_INTERVAL="abc", PYTHONPATH=str(hooks))
+
+    def python(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *args], cwd=workdir, env={**env, **extra},
+                              capture_output=True, text=True)
+
+    proc = python("-c", "print('APP RAN')")
     assert proc.returncode == 1, proc.stderr
     assert "APP RAN" not in proc.stdout
     assert proc.stderr.startswith("aim_llama: error: invalid setting system_tracking_interval"), proc.stderr
     assert "AIM_SYSTEM_TRACKING_INTERVAL='abc'" in proc.stderr and proc.stderr.count("\n") == 1
-    if hook == "sitecustomize":
-        pip = subprocess.run([sys.executable, "-m", "pip", "--version"], cwd=workdir, env=env,
-                             capture_output=True, text=True)
-        assert pip.returncode == 0 and pip.stdout.startswith("pip "), pip.stderr
-        assert "ConfigError: invalid setting system_tracking_interval" in pip.stderr  # site's report
-    relaxed = subprocess.run([sys.executable, *app], cwd=workdir, env={**env, "AIM_LLAMA_STRICT": "false"},
-                             capture_output=True, text=True)
+    pip = python("-m", "pip", "--version")
+    assert pip.returncode == 0 and pip.stdout.startswith("pip "), pip.stderr
+    assert "ConfigError: invalid setting system_tracking_interval" in pip.stderr  # site's report
+    relaxed = python("-c", "print('APP RAN')", AIM_LLAMA_STRICT="false")
     assert relaxed.returncode == 0 and "APP RAN" in relaxed.stdout, relaxed.stderr
+    # a program's own later `site.addsitedir` is not start-up: the error is site's to report
+    later = python("-c", f"import site; site.addsitedir({str(site_dir)!r}); print('APP RAN')",
+                   PYTHONPATH="")
+    assert later.returncode == 0 and "APP RAN" in later.stdout, later.stderr
+    assert "ConfigError" in later.stderr
 
 
 @pytest.mark.parametrize("propagate", [True, False])

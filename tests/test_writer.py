@@ -641,3 +641,40 @@ def test_an_apps_own_ctrl_c_handler_runs_at_once(run_py):
         use_repo=False,
     )
     assert float(proc.stdout.split("HANDLED AFTER ")[1].split()[0]) < 0.5, proc.stdout
+
+
+UNREADABLE_APP = """
+import sys
+from aim_llama.aimrun import RunConfig
+from aim_llama.records import Track
+from aim_llama.writer import Writer
+
+class Tagged(str):  # only this program has the class, and the value carries state
+    pass
+
+odd = Tagged("tagged")
+odd.source = "app"
+w = Writer(RunConfig(repo=sys.argv[1], system_tracking_interval=None, log_system_params=False))
+for i in range(3):
+    w.submit(Track("value", float(i), "metric", {"kind": "t"}, i))
+w.submit(Track("note", odd, "text", {"kind": "t"}, 0))
+for i in range(3, 6):
+    w.submit(Track("value", float(i), "metric", {"kind": "t"}, i))
+print("FLUSH", w.flush(30), w.flush(30), flush=True)
+print("CLOSED", w.close(), w.lost, flush=True)
+"""
+
+
+def test_a_record_the_writer_process_cannot_read_is_counted_and_the_others_stored(repo, workdir):
+    """A value of a class only the application has, which the writer process cannot rebuild:
+    that record is counted lost (flush says so, the exit summary counts it, one error line)
+    and the records before and after it are stored — it once ended recording, silently."""
+    proc = subprocess.run([sys.executable, "-c", UNREADABLE_APP, str(repo)], cwd=workdir,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "FLUSH False True" in proc.stdout and "CLOSED True 1" in proc.stdout, proc.stdout
+    assert proc.stderr.count("could not be read by the Aim writer") == 1, proc.stderr
+    assert "1 records could not be stored" in proc.stderr, proc.stderr
+    run = only_run(repo)
+    assert run.metric("value", kind="t") == [(i, float(i)) for i in range(6)]
+    assert run.end_time is not None

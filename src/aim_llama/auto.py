@@ -75,13 +75,18 @@ _SITE_FILES = ("site.py", "<frozen site>")
 
 
 def _imported_by_site() -> bool:
-    """True while Python's `site` runs this import: it would catch strict mode's ConfigError,
-    print it and run the program anyway, so strict mode has to end the process itself."""
+    """True while Python's `site` runs this import at interpreter start-up (its module body
+    on the stack: not a program's own later `site.addsitedir`): it would catch strict mode's
+    ConfigError, print it and run the program anyway, so strict mode ends the process itself."""
+    runner = False
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        if code.co_name in _SITE_RUNNERS and os.path.basename(code.co_filename) in _SITE_FILES:
-            return True
+        if os.path.basename(code.co_filename) in _SITE_FILES:
+            if code.co_name in _SITE_RUNNERS:
+                runner = True
+            elif code.co_name == "<module>":
+                return runner
         frame = frame.f_back  # type: ignore[assignment]
     return False
 

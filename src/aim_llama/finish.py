@@ -23,7 +23,7 @@ from .records import (
     TraceValue,
     Track,
 )
-from .render import MAX_INPUT_LINE, format_nodes
+from .render import MAX_INPUT_LINE, format_nodes, input_line
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -38,9 +38,7 @@ def format_trace(value: TraceValue, policy: ContentPolicy) -> str:
         limit = MAX_INPUT_LINE
         if policy.max_length is not None:
             limit = min(limit, policy.max_length)
-        first = " ".join(policy.redact_head(value.input, limit).split())
-        if len(value.input) > limit:
-            first += "…"
+        first = input_line(value.input, policy.redact_head, limit)
     # a call's rough count (`~`, the writer counts exactly for the token metrics) makes the
     # request's total rough too
     approx = "~" if any("tokens=~" in row[5] for row in value.rows) else ""

@@ -249,15 +249,41 @@ def _repr(value: Any) -> str:
 
 
 def bounded_repr(value: Any) -> str:
-    """repr(value), but a big builtin container shows its first items and its size only: the
-    whole repr of 200 000 dicts (~0.3 s) was made on the application's thread to keep a head."""
+    """repr(value), but big builtin containers — at the top or nested a few levels down — show
+    their first items and their size only: the whole repr of 200 000 dicts (~0.3 s) was made on
+    the application's thread to keep a head."""
+    if type(value) not in _CONTAINERS or not _has_big(value, 3):
+        return repr(value)
+    return _head_repr(value)
+
+
+_CONTAINERS = (list, tuple, dict, set)
+
+
+def _has_big(value: Any, levels: int) -> bool:
+    if type(value) not in _CONTAINERS:
+        return False
+    if len(value) > _MAX_ITEMS_SHOWN:
+        return True
+    return levels > 0 and any(
+        _has_big(v, levels - 1) for v in (value.values() if type(value) is dict else value))
+
+
+def _head_repr(value: Any) -> str:
     kind = type(value)
-    if kind in (list, tuple, dict) and len(value) > _MAX_ITEMS_SHOWN:
-        items = list(itertools.islice(value.items() if kind is dict else value, _MAX_ITEMS_SHOWN))
-        head = repr(dict(items) if kind is dict else items)[1:-1]
-        brackets = "[]" if kind is list else "()" if kind is tuple else "{}"
-        return f"{brackets[0]}{head}, … {len(value)} items{brackets[1]}"
-    return repr(value)
+    if kind not in _CONTAINERS or not value:
+        return repr(value)
+    shown = itertools.islice(value.items() if kind is dict else value, _MAX_ITEMS_SHOWN)
+    if kind is dict:
+        parts = [f"{_head_repr(k)}: {_head_repr(v)}" for k, v in shown]
+    else:
+        parts = [_head_repr(v) for v in shown]
+    if len(value) > _MAX_ITEMS_SHOWN:
+        parts.append(f"… {len(value)} items")
+    elif kind is tuple and len(value) == 1:
+        parts[0] += ","
+    brackets = "[]" if kind is list else "()" if kind is tuple else "{}"
+    return brackets[0] + ", ".join(parts) + brackets[1]
 
 
 def render_value(value: Any, limit: int = 2_000, head: Head | None = None) -> str:
@@ -301,15 +327,17 @@ def render_nodes(nodes: list[Any], query: str | None = None) -> str:
 MAX_INPUT_LINE = 300  # characters of a request's input on a trace's first line, or a query's
 
 
+def input_line(text: str, head: Head | None = None, limit: int = MAX_INPUT_LINE) -> str:
+    """A request's input (or a query) on one line: whitespace collapsed, cut at `limit` (by
+    `head`, which redacts before it cuts) with "…" when it was longer."""
+    cut = head(text, limit) if head is not None else text[:limit]
+    return " ".join(cut.split()) + ("…" if len(text) > limit else "")
+
+
 def format_nodes(value: NodesValue, head: Head | None = None) -> str:
     """The text of `render_nodes` from rows gathered by `node_rows` (the writer calls this,
     with the content policy's `redact_head`, so a snippet never ends in half a secret)."""
-    lines = []
-    if value.query is not None:
-        query = value.query
-        if len(query) > MAX_INPUT_LINE:  # (as the trace's first line: the nodes stay in view)
-            query = (head(query, MAX_INPUT_LINE) if head is not None else query[:MAX_INPUT_LINE]) + "…"
-        lines.append(f"query: {query}")
+    lines = [] if value.query is None else [f"query: {input_line(value.query, head)}"]
     for i, (node_id, score, text) in enumerate(value.rows, 1):
         cut = head(text, SNIPPET) if head is not None else text[:SNIPPET]
         snippet = " ".join(cut.split())

@@ -40,6 +40,13 @@ class Records(list[Any]):
     unreadable = 0
     why = ""
 
+    def merge(self, other: Records) -> None:
+        """Append `other`'s records, and its unreadable count."""
+        self.extend(other)
+        if other.unreadable:
+            self.unreadable += other.unreadable
+            self.why = self.why or other.why
+
 
 def dumps(records: list[Record]) -> bytes:
     """One chunk of the queue: the records as plain tuples, pickled."""
@@ -86,9 +93,13 @@ def loads_many(data: bytes) -> Any:
     records = Records()
     view = memoryview(data)
     at = 0
-    while at + _CHUNK.size <= len(data):
-        _, count, size = _CHUNK.unpack_from(view, at)
+    while at < len(data):
+        mark, count, size = (0, 1, 0) if at + _CHUNK.size > len(data) else _CHUNK.unpack_from(view, at)
         at += _CHUNK.size
+        if mark != _MARK or at + size > len(data):  # (never from aim-llama's own framing)
+            records.unreadable += count if mark == _MARK else 1
+            records.why = records.why or "a garbled frame (the rest of it could not be counted)"
+            break
         try:
             records.extend(decode(_Unpickler(io.BytesIO(view[at:at + size])).load()))
         except Exception as exc:

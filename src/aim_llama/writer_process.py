@@ -153,6 +153,7 @@ def main() -> int:
     from .aimrun import RunConfig, RunSink
     from .log import logger as log  # importing it installs the stderr fallback
     from .records import Flush
+    from .wire import Records
     from .writer import REFUSED, read_frame
 
     stdin = os.fdopen(0, "rb", buffering=1 << 16)
@@ -196,9 +197,9 @@ def main() -> int:
                               "from it and finalizes the run; later records are not stored",
                               app_pid)
                 msg = None
-            if isinstance(msg, list):
+            if isinstance(msg, Records):
                 n = sum(1 for r in msg if not isinstance(r, Flush))
-                counts["received"] += n
+                counts["received"] += n + msg.unreadable  # (those are the sink's to count lost)
                 inbox.put((msg, n != len(msg)))
                 continue
             budget = None
@@ -254,7 +255,7 @@ def main() -> int:
                 if item is None:
                     leaving = True
                     break
-                batch.extend(item[0])
+                batch.merge(item[0])
                 urgent = item[1]
             last_store = time.monotonic()
             try:

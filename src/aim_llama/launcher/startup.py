@@ -76,7 +76,7 @@ def activate() -> None:
 
     try:
         import aim_llama.auto  # noqa: F401  (installs the post-import hook; nothing heavy)
-    except ConfigError as exc:  # strict mode only: the program must not run with a bad config
+    except ConfigError as exc:  # strict mode (auto ends the process first, under `site`)
         exit_at_start_up(f"aim_llama: error: {exc}")
     except Exception as exc:  # never break a program that merely inherited our PYTHONPATH
         try:
