@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -347,6 +349,8 @@ for i in range(int(sys.argv[1])):
     llm.complete(f"question {i}")
     if i % 50 == 49:
         time.sleep(0.1)
+if sys.argv[2:] == ["wait"]:  # until the test has seen the writer drop at the bound
+    sys.stdin.readline()
 print("FIRST", aim_llama.flush(30), flush=True)
 llm.complete("one more")
 print("SECOND", aim_llama.flush(20), flush=True)
@@ -356,14 +360,30 @@ print("SECOND", aim_llama.flush(20), flush=True)
 def test_flush_says_false_when_the_servers_buffer_bound_dropped_records(aim_process, workdir):
     server = aim_process("server", start=False)
     proc = subprocess.Popen(
-        [sys.executable, "-c", FLUSH_TRUTH_APP, "50"], cwd=workdir, text=True,
+        [sys.executable, "-c", FLUSH_TRUTH_APP, "50", "wait"], cwd=workdir, text=True,
         env=clean_env(AIM_REPO=server.url, AIM_LLAMA_QUEUE_SIZE="100",
                       AIM_CAPTURE_TERMINAL_LOGS="false", AIM_SYSTEM_TRACKING_INTERVAL="off",
                       AIM_LLAMA_FLUSH_TIMEOUT="30"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(5)  # the records are made while the server is down: more than the bound
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the records are made while the server is down: more than the bound; the server starts
+    # once the writer has said it drops (its one warning)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr or ()],
+                     daemon=True).start()
+    seen: list[str] = []
+    while not any("buffer bound" in line for line in seen):
+        try:
+            seen.append(lines.get(timeout=60))
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError("no drop at the buffer bound: " + "".join(seen)) from None
     server.start()
-    out, err = proc.communicate(timeout=90)
+    go_on(proc)
+    assert proc.stdout is not None
+    out = proc.stdout.read()  # to the app's exit (stderr is the thread's to read)
+    proc.wait(timeout=90)
+    time.sleep(0.2)  # (the reader thread takes the last lines)
+    err = "".join(seen + list(lines.queue))
     assert proc.returncode == 0, err
     assert "FIRST False" in out and "SECOND True" in out, (out, err)
     assert "buffer bound" in err and "could not be stored" in err, err
