@@ -904,6 +904,38 @@ def test_a_streamed_request_cancelled_as_it_is_read_was_cancelled(repo: Path) ->
     assert len(run.metric("latency_ms", kind="query")) == 1
 
 
+def test_a_streamed_request_the_app_stopped_reading_was_abandoned(repo: Path) -> None:
+    """The app read part of the stream its request returned and closed it (a client that
+    went away): the request says `abandoned` and has no answer — it did not complete; what was
+    read is in the LLM call's `response`, which ends with `[stream abandoned]`."""
+    engine = _index().as_query_engine(streaming=True, llm=RuleLLM())
+
+    async def read_async() -> None:
+        stream = (await engine.aquery(QUESTIONS[1])).async_response_gen()
+        await stream.__anext__()
+        await stream.aclose()
+
+    with recording(repo):
+        stream = engine.query(QUESTIONS[0]).response_gen
+        next(stream)
+        stream.close()
+        asyncio.run(read_async())
+        engine.query(QUESTIONS[2]).get_response()  # read to the end: complete, as before
+    run = only_run(repo)
+    questions = dict(run.text("question", kind="query"))
+    answers = dict(run.text("answer", kind="query"))
+    status = {questions[step]: trace.splitlines()[1]
+              for step, trace in run.text("trace", kind="query")}
+    for q in QUESTIONS[:2]:
+        assert "· abandoned ·" in status[q], status[q]
+    assert "· ok ·" in status[QUESTIONS[2]], status
+    assert [questions[s] for s in answers] == [QUESTIONS[2]]
+    responses = [t for _, t in run.text("response", kind="llm")]
+    assert sum(r.endswith("\n[stream abandoned]") for r in responses) == 2, responses
+    assert not run.metric("errors", kind="llm") and not run.metric("errors", kind="query")
+    assert len(run.metric("latency_ms", kind="query")) == 3
+
+
 def test_a_workflow_result_that_cannot_be_shown_still_ends_its_request(repo: Path) -> None:
     """The answer of a result whose repr raises cannot be taken; the request must still end
     (latency, trace) at once — it stayed open until exit or the 30-minute expiry."""

@@ -735,9 +735,9 @@ class Observer:
                     if isinstance(err, BaseException):
                         self._note_error(root, err, call.node)
                         status = _stream_status(err)
-                        if call.first is not None and root.node.status == "ok" and status:
-                            # the stream a request returned failed (or was cancelled) as the
-                            # app read it: so did the request (no answer), though its own span
+                        if call.first is not None and root.node.status == "ok":
+                            # the stream a request returned failed (was cancelled, abandoned)
+                            # as the app read it: so did the request (no answer), though its own span
                             # had returned (or, read by another thread, returns after this:
                             # `span_exit`)
                             if root.node.end is not None:
@@ -1253,11 +1253,11 @@ def _cancelled(err: BaseException) -> bool:
     return isinstance(err, GeneratorExit) or type(err).__name__ == "CancelledError"
 
 
-def _stream_status(err: BaseException) -> str | None:
-    """How a request ends whose stream stopped with `err` while read: failed or cancelled; an
-    abandoned stream (`GeneratorExit`: the app stopped reading) leaves it as it was."""
+def _stream_status(err: BaseException) -> str:
+    """How a request ends whose stream stopped with `err` while read: abandoned
+    (`GeneratorExit`: the app stopped reading, a client went away), cancelled, or failed."""
     if isinstance(err, GeneratorExit):
-        return None
+        return "abandoned"
     return "cancelled" if _cancelled(err) else f"error {type(err).__name__}"
 
 
