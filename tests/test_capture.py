@@ -416,6 +416,36 @@ def test_two_streams_opened_before_either_is_read_are_two_calls(repo: Path) -> N
     assert "llm calls 2" in trace.splitlines()[1]
 
 
+def test_async_streams_with_one_prompt_read_in_any_order_are_one_call_each(repo: Path) -> None:
+    """`astream_chat` twice with the same messages, read the other way round, or a chunk of
+    each in turn: each stream's body (its `stream_chat`) belongs to the call that returned
+    it — it was taken for the older call's, and the other body became a third call."""
+    from llama_index.core.llms import ChatMessage
+
+    llm = RuleLLM()
+    messages = [ChatMessage(role="user", content="the same question")]
+
+    async def reversed_order() -> None:
+        first, second = await llm.astream_chat(messages), await llm.astream_chat(messages)
+        [r async for r in second]
+        [r async for r in first]
+
+    async def in_turn() -> None:
+        first, second = await llm.astream_chat(messages), await llm.astream_chat(messages)
+        b, a = second.__aiter__(), first.__aiter__()
+        await b.__anext__()
+        await a.__anext__()
+        [r async for r in b]
+        [r async for r in a]
+
+    with recording(repo):
+        asyncio.run(reversed_order())
+        asyncio.run(in_turn())
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 4)
+    assert {t for _, t in run.text("response", kind="llm")} == {"an answer from the rule llm"}
+
+
 def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
     llm = RuleLLM()
     with recording(repo):

@@ -22,6 +22,7 @@ import contextvars
 import enum
 import itertools
 import logging
+import sys
 import threading
 import time
 import types
@@ -166,6 +167,7 @@ class _Call:
     """An LLM call between its start and end events."""
 
     __slots__ = (
+        "body",
         "claimed",
         "deltas",
         "first",
@@ -197,6 +199,7 @@ class _Call:
         self.root = node.root if node is not None else None
         self.nested = nested
         self.claimed = False  # an async stream whose sync body has started (see `_outer_stream`)
+        self.body: types.FrameType | None = None  # the frame of the async stream it returned
         self.outer: _Call | None = None  # a nested call: the call it is part of
         # provider usage reported by calls nested in this one (a structured LLM's inner call)
         self.inner: TokenCounts | None = None
@@ -483,6 +486,10 @@ class Observer:
                                              "metric", ctx))
                     except Exception as exc:  # the request must still end
                         self.failed("span end", exc)
+                elif kind == "llm" and type(result) is types.AsyncGeneratorType:
+                    call = self._calls.get(id_)
+                    if call is not None:
+                        call.body = result.ag_frame  # its body's calls run under this frame
                 if node is root.node:
                     root.end = now
                     if kind in ANSWER_KINDS:
@@ -609,17 +616,33 @@ class Observer:
         the outer one: the oldest unclaimed call of `astream_X` on this instance, with this
         prompt (or these messages), whose stream has not started, for an inner `stream_X`.
         Other calls of the same LLM meanwhile, and several streams opened before any is read,
-        stay calls of their own.
+        stay calls of their own. The outer call whose returned stream is running on this
+        thread's stack is the one, whatever order the streams are read in; else the oldest
+        with this prompt (a body run elsewhere).
         """
         cls, _, method = name.rpartition(".")
         outer_name = f"{cls}.a{method}"
-        for call in self._calls.values():
-            node = call.node
-            if (node is not None and not call.claimed and not call.nested
-                    and call.first is None and node.end is not None
-                    and node.inst_id == inst_id and node.name == outer_name
-                    and (call.prompt == prompt if call.prompt is not None
-                         else call.messages is messages or call.messages == messages)):
+        candidates = [
+            call for call in self._calls.values()
+            if (call.node is not None and not call.claimed and not call.nested
+                and call.first is None and call.node.end is not None
+                and call.node.inst_id == inst_id and call.node.name == outer_name)
+        ]
+        if not candidates:
+            return None
+        if any(call.body is not None for call in candidates):
+            frames: list[types.FrameType] = []
+            frame: types.FrameType | None = sys._getframe(1)
+            while frame is not None and len(frames) < 200:
+                frames.append(frame)
+                frame = frame.f_back
+            for call in candidates:
+                if call.body is not None and any(f is call.body for f in frames):
+                    call.claimed = True
+                    return call
+        for call in candidates:  # (a body run elsewhere: a thread of the LLM's, say)
+            if (call.prompt == prompt if call.prompt is not None
+                    else call.messages is messages or call.messages == messages):
                 call.claimed = True
                 return call
         return None
