@@ -459,6 +459,125 @@ def test_sigterm_with_the_apps_own_handler_stores_everything_before_and_after(re
     assert run.end_time is not None and not run.active
 
 
+SERVER_LIKE_APP = """
+import signal, sys, threading
+import aim_llama.auto
+stop = threading.Event()
+captured = []
+def handle_exit(signum, frame):
+    captured.append(signum)
+    stop.set()
+if sys.argv[1] == "activated first":  # (uvicorn, one process: the app is loaded before serving)
+    from llama_index.core.llms import MockLLM
+# What uvicorn's `capture_signals` does around serving; in a `--workers` worker (and a gunicorn
+# --preload fork child) the app, and so LlamaIndex, is loaded inside it.
+original = {sig: signal.signal(sig, handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+from llama_index.core.llms import MockLLM
+assert signal.getsignal(signal.SIGTERM) is handle_exit, signal.getsignal(signal.SIGTERM)
+assert original[signal.SIGTERM] is signal.SIG_DFL, original
+llm = MockLLM(max_tokens=3)
+for i in range(100):
+    llm.complete(f"before {i}")
+print("READY", flush=True)
+while not stop.wait(0.05):
+    pass
+for i in range(20):
+    llm.complete(f"in flight {i}")  # the requests in hand finish
+for sig, handler in original.items():  # then: the handlers it found, and the signal again
+    signal.signal(sig, handler)
+for signum in reversed(captured):
+    signal.raise_signal(signum)
+print("SURVIVED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("order", ["activated first", "activated inside"])
+def test_a_server_that_puts_back_the_default_and_raises_sigterm_again_loses_nothing(
+        repo, workdir, order):
+    """uvicorn's shutdown: put back the handlers found before serving, then raise the signal
+    again. When aim-llama was activated while serving (a worker process), what it found was
+    SIG_DFL, and the process died of it without a flush: the requests finished after the
+    SIGTERM were lost without a word. The handler the application installs is what
+    `signal.getsignal` says, and the process still dies of SIGTERM."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_LIKE_APP, order], cwd=workdir,
+        env=clean_env(AIM_REPO=str(repo)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(proc, "READY")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "SURVIVED" not in out, err
+    assert "Traceback" not in err, err
+    run = only_run(repo)
+    expected = [f"before {i}" for i in range(100)] + [f"in flight {i}" for i in range(20)]
+    assert [t for _, t in run.text("prompt", kind="llm")] == expected
+    assert run.end_time is not None and not run.active
+
+
+def test_handlers_set_after_activation_are_chained_to_and_reported_as_set(run_py):
+    """`signal.signal` / `signal.getsignal` after activation behave as Python's for the
+    application (what it set is what it reads; its errors are Python's), while the flush stays
+    in front of SIGTERM; an ignored SIGTERM, and an app's own Ctrl-C handler, get no flush in
+    front; `uninstrument()` gives the application its handler and Python's functions back."""
+    proc = run_py(
+        """
+        import os, signal, threading
+        real = signal.signal
+        import aim_llama, aim_llama.auto
+        from llama_index.core.llms import MockLLM
+
+        def kernel(signum):  # "caught", "ignored" or "default", as the kernel sees it
+            with open("/proc/self/status") as status:
+                masks = {l.split(":")[0]: int(l.split()[1], 16) for l in status
+                         if l[:6] in ("SigCgt", "SigIgn")}
+            bit = 1 << (signum - 1)
+            return ("caught" if masks["SigCgt"] & bit else
+                    "ignored" if masks["SigIgn"] & bit else "default")
+
+        MockLLM(max_tokens=3).complete("one")
+        assert signal.signal is not real
+        got = []
+        def on_term(signum, frame):
+            got.append(aim_llama.autoinstrument._active.writer.queued)
+        assert signal.signal(signal.SIGTERM, on_term) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is on_term and kernel(signal.SIGTERM) == "caught"
+        for i in range(500):
+            MockLLM(max_tokens=3).complete(f"call {i}")
+        signal.raise_signal(signal.SIGTERM)
+        assert got == [0], got  # flushed in front of the app's handler, which ran
+        assert signal.signal(signal.SIGTERM, signal.SIG_IGN) is on_term
+        assert kernel(signal.SIGTERM) == "ignored"
+        signal.raise_signal(signal.SIGTERM)  # ignored: nothing happens
+        assert signal.signal(signal.SIGTERM, on_term) is signal.SIG_IGN
+        assert kernel(signal.SIGTERM) == "caught" and signal.getsignal(signal.SIGTERM) is on_term
+        on_int = lambda signum, frame: None
+        assert signal.signal(signal.SIGINT, on_int) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is on_int
+        errors = []
+        try:
+            signal.signal(signal.SIGTERM, "not a handler")
+        except TypeError as exc:
+            errors.append("TypeError")
+        def off_main():
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            except ValueError:
+                errors.append("ValueError")
+        t = threading.Thread(target=off_main)
+        t.start()
+        t.join()
+        assert errors == ["TypeError", "ValueError"], errors
+        assert signal.getsignal(signal.SIGTERM) is on_term
+        aim_llama.uninstrument()
+        assert signal.signal is real and signal.getsignal(signal.SIGTERM) is on_term
+        print("CHECKED", flush=True)
+        """,
+        check=False,
+    )
+    assert proc.returncode == 0 and "CHECKED" in proc.stdout, proc.stdout + proc.stderr
+
+
 UNINSTRUMENT_APP = """
 import os, signal, sys, threading
 if "app handler" in sys.argv[2]:

@@ -80,45 +80,108 @@ def sigpipe_as_error() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+_real_signal = signal.signal
+_real_getsignal = signal.getsignal
+_owner: SignalChain | None = None  # the chain whose handler is installed, if any
+
+
+def _signal(signalnum: int, handler: SignalHandler) -> SignalHandler:
+    """`signal.signal` while aim-llama's handler is installed: see `SignalChain.replace`."""
+    chain = _owner
+    if chain is not None and signalnum in (signal.SIGTERM, signal.SIGINT):
+        return chain.replace(signalnum, handler)
+    return _real_signal(signalnum, handler)
+
+
+def _getsignal(signalnum: int) -> SignalHandler:
+    """`signal.getsignal` while aim-llama's handler is installed: what the application set."""
+    chain = _owner
+    if chain is not None and signalnum in chain._previous:
+        return chain._previous[signalnum]
+    return _real_getsignal(signalnum)
+
+
+
 class SignalChain:
     """Installs a flush-then-chain handler for SIGTERM (and SIGINT when it has no Python handler:
-    set to SIG_DFL, the process would die without its atexit flush)."""
+    set to SIG_DFL, the process would die without its atexit flush).
+
+    While installed it stays in front of what the application sets later: `signal.signal`
+    for those two signals records the application's handler as the one to chain to, and
+    `signal.getsignal` answers with it. A server that puts back the handler it found (SIG_DFL)
+    and raises the signal again — uvicorn's shutdown, in a worker that loaded the application
+    while serving — otherwise died of it without a flush.
+    """
 
     def __init__(self, on_signal: Callable[[int], bool | None]) -> None:
         self._on_signal = on_signal
         self._previous: dict[int, SignalHandler] = {}
         self._deferred: list[tuple[int, FrameType | None]] = []
 
+    @staticmethod
+    def _wanted(signum: int, handler: SignalHandler) -> bool:
+        """Whether our handler goes in front of `handler` (the rule of `install`)."""
+        if handler is None or handler == signal.SIG_IGN:
+            return False  # the app wants it ignored, or a non-Python handler owns it
+        # SIGINT only at SIG_DFL: KeyboardInterrupt unwinds normally and the atexit flush
+        # covers it; an app's own Ctrl-C handler runs at once (a flush first would hold it up
+        # to the flush timeout), and if it exits, the atexit flush covers that too.
+        return signum != signal.SIGINT or handler == signal.SIG_DFL
+
     def install(self) -> bool:
         """Install on the main thread only (Python's rule); returns whether anything was installed."""
+        global _owner
         if threading.current_thread() is not threading.main_thread():
             return False
         for signum in (signal.SIGTERM, signal.SIGINT):
-            current = signal.getsignal(signum)
-            if current is signal.SIG_IGN or current is None:
-                continue  # the app wants it ignored, or a non-Python handler owns it
-            if signum == signal.SIGINT and current is not signal.SIG_DFL:
-                # KeyboardInterrupt unwinds normally and the atexit flush covers it; an app's
-                # own Ctrl-C handler runs at once (a flush first would hold it up to the flush
-                # timeout), and if it exits, the atexit flush covers that too.
-                continue
-            if current == self._handle:
-                continue  # installed already (a forked child that starts to record)
+            current = _real_getsignal(signum)
+            if current == self._handle or not self._wanted(signum, current):
+                continue  # (installed already: a forked child that starts to record)
             self._previous[signum] = current
-            signal.signal(signum, self._handle)
+            _real_signal(signum, self._handle)
+        _owner = self
+        if signal.signal is _real_signal:
+            signal.signal = _signal
+            signal.getsignal = _getsignal
         return bool(self._previous)
 
     def uninstall(self) -> None:
         """Put back the previous handlers where ours is still the installed one."""
+        global _owner
         if threading.current_thread() is not threading.main_thread():
             return
+        if _owner is self:
+            _owner = None
+            if signal.signal is _signal:
+                signal.signal = _real_signal
+                signal.getsignal = _real_getsignal
         for signum, previous in self._previous.items():
-            if signal.getsignal(signum) == self._handle:
-                signal.signal(signum, previous)
+            if _real_getsignal(signum) == self._handle:
+                _real_signal(signum, previous)
         self._previous.clear()
 
+    def replace(self, signum: int, handler: SignalHandler) -> SignalHandler:
+        """The application sets `handler` for SIGTERM / SIGINT: ours stays in front and chains
+        to it, or steps aside (SIG_IGN; an app's own Ctrl-C handler). Returns what the
+        application had set, and raises what `signal.signal` raises."""
+        if (threading.current_thread() is not threading.main_thread()
+                or not (callable(handler) or handler in (signal.SIG_DFL, signal.SIG_IGN))):
+            return _real_signal(signum, handler)  # (its error)
+        had = self._previous.get(signum)
+        before = had if signum in self._previous else _real_getsignal(signum)
+        if handler == self._handle:
+            return before  # (ours, read before: nothing changes)
+        if self._wanted(signum, handler):
+            if _real_getsignal(signum) != self._handle:  # (set by a `signal.signal` saved earlier)
+                _real_signal(signum, self._handle)
+            self._previous[signum] = handler
+        else:
+            _real_signal(signum, handler)
+            self._previous.pop(signum, None)
+        return before
+
     def chains_to_app(self, signum: int) -> bool:
-        """Whether `signum` goes on to a handler the application installed before ours."""
+        """Whether `signum` goes on to a handler the application installed."""
         return callable(self._previous.get(signum))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -144,7 +207,8 @@ class SignalChain:
             previous(signum, frame)
             return
         # Default action: restore it and re-deliver, so the exit status is the signal's.
-        signal.signal(signum, signal.SIG_DFL)
+        self._previous.pop(signum, None)
+        _real_signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
 
