@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -356,9 +357,25 @@ def test_config_error_is_reported_once_per_process_and_app_runs(workdir, repo):
     assert "INSTRUMENTED False False" in proc.stdout and "APP DONE" in proc.stdout
     lines = [line for line in proc.stderr.splitlines() if "AIM_SYSTEM_TRACKING_INTERVAL" in line]
     assert len(lines) == 2, proc.stderr  # parent once, child once
-    assert all("'abc'" in line for line in lines)
+    # the option the user typed is named (the launcher passes it as an env var)
+    assert all("(aim-llama run --system-tracking-interval 'abc', passed as env "
+               "AIM_SYSTEM_TRACKING_INTERVAL)" in line for line in lines), lines
     assert "Traceback" not in proc.stderr
     assert run_hashes(repo) == []
+    missing = launch(["--config", "missing.toml", "--set", "sample_rate=2", *LIGHT_CMD], workdir,
+                     repo)
+    assert "named by aim-llama run --config, passed as env AIM_LLAMA_CONFIG does not exist" in (
+        missing.stderr), missing.stderr
+    (workdir / "aim_llama.toml").write_text("queue_size = 100\n")
+    typed = launch(["--set", "sample_rate=2", *LIGHT_CMD], workdir, repo)
+    assert ("invalid setting sample_rate (aim-llama run --set sample_rate '2', passed as env "
+            "AIM_LLAMA_SAMPLE_RATE)") in typed.stderr, typed.stderr
+    listed = launch(["--experiment", "e", "--", AIM_LLAMA, "config"], workdir, repo)
+    assert re.search(r"experiment +\"e\" +\(aim-llama run --experiment, passed as env "
+                     r"AIM_EXPERIMENT\)", listed.stdout), listed.stdout
+    assert re.search(r"queue_size +100 +\(.*aim_llama.toml: queue_size\)", listed.stdout)
+    plain = launch([*LIGHT_CMD], workdir, repo, env={"AIM_LLAMA_SAMPLE_RATE": "2"})
+    assert "(env AIM_LLAMA_SAMPLE_RATE='2')" in plain.stderr, plain.stderr
 
 
 def test_strict_mode_through_the_launcher_matches_the_import(workdir, repo):

@@ -158,6 +158,12 @@ BAD: list[tuple[str, dict[str, str], dict[str, str], dict[str, object], list[str
      ["is a directory", "AIM_LLAMA_CONFIG"]),
     ("queue-size-small", {"AIM_LLAMA_QUEUE_SIZE": "5"}, {}, {},
      ["queue_size", "AIM_LLAMA_QUEUE_SIZE='5'", "below 100"]),
+    ("queue-size-huge", {"AIM_LLAMA_QUEUE_SIZE": "9" * 29}, {}, {},
+     ["queue_size", "is more than 10000000", "from 100 to 10000000"]),
+    ("repo-nul", {}, {"aim_llama.toml": 'repo = "r\\u0000x"\n'}, {},
+     ["repo", "aim_llama.toml: repo", "cannot contain a NUL character"]),
+    ("config-is-a-pyproject", {}, {"aim_llama.toml": "[tool.aim_llama]\nqueue_size = 500\n"}, {},
+     ["unknown setting 'tool'", "at its top level, not in a [tool.aim_llama] table"]),
     ("queue-size-word", {"AIM_LLAMA_QUEUE_SIZE": "lots"}, {}, {},
      ["queue_size", "'lots' is not a whole number"]),
     ("flush-timeout-zero", {"AIM_LLAMA_FLUSH_TIMEOUT": "0"}, {}, {},
@@ -307,7 +313,7 @@ def test_a_config_file_beyond_the_size_read_is_an_error_not_a_cut(cwd: Path) -> 
                                          + b"queue_size = 5\n")
     with pytest.raises(ConfigError) as info:
         load_settings(environ={})
-    assert "larger than 4000 kB" in str(info.value) and "aim_llama.toml" in str(info.value)
+    assert "larger than 4 MB" in str(info.value) and "aim_llama.toml" in str(info.value)
 
 
 @pytest.mark.parametrize(("line", "expected"), [("strict = true", True), ("enabled = false", False)])

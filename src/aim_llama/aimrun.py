@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,13 +128,40 @@ def ensure_repo_initialized(repo: str) -> None:
                 if not _has_version(version):
                     from aim.sdk.repo import Repo
 
-                    Repo.from_path(root, init=True)
+                    with _in_directory(root):
+                        Repo.from_path(root, init=True)
             finally:
                 # The repo exists now and later openers return early: leave no lock file behind.
                 with contextlib.suppress(OSError):
                     os.unlink(lock_path)
                 fcntl.flock(fh, fcntl.LOCK_UN)
             return
+
+
+OWNS_WORKING_DIRECTORY = False  # set by aim-llama's own programs (the doctor); see `_in_directory`
+
+
+@contextlib.contextmanager
+def _in_directory(path: str) -> Iterator[None]:
+    """In the writer process, run Aim's repo creation in the new repo's directory: its database
+    migration (an `alembic` subprocess) reads a `pyproject.toml` in the working directory, and
+    the application's — broken, or with a `[tool.alembic]` of its own — failed it, so that no
+    run could be created. (In the application's process, with the thread writer, the working
+    directory is the application's to change, not ours; so it is in the doctor's.)"""
+    if not (OWNS_WORKING_DIRECTORY or os.environ.get("AIM_LLAMA_ROLE") == "writer"):
+        yield
+        return
+    try:
+        before = os.getcwd()
+        os.chdir(path)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.chdir(before)
 
 
 def _has_version(path: str) -> bool:
@@ -573,8 +600,8 @@ class RunSink:
         warn_once(
             "remote-buffer-full",
             "%d records are waiting for the Aim server %s to confirm them (the buffer bound, "
-            "AIM_LLAMA_QUEUE_SIZE) and it has not confirmed any for a while; newer records "
-            "are dropped and counted until it catches up",
+            "setting queue_size, AIM_LLAMA_QUEUE_SIZE) and it has not confirmed any for a "
+            "while; newer records are dropped and counted until it catches up",
             self.config.buffer_size,
             self.address.url if self.address else "",
         )

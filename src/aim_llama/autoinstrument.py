@@ -146,7 +146,8 @@ def _reconfigure(overrides: dict[str, Any]) -> bool:
         return True
     message = (
         f"instrument({', '.join(f'{k}=...' for k in sorted(overrides))}) came after aim-llama "
-        f"had started recording (activated by the launcher or `import aim_llama.auto`): "
+        f"had started recording (activated earlier in this process: by the launcher, "
+        f"`import aim_llama.auto` or an earlier instrument()): "
         f"{', '.join(changed)} "
         f"{'stays as it was' if len(changed) == 1 else 'stay as they were'} for this process; call "
         f"aim_llama.uninstrument() first to start a new run with other settings"

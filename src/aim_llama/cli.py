@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aim-llama",
         description="Record what LlamaIndex applications do into the Aim experiment tracker.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"aim-llama {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     config = sub.add_parser(
         "config",
@@ -102,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `aim-llama` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, with its usage (not the top-level one)
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         result: int = args.func(args)
         sys.stdout.flush()

@@ -151,8 +151,11 @@ def _newer(a: str, b: str) -> bool:
 def probe(settings: Any, timeout: float, keep: bool = False) -> Check:
     """Write a run through aim-llama's writer path (`RunSink`), read it back through Aim, and
     delete it (unless `keep`: then it stays, to be looked at in `aim up`)."""
+    from . import aimrun
     from .aimrun import RunConfig, RunSink, resolve_repo
     from .records import Param, Track
+
+    aimrun.OWNS_WORKING_DIRECTORY = True  # (a program of ours: see `aimrun._in_directory`)
 
     token = uuid.uuid4().hex
     started = time.monotonic()
@@ -170,7 +173,8 @@ def probe(settings: Any, timeout: float, keep: bool = False) -> Check:
     if run_hash is None:
         reason = sink.failed or "the repo could not be reached"
         return Check("probe", False, f"could not create a run ({reason})",
-                     "fix the failures above, then run `aim-llama doctor --probe` again")
+                     "fix what the reason (and any error above) says, then run "
+                     "`aim-llama doctor --probe` again")
     if not sink.close(timeout) or sink.lost:
         return Check("probe", False,
                      f"run {run_hash}: {sink.lost} of 3 records not stored within {timeout:g}s",
@@ -267,6 +271,10 @@ def add_doctor_parser(subparsers: Any, func: Any) -> argparse.ArgumentParser:
 
 def doctor_command(args: argparse.Namespace) -> int:
     """Print one line per check; 0 when all passed, 1 otherwise."""
+    if args.keep_probe and not args.probe:
+        print("aim-llama doctor: error: --keep-probe keeps the run of --probe: add --probe",
+              file=sys.stderr)
+        return 2
     checks = run_checks(bool(args.probe), float(args.timeout), bool(args.keep_probe))
     for check in checks:
         print(check.line())

@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError
 from .switches import (
+    COMMAND_LINE_ENV,
     CONFIG_ENV,
     CONFIG_TEXT_ENV,
     DEFAULT_TOML,
@@ -51,7 +52,23 @@ _GATHERED: contextvars.ContextVar[bool] = contextvars.ContextVar("aim_llama_gath
 # Run parameters aim-llama sets itself: a `run_params` key of these names would be overwritten.
 RESERVED_PARAMS = frozenset({"aim_llama", "llm_models"})
 # `AIM_LLAMA_*` variables that are not settings: set by aim-llama for its own processes.
-INTERNAL_ENV = frozenset({CONFIG_ENV, CONFIG_TEXT_ENV, "AIM_LLAMA_LAUNCHED", "AIM_LLAMA_ROLE"})
+INTERNAL_ENV = frozenset({CONFIG_ENV, CONFIG_TEXT_ENV, COMMAND_LINE_ENV, "AIM_LLAMA_LAUNCHED",
+                          "AIM_LLAMA_ROLE"})
+
+
+def command_line_option(var: str, environ: Mapping[str, str]) -> str | None:
+    """The `aim-llama run` option that set env var `var` for this program, if one did."""
+    for part in environ.get(COMMAND_LINE_ENV, "").split(";"):
+        name, _, option = part.partition("=")
+        if name == var and option:
+            return option
+    return None
+
+
+def env_source(var: str, environ: Mapping[str, str]) -> str:
+    """How messages name where env var `var` came from: the option typed, or the variable."""
+    option = command_line_option(var, environ)
+    return f"aim-llama run {option}, passed as env {var}" if option else f"env {var}"
 MAX_SECONDS = 86_400  # a day: longer waits and intervals are mistakes (and overflow timeouts)
 
 # LlamaIndex's CBEventType values (llama_index.core.callbacks.schema). Kept here so that
@@ -73,6 +90,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "agent_step",
 )
 
+MAX_QUEUE_SIZE = 10_000_000
 _OFF_WORDS = {"none", "off", "false", "no", "disable", "disabled"}
 
 # One line of "what is allowed" per setting, appended to every error about it.
@@ -80,22 +98,22 @@ ALLOWED: dict[str, str] = {
     "repo": "a directory path or aim://host:port",
     "experiment": "any non-empty experiment name",
     "system_tracking_interval": "a whole number of seconds from 1 to 86400, or none/off/0 to disable",
-    "log_system_params": "true or false",
-    "capture_terminal_logs": "true or false",
+    "log_system_params": "true or false (also yes/no, on/off, 1/0)",
+    "capture_terminal_logs": "true or false (also yes/no, on/off, 1/0)",
     "event_starts_to_ignore": "LlamaIndex event types: " + ", ".join(EVENT_TYPES),
     "event_ends_to_ignore": "LlamaIndex event types: " + ", ".join(EVENT_TYPES),
     "run_params": "a JSON object / TOML table of run parameters",
-    "enabled": "true or false",
-    "strict": "true or false",
-    "queue_size": "a whole number of records >= 100",
+    "enabled": "true or false (also yes/no, on/off, 1/0)",
+    "strict": "true or false (also yes/no, on/off, 1/0)",
+    "queue_size": f"a whole number of records from 100 to {MAX_QUEUE_SIZE}",
     "flush_timeout": "a number of seconds > 0 and <= 86400 (e.g. 10 or 2.5)",
     "writer": "process or thread",
-    "propagate": "true or false",
-    "capture_content": "true or false",
+    "propagate": "true or false (also yes/no, on/off, 1/0)",
+    "capture_content": "true or false (also yes/no, on/off, 1/0)",
     "max_text_length": "a whole number of characters >= 1, or none/off/0 for no limit",
     "redact": "regular expressions (JSON list, or separated by newlines or by commas outside "
               "brackets and braces in env; list in TOML)",
-    "redact_secrets": "true or false",
+    "redact_secrets": "true or false (also yes/no, on/off, 1/0)",
     "sample_rate": "a number from 0 to 1 (fraction of root requests whose texts are recorded)",
 }
 
@@ -284,6 +302,8 @@ class AimLlamaSettings(BaseSettings):
     @field_validator("repo", mode="after")
     @classmethod
     def _check_repo(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("a path cannot contain a NUL character")
         if value is not None and "://" in value:
             match = re.fullmatch(r"aim://([^:/\s]+):(\d{1,5})/?", value)
             if not match or not 0 < int(match.group(2)) < 65536:
@@ -335,6 +355,8 @@ class AimLlamaSettings(BaseSettings):
         value = _whole_number(value)
         if value < 100:
             raise ValueError(f"{value} is below 100")
+        if value > MAX_QUEUE_SIZE:  # (the queue is the memory bound: it must be one)
+            raise ValueError(f"{value} is more than {MAX_QUEUE_SIZE}")
         return value
 
     @field_validator("flush_timeout", mode="before")
@@ -453,10 +475,10 @@ def config_file_path(environ: Mapping[str, str]) -> tuple[Path | None, bool, Pat
     except RuntimeError as exc:  # `~user/...` for a user that does not exist
         named = environ.get(CONFIG_ENV, "").strip()
         raise ConfigError(
-            f"config file {named!r} named by env {CONFIG_ENV} cannot be found: {exc}; "
-            "point it at a readable TOML file or unset it",
+            f"config file {named!r} named by {env_source(CONFIG_ENV, environ)} cannot be found: "
+            f"{exc}; point it at a readable TOML file or unset it",
             setting=CONFIG_ENV,
-            source=f"env {CONFIG_ENV}",
+            source=env_source(CONFIG_ENV, environ),
         ) from None
     return (None if toml is None else Path(toml)), explicit, (
         None if pyproject is None else Path(pyproject))
@@ -476,7 +498,10 @@ def _fmt_value(value: Any) -> str:
 
 
 def _describe(source_kind: str, field: str, value: Any, file_label: str = "") -> str:
-    if source_kind == "env":
+    if source_kind == "env":  # (`file_label`: the `aim-llama run` option that set it, if any)
+        if file_label.startswith("--"):
+            return (f"aim-llama run {file_label} {_fmt_value(value)}, passed as env "
+                    f"{ENV_NAMES[field]}")
         return f"env {ENV_NAMES[field]}={_fmt_value(value)}"
     if source_kind == "kwargs":
         return f"instrument({field}={_fmt_value(value)})"
@@ -536,6 +561,10 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
         key = unknown[0]
         close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
+        if not table and isinstance(table_values.get("tool"), dict) and (
+                "aim_llama" in table_values["tool"]):
+            hint = ("a config file holds aim-llama's settings at its top level, not in a "
+                    "[tool.aim_llama] table (that one is read from pyproject.toml); ")
         raise ConfigError(
             f"{label}: unknown setting {key!r}; {hint}known settings: {', '.join(FIELDS)}",
             setting=key,
@@ -556,17 +585,17 @@ def _anchor_repo(data: dict[str, Any], path: Path) -> dict[str, Any]:
     return {**data, "repo": os.path.join(os.path.dirname(os.path.abspath(path)), repo)}
 
 
-def _exists(path: Path, explicit: bool) -> bool:
+def _exists(path: Path, explicit: bool, named_by: str = f"env {CONFIG_ENV}") -> bool:
     """Whether the config file exists; a path the system rejects is a one-line ConfigError."""
     try:
         return path.exists()
     except OSError as exc:  # a name too long, a directory on the way that cannot be entered …
         raise ConfigError(
-            f"config file {str(path)[:200]!r}{' named by env ' + CONFIG_ENV if explicit else ''} "
+            f"config file {str(path)[:200]!r}{' named by ' + named_by if explicit else ''} "
             f"cannot be checked: {exc.strerror or exc}; "
             f"{'point ' + CONFIG_ENV + ' at' if explicit else 'use'} a readable TOML file",
             setting=CONFIG_ENV,
-            source=f"env {CONFIG_ENV}" if explicit else str(path)[:200],
+            source=named_by if explicit else str(path)[:200],
         ) from None
 
 
@@ -632,15 +661,16 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
             data = _read_toml(pyproject, label, ("tool", "aim_llama"), str(pyproject), text)
             layers.append(("file", label, data))
 
-    if (toml_path is not None and explicit and not _exists(toml_path, True)
+    named_by = env_source(CONFIG_ENV, env)
+    if (toml_path is not None and explicit and not _exists(toml_path, True, named_by)
             and inherited_text(str(toml_path), env) is None):
         raise ConfigError(
-            f"config file {str(toml_path)!r} named by env {CONFIG_ENV} does not exist; "
+            f"config file {str(toml_path)!r} named by {named_by} does not exist; "
             "point it at a readable TOML file or unset it",
             setting=CONFIG_ENV,
-            source=f"env {CONFIG_ENV}",
+            source=named_by,
         )
-    if toml_path is not None and (_exists(toml_path, explicit)
+    if toml_path is not None and (_exists(toml_path, explicit, named_by)
                                   or (explicit and inherited_text(str(toml_path), env) is not None)):
         if toml_path.is_dir():
             raise ConfigError(
@@ -650,11 +680,10 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
                 f"TOML file of that name in the working directory; rename the directory or set "
                 f"{CONFIG_ENV} to a TOML file",
                 setting=CONFIG_ENV if explicit else DEFAULT_TOML,
-                source=f"env {CONFIG_ENV}" if explicit else str(toml_path),
+                source=named_by if explicit else str(toml_path),
             )
         label = os.path.abspath(toml_path)
-        data = _read_toml(toml_path, label, (),
-                          f"env {CONFIG_ENV}" if explicit else str(toml_path))
+        data = _read_toml(toml_path, label, (), named_by if explicit else str(toml_path))
         layers.append(("file", label, _anchor_repo(data, toml_path)))
 
     return layers
@@ -701,6 +730,8 @@ def load_settings(
         for key, value in values.items():
             merged[key] = value
             origin[key] = (kind, label)
+            if kind == "env":
+                origin[key] = (kind, command_line_option(ENV_NAMES[key], env) or label)
 
     token = _GATHERED.set(True)
     try:
@@ -715,7 +746,7 @@ def load_settings(
         if name in origin:
             kind, label = origin[name]
             sources[name] = (
-                f"env {ENV_NAMES[name]}" if kind == "env"
+                env_source(ENV_NAMES[name], env) if kind == "env"
                 else "instrument()" if kind == "kwargs"
                 else f"{label}: {name}"
             )

@@ -23,6 +23,9 @@ CONFIG_ENV = "AIM_LLAMA_CONFIG"
 # after it was read: the launcher's command and the program's own Python children, which would
 # otherwise find the pipe empty (or closed) and run with the defaults.
 CONFIG_TEXT_ENV = "AIM_LLAMA_CONFIG_TEXT"
+# Set by `aim-llama run` for its command: `VAR=--option;…`, the variables its options set, so
+# that messages name the option the user typed rather than a variable they never set.
+COMMAND_LINE_ENV = "AIM_LLAMA_FROM_COMMAND_LINE"
 DEFAULT_TOML = "aim_llama.toml"
 PYPROJECT = "pyproject.toml"
 ENV = {"enabled": "AIM_LLAMA_ENABLED", "strict": "AIM_LLAMA_STRICT",
@@ -149,7 +152,7 @@ _identity: dict[str, str] = {}  # "dev:ino:" of each pipe read here (see `inheri
 def _too_big(limit: int, what: str) -> OSError:
     import errno
 
-    return OSError(errno.EFBIG, f"{what} is larger than {limit // 1000} kB, the most aim-llama "
+    return OSError(errno.EFBIG, f"{what} is larger than {limit / 1e6:g} MB, the most aim-llama "
                                 "reads; keep only aim-llama's settings in it")
 
 

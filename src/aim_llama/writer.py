@@ -466,7 +466,7 @@ class Writer:
         if self.dropped == n:
             warn_once(
                 "queue-full",
-                "the record queue is full (%d records, AIM_LLAMA_QUEUE_SIZE); dropping "
+                "the record queue is full (%d records: setting queue_size, AIM_LLAMA_QUEUE_SIZE); dropping "
                 "records instead of slowing the application; the count is tracked as "
                 "'dropped_records' on the run",
                 self.queue_size,
@@ -701,7 +701,7 @@ class Writer:
         elif self.lost or self.dropped:
             log.warning(
                 "Aim writer closed: %d records could not be stored, %d dropped because the queue "
-                "was full (AIM_LLAMA_QUEUE_SIZE=%d)",
+                "was full (queue_size = %d)",
                 self.lost,
                 self.dropped,
                 self.queue_size,

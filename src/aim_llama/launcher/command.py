@@ -17,7 +17,14 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ..switches import CONFIG_ENV, CONFIG_TEXT_ENV, pipe_text, read_config, switch
+from ..switches import (
+    COMMAND_LINE_ENV,
+    CONFIG_ENV,
+    CONFIG_TEXT_ENV,
+    pipe_text,
+    read_config,
+    switch,
+)
 from . import BOOTSTRAP_DIR
 
 PROPAGATE_ENV = "AIM_LLAMA_PROPAGATE"
@@ -153,7 +160,7 @@ _PATHS = frozenset({"AIM_REPO", "AIM_LLAMA_CONFIG"})
 def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The command's environment: ours, plus the options' env vars, plus the bootstrap on PYTHONPATH."""
     env = dict(os.environ if environ is None else environ)
-    given: set[str] = set()  # the env vars this command line sets
+    given: dict[str, str] = {}  # the env vars this command line sets, and the option typed
     for item in getattr(args, "opt_set", None) or []:
         name, sep, value = str(item).partition("=")
         var = env_for(name) if sep else None
@@ -161,13 +168,13 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
             raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME an aim-llama setting "
                              "(see `aim-llama config`)")
         env[var] = value
-        given.add(var)
+        given[var] = f"--set {name.strip()}"
     for opt in OPTIONS:
         option = getattr(args, _dest(opt), None)
         if option is not None:
             env[opt.env] = str(option)
-            given.add(opt.env)
-    for var in _PATHS & given:  # typed on this command line: relative to where it was typed
+            given[opt.env] = opt.flag
+    for var in _PATHS & given.keys():  # typed on this command line: relative to where it was typed
         if env[var].strip():
             env[var] = _absolute(env[var])
     if switch("propagate", env) is False:
@@ -176,6 +183,11 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     if text is not None:  # the command would find the pipe empty (or, spawned, closed)
         env[CONFIG_TEXT_ENV] = text
     env["PYTHONPATH"] = prepend_bootstrap(env.get("PYTHONPATH"))
+    if given:  # (messages about these values name the option, not the variable)
+        outer = dict(part.partition("=")[::2] for part in env.get(COMMAND_LINE_ENV, "").split(";")
+                     if "=" in part)  # (an outer `aim-llama run`'s)
+        env[COMMAND_LINE_ENV] = ";".join(f"{var}={option}"
+                                         for var, option in {**outer, **given}.items())
     # Only the command's own process may say that it cannot import aim_llama (see the bootstrap):
     # exec keeps the launcher's pid; a spawned command is the launcher's child.
     mode = "ppid" if getattr(args, "spawn", False) or os.name == "nt" else "pid"
