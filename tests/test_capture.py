@@ -378,6 +378,36 @@ def test_a_request_open_at_shutdown_has_a_trace_but_no_latency(repo: Path) -> No
     assert [s for s, _ in run.metric("latency_ms", kind="query")] == [0]
 
 
+def test_llm_calls_in_flight_at_shutdown_keep_their_prompt_and_what_was_read(repo: Path) -> None:
+    """A stream the app was still reading when it shut down: the LLM call's prompt and the text
+    read so far are recorded (marked), without a latency or token counts it never had; before,
+    the call vanished and its request's trace said `llm calls 0`."""
+    engine = _index().as_query_engine(streaming=True, llm=RuleLLM())
+    llm = RuleLLM()
+    with recording(repo):
+        in_query = engine.query(QUESTIONS[0]).response_gen
+        next(in_query), next(in_query)
+        bare = llm.stream_complete("a bare call")
+        next(bare)
+        "".join(r.delta or "" for r in llm.stream_complete("a finished call"))
+    run = only_run(repo)
+    prompts = dict(run.text("prompt", kind="llm"))
+    responses = dict(run.text("response", kind="llm"))
+    assert sorted(prompts) == sorted(responses) and len(prompts) == 3, prompts
+    by_prompt = {prompts[s].splitlines()[0] if "a bare" not in prompts[s] and "a finished"
+                 not in prompts[s] else prompts[s]: responses[s] for s in prompts}
+    assert by_prompt["a bare call"] == "an\n[incomplete at shutdown]"
+    assert by_prompt["a finished call"] == "an answer from the rule llm"
+    (queried,) = [r for p, r in by_prompt.items() if p not in ("a bare call", "a finished call")]
+    assert queried == "an answer\n[incomplete at shutdown]"
+    finished = next(s for s, p in prompts.items() if p == "a finished call")
+    assert [s for s, _ in run.metric("latency_ms", kind="llm")] == [finished]
+    assert [s for s, _ in run.metric("total_tokens", kind="llm", source="estimated")] == [finished]
+    (trace,) = traces(run, "query")
+    assert "incomplete at shutdown" in trace.splitlines()[1] and "llm calls 1" in trace, trace
+    assert "llm incomplete" in trace, trace
+
+
 def test_two_streams_opened_before_either_is_read_are_two_calls(repo: Path) -> None:
     from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
 

@@ -797,8 +797,10 @@ class Observer:
         self._emit(out)
 
     def _llm_records(self, out: list[Record], call: _Call, response: Any, now: float,
-                     err: BaseException | None) -> None:
-        """prompt, response, latency, tokens (and ttft for streams) at one step; or the error."""
+                     err: BaseException | None, unfinished: str | None = None) -> None:
+        """prompt, response, latency, tokens (and ttft for streams) at one step; or the error.
+        `unfinished`: the call never ended (the process shut down): prompt and what was read,
+        marked so, and no latency or token counts."""
         root = call.root
         abandoned = isinstance(err, GeneratorExit)
         # Cancelled (a timeout, a client that went away): not a failure of the LLM.
@@ -835,8 +837,16 @@ class Observer:
             if err is not None:
                 shown += ("\n[stream abandoned]" if abandoned else "\n[cancelled]" if cancelled
                           else f"\n[error: {type(err).__name__}]")
+            elif unfinished is not None:
+                shown += f"\n[{unfinished}]"
             self._text(out, "response", shown, ctx, step)
         latency = (now - call.start) * 1000.0
+        if unfinished is not None:
+            if call.node is not None:
+                (call.node.disp or call.node).note += " llm incomplete"
+            if root is not None:
+                root.llm_calls += 1
+            return
         out.append(Track("latency_ms", latency, "metric", ctx, step))
         if call.first is not None:
             out.append(Track("ttft_ms", (call.first - call.start) * 1000.0, "metric", ctx, step))
@@ -1131,9 +1141,19 @@ class Observer:
                     "calls": len(self._calls), "timed": len(self._timed)}
 
     def close(self) -> None:
-        """Write the traces of requests still open (marked incomplete) and free all state."""
+        """Write the LLM calls and the traces of requests still open (marked incomplete) and
+        free all state."""
         with self._lock:
-            out = self._expire(list(self._roots.values()), _now(), "incomplete at shutdown")
+            now = _now()
+            out: list[Record] = []
+            for call in list(self._calls.values()):
+                if call.nested:
+                    continue
+                try:
+                    self._llm_records(out, call, call.last, now, None, "incomplete at shutdown")
+                except Exception as exc:  # the rest must still be written
+                    self.failed("llm call at shutdown", exc)
+            out.extend(self._expire(list(self._roots.values()), now, "incomplete at shutdown"))
             self._spans.clear()
             self._calls.clear()
             self._timed.clear()
