@@ -476,6 +476,54 @@ def test_async_streams_with_one_prompt_read_in_any_order_are_one_call_each(repo:
     assert {t for _, t in run.text("response", kind="llm")} == {"an answer from the rule llm"}
 
 
+def test_async_streams_dropped_unread_are_freed(repo: Path) -> None:
+    """A client gone before the first token: the app drops the stream it opened. What the
+    stream holds is freed at once (the call waits for its end without keeping it)."""
+    import weakref
+
+    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+    from llama_index.core.llms.callbacks import llm_completion_callback
+
+    class Held:
+        pass
+
+    held: list[weakref.ref[Held]] = []
+
+    class HoldingLLM(CustomLLM):
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(model_name="holding")
+
+        @llm_completion_callback()
+        def complete(self, prompt: str, formatted: bool = False, **kw: Any) -> CompletionResponse:
+            return CompletionResponse(text="t")
+
+        @llm_completion_callback()
+        def stream_complete(self, prompt: str, formatted: bool = False, **kw: Any) -> Any:
+            yield CompletionResponse(text="t", delta="t")
+
+        @llm_completion_callback()
+        async def astream_complete(self, prompt: str, formatted: bool = False, **kw: Any) -> Any:
+            obj = Held()
+            held.append(weakref.ref(obj))
+
+            async def gen() -> Any:
+                mine = obj
+                yield CompletionResponse(text=str(id(mine)), delta="x")
+
+            return gen()
+
+    async def main() -> None:
+        llm = HoldingLLM()
+        for i in range(20):
+            await llm.astream_complete(f"prompt {i}")  # dropped unread
+
+    with recording(repo):
+        asyncio.run(main())
+        gc.collect()
+        assert len(held) == 20 and sum(r() is not None for r in held) == 0
+
+
 def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
     llm = RuleLLM()
     with recording(repo):

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any
 
@@ -199,7 +200,8 @@ class _Call:
         self.root = node.root if node is not None else None
         self.nested = nested
         self.claimed = False  # an async stream whose sync body has started (see `_outer_stream`)
-        self.body: types.FrameType | None = None  # the frame of the async stream it returned
+        # the async stream it returned, weakly: an unread stream the app dropped must be freed
+        self.body: weakref.ref[Any] | None = None
         self.outer: _Call | None = None  # a nested call: the call it is part of
         # provider usage reported by calls nested in this one (a structured LLM's inner call)
         self.inner: TokenCounts | None = None
@@ -489,7 +491,7 @@ class Observer:
                 elif kind == "llm" and type(result) is types.AsyncGeneratorType:
                     call = self._calls.get(id_)
                     if call is not None:
-                        call.body = result.ag_frame  # its body's calls run under this frame
+                        call.body = weakref.ref(result)  # its body's calls run under its frame
                 if node is root.node:
                     root.end = now
                     if kind in ANSWER_KINDS:
@@ -637,7 +639,9 @@ class Observer:
                 frames.append(frame)
                 frame = frame.f_back
             for call in candidates:
-                if call.body is not None and any(f is call.body for f in frames):
+                stream = call.body() if call.body is not None else None
+                body = getattr(stream, "ag_frame", None)
+                if body is not None and any(f is body for f in frames):
                     call.claimed = True
                     return call
         for call in candidates:  # (a body run elsewhere: a thread of the LLM's, say)
