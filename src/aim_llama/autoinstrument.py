@@ -282,7 +282,13 @@ def _activate(settings: Any) -> _Active:
         tee.install()
 
     signals = SignalChain(_on_signal)
-    signals.install()
+    if worker is not None or spawned:
+        # A multiprocessing worker: nothing to flush before its first record, and a Python-level
+        # SIGTERM handler can hang `Pool.terminate()` (see `SignalChain`): armed at that record.
+        signals.install(armed=False)
+        _arm_at_first_record(handler, writer, signals)
+    else:
+        signals.install()
     if not _atexit_registered:
         atexit.register(_at_exit)
         _atexit_registered = True
@@ -291,6 +297,26 @@ def _activate(settings: Any) -> _Active:
         _fork_hook_registered = True
     _hook_exec()
     return _Active(handler, writer, settings, manager, signals, tee, os.getpid())
+
+
+def _arm_at_first_record(handler: Any, writer: Any, signals: Any) -> None:
+    """Hand records to `writer`, arming `signals` at the first one."""
+    submit, submit_many = writer.submit, writer.submit_many
+
+    def arm() -> None:
+        handler.submit, handler.submit_many = submit, submit_many
+        with contextlib.suppress(Exception):
+            signals.arm()
+
+    def first(record: Any) -> None:
+        arm()
+        submit(record)
+
+    def first_many(records: list[Any]) -> None:
+        arm()
+        submit_many(records)
+
+    handler.submit, handler.submit_many = first, first_many
 
 
 def flush(timeout: float | None = None) -> bool:
@@ -412,13 +438,18 @@ def _on_signal(signum: int) -> bool:
     if getattr(writer, "closing_in", None) == threading.get_ident():
         return False
     if active is _active and active.signals.chains_to_app(signum):
-        writer.flush()
+        # what is recorded so far, stored before the application's handler runs (it may leave
+        # through os._exit); briefly: the exit flush, if it exits, waits again, in full
+        writer.flush(min(IN_FRONT_FLUSH, getattr(active.settings, "flush_timeout", IN_FRONT_FLUSH)))
         return True
     if active is _closing:
         writer.close()  # closing on another thread: wait for it (bounded), then go on
         return True
     _finish_process(active)
     return True
+
+
+IN_FRONT_FLUSH = 2.0  # seconds a SIGTERM waits for the writer before the app's handler runs
 
 
 def _after_fork_in_child() -> None:

@@ -88,7 +88,8 @@ _owner: SignalChain | None = None  # the chain whose handler is installed, if an
 def _signal(signalnum: int, handler: SignalHandler) -> SignalHandler:
     """`signal.signal` while aim-llama's handler is installed: see `SignalChain.replace`."""
     chain = _owner
-    if chain is not None and signalnum in (signal.SIGTERM, signal.SIGINT):
+    if (chain is not None and type(signalnum) in (int, signal.Signals)
+            and signalnum in (signal.SIGTERM, signal.SIGINT)):
         return chain.replace(signalnum, handler)
     return _real_signal(signalnum, handler)
 
@@ -96,10 +97,18 @@ def _signal(signalnum: int, handler: SignalHandler) -> SignalHandler:
 def _getsignal(signalnum: int) -> SignalHandler:
     """`signal.getsignal` while aim-llama's handler is installed: what the application set."""
     chain = _owner
-    if chain is not None and signalnum in chain._previous:
-        return chain._previous[signalnum]
+    if chain is not None and type(signalnum) in (int, signal.Signals):
+        chain.sync(signalnum)
+        if signalnum in chain._previous:
+            return chain._previous[signalnum]
     return _real_getsignal(signalnum)
 
+
+def _as_python_says(handler: SignalHandler) -> SignalHandler:
+    """0 and 1 as `signal.getsignal` gives them back: SIG_DFL and SIG_IGN."""
+    if handler is not None and not callable(handler) and handler in (0, 1):
+        return signal.Handlers(int(handler))
+    return handler
 
 
 class SignalChain:
@@ -111,54 +120,79 @@ class SignalChain:
     `signal.getsignal` answers with it. A server that puts back the handler it found (SIG_DFL)
     and raises the signal again — uvicorn's shutdown, in a worker that loaded the application
     while serving — otherwise died of it without a flush.
+
+    Not `armed` (a multiprocessing worker that has recorded nothing), it goes in front of the
+    application's own handlers only, never of SIG_DFL: nothing to flush, and a Python-level
+    handler in a worker blocked on a lock can miss `Pool.terminate()`'s SIGTERM (CPython's race).
     """
 
     def __init__(self, on_signal: Callable[[int], bool | None]) -> None:
         self._on_signal = on_signal
         self._previous: dict[int, SignalHandler] = {}
         self._deferred: list[tuple[int, FrameType | None]] = []
+        self.armed = True
 
-    @staticmethod
-    def _wanted(signum: int, handler: SignalHandler) -> bool:
-        """Whether our handler goes in front of `handler` (the rule of `install`)."""
+    def _wanted(self, signum: int, handler: SignalHandler) -> bool:
+        """Whether our handler goes in front of `handler`."""
         if handler is None or handler == signal.SIG_IGN:
             return False  # the app wants it ignored, or a non-Python handler owns it
+        if handler == signal.SIG_DFL:
+            return self.armed
         # SIGINT only at SIG_DFL: KeyboardInterrupt unwinds normally and the atexit flush
         # covers it; an app's own Ctrl-C handler runs at once (a flush first would hold it up
         # to the flush timeout), and if it exits, the atexit flush covers that too.
-        return signum != signal.SIGINT or handler == signal.SIG_DFL
+        return signum != signal.SIGINT
 
-    def install(self) -> bool:
+    def install(self, armed: bool = True) -> bool:
         """Install on the main thread only (Python's rule); returns whether anything was installed."""
         global _owner
         if threading.current_thread() is not threading.main_thread():
             return False
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            current = _real_getsignal(signum)
-            if current == self._handle or not self._wanted(signum, current):
-                continue  # (installed already: a forked child that starts to record)
-            self._previous[signum] = current
-            _real_signal(signum, self._handle)
+        self.armed = armed
+        self._put_in_front()
         _owner = self
         if signal.signal is _real_signal:
             signal.signal = _signal
             signal.getsignal = _getsignal
         return bool(self._previous)
 
+    def arm(self) -> None:
+        """The process has recorded: go in front of SIG_DFL too (now, on the main thread; else
+        at the application's next `signal.signal` there)."""
+        if not self.armed:
+            self.armed = True
+            if threading.current_thread() is threading.main_thread() and _owner is self:
+                self._put_in_front()
+
+    def _put_in_front(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            current = _real_getsignal(signum)
+            if current == self._handle or not self._wanted(signum, current):
+                continue  # (installed already: a forked child that starts to record)
+            self._previous[signum] = current
+            _real_signal(signum, self._handle)
+
     def uninstall(self) -> None:
-        """Put back the previous handlers where ours is still the installed one."""
+        """Put back the previous handlers where ours is still the installed one. (Off the main
+        thread only Python's `signal` functions are given back: our handler stays, chaining.)"""
         global _owner
-        if threading.current_thread() is not threading.main_thread():
-            return
         if _owner is self:
             _owner = None
             if signal.signal is _signal:
                 signal.signal = _real_signal
                 signal.getsignal = _real_getsignal
+        if threading.current_thread() is not threading.main_thread():
+            return
         for signum, previous in self._previous.items():
             if _real_getsignal(signum) == self._handle:
                 _real_signal(signum, previous)
         self._previous.clear()
+
+    def sync(self, signum: int) -> None:
+        """Forget `signum` if ours is no longer installed for it (replaced through a
+        `signal.signal` saved before activation): the application's handler is then the one."""
+        if signum in self._previous and _real_getsignal(signum) != self._handle:
+            del self._previous[signum]
 
     def replace(self, signum: int, handler: SignalHandler) -> SignalHandler:
         """The application sets `handler` for SIGTERM / SIGINT: ours stays in front and chains
@@ -167,12 +201,14 @@ class SignalChain:
         if (threading.current_thread() is not threading.main_thread()
                 or not (callable(handler) or handler in (signal.SIG_DFL, signal.SIG_IGN))):
             return _real_signal(signum, handler)  # (its error)
-        had = self._previous.get(signum)
-        before = had if signum in self._previous else _real_getsignal(signum)
+        handler = _as_python_says(handler)
+        self.sync(signum)
+        before = (self._previous[signum] if signum in self._previous
+                  else _real_getsignal(signum))
         if handler == self._handle:
             return before  # (ours, read before: nothing changes)
         if self._wanted(signum, handler):
-            if _real_getsignal(signum) != self._handle:  # (set by a `signal.signal` saved earlier)
+            if _real_getsignal(signum) != self._handle:
                 _real_signal(signum, self._handle)
             self._previous[signum] = handler
         else:
@@ -188,9 +224,10 @@ class SignalChain:
         handled: Any = True
         with contextlib.suppress(Exception):
             handled = self._on_signal(signum)
-        if handled is False:
+        if handled is False and signum != signal.SIGINT:
             # The signal interrupted a flush already running on this thread (e.g. an exit
-            # hook): let it finish; `redeliver()` then passes the signal on.
+            # hook): let it finish; `redeliver()` then passes the signal on. (A Ctrl-C goes on
+            # at once: it stops the wait, as it does at exit without our handler.)
             self._deferred.append((signum, frame))
             return
         self._chain(signum, frame)
