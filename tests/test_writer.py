@@ -428,20 +428,26 @@ print("DRAINED", flush=True)
 """
 
 
-@pytest.mark.parametrize("handler", ["graceful", "exit-now"])
-def test_sigterm_with_the_apps_own_handler_stores_everything_before_and_after(repo, workdir,
-                                                                               handler):
-    """SIGTERM goes on to the application's handler after everything so far is stored; if the
-    process lives on (a graceful shutdown), what it records next is stored too, and the run is
-    finalized at its exit — or, if the handler leaves through `os._exit`, by the writer."""
+def _sigterm_when_ready(code: str, arg: str, repo, workdir):
+    """Run `code` with `arg`, SIGTERM it once it prints READY; (process, stdout, stderr)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", GRACEFUL_APP, handler], cwd=workdir,
+        [sys.executable, "-c", code, arg], cwd=workdir,
         env=clean_env(AIM_REPO=str(repo)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )
     wait_for(proc, "READY")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
+    return proc, out, err
+
+
+@pytest.mark.parametrize("handler", ["graceful", "exit-now"])
+def test_sigterm_with_the_apps_own_handler_stores_everything_before_and_after(repo, workdir,
+                                                                               handler):
+    """SIGTERM goes on to the application's handler after everything so far is stored; if the
+    process lives on (a graceful shutdown), what it records next is stored too, and the run is
+    finalized at its exit — or, if the handler leaves through `os._exit`, by the writer."""
+    proc, out, err = _sigterm_when_ready(GRACEFUL_APP, handler, repo, workdir)
     assert "APP HANDLER" in out, err
     expected = [f"before {i}" for i in range(100)]
     if handler == "graceful":
@@ -499,14 +505,7 @@ def test_a_server_that_puts_back_the_default_and_raises_sigterm_again_loses_noth
     SIG_DFL, and the process died of it without a flush: the requests finished after the
     SIGTERM were lost without a word. The handler the application installs is what
     `signal.getsignal` says, and the process still dies of SIGTERM."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER_LIKE_APP, order], cwd=workdir,
-        env=clean_env(AIM_REPO=str(repo)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(proc, "READY")
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    proc, out, err = _sigterm_when_ready(SERVER_LIKE_APP, order, repo, workdir)
     assert proc.returncode == -signal.SIGTERM and "SURVIVED" not in out, err
     assert "Traceback" not in err, err
     run = only_run(repo)
