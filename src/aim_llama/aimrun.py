@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,8 +128,8 @@ def ensure_repo_initialized(repo: str) -> None:
                 if not _has_version(version):
                     from aim.sdk.repo import Repo
 
-                    with _in_directory(root):
-                        Repo.from_path(root, init=True)
+                    patch_aim_migrations()
+                    Repo.from_path(root, init=True)
             finally:
                 # The repo exists now and later openers return early: leave no lock file behind.
                 with contextlib.suppress(OSError):
@@ -138,30 +138,37 @@ def ensure_repo_initialized(repo: str) -> None:
             return
 
 
-OWNS_WORKING_DIRECTORY = False  # set by aim-llama's own programs (the doctor); see `_in_directory`
+def patch_aim_migrations() -> None:
+    """Run Aim's database migration in an empty directory of its own.
 
+    Aim creates (or upgrades) a repo's database in an `alembic` subprocess started in the
+    working directory, and alembic reads a `pyproject.toml` there: the application's — broken,
+    or with a `[tool.alembic]` of its own — failed it, and no run could be created. The same
+    command runs here with another `cwd`; the application's working directory is not touched
+    (with the thread writer it is the application's process). Idempotent; an Aim without this
+    function is left as it is."""
+    try:
+        import aim.storage.migrations.utils as utils
+        import aim.storage.structured.db as db
+    except Exception:  # pragma: no cover - another Aim layout
+        return
+    original = getattr(db, "upgrade_database", None)
+    make_cmd = getattr(utils, "create_migration_cmd", None)
+    if original is None or make_cmd is None or getattr(original, "_aim_llama", False):
+        return
 
-@contextlib.contextmanager
-def _in_directory(path: str) -> Iterator[None]:
-    """In the writer process, run Aim's repo creation in the new repo's directory: its database
-    migration (an `alembic` subprocess) reads a `pyproject.toml` in the working directory, and
-    the application's — broken, or with a `[tool.alembic]` of its own — failed it, so that no
-    run could be created. (In the application's process, with the thread writer, the working
-    directory is the application's to change, not ours; so it is in the doctor's.)"""
-    if not (OWNS_WORKING_DIRECTORY or os.environ.get("AIM_LLAMA_ROLE") == "writer"):
-        yield
-        return
-    try:
-        before = os.getcwd()
-        os.chdir(path)
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.chdir(before)
+    def upgrade_database(db_url: str) -> None:
+        import subprocess
+        import tempfile
+
+        env = dict(os.environ, AIM_RUN_META_DATA_DB_URL=db_url)
+        with tempfile.TemporaryDirectory(prefix="aim-llama-migrate-") as scratch:
+            code = subprocess.run(make_cmd(), env=env, cwd=scratch, check=False).returncode
+        if code != 0:
+            raise subprocess.SubprocessError(f"Database upgrade failed with exit code {code}")
+
+    upgrade_database._aim_llama = True  # type: ignore[attr-defined]
+    db.upgrade_database = upgrade_database  # type: ignore[attr-defined]
 
 
 def _has_version(path: str) -> bool:
@@ -250,6 +257,7 @@ class RunSink:
             patch_aim_exit_cleanup()
             patch_aim_status_reporters()
             quiet_aim_cleanup()  # (and Aim's status reporter's failures: see the hook)
+            patch_aim_migrations()  # (an old repo is upgraded when a Run opens it)
 
             self._aim = aim
             repo = resolve_repo(self.config.repo)

@@ -151,11 +151,8 @@ def _newer(a: str, b: str) -> bool:
 def probe(settings: Any, timeout: float, keep: bool = False) -> Check:
     """Write a run through aim-llama's writer path (`RunSink`), read it back through Aim, and
     delete it (unless `keep`: then it stays, to be looked at in `aim up`)."""
-    from . import aimrun
     from .aimrun import RunConfig, RunSink, resolve_repo
     from .records import Param, Track
-
-    aimrun.OWNS_WORKING_DIRECTORY = True  # (a program of ours: see `aimrun._in_directory`)
 
     token = uuid.uuid4().hex
     started = time.monotonic()
