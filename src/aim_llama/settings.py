@@ -38,6 +38,7 @@ from .switches import (
     inherited_text,
     read_config,
     settings_files,
+    value_digest,
 )
 
 if sys.version_info >= (3, 11):
@@ -57,10 +58,14 @@ INTERNAL_ENV = frozenset({CONFIG_ENV, CONFIG_TEXT_ENV, COMMAND_LINE_ENV, "AIM_LL
 
 
 def command_line_option(var: str, environ: Mapping[str, str]) -> str | None:
-    """The `aim-llama run` option that set env var `var` for this program, if one did."""
+    """The `aim-llama run` option that set env var `var` for this program, if one did and the
+    variable still holds the value it set."""
     for part in environ.get(COMMAND_LINE_ENV, "").split(";"):
         name, _, option = part.partition("=")
         if name == var and option:
+            option, _, digest = option.partition("@")
+            if digest != value_digest(environ.get(var, "")):
+                return None  # (changed since, by the program or one in between)
             return option
     return None
 

@@ -23,8 +23,9 @@ CONFIG_ENV = "AIM_LLAMA_CONFIG"
 # after it was read: the launcher's command and the program's own Python children, which would
 # otherwise find the pipe empty (or closed) and run with the defaults.
 CONFIG_TEXT_ENV = "AIM_LLAMA_CONFIG_TEXT"
-# Set by `aim-llama run` for its command: `VAR=--option;…`, the variables its options set, so
-# that messages name the option the user typed rather than a variable they never set.
+# Set by `aim-llama run` for its command: `VAR=--option@digest;…`, the variables its options
+# set (and a digest of the value set), so that messages name the option the user typed rather
+# than a variable they never set — unless a program in between changed the variable.
 COMMAND_LINE_ENV = "AIM_LLAMA_FROM_COMMAND_LINE"
 DEFAULT_TOML = "aim_llama.toml"
 PYPROJECT = "pyproject.toml"
@@ -32,6 +33,14 @@ ENV = {"enabled": "AIM_LLAMA_ENABLED", "strict": "AIM_LLAMA_STRICT",
        "propagate": "AIM_LLAMA_PROPAGATE"}
 TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
 FALSE = frozenset({"0", "false", "no", "off", "n", "f"})
+
+
+def value_digest(value: str) -> str:
+    """A short digest of an environment value (`COMMAND_LINE_ENV` says which value an option
+    set without repeating it: it may be a path or a secret-bearing URL)."""
+    import zlib
+
+    return format(zlib.crc32(value.encode("utf-8", "surrogateescape")), "08x")
 
 
 def parse_bool(value: Any) -> bool | None:

@@ -24,6 +24,7 @@ from ..switches import (
     pipe_text,
     read_config,
     switch,
+    value_digest,
 )
 from . import BOOTSTRAP_DIR
 
@@ -186,8 +187,9 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     if given:  # (messages about these values name the option, not the variable)
         outer = dict(part.partition("=")[::2] for part in env.get(COMMAND_LINE_ENV, "").split(";")
                      if "=" in part)  # (an outer `aim-llama run`'s)
+        typed = {var: f"{flag}@{value_digest(env[var])}" for var, flag in given.items()}
         env[COMMAND_LINE_ENV] = ";".join(f"{var}={option}"
-                                         for var, option in {**outer, **given}.items())
+                                         for var, option in {**outer, **typed}.items())
     # Only the command's own process may say that it cannot import aim_llama (see the bootstrap):
     # exec keeps the launcher's pid; a spawned command is the launcher's child.
     mode = "ppid" if getattr(args, "spawn", False) or os.name == "nt" else "pid"
