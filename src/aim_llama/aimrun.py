@@ -162,8 +162,17 @@ def patch_aim_migrations() -> None:
         import tempfile
 
         env = dict(os.environ, AIM_RUN_META_DATA_DB_URL=db_url)
-        with tempfile.TemporaryDirectory(prefix="aim-llama-migrate-") as scratch:
-            code = subprocess.run(make_cmd(), env=env, cwd=scratch, check=False).returncode
+        try:
+            scratch: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
+                prefix="aim-llama-migrate-")
+        except OSError:  # no temporary directory to be had: where Aim would have run it
+            scratch = None
+        try:
+            code = subprocess.run(make_cmd(), env=env, check=False,
+                                  cwd=scratch.name if scratch else None).returncode
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
         if code != 0:
             raise subprocess.SubprocessError(f"Database upgrade failed with exit code {code}")
 
