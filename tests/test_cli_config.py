@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from aim_llama.cli import main
 from aim_llama.settings import FIELDS
 from conftest import ROOT, clean_env
 
@@ -99,3 +102,14 @@ def test_a_reader_that_leaves_early_gets_no_traceback(workdir: Path) -> None:
                        "echo STATUS ${PIPESTATUS[0]} >&2"],
         cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=60)
     assert proc.stderr.strip() == "STATUS 141", proc.stderr
+
+
+def test_an_unknown_option_is_blamed_on_the_command_it_was_typed_to(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, who in ((["--bogus", "config"], "aim-llama: error"),
+                      (["config", "--bogus"], "aim-llama config: error")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2
+        assert f"{who}: unrecognized arguments: --bogus" in err, (argv, err)

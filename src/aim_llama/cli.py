@@ -106,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `aim-llama` console script; returns the exit status."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    typed_before = words[:words.index(args.command)] if args.command in words else words
+    if any(word in typed_before for word in unknown):  # `aim-llama --bogus config`
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if unknown:  # said by the subcommand's parser, with its usage (not the top-level one)
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
