@@ -41,7 +41,12 @@ def test_config_shows_what_an_unset_repo_and_experiment_mean(workdir: Path) -> N
     assert "(default: .aim in the working directory)" in lines["repo"]
     assert '"default"' in lines["experiment"] and "Aim's default experiment" in lines["experiment"]
     as_json = json.loads(cli("config", "--json", cwd=workdir).stdout)
-    assert as_json["repo"] == {"value": None, "source": "default"}  # machines see the unset
+    # machines see the unset, and what it means
+    assert as_json["repo"] == {"value": None, "source": "default", "means": str(workdir / ".aim")}
+    assert as_json["experiment"]["means"] == "default" and "means" not in as_json["queue_size"]
+    doctor = cli("doctor", cwd=workdir)  # the same words as `config`
+    assert (f"valid; repo = {workdir / '.aim'} (default: .aim in the working directory)"
+            in doctor.stdout), doctor.stdout
 
 
 def test_config_json_and_secret_redaction(workdir: Path) -> None:

@@ -33,9 +33,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
                 "env": ENV_NAMES[name],
             }
         )
-    if args.json:
-        print(json.dumps({r["setting"]: {"value": r["value"], "source": r["source"]}
-                          for r in rows}, indent=2, default=str))
+    if args.json:  # (an unset repo or experiment keeps its null; "means" says what it is)
+        shown: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            shown[r["setting"]] = {"value": r["value"], "source": r["source"]}
+            if r["value"] is None and r["setting"] in _UNSET_MEANS:
+                shown[r["setting"]]["means"] = _UNSET_MEANS[r["setting"]]()[0]
+        print(json.dumps(shown, indent=2, default=str))
         return 0
     width = max(len(r["setting"]) for r in rows)
     for r in rows:
@@ -52,7 +56,7 @@ def _default_repo() -> tuple[str, str]:
     return os.path.join(os.getcwd(), ".aim"), ".aim in the working directory"
 
 
-# What an unset setting means (the table shows it; `--json` keeps the null)
+# What an unset setting means (the table shows it; `--json` keeps the null and adds "means")
 _UNSET_MEANS = {
     "repo": _default_repo,
     "experiment": lambda: ("default", "Aim's default experiment"),

@@ -56,7 +56,10 @@ def check_config() -> tuple[Check, Any]:
                      f"{exc})", "check AIM_LLAMA_CONFIG and the working directory"), None
     settings = loaded.settings
     where = loaded.sources.get("repo", "default")
-    detail = f"valid; repo = {settings.repo or '(default: ./.aim)'} ({where})"
+    if settings.repo:
+        detail = f"valid; repo = {settings.repo} ({where})"
+    else:  # as `aim-llama config` shows it
+        detail = f"valid; repo = {os.path.join(os.getcwd(), '.aim')} (default: .aim in the working directory)"
     if not settings.enabled:
         detail += "; note: enabled = false, nothing will be recorded"
     return Check("config", True, detail), settings
