@@ -695,6 +695,45 @@ def test_function_agent_with_tool(repo: Path) -> None:
     assert "scripted-tool-llm" in run.params["llm_models"]
 
 
+def test_llm_models_lists_each_model_with_its_token_limit(repo: Path) -> None:
+    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+    from llama_index.core.llms.callbacks import llm_completion_callback
+
+    class _Unnamed(CustomLLM):  # no model name: LlamaIndex calls every such LLM "custom_llm"
+        max_new_tokens: int = 5
+        api_token: str = "hf_secret_value"
+
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata()
+
+        @llm_completion_callback()
+        def complete(self, prompt: str, formatted: bool = False, **kw: Any) -> CompletionResponse:
+            return CompletionResponse(text=type(self).__name__)
+
+        @llm_completion_callback()
+        def stream_complete(self, prompt: str, formatted: bool = False, **kw: Any) -> Any:
+            raise NotImplementedError
+
+    class FirstLLM(_Unnamed):
+        pass
+
+    class SecondLLM(_Unnamed):
+        pass
+
+    with recording(repo):
+        MockLLM(max_tokens=7).complete("x")
+        FirstLLM().complete("x")
+        SecondLLM().complete("x")
+    models = only_run(repo).params["llm_models"]
+    assert models["MockLLM"]["max_tokens"] == 7  # a token limit is not a credential
+    assert {"FirstLLM", "SecondLLM"} <= set(models), models  # not one "custom_llm" for both
+    assert models["SecondLLM"]["max_new_tokens"] == 5, models
+    assert models["SecondLLM"]["python_class"] == "SecondLLM"
+    assert not any("hf_secret" in str(v) or k == "api_token" for m in models.values()
+                   for k, v in m.items())
+
+
 def test_tool_that_raises(repo: Path) -> None:
     from llama_index.core.agent.workflow import FunctionAgent
     from llama_index.core.tools import FunctionTool

@@ -22,6 +22,7 @@ import contextvars
 import enum
 import itertools
 import logging
+import re
 import sys
 import threading
 import time
@@ -207,13 +208,22 @@ class _Call:
         self.inner: TokenCounts | None = None
 
 
-_GENERATION_PARAMS = ("model", "temperature", "max_tokens", "top_p", "top_k", "seed",
+_GENERATION_PARAMS = ("model", "temperature", "max_tokens", "max_new_tokens",
+                      "max_completion_tokens", "max_output_tokens", "top_p", "top_k", "seed",
                       "frequency_penalty", "presence_penalty", "max_retries", "timeout",
                       "reasoning_effort", "api_version")
 _SECRETISH = ("key", "token", "secret", "password", "auth", "header", "credential")
+# token limits and counts (`max_tokens`, `max_new_tokens`, `num_output_tokens`) are not secrets
+_TOKEN_COUNT = re.compile(r"(max|min|num)_(\w+_)?tokens")
 
 
-def _model_params(model_dict: dict[str, Any], metadata: Any) -> tuple[str, dict[str, Any]]:
+def _secretish(key: str) -> bool:
+    low = key.lower()
+    return any(s in low for s in _SECRETISH) and not _TOKEN_COUNT.fullmatch(low)
+
+
+def _model_params(model_dict: dict[str, Any], metadata: Any, cls: str | None = None
+                  ) -> tuple[str, dict[str, Any]]:
     """(model name, scalar parameters without secrets) for the run's `llm_models` param."""
     params: dict[str, Any] = {}
     if metadata is not None:
@@ -225,18 +235,22 @@ def _model_params(model_dict: dict[str, Any], metadata: Any) -> tuple[str, dict[
         params.setdefault(key, value)
     params = {
         k: (v.value if isinstance(v, enum.Enum) else v) for k, v in params.items()
-        if isinstance(v, (str, int, float, bool)) and not any(s in k.lower() for s in _SECRETISH)
+        if isinstance(v, (str, int, float, bool)) and not _secretish(k)
     }
     params = {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}
-    return _model_key(params), params
+    if cls is not None:
+        params.setdefault("python_class", cls)
+    return _model_key(params, cls), params
 
 
-def _model_key(params: dict[str, Any]) -> str:
+def _model_key(params: dict[str, Any], cls: str | None = None) -> str:
+    """The model's name; without one, the application's LLM class (LlamaIndex's `class_name`
+    is a base class's for most custom LLMs: `custom_llm`, shared by all of them)."""
     for key in ("model", "model_name"):
         value = params.get(key)
         if isinstance(value, str) and value and value != "unknown":
             return value
-    return str(params.get("class_name") or "unknown")
+    return cls or str(params.get("class_name") or "unknown")
 
 
 class Observer:
@@ -652,7 +666,9 @@ class Observer:
         return None
 
     def _model_param(self, call: _Call, node: _Node | None) -> None:
-        key = _model_key(call.model)
+        inst = node.inst if node is not None else None
+        cls = type(inst).__name__ if inst is not None else None
+        key = _model_key(call.model, cls)
         if key in self._seen_models:
             return
         self._seen_models.add(key)
@@ -667,7 +683,7 @@ class Observer:
                 value = getattr(node.inst, attr, None)
                 if isinstance(value, (str, int, float, bool)):
                     model.setdefault(attr, value)
-        name, params = _model_params(model, metadata)
+        name, params = _model_params(model, metadata, cls)
         self._models[name] = params
         if len(self._models) <= 100:
             self.submit(Param("llm_models", {k: dict(v) for k, v in self._models.items()}))
