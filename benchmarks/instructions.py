@@ -47,6 +47,9 @@ def main() -> int:
     ap.add_argument("--configs", default="uninstrumented,aim-llama")
     args = ap.parse_args()
     configs = [c for c in args.configs.split(",") if c]
+    if args.queries < 100:  # (the per-process warm-up and exit work are not subtracted exactly)
+        print(f"note: {args.queries} queries are too few for a stable per-query figure; "
+              "use 100 or more", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="aim-llama-instr-") as tmp_name:
         tmp = Path(tmp_name)
         jobs = [(c, n) for c in configs for n in (0, args.queries)]

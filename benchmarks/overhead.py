@@ -341,7 +341,7 @@ def markdown(report: dict[str, Any]) -> str:
         growth = (max(bu["rss_peak"], bu["rss_after_submit"]) - bu["rss_before"]) / 2**20
         extra.append(f"| peak RSS growth, {bu['records']:,}-record burst (app process) | "
                      f"{growth:.1f} MB; {bu['dropped']:,} dropped (`dropped_records` read back: "
-                     f"{bu['dropped_records_metric']}), {bu['stored']:,} stored, drain "
+                     f"{bu['dropped_records_metric'] or 'none recorded'}), {bu['stored']:,} stored, drain "
                      f"{bu['drain_s']:.1f} s, consistent: {bu['drops_consistent']} |")
         if bu.get("writer_process_peak_rss"):
             before = bu.get("writer_process_rss_before")
