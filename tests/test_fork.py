@@ -345,6 +345,51 @@ def test_a_fork_child_keeps_the_apps_sigterm_until_it_records(workdir, repo):
     assert "CHILD True True" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_a_worker_whose_first_record_comes_from_a_thread_gets_its_flush_on_sigterm(workdir, repo):
+    """Only the main thread may install a signal handler: a fork child or a spawn-pool worker
+    whose first record comes from another thread (LLM calls in a thread pool) is armed when its
+    main thread next runs, and a SIGTERM then stores what it recorded."""
+    proc = run_app(workdir, repo, """
+        import os, signal, threading, time
+        import multiprocessing as mp
+        from concurrent.futures import ThreadPoolExecutor
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+
+        def caught():
+            with open("/proc/self/status") as status:
+                mask = next(int(l.split()[1], 16) for l in status if l.startswith("SigCgt:"))
+            return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+        def in_threads(tag):
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(MockLLM(max_tokens=3).complete, [f"{tag} {i}" for i in range(20)]))
+            return caught()
+
+        if __name__ == "__main__":
+            MockLLM(max_tokens=3).complete("parent")
+            pid = os.fork()
+            if pid == 0:
+                before = caught()
+                print("FORK", before, in_threads("fork child"), flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+                os._exit(3)
+            print("FORK STATUS", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+            pool = mp.get_context("spawn").Pool(1)
+            print("SPAWN", pool.apply(in_threads, ("spawn worker",)), flush=True)
+            pool.terminate()  # SIGTERM to the worker
+            pool.join()
+        """, launcher=False)
+    assert "FORK False True" in proc.stdout and "SPAWN True" in proc.stdout, proc.stdout + proc.stderr
+    assert "FORK STATUS -15" in proc.stdout, proc.stdout
+    runs = read_all(repo)
+    assert_finalized(runs)
+    prompts = sorted(sorted(t for _, t in r.text("prompt", kind="llm")) for r in runs)
+    assert prompts == sorted([["parent"], sorted(f"fork child {i}" for i in range(20)),
+                              sorted(f"spawn worker {i}" for i in range(20))]), prompts
+
+
 def test_a_fork_never_waits_for_a_slow_writer_start_and_the_child_records(workdir, repo,
                                                                            tmp_path):
     """The fork lock covers only `Popen` (milliseconds), not the writer process's start-up nor

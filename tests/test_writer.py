@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -577,6 +578,68 @@ def test_handlers_set_after_activation_are_chained_to_and_reported_as_set(run_py
     assert proc.returncode == 0 and "CHECKED" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_signal_numbers_of_any_int_type_and_uninstrument_off_the_main_thread(run_py):
+    """A signal number given as another `int` subclass is still SIGTERM to the wrapper; an
+    `uninstrument()` from another thread gives the application its handler back (when the main
+    thread next runs), and a new activation then is one handler in front, not two."""
+    proc = run_py(
+        """
+        import signal, threading, time
+        import aim_llama, aim_llama.auto
+        from llama_index.core.llms import MockLLM
+
+        class Num(int):
+            pass
+
+        def on_term(signum, frame):
+            calls.append(signum)
+        calls = []
+        MockLLM(max_tokens=3).complete("one")
+        assert signal.signal(Num(signal.SIGTERM), on_term) is signal.SIG_DFL
+        assert signal.getsignal(Num(signal.SIGTERM)) is on_term
+        t = threading.Thread(target=aim_llama.uninstrument)
+        t.start()
+        t.join()
+        time.sleep(0)  # the main thread runs Python code: the handler is put back
+        assert signal.getsignal(signal.SIGTERM) is on_term, signal.getsignal(signal.SIGTERM)
+        assert aim_llama.instrument()
+        MockLLM(max_tokens=3).complete("two")
+        assert signal.getsignal(signal.SIGTERM) is on_term
+        chain = aim_llama.autoinstrument._active.signals
+        from aim_llama.lifecycle import _real_getsignal
+        assert _real_getsignal(signal.SIGTERM) == chain._handle
+        assert chain._previous[signal.SIGTERM] is on_term  # chained straight to the app's
+        signal.raise_signal(signal.SIGTERM)
+        assert calls == [signal.SIGTERM], calls
+        print("CHECKED", flush=True)
+        """,
+        check=False,
+    )
+    assert proc.returncode == 0 and "CHECKED" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_sigterm_handler_python_does_not_know_of_is_left_alone(run_py):
+    """`faulthandler.register(SIGTERM)` (or a C extension's handler) before activation: Python
+    reports SIG_DFL, but replacing it would stop its owner; aim-llama leaves it and says so."""
+    proc = run_py(
+        """
+        import faulthandler, os, signal, sys, time
+        faulthandler.register(signal.SIGTERM, file=sys.stdout, chain=False)
+        import aim_llama, aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=3).complete("one")
+        os.kill(os.getpid(), signal.SIGTERM)  # faulthandler dumps the stack; the app goes on
+        time.sleep(0.5)
+        print("SURVIVED", aim_llama.flush(20), flush=True)
+        """,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SURVIVED True" in proc.stdout and "Current thread" in proc.stdout, proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "handler outside Python" in line]
+    assert len(warnings) == 1 and "SIGTERM" in warnings[0], proc.stderr
+
+
 UNINSTRUMENT_APP = """
 import os, signal, sys, threading
 if "app handler" in sys.argv[2]:
@@ -759,6 +822,41 @@ def test_an_apps_own_ctrl_c_handler_runs_at_once(run_py):
         use_repo=False,
     )
     assert float(proc.stdout.split("HANDLED AFTER ")[1].split()[0]) < 0.5, proc.stdout
+
+
+def test_ctrl_c_during_a_sigterm_flush_ends_it_as_sigterm_would(workdir):
+    """A Ctrl-C that stops the wait of a SIGTERM's flush (a server that is not there) lets the
+    SIGTERM go on: the process dies of it at once, with no KeyboardInterrupt traceback; the
+    writer process still says what was lost."""
+    code = textwrap.dedent("""
+        import os, signal, threading, time
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=3).complete("one")
+        def later():
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.8)
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=later, daemon=True).start()
+        time.sleep(30)
+        print("NOT KILLED", flush=True)
+        """)
+    err = workdir / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=workdir, stdout=subprocess.PIPE, stderr=stderr,
+            text=True, env=clean_env(AIM_REPO="aim://127.0.0.1:9", AIM_LLAMA_FLUSH_TIMEOUT="4"))
+        started = time.monotonic()
+        assert proc.wait(timeout=60) == -signal.SIGTERM, err.read_text()
+        # the app's own life: start-up, the 1 s before Ctrl-C, not the 4 s flush timeout
+        assert time.monotonic() - started < 4.0
+        assert "NOT KILLED" not in proc.stdout.read()
+    deadline = time.monotonic() + 20  # the writer process reports once its deadline passed
+    while "they are lost" not in err.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "records were not delivered" in err.read_text(), err.read_text()
+    assert "Traceback" not in err.read_text(), err.read_text()
 
 
 UNREADABLE_APP = """

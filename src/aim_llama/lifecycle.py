@@ -8,6 +8,7 @@ re-raised so a SIGTERMed process still dies with SIGTERM's status.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import signal
 import sys
@@ -85,23 +86,75 @@ _real_getsignal = signal.getsignal
 _owner: SignalChain | None = None  # the chain whose handler is installed, if any
 
 
+def _number(signalnum: Any) -> int | None:
+    """The signal number Python's `signal` functions would take `signalnum` for, if any."""
+    try:
+        return operator.index(signalnum)
+    except Exception:
+        return None  # (Python's own function says what is wrong with it)
+
+
 def _signal(signalnum: int, handler: SignalHandler) -> SignalHandler:
     """`signal.signal` while aim-llama's handler is installed: see `SignalChain.replace`."""
     chain = _owner
-    if (chain is not None and type(signalnum) in (int, signal.Signals)
-            and signalnum in (signal.SIGTERM, signal.SIGINT)):
-        return chain.replace(signalnum, handler)
+    number = _number(signalnum) if chain is not None else None
+    if chain is not None and number in (signal.SIGTERM, signal.SIGINT):
+        return chain.replace(signal.Signals(number), handler)
     return _real_signal(signalnum, handler)
 
 
 def _getsignal(signalnum: int) -> SignalHandler:
     """`signal.getsignal` while aim-llama's handler is installed: what the application set."""
     chain = _owner
-    if chain is not None and type(signalnum) in (int, signal.Signals):
-        chain.sync(signalnum)
-        if signalnum in chain._previous:
-            return chain._previous[signalnum]
+    number = _number(signalnum) if chain is not None else None
+    if chain is not None and number is not None:
+        chain.sync(number)
+        if number in chain._previous:
+            return chain._previous[number]
     return _real_getsignal(signalnum)
+
+
+_kept_alive: list[Any] = []  # callbacks handed to the interpreter (they must outlive the call)
+
+
+def on_main_thread(fn: Callable[[], None]) -> bool:
+    """Run `fn` on the main thread the next time it runs Python code (CPython's
+    `Py_AddPendingCall`): only the main thread may install a signal handler, and a record may
+    first come from another one. Returns whether it was scheduled."""
+    if threading.current_thread() is threading.main_thread():
+        fn()
+        return True
+    try:
+        import ctypes
+
+        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+        def run(_arg: Any) -> int:
+            with contextlib.suppress(Exception):
+                fn()
+            return 0
+
+        callback = callback_type(run)
+        add = ctypes.pythonapi.Py_AddPendingCall
+        add.argtypes = [callback_type, ctypes.c_void_p]
+        add.restype = ctypes.c_int
+        _kept_alive.append(callback)
+        return bool(add(callback, None) == 0)
+    except Exception:  # not CPython, or no ctypes
+        return False
+
+
+def _caught_outside_python(signum: int) -> bool:
+    """Whether the process catches `signum` with a handler Python does not know of
+    (`faulthandler.register`, a C extension's): Python reports SIG_DFL for it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _as_python_says(handler: SignalHandler) -> SignalHandler:
@@ -109,6 +162,16 @@ def _as_python_says(handler: SignalHandler) -> SignalHandler:
     if handler is not None and not callable(handler) and handler in (0, 1):
         return signal.Handlers(int(handler))
     return handler
+
+
+def _warn_foreign(signum: int) -> None:
+    from .log import warn_once
+
+    name = signal.Signals(signum).name
+    warn_once(f"foreign-handler:{name}",
+              "%s has a handler outside Python (faulthandler.register or a C extension): "
+              "aim-llama leaves it alone, so records not yet stored when it arrives are not "
+              "flushed first", name)
 
 
 class SignalChain:
@@ -144,45 +207,64 @@ class SignalChain:
         return signum != signal.SIGINT
 
     def install(self, armed: bool = True) -> bool:
-        """Install on the main thread only (Python's rule); returns whether anything was installed."""
+        """Install (on the main thread, Python's rule: called from another thread, when the
+        main thread next runs Python code). Returns whether anything was installed now."""
         global _owner
-        if threading.current_thread() is not threading.main_thread():
-            return False
         self.armed = armed
-        self._put_in_front()
         _owner = self
         if signal.signal is _real_signal:
             signal.signal = _signal
             signal.getsignal = _getsignal
+        if threading.current_thread() is not threading.main_thread():
+            on_main_thread(self._put_in_front)
+            return False
+        self._put_in_front()
         return bool(self._previous)
 
     def arm(self) -> None:
-        """The process has recorded: go in front of SIG_DFL too (now, on the main thread; else
-        at the application's next `signal.signal` there)."""
+        """The process has recorded: go in front of SIG_DFL too (on the main thread, now or
+        when it next runs Python code: a worker's first record may come from another thread)."""
         if not self.armed:
             self.armed = True
-            if threading.current_thread() is threading.main_thread() and _owner is self:
-                self._put_in_front()
+            if _owner is self:
+                on_main_thread(self._put_in_front)
 
     def _put_in_front(self) -> None:
+        if _owner is not self:
+            return  # (uninstalled before the main thread got to it)
         for signum in (signal.SIGTERM, signal.SIGINT):
             current = _real_getsignal(signum)
+            stale = getattr(current, "__self__", None)
+            if isinstance(stale, SignalChain) and stale is not self:
+                # an earlier activation's, not yet put back (uninstalled off the main
+                # thread): take its place, in front of what it chained to
+                current = stale._previous.get(signum, signal.SIG_DFL)
+                if not self._wanted(signum, current):
+                    _real_signal(signum, current)
+                    continue
             if current == self._handle or not self._wanted(signum, current):
                 continue  # (installed already: a forked child that starts to record)
+            if _real_getsignal(signum) == signal.SIG_DFL and _caught_outside_python(signum):
+                _warn_foreign(signum)
+                continue  # not ours to replace: its owner would stop working
             self._previous[signum] = current
             _real_signal(signum, self._handle)
 
     def uninstall(self) -> None:
-        """Put back the previous handlers where ours is still the installed one. (Off the main
-        thread only Python's `signal` functions are given back: our handler stays, chaining.)"""
+        """Put back the previous handlers where ours is still the installed one (called from
+        another thread: Python's `signal` functions now, the handlers when the main thread
+        next runs Python code; until then ours stays, chaining)."""
         global _owner
         if _owner is self:
             _owner = None
             if signal.signal is _signal:
                 signal.signal = _real_signal
                 signal.getsignal = _real_getsignal
-        if threading.current_thread() is not threading.main_thread():
-            return
+        on_main_thread(self._put_back)
+
+    def _put_back(self) -> None:
+        if _owner is self:
+            return  # (installed again before the main thread got to it)
         for signum, previous in self._previous.items():
             if _real_getsignal(signum) == self._handle:
                 _real_signal(signum, previous)
@@ -222,8 +304,14 @@ class SignalChain:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         handled: Any = True
-        with contextlib.suppress(Exception):
+        try:
             handled = self._on_signal(signum)
+        except KeyboardInterrupt:
+            if signum == signal.SIGINT:
+                raise
+            # Ctrl-C stopped the wait of a SIGTERM's flush: SIGTERM goes on as it would have
+        except Exception:
+            pass
         if handled is False and signum != signal.SIGINT:
             # The signal interrupted a flush already running on this thread (e.g. an exit
             # hook): let it finish; `redeliver()` then passes the signal on. (A Ctrl-C goes on
