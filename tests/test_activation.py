@@ -463,10 +463,9 @@ def test_a_broken_pyproject_that_never_mentions_aim_llama_is_not_our_business(ru
     assert "APP RAN True" in proc.stdout and proc.stderr.strip() == "", proc.stderr
     # nor Aim's: creating a repo runs its database migration (alembic), which read that file
     # from the working directory, failed with a traceback, and no run was created
-    # — a new repo given by path, Aim's default `.aim` beside that very file, and the thread
-    # writer (whose working directory is the application's: it must not be changed)
-    for where, env in [("new", {"AIM_REPO": str(workdir / "new")}),
-                       ("", {}),
+    # — Aim's default `.aim` beside that very file (process writer), and the thread writer
+    # (whose working directory is the application's: it must not be changed)
+    for where, env in [("", {}),
                        ("thread", {"AIM_REPO": str(workdir / "thread"),
                                    "AIM_LLAMA_WRITER": "thread"})]:
         proc = run_py(LIGHT_APP, env=env, use_repo=False)
