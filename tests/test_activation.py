@@ -478,6 +478,23 @@ def test_a_broken_pyproject_that_never_mentions_aim_llama_is_not_our_business(ru
     assert "pyproject.toml [tool.aim_llama] is not valid TOML" in proc.stderr
 
 
+def test_aims_migration_resolves_relative_pythonpath_entries_as_before(run_py, workdir):
+    """Aim's migration subprocess runs in a directory of its own: a relative PYTHONPATH entry
+    (vendored packages, `pip install --target deps`) must still mean the same directory."""
+    (workdir / "deps").mkdir()
+    (workdir / "deps" / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('AIM_RUN_META_DATA_DB_URL'):\n"
+        "    open(os.environ['MARKER'], 'w').write('seen')\n")
+    marker = workdir / "marker"
+    proc = run_py(LIGHT_APP, env={"AIM_REPO": str(workdir / "new"), "PYTHONPATH": "deps",
+                                  "MARKER": str(marker)}, use_repo=False)
+    assert "APP RAN True" in proc.stdout and proc.stderr.strip() == "", proc.stderr
+    assert marker.read_text() == "seen"  # the migration's Python found `deps`
+    (run,) = read_all(workdir / "new")
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["still recorded"]
+
+
 def test_a_directory_named_like_the_default_file_blames_itself_not_the_env(run_py, workdir):
     (workdir / "aim_llama.toml").mkdir()
     proc = run_py(LIGHT_APP)

@@ -859,6 +859,36 @@ def test_ctrl_c_during_a_sigterm_flush_ends_it_as_sigterm_would(workdir):
     assert "Traceback" not in err.read_text(), err.read_text()
 
 
+def test_ctrl_c_during_the_flush_in_front_of_an_apps_sigterm_handler_still_reaches_the_app(
+        run_py):
+    """The flush in front of the application's SIGTERM handler is cut short by a Ctrl-C: the
+    handler runs, and the Ctrl-C still reaches the application as KeyboardInterrupt."""
+    proc = run_py(
+        """
+        import os, signal, threading, time
+        ran = []
+        signal.signal(signal.SIGTERM, lambda s, f: ran.append("handler"))
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=3).complete("one")
+        def later():
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.6)
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=later, daemon=True).start()
+        try:
+            time.sleep(10)
+            print("LOOP ENDED NORMALLY", flush=True)
+        except KeyboardInterrupt:
+            print("KEYBOARD INTERRUPT", ran, flush=True)
+        """,
+        env={"AIM_REPO": "aim://127.0.0.1:9", "AIM_LLAMA_FLUSH_TIMEOUT": "1"},
+        use_repo=False, check=False,
+    )
+    assert "KEYBOARD INTERRUPT ['handler']" in proc.stdout, proc.stdout + proc.stderr
+
+
 UNREADABLE_APP = """
 import sys
 from aim_llama.aimrun import RunConfig

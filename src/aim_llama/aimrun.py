@@ -162,6 +162,16 @@ def patch_aim_migrations() -> None:
         import tempfile
 
         env = dict(os.environ, AIM_RUN_META_DATA_DB_URL=db_url)
+        # Imports as they resolved where Aim ran it: the working directory first (`-m`), and
+        # relative PYTHONPATH entries (vendored packages, `pip install --target`) from there.
+        try:
+            here = os.getcwd()
+        except OSError:  # (a working directory removed meanwhile)
+            pass
+        else:
+            entries = [here] + [os.path.join(here, entry) for entry in
+                                env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+            env["PYTHONPATH"] = os.pathsep.join(entries)
         try:
             scratch: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
                 prefix="aim-llama-migrate-")

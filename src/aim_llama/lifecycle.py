@@ -114,34 +114,67 @@ def _getsignal(signalnum: int) -> SignalHandler:
     return _real_getsignal(signalnum)
 
 
-_kept_alive: list[Any] = []  # callbacks handed to the interpreter (they must outlive the call)
+_for_main_thread: list[Callable[[], None]] = []  # waiting for the main thread to run them
+_for_main_lock = threading.Lock()
+_scheduled = False  # a pending call is queued (one is enough: it runs everything waiting)
+_pending_callback: Any = None  # the ctypes callback handed to the interpreter (kept alive)
+
+
+def _run_for_main_thread(_arg: Any) -> int:
+    global _scheduled
+    with _for_main_lock:
+        calls = list(_for_main_thread)
+        _for_main_thread.clear()
+        _scheduled = False
+    for fn in calls:
+        with contextlib.suppress(Exception):
+            fn()
+    return 0
 
 
 def on_main_thread(fn: Callable[[], None]) -> bool:
     """Run `fn` on the main thread the next time it runs Python code (CPython's
     `Py_AddPendingCall`): only the main thread may install a signal handler, and a record may
-    first come from another one. Returns whether it was scheduled."""
+    first come from another one. Returns whether it was run or scheduled."""
+    global _scheduled, _pending_callback
     if threading.current_thread() is threading.main_thread():
         fn()
         return True
+    with _for_main_lock:
+        _for_main_thread.append(fn)
+        if _scheduled:
+            return True
+        _scheduled = True
     try:
         import ctypes
 
         callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-
-        def run(_arg: Any) -> int:
-            with contextlib.suppress(Exception):
-                fn()
-            return 0
-
-        callback = callback_type(run)
+        if _pending_callback is None:
+            _pending_callback = callback_type(_run_for_main_thread)
         add = ctypes.pythonapi.Py_AddPendingCall
         add.argtypes = [callback_type, ctypes.c_void_p]
         add.restype = ctypes.c_int
-        _kept_alive.append(callback)
-        return bool(add(callback, None) == 0)
+        if add(_pending_callback, None) == 0:
+            return True
     except Exception:  # not CPython, or no ctypes
-        return False
+        pass
+    with _for_main_lock:
+        _scheduled = False
+        with contextlib.suppress(ValueError):
+            _for_main_thread.remove(fn)
+    return False
+
+
+def _reset_after_fork() -> None:
+    """A forked child starts with nothing scheduled (its copy of the queue may never run)."""
+    global _for_main_lock, _scheduled
+    _for_main_lock = threading.Lock()
+    _scheduled = False
+    _for_main_thread.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _caught_outside_python(signum: int) -> bool:
@@ -304,14 +337,20 @@ class SignalChain:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         handled: Any = True
+        interrupted: KeyboardInterrupt | None = None
         try:
             handled = self._on_signal(signum)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if signum == signal.SIGINT:
                 raise
-            # Ctrl-C stopped the wait of a SIGTERM's flush: SIGTERM goes on as it would have
+            # Ctrl-C stopped the wait of a SIGTERM's flush: the SIGTERM goes on as it would
+            # have (the default action ends the process), then the Ctrl-C reaches the app
+            interrupted = exc
         except Exception:
             pass
+        if interrupted is not None:
+            self._chain(signum, frame)  # (what the app's handler raises goes on instead)
+            raise interrupted
         if handled is False and signum != signal.SIGINT:
             # The signal interrupted a flush already running on this thread (e.g. an exit
             # hook): let it finish; `redeliver()` then passes the signal on. (A Ctrl-C goes on
