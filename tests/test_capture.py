@@ -703,6 +703,9 @@ def test_llm_models_lists_each_model_with_its_token_limit(repo: Path) -> None:
         max_new_tokens: int = 5
         api_token: str = "hf_secret_value"
 
+        def to_payload(self) -> dict[str, Any]:  # what LlamaIndex's events carry
+            return {**super().to_payload(), "tokenizer_name": "gpt2"}
+
         @property
         def metadata(self) -> LLMMetadata:
             return LLMMetadata()
@@ -730,6 +733,7 @@ def test_llm_models_lists_each_model_with_its_token_limit(repo: Path) -> None:
     assert {"FirstLLM", "SecondLLM"} <= set(models), models  # not one "custom_llm" for both
     assert models["SecondLLM"]["max_new_tokens"] == 5, models
     assert models["SecondLLM"]["python_class"] == "SecondLLM"
+    assert models["SecondLLM"]["tokenizer_name"] == "gpt2"
     assert not any("hf_secret" in str(v) or k == "api_token" for m in models.values()
                    for k, v in m.items())
 

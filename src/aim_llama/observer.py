@@ -218,7 +218,7 @@ _TOKEN_COUNT = re.compile(r"(max|min|num)_(\w+_)?tokens")
 
 
 def _secretish(key: str) -> bool:
-    low = key.lower()
+    low = key.lower().replace("tokenizer", "")  # (`tokenizer_name` names no credential)
     return any(s in low for s in _SECRETISH) and not _TOKEN_COUNT.fullmatch(low)
 
 
