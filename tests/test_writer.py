@@ -824,21 +824,29 @@ def test_an_apps_own_ctrl_c_handler_runs_at_once(run_py):
     assert float(proc.stdout.split("HANDLED AFTER ")[1].split()[0]) < 0.5, proc.stdout
 
 
+TERM_THEN_CTRL_C = """
+import os, signal, threading, time
+
+def term_then_ctrl_c(gap):
+    # SIGTERM after 0.2 s (its flush waits for a server that is not there), Ctrl-C `gap` later
+    def later():
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(gap)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=later, daemon=True).start()
+"""
+
+
 def test_ctrl_c_during_a_sigterm_flush_ends_it_as_sigterm_would(workdir):
     """A Ctrl-C that stops the wait of a SIGTERM's flush (a server that is not there) lets the
     SIGTERM go on: the process dies of it at once, with no KeyboardInterrupt traceback; the
     writer process still says what was lost."""
-    code = textwrap.dedent("""
-        import os, signal, threading, time
+    code = TERM_THEN_CTRL_C + textwrap.dedent("""
         import aim_llama.auto
         from llama_index.core.llms import MockLLM
         MockLLM(max_tokens=3).complete("one")
-        def later():
-            time.sleep(0.2)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.8)
-            os.kill(os.getpid(), signal.SIGINT)
-        threading.Thread(target=later, daemon=True).start()
+        term_then_ctrl_c(0.8)
         time.sleep(30)
         print("NOT KILLED", flush=True)
         """)
@@ -864,25 +872,19 @@ def test_ctrl_c_during_the_flush_in_front_of_an_apps_sigterm_handler_still_reach
     """The flush in front of the application's SIGTERM handler is cut short by a Ctrl-C: the
     handler runs, and the Ctrl-C still reaches the application as KeyboardInterrupt."""
     proc = run_py(
-        """
-        import os, signal, threading, time
+        TERM_THEN_CTRL_C + textwrap.dedent("""
         ran = []
         signal.signal(signal.SIGTERM, lambda s, f: ran.append("handler"))
         import aim_llama.auto
         from llama_index.core.llms import MockLLM
         MockLLM(max_tokens=3).complete("one")
-        def later():
-            time.sleep(0.2)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.6)
-            os.kill(os.getpid(), signal.SIGINT)
-        threading.Thread(target=later, daemon=True).start()
+        term_then_ctrl_c(0.6)
         try:
             time.sleep(10)
             print("LOOP ENDED NORMALLY", flush=True)
         except KeyboardInterrupt:
             print("KEYBOARD INTERRUPT", ran, flush=True)
-        """,
+        """),
         env={"AIM_REPO": "aim://127.0.0.1:9", "AIM_LLAMA_FLUSH_TIMEOUT": "1"},
         use_repo=False, check=False,
     )
