@@ -368,14 +368,41 @@ def test_async_streams_closed_after_one_chunk_leave_nothing_behind(repo: Path) -
 def test_a_request_open_at_shutdown_has_a_trace_but_no_latency(repo: Path) -> None:
     engine = _index().as_query_engine(similarity_top_k=2, streaming=True)
     with recording(repo):
-        engine.query(QUESTIONS[0])  # its stream is never read
+        kept = engine.query(QUESTIONS[0])  # its stream is never read (nor dropped)
         engine.query(QUESTIONS[1]).get_response()
+    del kept
     run = only_run(repo)
     # steps count requests as they end: the finished one first, the open one at shutdown
     assert dict(run.text("question", kind="query")) == {0: QUESTIONS[1], 1: QUESTIONS[0]}
     tr = dict(run.text("trace", kind="query"))
     assert "· ok ·" in tr[0] and "incomplete at shutdown" in tr[1]
     assert [s for s, _ in run.metric("latency_ms", kind="query")] == [0]
+
+
+def test_streams_dropped_unread_end_their_call_and_request_as_abandoned(repo: Path) -> None:
+    """A stream the application drops without reading it (a client gone before the first
+    chunk) never sends an end event: its LLM call and request ended only at expiry, 30 minutes
+    later, each one making later requests slower. They end at the next span now, abandoned."""
+    from llama_index.core.instrumentation import get_dispatcher
+
+    from aim_llama.dispatcher import AimSpanHandler
+
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True)
+    llm = MockLLM(max_tokens=4)
+    with recording(repo):
+        (obs,) = [h.obs for h in get_dispatcher().span_handlers if isinstance(h, AimSpanHandler)]
+        for i in range(30):
+            llm.stream_complete(f"dropped {i}")  # never read
+            engine.query(QUESTIONS[i % 5])  # its StreamingResponse, never read
+        engine.query(QUESTIONS[0]).get_response()  # read: the next span ends the last ones
+        state = obs.open_state()
+    assert state["calls"] == 0 and state["roots"] == 0, state
+    run = only_run(repo)
+    traces = [t for _, t in run.text("trace", kind="query")]
+    assert len(traces) == 31 and sum("· abandoned ·" in t for t in traces) == 30, traces[:2]
+    responses = [t for _, t in run.text("response", kind="llm")]
+    assert sum(t.endswith("[stream abandoned]") for t in responses) == 30
+    assert len(run.text("answer", kind="query")) == 1
 
 
 def test_llm_calls_in_flight_at_shutdown_keep_their_prompt_and_what_was_read(repo: Path) -> None:
@@ -552,7 +579,9 @@ def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
 def test_chat_engines_condense_context_and_stream_chat(repo: Path) -> None:
     index = _index()
     with recording(repo):
-        index.as_chat_engine(chat_mode="condense_plus_context").chat("hello condense")
+        condense = index.as_chat_engine(chat_mode="condense_plus_context")
+        condense.chat("hello condense")
+        condense.reset()  # (asks nothing: not a chat request)
         index.as_chat_engine(chat_mode="context").chat("hello context")
         streaming = index.as_chat_engine(chat_mode="context", llm=RuleLLM()).stream_chat(
             "hello stream")

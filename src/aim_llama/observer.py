@@ -17,6 +17,7 @@ its trace is written, and requests idle longer than `ROOT_TTL` seconds expire.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import enum
@@ -51,6 +52,8 @@ REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
 _SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step"})  # spans with records at exit
 _STEP_KINDS = frozenset({"agent_step", "workflow_step"})
+# methods of request components that LlamaIndex spans but that ask nothing of them
+_NOT_REQUESTS = frozenset({"reset", "areset"})
 ERROR_KINDS = frozenset({
     "llm", "embedding", "retrieve", "query", "chat", "agent", "workflow", "tool",
     "postprocess", "synthesize", "agent_step", "workflow_step",
@@ -136,6 +139,7 @@ class _Root:
         "sampled",
         "shown",
         "stream_err",
+        "stream_ref",
         "streams",
         "tokens",
     )
@@ -160,6 +164,8 @@ class _Root:
         # by a thread of LlamaIndex's, e.g. a chat engine's): the request fails if it returns
         # a stream
         self.stream_err: str | None = None
+        # the stream the request returned, weakly: dropped unread, it ends the request
+        self.stream_ref: weakref.ref[Any] | None = None
         self.shown = 1
         self.omitted = 0
         self.end: float | None = None
@@ -281,6 +287,9 @@ class Observer:
         # then fails, or returns an error, is not counted again; a sibling's do not count
         self._tool_errors: dict[str, int] = {}
         self._classes = _component_classes()
+        # streams the application dropped (weakref callbacks, from whichever thread let go of
+        # them): their calls and requests are ended at the next span, under the lock
+        self._dropped: collections.deque[Any] = collections.deque()
         # The event handler routes by class name (`dispatcher.AimEventHandler.handle`).
         self.routes: dict[str, Callable[[Any, float], None]] = {
             "LLMChatStartEvent": self._llm_start,
@@ -376,9 +385,14 @@ class Observer:
             with self._lock:
                 if now >= self._next_sweep or len(self._roots) > MAX_OPEN_ROOTS:
                     out = self._sweep(now)
+                if self._dropped:
+                    out = (out or []) + self._reap_dropped(now)
                 parent = self._spans.get(parent_id) if parent_id else None
                 if parent is None:
                     parent = self._late_parent(id_, kind, parent_id, instance, bound_args)
+                    if (parent is None and kind in REQUEST_KINDS
+                            and span_name(id_).rsplit(".", 1)[-1] in _NOT_REQUESTS):
+                        kind = ""  # (a chat engine's `reset()`: no question, no answer)
                 node = _Node(id_, kind, parent, now, instance)
                 if parent is None or (kind in REQUEST_KINDS
                                       and parent.root.kind not in REQUEST_KINDS):
@@ -502,10 +516,11 @@ class Observer:
                                              "metric", ctx))
                     except Exception as exc:  # the request must still end
                         self.failed("span end", exc)
-                elif kind == "llm" and type(result) is types.AsyncGeneratorType:
+                elif kind == "llm" and type(result) in _STREAMS:
                     call = self._calls.get(id_)
                     if call is not None:
-                        call.body = weakref.ref(result)  # its body's calls run under its frame
+                        # (an async stream's body runs under its frame: `_outer_stream`)
+                        call.body = weakref.ref(result, _when_dropped(self._dropped, id_))
                 if node is root.node:
                     root.end = now
                     if kind in ANSWER_KINDS:
@@ -521,7 +536,8 @@ class Observer:
                         elif render.is_streaming(result) and not root.pending and not root.streams:
                             # the stream has not run yet: wait for it (its LLM call, or expiry)
                             root.hold = 1
-                            if (not _follow_stream(result, root, self._stream_ended)
+                            if (not _follow_stream(result, root, self._stream_ended,
+                                                   self._dropped)
                                     and not _read_by_llamaindex(result)):
                                 _awaiting.set(root)
                 root.open -= 1
@@ -584,6 +600,35 @@ class Observer:
                 self._emit(out)
         except Exception as exc:  # never into LlamaIndex (it would swallow it silently)
             self.failed("span error", exc)
+
+    def _reap_dropped(self, now: float) -> list[Record]:
+        """End the LLM calls and requests whose stream the application dropped before it ran
+        out (never read: nothing else would ever end them), as abandoned (lock held)."""
+        out: list[Record] = []
+        while self._dropped:
+            item = self._dropped.popleft()
+            if isinstance(item, _Root):
+                root = item
+                if root.finalized or not root.hold:
+                    continue  # (it ended as it was read or closed)
+                root.hold = 0
+            else:
+                call = self._calls.get(item)
+                if call is None or call.nested:
+                    continue  # (it ended: read to the end, or closed part-way)
+                del self._calls[item]
+                try:
+                    self._llm_records(out, call, call.last, now, GeneratorExit())
+                except Exception as exc:  # the request must still end
+                    self.failed("dropped stream", exc)
+                root = call.root  # type: ignore[assignment]
+                if root is None:
+                    continue
+                root.pending -= 1
+            if root.node.end is not None and root.node.status == "ok":
+                root.node.status = "abandoned"
+            out.extend(self._maybe_finish(root, now))
+        return out
 
     # -- events -----------------------------------------------------------------------
     def _llm_start(self, event: Any, now: float) -> None:
@@ -1051,6 +1096,7 @@ class Observer:
 
     def _finish(self, root: _Root, now: float, status: str | None) -> list[Record]:
         root.finalized = True
+        root.stream_ref = None  # (its callback refers back to the request)
         self._roots.pop(root.node.id, None)
         if self._calls:  # calls nested in this request's calls never end on their own when
             # their stream was dropped unclosed (an async stream's sync body): their outer
@@ -1165,7 +1211,7 @@ class Observer:
         free all state."""
         with self._lock:
             now = _now()
-            out: list[Record] = []
+            out: list[Record] = self._reap_dropped(now)
             for call in list(self._calls.values()):
                 if call.nested:
                     continue
@@ -1199,7 +1245,8 @@ def _read_by_llamaindex(result: Any) -> bool:
 
 
 def _follow_stream(result: Any, root: _Root,
-                   ended: Callable[[_Root, str], None] | None = None) -> bool:
+                   ended: Callable[[_Root, str], None] | None = None,
+                   dropped: collections.deque[Any] | None = None) -> bool:
     """Make the LLM call of a streaming query's response join its request when it is read.
 
     A `StreamingResponse`'s generator makes its LLM call only when it is first read — in
@@ -1209,15 +1256,30 @@ def _follow_stream(result: Any, root: _Root,
     """
     gen = getattr(result, "response_gen", None)
     try:
+        following: Any
         if isinstance(gen, types.GeneratorType):
-            result.response_gen = _following(gen, root, ended)
+            following = _following(gen, root, ended)
         elif isinstance(gen, types.AsyncGeneratorType):  # `aquery` with streaming=True
-            result.response_gen = _following_async(gen, root, ended)
+            following = _following_async(gen, root, ended)
         else:
             return False
+        result.response_gen = following
+        if dropped is not None:  # (dropped unread, it ends the request: `_reap_dropped`)
+            root.stream_ref = weakref.ref(following, _when_dropped(dropped, root))
     except Exception:
         return False
     return True
+
+
+_STREAMS = (types.GeneratorType, types.AsyncGeneratorType)
+
+
+def _when_dropped(dropped: collections.deque[Any], item: Any) -> Callable[[Any], None]:
+    """A weakref callback that notes `item` (a call's key, or a request) as dropped: it may
+    run in any thread, in the middle of anything, so it only appends."""
+    def note(_ref: Any) -> None:
+        dropped.append(item)
+    return note
 
 
 class _Follow:
