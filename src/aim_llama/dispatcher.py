@@ -151,6 +151,7 @@ def _after_fork_in_child() -> None:
     """A forked child records into its own run: fresh lock and LLM step numbers, and none of
     the parent's open requests (their spans end in the parent; the child must neither write
     them into its own run nor attach its own work to them)."""
+    import collections
     import itertools
     import threading
 
@@ -167,6 +168,7 @@ def _after_fork_in_child() -> None:
             observer._calls = {}
             observer._timed = {}
             observer._tool_errors = {}
+            observer._dropped = collections.deque()
 
 
 if hasattr(__import__("os"), "register_at_fork"):
