@@ -97,7 +97,7 @@ def _number(signalnum: Any) -> int | None:
 def _signal(signalnum: int, handler: SignalHandler) -> SignalHandler:
     """`signal.signal` while aim-llama's handler is installed: see `SignalChain.replace`."""
     chain = _owner
-    number = _number(signalnum) if chain is not None else None
+    number = _number(signalnum)
     if chain is not None and number in (signal.SIGTERM, signal.SIGINT):
         return chain.replace(signal.Signals(number), handler)
     return _real_signal(signalnum, handler)
@@ -106,7 +106,7 @@ def _signal(signalnum: int, handler: SignalHandler) -> SignalHandler:
 def _getsignal(signalnum: int) -> SignalHandler:
     """`signal.getsignal` while aim-llama's handler is installed: what the application set."""
     chain = _owner
-    number = _number(signalnum) if chain is not None else None
+    number = _number(signalnum)
     if chain is not None and number is not None:
         chain.sync(number)
         if number in chain._previous:

@@ -605,6 +605,7 @@ class Observer:
         """End the LLM calls and requests whose stream the application dropped before it ran
         out (never read: nothing else would ever end them), as abandoned (lock held)."""
         out: list[Record] = []
+        root: _Root | None
         while self._dropped:
             item = self._dropped.popleft()
             if isinstance(item, _Root):
@@ -621,7 +622,7 @@ class Observer:
                     self._llm_records(out, call, call.last, now, GeneratorExit())
                 except Exception as exc:  # the request must still end
                     self.failed("dropped stream", exc)
-                root = call.root  # type: ignore[assignment]
+                root = call.root
                 if root is None:
                     continue
                 root.pending -= 1
