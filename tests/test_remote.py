@@ -457,11 +457,13 @@ def test_a_service_that_is_not_aim_is_named_so(workdir):
         url = f"aim://127.0.0.1:{server.server_address[1]}"
         proc = subprocess.run(
             [sys.executable, str(APPS / "rag.py"), "1"], cwd=workdir, text=True,
-            capture_output=True, env=clean_env(AIM_REPO=url, AIM_LLAMA_FLUSH_TIMEOUT="1.5"),
+            capture_output=True, env=clean_env(AIM_REPO=url, AIM_LLAMA_FLUSH_TIMEOUT="3"),
             timeout=60)
     finally:
         server.shutdown()
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
     assert f"{url} answers, but not as an Aim tracking server" in proc.stderr, proc.stderr
     assert "not reachable" not in proc.stderr
-    assert re.search(r"(\d+) records could not be stored", proc.stderr), proc.stderr
+    # (which words the loss gets depends on whether the writer was still trying at the deadline)
+    assert re.search(r"(\d+) records (could not be stored|were not delivered)", proc.stderr), \
+        proc.stderr
