@@ -806,6 +806,50 @@ def test_an_llm_failing_inside_a_tool_is_one_error_not_two(repo: Path) -> None:
     assert "-> error: RuntimeError: backend down [REDACTED]" in call  # still shown
 
 
+def test_a_tool_called_through_its_call_wrapper_is_one_tool_call(repo: Path) -> None:
+    """`llm.predict_and_call` and structured output on a function-calling LLM call a tool as
+    `tool(**kwargs)`: `FunctionTool.__call__` (hidden, a private method) runs `call` on the same
+    tool. One `tool_call` and one latency each — it was recorded twice — and a failing tool,
+    or an LLM failing inside one, is still one error."""
+    from llama_index.core.prompts import PromptTemplate
+    from llama_index.core.tools import FunctionTool
+    from pydantic import BaseModel
+
+    class Song(BaseModel):
+        """A song."""
+
+        title: str
+        length: int
+
+    def boom(a: int, b: int) -> int:
+        """Fails."""
+        raise ValueError("tool exploded")
+
+    def ask_backend(x: int) -> str:
+        """Ask a backend LLM (which is down)."""
+        return FailingLLM().complete(f"about {x}").text
+
+    with recording(repo):
+        ScriptedToolLLM().predict_and_call([FunctionTool.from_defaults(_add, name="add")],
+                                           user_msg="add 2 and 3")
+        ScriptedToolLLM(tool_name="Song", tool_args={"title": "Blue", "length": 180}
+                        ).structured_predict(Song, PromptTemplate("a song about {t}"), t="sky")
+        ScriptedToolLLM(tool_name="boom").predict_and_call(
+            [FunctionTool.from_defaults(boom, name="boom")], user_msg="boom",
+            error_on_tool_error=False)
+        ScriptedToolLLM(tool_name="ask_backend", tool_args={"x": 1}).predict_and_call(
+            [FunctionTool.from_defaults(ask_backend, name="ask_backend")], user_msg="ask",
+            error_on_tool_error=False)
+    run = only_run(repo)
+    for tool in ("add", "Song", "boom", "ask_backend"):
+        assert len(run.text("tool_call", kind="tool", tool=tool)) == 1, tool
+        assert len(run.metric("latency_ms", kind="tool", tool=tool)) == 1, tool
+    ((_, add_call),) = run.text("tool_call", kind="tool", tool="add")
+    assert add_call == "add(a=2, b=3)\n-> 5"
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]  # boom's
+    assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]  # the backend's, once
+
+
 def test_react_agent(repo: Path) -> None:
     from llama_index.core.agent.workflow import ReActAgent
     from llama_index.core.tools import FunctionTool

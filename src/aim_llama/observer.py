@@ -406,6 +406,11 @@ class Observer:
                     shown_parent = parent.disp or parent
                     same = instance is not None and shown_parent.inst_id == node.inst_id
                     node.nested = same
+                    if (not same and parent.disp is not None and parent.kind == kind
+                            and instance is not None and parent.inst_id == node.inst_id):
+                        # a hidden wrapper of this same object (`FunctionTool.__call__` ->
+                        # `call`): this call is the one shown and recorded, not both
+                        parent.nested = True
                     # private methods (`Class._method-<uuid>`) are hidden, except a node
                     # postprocessor's (LlamaIndex spans only its `_postprocess_nodes`)
                     if kind and not same and (id_[id_.rfind(".", 0, len(id_) - 37) + 1] != "_"
