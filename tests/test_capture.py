@@ -850,6 +850,41 @@ def test_a_tool_called_through_its_call_wrapper_is_one_tool_call(repo: Path) -> 
     assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]  # the backend's, once
 
 
+def test_a_callback_manager_the_app_puts_in_settings_later_gets_the_handler_too(
+        repo: Path) -> None:
+    """`Settings.callback_manager = CallbackManager([LlamaDebugHandler()])` after activation
+    (LlamaIndex's own idiom; the launcher and `import aim_llama.auto` always activate first):
+    the CallbackManager channel (`chunk`, node parsing and synthesize latencies) went silent;
+    the handler now joins the new manager at the next request, and leaves both on
+    `uninstrument()`. The app's own handlers still see every event."""
+    from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
+
+    from aim_llama.handler import AimLlamaHandler
+
+    original = Settings.callback_manager
+    debug = LlamaDebugHandler(print_trace_on_end=False)
+    try:
+        with recording(repo):
+            Settings.callback_manager = CallbackManager([debug])
+            docs = [Document(text=f"Document {i} is about topic {i % 3}. " * 5) for i in range(4)]
+            engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=2)
+            for q in QUESTIONS[:3]:
+                engine.query(q)
+            ours = [h for h in Settings.callback_manager.handlers
+                    if isinstance(h, AimLlamaHandler)]
+            assert len(ours) == 1
+        assert not [h for m in (original, Settings.callback_manager) for h in m.handlers
+                    if isinstance(h, AimLlamaHandler)]  # gone from both
+    finally:
+        Settings.callback_manager = original
+    run = only_run(repo)
+    assert len(run.text("chunk", kind="chunking")) == 4
+    assert len(run.metric("latency_ms", kind="node_parsing")) == 1
+    assert len(run.metric("latency_ms", kind="synthesize")) == 3
+    assert len(debug.get_event_pairs(CBEventType.SYNTHESIZE)) == 3
+    assert len(traces(run, "query")) == 3
+
+
 def test_react_agent(repo: Path) -> None:
     from llama_index.core.agent.workflow import ReActAgent
     from llama_index.core.tools import FunctionTool

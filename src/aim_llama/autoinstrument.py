@@ -262,13 +262,10 @@ def _activate(settings: Any) -> _Active:
         policy=ContentPolicy.from_settings(settings),
         submit_many=writer.submit_many,
     )
-    manager = LlamaSettings.callback_manager  # LlamaIndex creates one if there is none
-    for existing in list(manager.handlers):
-        if isinstance(existing, AimLlamaHandler):
-            manager.remove_handler(existing)
-    manager.add_handler(handler)
+    managers = _CallbackManagers(LlamaSettings, handler)
     # Spans, LLM calls, tools … come from the global dispatcher (one span + one event handler).
     handler.observer = dispatcher.install(handler, settings)
+    handler.observer.on_new_request = managers.follow
 
     tee = None
     if settings.capture_terminal_logs:
@@ -296,7 +293,49 @@ def _activate(settings: Any) -> _Active:
         os.register_at_fork(after_in_child=_after_fork_in_child)
         _fork_hook_registered = True
     _hook_exec()
-    return _Active(handler, writer, settings, manager, signals, tee, os.getpid())
+    return _Active(handler, writer, settings, managers, signals, tee, os.getpid())
+
+
+class _CallbackManagers:
+    """The CallbackManagers aim-llama's callback handler is on: `Settings.callback_manager` at
+    activation, and any the application puts there later — `Settings.callback_manager =
+    CallbackManager([LlamaDebugHandler()])` is LlamaIndex's documented idiom, and activation
+    (launcher, `import aim_llama.auto`) always comes first. Checked at each new request."""
+
+    def __init__(self, llama_settings: Any, handler: Any) -> None:
+        self._settings = llama_settings
+        self._handler = handler
+        self.managers: list[Any] = []
+        self._current = llama_settings.callback_manager  # (LlamaIndex creates one if none)
+        self._attach(self._current)
+
+    def _attach(self, manager: Any) -> None:
+        from .handler import AimLlamaHandler
+
+        for existing in list(manager.handlers):
+            if isinstance(existing, AimLlamaHandler):
+                manager.remove_handler(existing)
+        manager.add_handler(self._handler)
+        self.managers.append(manager)
+
+    def follow(self) -> None:
+        """Put the handler on the application's current `Settings.callback_manager` if it is
+        a new one (an attribute read and a comparison when it is not)."""
+        current = getattr(self._settings, "_callback_manager", None)
+        if current is None or current is self._current:
+            return
+        self._current = current
+        if not any(h is self._handler for h in current.handlers):
+            self._attach(current)
+        elif not any(m is current for m in self.managers):
+            self.managers.append(current)
+
+    def detach(self) -> None:
+        """Take the handler off every manager it was put on."""
+        for manager in self.managers:
+            with contextlib.suppress(Exception):
+                manager.remove_handler(self._handler)
+        self.managers = []
 
 
 def _arm_at_first_record(handler: Any, writer: Any, signals: Any) -> None:
@@ -351,7 +390,7 @@ def uninstrument() -> None:
         _closing = active  # a SIGTERM meanwhile still waits for this flush (`_on_signal`)
         try:
             with contextlib.suppress(Exception):
-                active.callback_manager.remove_handler(active.handler)
+                active.callback_manager.detach()
             with contextlib.suppress(Exception):
                 from . import dispatcher
 

@@ -290,6 +290,8 @@ class Observer:
         # streams the application dropped (weakref callbacks, from whichever thread let go of
         # them): their calls and requests are ended at the next span, under the lock
         self._dropped: collections.deque[Any] = collections.deque()
+        # called at each new request (autoinstrument: follow `Settings.callback_manager`)
+        self.on_new_request: Callable[[], None] | None = None
         # The event handler routes by class name (`dispatcher.AimEventHandler.handle`).
         self.routes: dict[str, Callable[[Any, float], None]] = {
             "LLMChatStartEvent": self._llm_start,
@@ -468,6 +470,11 @@ class Observer:
 
     def _new_root(self, node: _Node, bound_args: Any, now: float) -> _Root:
         """A span with no parent: a new request (lock held)."""
+        if self.on_new_request is not None:
+            try:
+                self.on_new_request()
+            except Exception as exc:
+                self.failed("new request", exc)
         input_ = ""
         if node.kind in REQUEST_KINDS:
             try:
