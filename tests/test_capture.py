@@ -885,6 +885,60 @@ def test_a_callback_manager_the_app_puts_in_settings_later_gets_the_handler_too(
     assert len(traces(run, "query")) == 3
 
 
+def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
+        repo: Path) -> None:
+    """A chat message's image, document or thinking block is not in `message.content` (text
+    blocks only): the prompt showed `user: ` for an image. Now a placeholder naming where it
+    came from (never its bytes); a response's thinking is shown before its text."""
+    from llama_index.core.base.llms.types import (
+        ChatMessage,
+        ChatResponse,
+        DocumentBlock,
+        ImageBlock,
+        MessageRole,
+        TextBlock,
+        ThinkingBlock,
+    )
+    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+    from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+
+    class ThinkingLLM(CustomLLM):
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(model_name="thinking", is_chat_model=True)
+
+        @llm_chat_callback()
+        def chat(self, messages: Any, **kwargs: Any) -> ChatResponse:
+            return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, blocks=[
+                ThinkingBlock(content="it has whiskers"), TextBlock(text="A cat.")]))
+
+        @llm_completion_callback()
+        def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            return CompletionResponse(text="unused")
+
+        @llm_completion_callback()
+        def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    messages = [
+        ChatMessage(role=MessageRole.USER, blocks=[
+            TextBlock(text="What is in this image?"),
+            ImageBlock(url="https://example.com/cat.png")]),
+        ChatMessage(role=MessageRole.USER, blocks=[
+            ImageBlock(image=b"\x89PNG" * 500, image_mimetype="image/png")]),
+        ChatMessage(role=MessageRole.USER, blocks=[
+            DocumentBlock(data=b"%PDF-1.4 not really", title="report.pdf")]),
+    ]
+    with recording(repo):
+        ThinkingLLM().chat(messages)
+    run = only_run(repo)
+    ((_, prompt),) = run.text("prompt", kind="llm")
+    assert prompt == ("user: What is in this image?\n[image: https://example.com/cat.png]\n"
+                      "user: [image: image/png]\nuser: [document: report.pdf]")
+    ((_, response),) = run.text("response", kind="llm")
+    assert response == "[thinking: it has whiskers]\nA cat."
+
+
 def test_react_agent(repo: Path) -> None:
     from llama_index.core.agent.workflow import ReActAgent
     from llama_index.core.tools import FunctionTool

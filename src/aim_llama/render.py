@@ -96,12 +96,41 @@ def _tool_calls(additional_kwargs: Any) -> list[str]:
     return out
 
 
+# blocks a message's text leaves out that are shown anyway: tool calls have lines of their
+# own, cache points say nothing
+_UNSHOWN_BLOCKS = frozenset({"text", "tool_call", "cache"})
+
+
 def _content(message: Any) -> str:
+    """A message's text; an image, document, audio, video or thinking block in it is shown
+    by a placeholder in its place (`message.content` holds the text blocks only)."""
+    blocks = field(message, "blocks")
+    if isinstance(blocks, list) and any(
+            field(b, "block_type") not in _UNSHOWN_BLOCKS for b in blocks):
+        return "\n".join(filter(None, (_block_text(b) for b in blocks)))
     try:
         content = message.content
     except Exception:
         content = None
     return content if isinstance(content, str) else ""
+
+
+def _block_text(block: Any) -> str:
+    kind = field(block, "block_type")
+    if kind == "text":
+        text = field(block, "text")
+        return text if isinstance(text, str) else ""
+    if kind in _UNSHOWN_BLOCKS:
+        return ""
+    if kind == "thinking":
+        thought = field(block, "content")
+        return f"[thinking: {thought}]" if isinstance(thought, str) and thought else "[thinking]"
+    # where it comes from, never its bytes
+    detail = next((str(v) for v in (field(block, "title"), field(block, "url"),
+                                     field(block, "path"), field(block, "source"),
+                                     field(block, "image_mimetype"), field(block, "format"))
+                   if v), "")
+    return f"[{kind or type(block).__name__}{': ' + detail if detail else ''}]"
 
 
 def render_message(message: Any) -> str:
