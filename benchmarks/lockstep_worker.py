@@ -218,9 +218,9 @@ if args.config == "diag-deferred":
             h.__dict__["span_exit"] = _exit2
         if isinstance(h, AimEventHandler):
             h.__dict__["handle"] = _handle2
-    _in_req = _obs.in_request
+    _in_req = _obs.repeats_chunks
     _cur = _obs.current_sampled
-    _obs.in_request = lambda: (_drain(), _in_req())[1]
+    _obs.repeats_chunks = lambda: (_drain(), _in_req())[1]
     _obs.current_sampled = lambda: (_drain(), _cur())[1]
 
 if args.config == "diag-discard":

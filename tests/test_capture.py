@@ -136,6 +136,24 @@ def test_index_build_records_embeddings_and_chunks(repo: Path) -> None:
     assert not [k for k in run.texts if k[0] == "trace"]  # building an index is not a request
 
 
+def test_a_synthesizer_outside_a_request_adds_no_chunks(repo: Path) -> None:
+    """A response synthesizer re-splits text for its prompts; inside a query that was already
+    left out of `chunk`, but not elsewhere: a `DocumentSummaryIndex` build (its summaries)
+    recorded each document twice, and a synthesizer called directly its node's text."""
+    from llama_index.core import DocumentSummaryIndex, get_response_synthesizer
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(3)]
+    with recording(repo):
+        DocumentSummaryIndex.from_documents(docs, llm=MockLLM(max_tokens=4),
+                                            embed_model=MockEmbedding(embed_dim=8))
+        get_response_synthesizer(response_mode="compact", llm=MockLLM(max_tokens=4)).synthesize(
+            "q?", [NodeWithScore(node=TextNode(text="a retrieved node's text"), score=1.0)])
+    run = only_run(repo)
+    assert [t for _, t in run.text("chunk", kind="chunking")] == [d.text for d in docs]
+    assert len(run.text("prompt", kind="llm")) == 4  # 3 summaries + the direct synthesis
+
+
 def test_async_index_build_records_every_embedding_batch(repo: Path) -> None:
     # An async batch embedding sends every batch's start event before the first end, all in
     # one span: each end must still find its own start.

@@ -172,9 +172,10 @@ class AimLlamaHandler(BaseCallbackHandler):
         """Map the finished event to records and queue them; never raises."""
         try:
             if event_type is CBEventType.CHUNKING and self.observer is not None \
-                    and self.observer.in_request():
-                # A response synthesizer re-splitting retrieved text inside a request: that
-                # text is in the prompt already (and chunking has no latency metric).
+                    and self.observer.repeats_chunks():
+                # A response synthesizer re-splitting text (inside a request, or an index
+                # build's summaries): that text is in the prompt already (and chunking has no
+                # latency metric).
                 self._open.pop(event_id, None)
                 return
             started = self._open.pop(event_id, None)

@@ -1203,10 +1203,20 @@ class Observer:
         node = self._current_node()
         return node.root if node is not None else None
 
-    def in_request(self) -> bool:
-        """Whether this context runs inside a request (query, chat, agent, workflow, retrieval)."""
-        root = self._current_root()
-        return root is not None and root.kind in REQUEST_KINDS
+    def repeats_chunks(self) -> bool:
+        """Whether chunks made in this context only repeat text recorded elsewhere: inside a
+        request, or inside a response synthesizer (re-splitting text for its prompts, which
+        are recorded), wherever it runs (an index build's summaries, say)."""
+        node = self._current_node()
+        if node is None:
+            return False
+        if node.root.kind in REQUEST_KINDS:
+            return True
+        while node is not None:
+            if node.kind == "synthesize":
+                return True
+            node = node.parent
+        return False
 
     def current_sampled(self) -> bool:
         """Whether the request running in this context records texts (see `sample_rate`)."""
