@@ -240,6 +240,80 @@ def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
     assert "stream llm" in trace  # the deferred LLM stream joined its query's trace
 
 
+def test_a_streaming_query_of_several_llm_calls_waits_for_its_last(repo: Path) -> None:
+    """A streaming query whose synthesizer makes several LLM calls (compact mode over more text
+    than one prompt holds; refine always): LlamaIndex reads the intermediate streams itself,
+    and the last one runs only as the application reads `response_gen`. The request took the
+    second-to-last call's text for its answer, ended before the app read anything, and its
+    last call was recorded outside it; now it waits for the stream the app reads."""
+    from llama_index.core import SummaryIndex
+    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+    from llama_index.core.llms.callbacks import llm_completion_callback
+
+    class Counting(CustomLLM):
+        calls: int = 0
+
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(model_name="counting", context_window=700, num_output=20)
+
+        @llm_completion_callback()
+        def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            self.calls += 1
+            return CompletionResponse(text=f"answer {self.calls}")
+
+        @llm_completion_callback()
+        def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            self.calls += 1
+            n = self.calls
+
+            def gen() -> Any:
+                text = ""
+                for word in ("streamed", "answer", str(n)):
+                    text += word + " "
+                    yield CompletionResponse(text=text, delta=word + " ")
+            return gen()
+
+        @llm_completion_callback()
+        async def astream_complete(self, prompt: str, formatted: bool = False,
+                                   **kwargs: Any) -> Any:
+            self.calls += 1
+            n = self.calls
+
+            async def gen() -> Any:
+                text = ""
+                for word in ("astreamed", "answer", str(n)):
+                    text += word + " "
+                    yield CompletionResponse(text=text, delta=word + " ")
+            return gen()
+
+    llm = Counting()
+    docs = [Document(text=f"Doc {i} sentence about things and stuff. " * 12) for i in range(6)]
+    read: list[str] = []
+    with recording(repo):
+        index = SummaryIndex.from_documents(docs, embed_model=MockEmbedding(embed_dim=8))
+        engine = index.as_query_engine(streaming=True, llm=llm)
+        before = llm.calls
+        response = engine.query("sync?")
+        time.sleep(0.3)  # (the request is not over until the app has read its stream)
+        read.append("".join(response.response_gen))
+        made = llm.calls - before
+
+        async def read_async() -> str:
+            response = await index.as_query_engine(streaming=True, llm=llm).aquery("async?")
+            await asyncio.sleep(0.3)
+            return "".join([t async for t in response.async_response_gen()])
+
+        read.append(asyncio.run(read_async()))
+    assert made >= 3  # several calls, or this test tests nothing
+    run = only_run(repo)
+    assert [a for _, a in run.text("answer", kind="query")] == read
+    assert all(v >= 300 for _, v in run.metric("latency_ms", kind="query"))
+    for trace in traces(run, "query"):
+        assert f"llm calls {made}" in trace.splitlines()[1], trace
+    assert len(run.text("response", kind="llm")) == llm.calls
+
+
 def test_a_stream_whose_last_chunk_lags_is_recorded_as_the_app_read_it(repo: Path) -> None:
     """MockLLM's last chunk carries the text before its own delta: the stored response and
     answer are what the application read, not one chunk short."""

@@ -462,7 +462,9 @@ class Observer:
         if kind == "llm" and "stream" in span_name(id_).rsplit(".", 1)[-1]:
             waiting = _awaiting.get()
             if (waiting is not None and not waiting.finalized and waiting.hold > 0
-                    and not waiting.pending and not waiting.streams):  # (none of its own yet)
+                    and not waiting.pending
+                    # (none of its own yet; or a followed stream, read now: its last call)
+                    and (not waiting.streams or waiting.stream_ref is not None)):
                 waiting.hold = 0
                 _awaiting.set(None)
                 return waiting.node  # the deferred LLM stream of a streaming query
@@ -545,8 +547,11 @@ class Observer:
                             node.status = root.stream_err  # its stream failed already
                         elif answer is not None:
                             root.answer = answer
-                        elif render.is_streaming(result) and not root.pending and not root.streams:
-                            # the stream has not run yet: wait for it (its LLM call, or expiry)
+                        elif (render.is_streaming(result) and not root.pending
+                              and (not root.streams or _unread(result))):
+                            # the stream has not run yet: wait for it (its LLM call, or expiry);
+                            # streamed calls may have run already (a refine synthesizer reads
+                            # the intermediate ones itself), the last one runs as it is read
                             root.hold = 1
                             if (not _follow_stream(result, root, self._stream_ended,
                                                    self._dropped)
@@ -1257,6 +1262,21 @@ def _streamed(call: _Call, text: str) -> str:
         return text
     streamed = "".join(deltas)
     return streamed if len(streamed) > len(text) and streamed.startswith(text) else text
+
+
+def _unread(result: Any) -> bool:
+    """Whether a streaming response's generator has not been started (nothing read yet)."""
+    gen = getattr(result, "response_gen", None)
+    if isinstance(gen, types.GeneratorType):
+        frame = gen.gi_frame
+        running = gen.gi_running
+    elif isinstance(gen, types.AsyncGeneratorType):
+        frame = gen.ag_frame
+        running = gen.ag_running
+    else:
+        return False
+    # (an unstarted frame's last instruction: -1 on Python 3.10, 0 from 3.11)
+    return frame is not None and not running and frame.f_lasti <= 0
 
 
 def _read_by_llamaindex(result: Any) -> bool:
