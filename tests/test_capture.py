@@ -949,6 +949,8 @@ def test_a_callback_manager_the_app_puts_in_settings_later_gets_the_handler_too(
     the CallbackManager channel (`chunk`, node parsing and synthesize latencies) went silent;
     the handler now joins the new manager at the next request, and leaves both on
     `uninstrument()`. The app's own handlers still see every event."""
+    import weakref
+
     from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
 
     from aim_llama.handler import AimLlamaHandler
@@ -965,6 +967,19 @@ def test_a_callback_manager_the_app_puts_in_settings_later_gets_the_handler_too(
             ours = [h for h in Settings.callback_manager.handlers
                     if isinstance(h, AimLlamaHandler)]
             assert len(ours) == 1
+            # an app that makes a manager per request: aim-llama keeps none of them alive
+            kept = Settings.callback_manager
+            gone = []
+            for q in QUESTIONS[:3]:
+                Settings.callback_manager = CallbackManager([])
+                gone.append(weakref.ref(Settings.callback_manager))
+                engine.retrieve(q)  # (a request: the new manager gets the handler)
+                assert any(isinstance(h, AimLlamaHandler)
+                           for h in Settings.callback_manager.handlers)
+            Settings.callback_manager = kept
+            engine.retrieve("one more")
+            gc.collect()
+            assert [ref() for ref in gone] == [None, None, None]
         assert not [h for m in (original, Settings.callback_manager) for h in m.handlers
                     if isinstance(h, AimLlamaHandler)]  # gone from both
     finally:
@@ -1012,6 +1027,7 @@ def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
         def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
             raise NotImplementedError
 
+    inline = "data:image/png;base64," + "iVBORw0KGgo" * 3000  # (an image given as a URL)
     messages = [
         ChatMessage(role=MessageRole.USER, blocks=[
             TextBlock(text="What is in this image?"),
@@ -1020,15 +1036,29 @@ def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
             ImageBlock(image=b"\x89PNG" * 500, image_mimetype="image/png")]),
         ChatMessage(role=MessageRole.USER, blocks=[
             DocumentBlock(data=b"%PDF-1.4 not really", title="report.pdf")]),
+        ChatMessage(role=MessageRole.USER, blocks=[
+            DocumentBlock(url="https://example.com/q3.pdf")]),  # (titled "input_document")
+        ChatMessage(role=MessageRole.USER, blocks=[
+            ImageBlock(url=inline), TextBlock(text="And this one?")]),
     ]
     with recording(repo):
         ThinkingLLM().chat(messages)
     run = only_run(repo)
     ((_, prompt),) = run.text("prompt", kind="llm")
     assert prompt == ("user: What is in this image?\n[image: https://example.com/cat.png]\n"
-                      "user: [image: image/png]\nuser: [document: report.pdf]")
+                      "user: [image: image/png]\nuser: [document: report.pdf]\n"
+                      "user: [document: https://example.com/q3.pdf]\n"
+                      "user: [image: image/png, 24 KB inline]\nAnd this one?")
     ((_, response),) = run.text("response", kind="llm")
     assert response == "[thinking: it has whiskers]\nA cat."
+    # an agent's answer is what the application shows: the text, not the thinking
+    from types import SimpleNamespace
+
+    from aim_llama import render
+
+    output = SimpleNamespace(response=ChatMessage(role=MessageRole.ASSISTANT, blocks=[
+        ThinkingBlock(content="it has whiskers"), TextBlock(text="A cat.")]))
+    assert render.answer_text(output) == "A cat."
 
 
 def test_react_agent(repo: Path) -> None:
@@ -1925,6 +1955,34 @@ def test_a_tool_whose_own_llm_call_failed_is_still_one_error(repo: Path) -> None
     run = only_run(repo)
     assert len(run.metric("errors", kind="llm")) == 1
     assert not run.metric("errors", kind="tool")
+
+
+def test_a_streaming_chat_read_by_llamaindex_before_it_returns_still_ends(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chat engine's `stream_chat` reads its LLM stream in a thread of LlamaIndex's; when
+    that thread is done before `stream_chat` returns (a preempted caller; forced here), the
+    chat response's `response_gen` is still an unstarted generator — a property that makes
+    a new one each time. The request must not wait for it: it stayed open until shutdown."""
+    import llama_index.core.chat_engine.simple as simple
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    class DoneBeforeReturn(simple.Thread):
+        def start(self) -> None:
+            super().start()
+            self.join()
+
+    monkeypatch.setattr(simple, "Thread", DoneBeforeReturn)
+    with recording(repo):
+        response = SimpleChatEngine.from_defaults(llm=MockLLM(max_tokens=4)).stream_chat("hi")
+        read = "".join(response.response_gen)
+        time.sleep(0.1)
+        from aim_llama.autoinstrument import _active
+
+        assert _active is not None and _active.handler.observer.open_state()["roots"] == 0
+    run = only_run(repo)
+    assert [a for _, a in run.text("answer", kind="chat")] == [read]
+    (trace,) = traces(run, "chat")
+    assert "incomplete" not in trace and " ok " in trace.splitlines()[1], trace
 
 
 def test_a_streaming_chat_does_not_take_the_callers_next_stream(repo: Path) -> None:

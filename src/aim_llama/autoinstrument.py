@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,14 +301,21 @@ class _CallbackManagers:
     """The CallbackManagers aim-llama's callback handler is on: `Settings.callback_manager` at
     activation, and any the application puts there later — `Settings.callback_manager =
     CallbackManager([LlamaDebugHandler()])` is LlamaIndex's documented idiom, and activation
-    (launcher, `import aim_llama.auto`) always comes first. Checked at each new request."""
+    (launcher, `import aim_llama.auto`) always comes first. Checked at each new request. Held
+    weakly: an app that makes a manager per request must not have them all kept alive."""
 
     def __init__(self, llama_settings: Any, handler: Any) -> None:
         self._settings = llama_settings
         self._handler = handler
-        self.managers: list[Any] = []
-        self._current = llama_settings.callback_manager  # (LlamaIndex creates one if none)
-        self._attach(self._current)
+        self._managers: list[weakref.ref[Any]] = []
+        current = llama_settings.callback_manager  # (LlamaIndex creates one if there is none)
+        self._current: weakref.ref[Any] | None = None
+        self._attach(current)
+
+    @property
+    def managers(self) -> list[Any]:
+        """The managers the handler was put on that are still alive."""
+        return [m for m in (ref() for ref in self._managers) if m is not None]
 
     def _attach(self, manager: Any) -> None:
         from .handler import AimLlamaHandler
@@ -316,26 +324,28 @@ class _CallbackManagers:
             if isinstance(existing, AimLlamaHandler):
                 manager.remove_handler(existing)
         manager.add_handler(self._handler)
-        self.managers.append(manager)
+        self._managers = [ref for ref in self._managers if ref() is not None]
+        self._managers.append(weakref.ref(manager))
+        self._current = weakref.ref(manager)
 
     def follow(self) -> None:
         """Put the handler on the application's current `Settings.callback_manager` if it is
-        a new one (an attribute read and a comparison when it is not)."""
+        a new one (an attribute read, a call and a comparison when it is not)."""
         current = getattr(self._settings, "_callback_manager", None)
-        if current is None or current is self._current:
+        if current is None or (self._current is not None and current is self._current()):
             return
-        self._current = current
-        if not any(h is self._handler for h in current.handlers):
+        if any(h is self._handler for h in current.handlers):  # (one put back)
+            self._current = weakref.ref(current)
+        else:
             self._attach(current)
-        elif not any(m is current for m in self.managers):
-            self.managers.append(current)
 
     def detach(self) -> None:
         """Take the handler off every manager it was put on."""
         for manager in self.managers:
             with contextlib.suppress(Exception):
                 manager.remove_handler(self._handler)
-        self.managers = []
+        self._managers = []
+        self._current = None
 
 
 def _arm_at_first_record(handler: Any, writer: Any, signals: Any) -> None:

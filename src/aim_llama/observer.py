@@ -21,6 +21,7 @@ import collections
 import contextlib
 import contextvars
 import enum
+import inspect
 import itertools
 import logging
 import re
@@ -1265,18 +1266,22 @@ def _streamed(call: _Call, text: str) -> str:
 
 
 def _unread(result: Any) -> bool:
-    """Whether a streaming response's generator has not been started (nothing read yet)."""
-    gen = getattr(result, "response_gen", None)
+    """Whether a streaming query's response holds a generator not started yet (nothing read).
+
+    Only a generator the response holds itself (`StreamingResponse`): a chat response's
+    `response_gen` is a property that makes a new one each time, unstarted whether or not
+    LlamaIndex's own thread has read the stream already."""
+    gen = getattr(result, "__dict__", {}).get("response_gen")
     if isinstance(gen, types.GeneratorType):
-        frame = gen.gi_frame
-        running = gen.gi_running
-    elif isinstance(gen, types.AsyncGeneratorType):
+        return inspect.getgeneratorstate(gen) == inspect.GEN_CREATED
+    if isinstance(gen, types.AsyncGeneratorType):
+        state = getattr(inspect, "getasyncgenstate", None)  # (Python >= 3.12)
+        if state is not None:
+            return bool(state(gen) == "AGEN_CREATED")
+        # (an unstarted frame's last instruction: -1 on Python 3.10, 0 on 3.11)
         frame = gen.ag_frame
-        running = gen.ag_running
-    else:
-        return False
-    # (an unstarted frame's last instruction: -1 on Python 3.10, 0 from 3.11)
-    return frame is not None and not running and frame.f_lasti <= 0
+        return frame is not None and not gen.ag_running and frame.f_lasti <= 0
+    return False
 
 
 def _read_by_llamaindex(result: Any) -> bool:

@@ -20,6 +20,7 @@ Head = Callable[[str, int], str]  # (text, limit) -> its first `limit` character
 
 MAX_ITEMS = 50  # nodes / messages rendered per text
 SNIPPET = 200  # characters of each retrieved node's text
+MAX_DETAIL = 200  # characters naming where an image, document … came from
 
 
 def field(obj: Any, name: str) -> Any:
@@ -101,10 +102,11 @@ def _tool_calls(additional_kwargs: Any) -> list[str]:
 _UNSHOWN_BLOCKS = frozenset({"text", "tool_call", "cache"})
 
 
-def _content(message: Any) -> str:
+def _content(message: Any, placeholders: bool = True) -> str:
     """A message's text; an image, document, audio, video or thinking block in it is shown
-    by a placeholder in its place (`message.content` holds the text blocks only)."""
-    blocks = field(message, "blocks")
+    by a placeholder in its place (`message.content` holds the text blocks only) — not in
+    an answer (`placeholders=False`): what the application shows is the text."""
+    blocks = field(message, "blocks") if placeholders else None
     if isinstance(blocks, list) and any(
             field(b, "block_type") not in _UNSHOWN_BLOCKS for b in blocks):
         return "\n".join(filter(None, (_block_text(b) for b in blocks)))
@@ -125,11 +127,18 @@ def _block_text(block: Any) -> str:
     if kind == "thinking":
         thought = field(block, "content")
         return f"[thinking: {thought}]" if isinstance(thought, str) and thought else "[thinking]"
-    # where it comes from, never its bytes
-    detail = next((str(v) for v in (field(block, "title"), field(block, "url"),
-                                     field(block, "path"), field(block, "source"),
-                                     field(block, "image_mimetype"), field(block, "format"))
+    # where it comes from, never its bytes (a `data:` URL holds them: its type and size)
+    title = field(block, "title")
+    detail = next((str(v) for v in (None if title == "input_document" else title,
+                                     field(block, "url"), field(block, "path"),
+                                     field(block, "source"), field(block, "image_mimetype"),
+                                     field(block, "format"))
                    if v), "")
+    if detail.startswith("data:"):
+        head, _, data = detail.partition(",")
+        detail = f"{head[5:].split(';')[0] or 'data'}, {len(data) * 3 // 4 // 1024} KB inline"
+    if len(detail) > MAX_DETAIL:
+        detail = detail[:MAX_DETAIL] + "…"
     return f"[{kind or type(block).__name__}{': ' + detail if detail else ''}]"
 
 
@@ -170,7 +179,7 @@ def answer_text(result: Any) -> str | None:
     if isinstance(inner, str):
         return plain(inner)
     if inner is not None and hasattr(inner, "content") and hasattr(inner, "role"):
-        return _content(inner)  # AgentOutput.response: a ChatMessage
+        return _content(inner, placeholders=False)  # AgentOutput.response: a ChatMessage
     if hasattr(result, "result") and type(result).__name__.endswith("StopEvent"):
         return answer_text(result.result)
     if isinstance(result, str):
