@@ -1061,6 +1061,41 @@ def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
     assert render.answer_text(output) == "A cat."
 
 
+def test_a_sync_only_tool_an_agent_adapts_is_one_tool_call(repo: Path) -> None:
+    """An agent wraps a tool without `acall` in LlamaIndex's `BaseToolAsyncAdapter`; the
+    adapter's span and the tool's own are one call: one `tool_call`, one latency, one error
+    (each was recorded twice)."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import BaseTool, ToolMetadata, ToolOutput
+
+    class SyncTool(BaseTool):
+        def __init__(self, name: str, fail: bool = False) -> None:
+            self.name, self.fail = name, fail
+
+        @property
+        def metadata(self) -> ToolMetadata:
+            return ToolMetadata(name=self.name, description="a tool with no acall")
+
+        def __call__(self, input: Any) -> ToolOutput:
+            if self.fail:
+                raise ValueError("sync tool failed")
+            return ToolOutput(content=f"did {input}", tool_name=self.name,
+                              raw_input={"input": input}, raw_output=input)
+
+    with recording(repo):
+        for name, fail in (("synctool", False), ("badtool", True)):
+            agent = FunctionAgent(tools=[SyncTool(name, fail)], llm=ScriptedToolLLM(
+                tool_name=name, tool_args={"input": "x"}))
+            asyncio.run(_run(agent, user_msg="go"))
+    run = only_run(repo)
+    for name in ("synctool", "badtool"):
+        assert len(run.text("tool_call", kind="tool", tool=name)) == 1, name
+        assert len(run.metric("latency_ms", kind="tool", tool=name)) == 1, name
+    ((_, call),) = run.text("tool_call", kind="tool", tool="synctool")
+    assert call == "synctool(input=x)\n-> did x"
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+
+
 def test_react_agent(repo: Path) -> None:
     from llama_index.core.agent.workflow import ReActAgent
     from llama_index.core.tools import FunctionTool

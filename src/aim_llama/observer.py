@@ -407,7 +407,11 @@ class Observer:
                     if instance is None and parent.kind in ("agent", "workflow"):
                         node.kind = kind = parent.kind + "_step"
                     shown_parent = parent.disp or parent
-                    same = instance is not None and shown_parent.inst_id == node.inst_id
+                    same = instance is not None and (
+                        shown_parent.inst_id == node.inst_id
+                        # (the async adapter LlamaIndex wraps a sync-only tool in)
+                        or (kind == "tool" and shown_parent.kind == "tool"
+                            and getattr(shown_parent.inst, "base_tool", None) is instance))
                     node.nested = same
                     if (not same and parent.disp is not None and parent.kind == kind
                             and instance is not None and parent.inst_id == node.inst_id):
