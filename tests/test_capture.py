@@ -240,13 +240,8 @@ def test_streaming_query_recorded_when_stream_finishes(repo: Path) -> None:
     assert "stream llm" in trace  # the deferred LLM stream joined its query's trace
 
 
-def test_a_streaming_query_of_several_llm_calls_waits_for_its_last(repo: Path) -> None:
-    """A streaming query whose synthesizer makes several LLM calls (compact mode over more text
-    than one prompt holds; refine always): LlamaIndex reads the intermediate streams itself,
-    and the last one runs only as the application reads `response_gen`. The request took the
-    second-to-last call's text for its answer, ended before the app read anything, and its
-    last call was recorded outside it; now it waits for the stream the app reads."""
-    from llama_index.core import SummaryIndex
+def _counting_stream_llm() -> Any:
+    """A CustomLLM that counts its calls; streams say `streamed answer <n>` (async: `astreamed`)."""
     from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
     from llama_index.core.llms.callbacks import llm_completion_callback
 
@@ -287,7 +282,18 @@ def test_a_streaming_query_of_several_llm_calls_waits_for_its_last(repo: Path) -
                     yield CompletionResponse(text=text, delta=word + " ")
             return gen()
 
-    llm = Counting()
+    return Counting()
+
+
+def test_a_streaming_query_of_several_llm_calls_waits_for_its_last(repo: Path) -> None:
+    """A streaming query whose synthesizer makes several LLM calls (compact mode over more text
+    than one prompt holds; refine always): LlamaIndex reads the intermediate streams itself,
+    and the last one runs only as the application reads `response_gen`. The request took the
+    second-to-last call's text for its answer, ended before the app read anything, and its
+    last call was recorded outside it; now it waits for the stream the app reads."""
+    from llama_index.core import SummaryIndex
+
+    llm = _counting_stream_llm()
     docs = [Document(text=f"Doc {i} sentence about things and stuff. " * 12) for i in range(6)]
     read: list[str] = []
     with recording(repo):
@@ -312,6 +318,38 @@ def test_a_streaming_query_of_several_llm_calls_waits_for_its_last(repo: Path) -
     for trace in traces(run, "query"):
         assert f"llm calls {made}" in trace.splitlines()[1], trace
     assert len(run.text("response", kind="llm")) == llm.calls
+
+
+def test_a_streaming_chat_of_several_llm_calls_waits_for_llamaindexs_thread(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context chat engine's `stream_chat` over more text than one prompt holds: LlamaIndex
+    reads the intermediate streams itself and the last one in a thread of its own, which may
+    start after `stream_chat` returned (a busy machine; forced here). The request waits for
+    that thread (it took the second-to-last call's text, and the last call was a request of
+    its own)."""
+    import llama_index.core.chat_engine.context as context
+    from llama_index.core import SummaryIndex
+    from llama_index.core.chat_engine import ContextChatEngine
+
+    class LateThread(context.Thread):
+        def run(self) -> None:
+            time.sleep(0.05)
+            super().run()
+
+    monkeypatch.setattr(context, "Thread", LateThread)
+    llm = _counting_stream_llm()
+    docs = [Document(text=f"Doc {i} sentence about things and stuff. " * 12) for i in range(6)]
+    with recording(repo):
+        index = SummaryIndex.from_documents(docs, embed_model=MockEmbedding(embed_dim=8))
+        engine = ContextChatEngine.from_defaults(retriever=index.as_retriever(), llm=llm)
+        response = engine.stream_chat("hello?")
+        time.sleep(0.3)
+        read = "".join(response.response_gen)
+    assert llm.calls >= 3  # several calls, or this test tests nothing
+    run = only_run(repo)
+    assert [a for _, a in run.text("answer", kind="chat")] == [read]
+    (trace,) = traces(run, "chat")
+    assert f"llm calls {llm.calls}" in trace.splitlines()[1], trace
 
 
 def test_a_stream_whose_last_chunk_lags_is_recorded_as_the_app_read_it(repo: Path) -> None:
@@ -980,6 +1018,12 @@ def test_a_callback_manager_the_app_puts_in_settings_later_gets_the_handler_too(
             engine.retrieve("one more")
             gc.collect()
             assert [ref() for ref in gone] == [None, None, None]
+            # rebuilt with the old one's handlers (ours among them): still taken off at the end
+            Settings.callback_manager = CallbackManager(list(kept.handlers))
+            engine.retrieve("rebuilt")
+        assert not [h for h in Settings.callback_manager.handlers
+                    if isinstance(h, AimLlamaHandler)]
+        Settings.callback_manager = kept
         assert not [h for m in (original, Settings.callback_manager) for h in m.handlers
                     if isinstance(h, AimLlamaHandler)]  # gone from both
     finally:
@@ -1059,6 +1103,9 @@ def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
     output = SimpleNamespace(response=ChatMessage(role=MessageRole.ASSISTANT, blocks=[
         ThinkingBlock(content="it has whiskers"), TextBlock(text="A cat.")]))
     assert render.answer_text(output) == "A cat."
+    only_image = SimpleNamespace(response=ChatMessage(role=MessageRole.ASSISTANT, blocks=[
+        ImageBlock(url="https://example.com/drawn.png")]))
+    assert render.answer_text(only_image) == "[image: https://example.com/drawn.png]"
 
 
 def test_a_sync_only_tool_an_agent_adapts_is_one_tool_call(repo: Path) -> None:
@@ -1094,6 +1141,76 @@ def test_a_sync_only_tool_an_agent_adapts_is_one_tool_call(repo: Path) -> None:
     ((_, call),) = run.text("tool_call", kind="tool", tool="synctool")
     assert call == "synctool(input=x)\n-> did x"
     assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+
+
+def test_a_tool_whose_attribute_lookup_raises_still_has_its_inner_tool_recorded(
+        repo: Path) -> None:
+    """A tool whose `__getattr__` raises for unknown names (a delegating wrapper), calling
+    another tool: aim-llama asks nothing of it when the inner span starts (asking for its
+    `base_tool` once lost the inner tool call and made it a request of its own)."""
+    from llama_index.core.tools import BaseTool, FunctionTool, ToolMetadata, ToolOutput
+
+    inner = FunctionTool.from_defaults(fn=lambda x: f"inner {x}", name="inner")
+
+    class Delegating(BaseTool):
+        def __init__(self) -> None:
+            self._options = {"name": "outer"}
+
+        def __getattr__(self, name: str) -> Any:
+            return self.__dict__["_options"][name]  # (KeyError for anything else)
+
+        @property
+        def metadata(self) -> ToolMetadata:
+            return ToolMetadata(name="outer", description="delegates")
+
+        def __call__(self, input: Any) -> ToolOutput:
+            out = inner.call(x=input)
+            return ToolOutput(content=f"outer({out.content})", tool_name="outer",
+                              raw_input={"input": input}, raw_output=None)
+
+    with recording(repo):
+        assert Delegating()("q").content == "outer(inner q)"
+        from aim_llama.autoinstrument import _active
+
+        assert _active is not None and _active.handler.observer.handler_errors == 0
+    run = only_run(repo)
+    assert [t for _, t in run.text("tool_call", kind="tool", tool="inner")] == ["inner(x=q)\n-> inner q"]
+    assert len(run.text("tool_call", kind="tool", tool="outer")) == 1
+
+
+def test_a_callback_manager_stand_in_without_weak_references_is_followed() -> None:
+    """Managers are held weakly; a stand-in that takes no weak reference (`__slots__`) is held
+    instead of failing activation."""
+    from aim_llama.autoinstrument import _CallbackManagers
+
+    class Slotted:
+        __slots__ = ("handlers",)
+
+        def __init__(self) -> None:
+            self.handlers: list[Any] = []
+
+        def add_handler(self, handler: Any) -> None:
+            self.handlers.append(handler)
+
+        def remove_handler(self, handler: Any) -> None:
+            self.handlers.remove(handler)
+
+    class FakeSettings:
+        def __init__(self) -> None:
+            self._callback_manager: Any = Slotted()
+
+        @property
+        def callback_manager(self) -> Any:
+            return self._callback_manager
+
+    settings, handler = FakeSettings(), object()
+    managers = _CallbackManagers(settings, handler)
+    first = settings._callback_manager
+    settings._callback_manager = second = Slotted()
+    managers.follow()
+    assert first.handlers == [handler] and second.handlers == [handler]
+    managers.detach()
+    assert first.handlers == [] and second.handlers == []
 
 
 def test_react_agent(repo: Path) -> None:

@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,9 +308,9 @@ class _CallbackManagers:
     def __init__(self, llama_settings: Any, handler: Any) -> None:
         self._settings = llama_settings
         self._handler = handler
-        self._managers: list[weakref.ref[Any]] = []
+        self._managers: list[Callable[[], Any]] = []
         current = llama_settings.callback_manager  # (LlamaIndex creates one if there is none)
-        self._current: weakref.ref[Any] | None = None
+        self._current: Callable[[], Any] | None = None
         self._attach(current)
 
     @property
@@ -324,9 +325,17 @@ class _CallbackManagers:
             if isinstance(existing, AimLlamaHandler):
                 manager.remove_handler(existing)
         manager.add_handler(self._handler)
+        self._remember(manager)
+
+    def _remember(self, manager: Any) -> None:
         self._managers = [ref for ref in self._managers if ref() is not None]
-        self._managers.append(weakref.ref(manager))
-        self._current = weakref.ref(manager)
+        try:
+            ref: Callable[[], Any] = weakref.ref(manager)
+        except TypeError:  # (a stand-in that takes no weak reference: held, then)
+            ref = functools.partial(lambda m: m, manager)
+        if not any(known() is manager for known in self._managers):
+            self._managers.append(ref)
+        self._current = ref
 
     def follow(self) -> None:
         """Put the handler on the application's current `Settings.callback_manager` if it is
@@ -334,8 +343,8 @@ class _CallbackManagers:
         current = getattr(self._settings, "_callback_manager", None)
         if current is None or (self._current is not None and current is self._current()):
             return
-        if any(h is self._handler for h in current.handlers):  # (one put back)
-            self._current = weakref.ref(current)
+        if any(h is self._handler for h in current.handlers):  # (put back, or rebuilt with
+            self._remember(current)  # the old one's handlers: ours among them)
         else:
             self._attach(current)
 

@@ -139,6 +139,7 @@ class _Root:
         "pending",
         "sampled",
         "shown",
+        "stream_done",
         "stream_err",
         "stream_ref",
         "streams",
@@ -165,6 +166,8 @@ class _Root:
         # by a thread of LlamaIndex's, e.g. a chat engine's): the request fails if it returns
         # a stream
         self.stream_err: str | None = None
+        # LlamaIndex's own thread or task finished writing a chat response's stream
+        self.stream_done = False
         # the stream the request returned, weakly: dropped unread, it ends the request
         self.stream_ref: weakref.ref[Any] | None = None
         self.shown = 1
@@ -411,7 +414,8 @@ class Observer:
                         shown_parent.inst_id == node.inst_id
                         # (the async adapter LlamaIndex wraps a sync-only tool in)
                         or (kind == "tool" and shown_parent.kind == "tool"
-                            and getattr(shown_parent.inst, "base_tool", None) is instance))
+                            and getattr(shown_parent.inst, "__dict__", {}).get("base_tool")
+                            is instance))
                     node.nested = same
                     if (not same and parent.disp is not None and parent.kind == kind
                             and instance is not None and parent.inst_id == node.inst_id):
@@ -553,7 +557,10 @@ class Observer:
                         elif answer is not None:
                             root.answer = answer
                         elif (render.is_streaming(result) and not root.pending
-                              and (not root.streams or _unread(result))):
+                              and (not root.streams or _unread(result)
+                                   # (a chat response LlamaIndex's thread is still writing)
+                                   or (_read_by_llamaindex(result)
+                                       and not root.stream_done))):
                             # the stream has not run yet: wait for it (its LLM call, or expiry);
                             # streamed calls may have run already (a refine synthesizer reads
                             # the intermediate ones itself), the last one runs as it is read
@@ -877,11 +884,12 @@ class Observer:
     def _stream_done(self, event: Any, now: float) -> None:
         with self._lock:
             node = self._spans.get(event.span_id) if event.span_id else None
-            if node is not None and node.root.hold:
-                node.root.hold = 0
-                out = self._maybe_finish(node.root, now)
-            else:
-                out = []
+            out = []
+            if node is not None:
+                node.root.stream_done = True  # (before its request's span returned, maybe)
+                if node.root.hold:
+                    node.root.hold = 0
+                    out = self._maybe_finish(node.root, now)
         self._emit(out)
 
     def _llm_records(self, out: list[Record], call: _Call, response: Any, now: float,

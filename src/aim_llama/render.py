@@ -134,9 +134,11 @@ def _block_text(block: Any) -> str:
                                      field(block, "source"), field(block, "image_mimetype"),
                                      field(block, "format"))
                    if v), "")
-    if detail.startswith("data:"):
+    if detail[:5].lower() == "data:":
         head, _, data = detail.partition(",")
-        detail = f"{head[5:].split(';')[0] or 'data'}, {len(data) * 3 // 4 // 1024} KB inline"
+        size = len(data) * 3 // 4 if ";base64" in head.lower() else len(data)
+        shown = f"{size // 1024} KB" if size >= 1024 else f"{size} bytes"
+        detail = f"{head[5:].split(';')[0] or 'data'}, {shown} inline"
     if len(detail) > MAX_DETAIL:
         detail = detail[:MAX_DETAIL] + "…"
     return f"[{kind or type(block).__name__}{': ' + detail if detail else ''}]"
@@ -179,7 +181,8 @@ def answer_text(result: Any) -> str | None:
     if isinstance(inner, str):
         return plain(inner)
     if inner is not None and hasattr(inner, "content") and hasattr(inner, "role"):
-        return _content(inner, placeholders=False)  # AgentOutput.response: a ChatMessage
+        # AgentOutput.response: a ChatMessage; its text, or what it holds instead
+        return _content(inner, placeholders=False) or _content(inner)
     if hasattr(result, "result") and type(result).__name__.endswith("StopEvent"):
         return answer_text(result.result)
     if isinstance(result, str):
