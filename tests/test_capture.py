@@ -352,6 +352,35 @@ def test_a_streaming_chat_of_several_llm_calls_waits_for_llamaindexs_thread(
     assert f"llm calls {llm.calls}" in trace.splitlines()[1], trace
 
 
+def test_a_held_chat_stream_whose_history_task_never_runs_still_ends(repo: Path) -> None:
+    """The hold above has an end however LlamaIndex's writer ends: `astream_chat`'s history
+    task cancelled before its first step (no span, no event, no LLM call) still ends the
+    request, as abandoned, at the next span, instead of staying open for 30 minutes."""
+    from llama_index.core import SummaryIndex
+    from llama_index.core.chat_engine import ContextChatEngine
+
+    llm = _counting_stream_llm()
+    docs = [Document(text=f"Doc {i} sentence about things and stuff. " * 12) for i in range(6)]
+    with recording(repo):
+        index = SummaryIndex.from_documents(docs, embed_model=MockEmbedding(embed_dim=8))
+        engine = ContextChatEngine.from_defaults(retriever=index.as_retriever(), llm=llm)
+
+        async def cancelled() -> None:
+            response = await engine.astream_chat("hello?")
+            response.awrite_response_to_history_task.cancel()
+            await asyncio.sleep(0.1)
+
+        asyncio.run(cancelled())
+        assert llm.calls >= 3
+        MockLLM(max_tokens=2).complete("the next span")
+        from aim_llama.autoinstrument import _active
+
+        assert _active is not None and _active.handler.observer.open_state()["roots"] == 0
+    run = only_run(repo)
+    (trace,) = traces(run, "chat")
+    assert " abandoned " in trace.splitlines()[1], trace
+
+
 def test_a_stream_whose_last_chunk_lags_is_recorded_as_the_app_read_it(repo: Path) -> None:
     """MockLLM's last chunk carries the text before its own delta: the stored response and
     answer are what the application read, not one chunk short."""

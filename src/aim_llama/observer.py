@@ -565,10 +565,15 @@ class Observer:
                             # streamed calls may have run already (a refine synthesizer reads
                             # the intermediate ones itself), the last one runs as it is read
                             root.hold = 1
+                            read_by_llamaindex = _read_by_llamaindex(result)
+                            if read_by_llamaindex:
+                                _when_written(result, root, self._dropped)
                             if (not _follow_stream(result, root, self._stream_ended,
                                                    self._dropped)
-                                    and not _read_by_llamaindex(result)):
+                                    and not read_by_llamaindex):
                                 _awaiting.set(root)
+                elif root.hold and kind == "" and node.name.endswith(_WRITES_HISTORY):
+                    self._written(root)
                 root.open -= 1
                 if root.open <= 0 and not root.pending and not root.hold and not root.finalized:
                     finished = self._finish(root, now, None)
@@ -623,6 +628,8 @@ class Observer:
                     self._note_error(root, err, node)
                 if node is root.node:
                     root.end = now
+                elif root.hold and node.kind == "" and node.name.endswith(_WRITES_HISTORY):
+                    self._written(root)
                 root.open -= 1
                 out.extend(self._maybe_finish(root, now))
             if out:
@@ -880,6 +887,13 @@ class Observer:
             self._emit(out)
         except Exception as exc:
             self.failed("stream end", exc)
+
+    def _written(self, root: _Root) -> None:
+        """LlamaIndex's thread or task writing a chat response's stream is over, however it
+        ended (an error before any event of its own, say): its request waits no more (lock
+        held; the caller finishes the request)."""
+        root.stream_done = True
+        root.hold = 0
 
     def _stream_done(self, event: Any, now: float) -> None:
         with self._lock:
@@ -1294,6 +1308,21 @@ def _unread(result: Any) -> bool:
         frame = gen.ag_frame
         return frame is not None and not gen.ag_running and frame.f_lasti <= 0
     return False
+
+
+# LlamaIndex's span around writing a chat response's stream (`write_response_to_history`,
+# `awrite_response_to_history`), in its own thread or task
+_WRITES_HISTORY = "write_response_to_history"
+
+
+def _when_written(result: Any, root: _Root, dropped: collections.deque[Any]) -> None:
+    """A chat response's history task that ends without running (cancelled before its first
+    step: no span, no event) still ends the request, at the next span (`_reap_dropped`)."""
+    task = getattr(result, "awrite_response_to_history_task", None)
+    add = getattr(task, "add_done_callback", None)
+    if add is not None:
+        with contextlib.suppress(Exception):
+            add(_when_dropped(dropped, root))
 
 
 def _read_by_llamaindex(result: Any) -> bool:
