@@ -33,7 +33,7 @@ class _Active:
     handler: Any
     writer: Any
     settings: Any
-    callback_manager: Any
+    callback_managers: _CallbackManagers
     signals: Any
     tee: Any
     pid: int
@@ -409,7 +409,7 @@ def uninstrument() -> None:
         _closing = active  # a SIGTERM meanwhile still waits for this flush (`_on_signal`)
         try:
             with contextlib.suppress(Exception):
-                active.callback_manager.detach()
+                active.callback_managers.detach()
             with contextlib.suppress(Exception):
                 from . import dispatcher
 

@@ -899,10 +899,10 @@ class Observer:
         with self._lock:
             node = self._spans.get(event.span_id) if event.span_id else None
             out = []
-            if node is not None:
-                node.root.stream_done = True  # (before its request's span returned, maybe)
-                if node.root.hold:
-                    node.root.hold = 0
+            if node is not None:  # (perhaps before its request's span returned)
+                held = node.root.hold
+                self._written(node.root)
+                if held:
                     out = self._maybe_finish(node.root, now)
         self._emit(out)
 
