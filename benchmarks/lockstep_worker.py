@@ -20,7 +20,8 @@ Floors of other designs: `diag-minimal` (each span and event call appends one sm
 list: the least any span-tree recorder does) and `diag-raw` (what a design that ships raw data
 to the writer process and maps it there would do on the application thread: span tuples plus
 the payloads this pipeline's records need — prompt, response, embedded texts, node ids,
-scores and text heads, question and answer — pickled once per request into a bounded deque).
+scores and text heads, question and answer — pickled once per request into a bounded deque);
+`diag-raw-send` adds the hand-off (a sender thread writing the deque to a pipe every 50 ms).
 `lockstep.py` also accepts `CONFIG@2` etc.: another process of the same configuration (how much
 two processes of one configuration differ).
 """
@@ -99,15 +100,41 @@ if args.config == "diag-minimal":
 
     replace_handlers(_enter, _exit, _handle)
 
-if args.config == "diag-raw":
+if args.config in ("diag-raw", "diag-raw-send"):
     # The floor of a "ship raw data" design: span tuples plus the payloads the records need,
     # pickled once per request and queued; no mapping, no tree, no records on this side.
+    # `diag-raw-send` also hands the queue to another process as aim-llama's writer does: a
+    # sender thread wakes every 50 ms and writes what is queued to a pipe (a `cat` that
+    # discards it), so the floor includes the hand-off.
     import collections
     import pickle
     import time as _time
 
     _buf: list = []
     _queue: collections.deque = collections.deque(maxlen=10000)
+    if args.config == "diag-raw-send":
+        import subprocess
+        import threading
+
+        _sink = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        _fd = _sink.stdin.fileno()
+
+        def _send_loop():
+            wake = threading.Event()
+            while True:
+                wake.wait(0.05)
+                parts = []
+                try:
+                    while True:
+                        parts.append(_queue.popleft())
+                except IndexError:
+                    pass
+                if parts:
+                    data = memoryview(b"".join(parts))
+                    while data:
+                        data = data[os.write(_fd, data):]
+
+        threading.Thread(target=_send_loop, daemon=True).start()
     _pc = _time.perf_counter
     _kinds: dict = {}
     _roots: set = set()
