@@ -35,6 +35,7 @@ import aim_llama
 from aimread import RunData, read_run
 
 QUESTIONS = [f"question {i}: what about topic {i % 3}?" for i in range(5)]
+RETRIEVE = {"kind": "retrieve", "retriever": "VectorIndexRetriever"}  # a vector index's retrievals
 
 
 @pytest.fixture(autouse=True)
@@ -183,14 +184,14 @@ def test_query_sync_exactly_once_steps_and_trace(repo: Path) -> None:
     assert len(query_latency) == 3
     # each request's latency spans its LLM call (sequential queries: step i is query i's call)
     assert all(q > m > 0 for q, m in zip(query_latency, llm_latency, strict=True))
-    assert [v for _, v in run.metric("retrieved_nodes", kind="retrieve")] == [2.0] * 3
+    assert [v for _, v in run.metric("retrieved_nodes", **RETRIEVE)] == [2.0] * 3
     # each retrieval's two scores, as Aim's distributions view shows them, around its top score
-    scores = run.distribution("retrieval_scores", kind="retrieve")
+    scores = run.distribution("retrieval_scores", **RETRIEVE)
     assert [(step, count) for step, (count, _) in scores] == [(0, 2), (1, 2), (2, 2)]
-    for (_, (_, (low, high))), (_, top) in zip(scores, run.metric("top_score", kind="retrieve"),
+    for (_, (_, (low, high))), (_, top) in zip(scores, run.metric("top_score", **RETRIEVE),
                                                strict=True):
         assert low <= top <= high + 1e-9
-    retrieved = run.text("retrieved", kind="retrieve")
+    retrieved = run.text("retrieved", **RETRIEVE)
     assert retrieved[0][1].startswith(f"query: {QUESTIONS[0]}\n1. ")
     tr = traces(run, "query")
     assert len(tr) == 3
@@ -198,7 +199,8 @@ def test_query_sync_exactly_once_steps_and_trace(repo: Path) -> None:
         assert t.splitlines()[0] == f"query: {q}"
         assert "VectorIndexRetriever.retrieve" in t and "MockLLM" in t and "tokens=" in t
     # contexts are bounded: the same handful of sequences however many calls
-    assert all(set(dict(ctx)) <= {"kind", "source", "tool", "step"} for _, ctx in run.sequences())
+    assert all(set(dict(ctx)) <= {"kind", "source", "tool", "step", "retriever"}
+               for _, ctx in run.sequences())
     # the synthesizer re-splits retrieved text inside each query (CHUNKING callback events):
     # already in the prompt, so not recorded as `chunk` texts (index builds are)
     assert not run.text("chunk", kind="chunking")
@@ -768,12 +770,37 @@ def test_retriever_alone(repo: Path) -> None:
     with recording(repo):
         nodes = retriever.retrieve("which topic? 1")
     run = only_run(repo)
-    assert [v for _, v in run.metric("retrieved_nodes", kind="retrieve")] == [float(len(nodes))]
+    assert [v for _, v in run.metric("retrieved_nodes", **RETRIEVE)] == [float(len(nodes))]
     scores = [n.score for n in nodes]
     assert len(set(scores)) > 1  # the scores differ: the best one is not any one
-    assert [v for _, v in run.metric("top_score", kind="retrieve")] == [pytest.approx(max(scores))]
+    assert [v for _, v in run.metric("top_score", **RETRIEVE)] == [pytest.approx(max(scores))]
     (trace,) = traces(run, "retrieve")
     assert trace.startswith("retrieve: which topic? 1\n")
+
+
+def test_a_fusion_retrievers_scores_stay_apart_from_its_sub_retrievers(repo: Path) -> None:
+    """Reciprocal-rank scores (~0.03) and the cosine scores they fuse (~0.9) are different
+    scales: each retriever class gets its own `top_score` line, so neither chart is garbage."""
+    from llama_index.core.retrievers import QueryFusionRetriever
+
+    docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(6)]
+    index = VectorStoreIndex.from_documents(docs, embed_model=WordEmbedding())
+    fusion = QueryFusionRetriever(
+        [index.as_retriever(similarity_top_k=3), index.as_retriever(similarity_top_k=2)],
+        num_queries=1, mode="reciprocal_rerank", similarity_top_k=3, use_async=False)
+    with recording(repo):
+        fused = fusion.retrieve("which topic? 1")
+    run = only_run(repo)
+    fused_ctx = {"kind": "retrieve", "retriever": "QueryFusionRetriever"}
+    assert [v for _, v in run.metric("top_score", **fused_ctx)] == [
+        pytest.approx(max(n.score for n in fused))]
+    assert [v for _, v in run.metric("retrieved_nodes", **fused_ctx)] == [float(len(fused))]
+    inner = [v for _, v in run.metric("top_score", **RETRIEVE)]
+    assert len(inner) == 2 and min(inner) > 10 * max(n.score for n in fused), inner
+    assert {ctx.get("retriever") for name, ctx in map(lambda s: (s[0], dict(s[1])), run.sequences())
+            if name == "top_score"} == {"QueryFusionRetriever", "VectorIndexRetriever"}
+    (trace,) = traces(run, "retrieve")
+    assert "QueryFusionRetriever.retrieve" in trace and trace.count("VectorIndexRetriever") == 2
 
 
 def test_structured_llm_rerank(repo: Path) -> None:
@@ -1811,7 +1838,7 @@ def test_sample_rate_zero_keeps_counters(repo: Path) -> None:
     assert not run.texts  # no request was sampled: no text at all
     assert steps(run, "latency_ms") == [0, 1, 2]
     assert steps(run, "total_tokens", source="estimated") == [0, 1, 2]
-    assert len(run.metric("retrieved_nodes", kind="retrieve")) == 3
+    assert len(run.metric("retrieved_nodes", **RETRIEVE)) == 3
 
 
 def test_sample_rate_half_samples_whole_requests(repo: Path) -> None:
@@ -1828,8 +1855,9 @@ def test_sample_rate_half_samples_whole_requests(repo: Path) -> None:
     prompted = {re.search(r"question number (\d+)", t).group(1)  # type: ignore[union-attr]
                 for _, t in run.text("prompt", kind="llm")}
     assert prompted == asked
-    for name, kind in (("answer", "query"), ("retrieved", "retrieve"), ("trace", "query")):
-        assert len(run.text(name, kind=kind)) == len(questions), name
+    for name, ctx in (("answer", {"kind": "query"}), ("retrieved", RETRIEVE),
+                      ("trace", {"kind": "query"})):
+        assert len(run.text(name, **ctx)) == len(questions), name
     assert len(run.metric("latency_ms", kind="query")) == 40
     assert len(run.metric("latency_ms", kind="llm")) == 40
 
@@ -1844,7 +1872,7 @@ def test_ignore_lists_suppress_dispatcher_data(repo: Path) -> None:
     run = only_run(repo)
     assert not run.text("prompt", kind="llm") and not run.metric("latency_ms", kind="llm")
     assert not any(name == "llm_models" for name in run.params)
-    assert not run.metric("retrieved_nodes", kind="retrieve")
+    assert not any(name == "retrieved_nodes" for name, _ in run.sequences())
     assert run.metric("embedded_texts", kind="embedding")  # the rest still lands
     assert len(traces(run, "query")) == 2
     # ignoring `llm` keeps the requests' own records, a streamed answer included

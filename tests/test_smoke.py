@@ -4,6 +4,8 @@ import pytest
 
 from conftest import APPS, only_run
 
+RETRIEVE = {"kind": "retrieve", "retriever": "VectorIndexRetriever"}
+
 
 @pytest.mark.new_repo
 def test_auto_import_records_prompts_and_responses(run_py, repo):
@@ -172,9 +174,9 @@ def test_unusual_values_from_the_app_are_recorded_not_lost(run_py, repo):
     questions = [text for _, text in run.text("question", kind="query")]
     assert questions == ["question 0", "question 1", "question 2"]
     assert len(run.metric("latency_ms", kind="query")) == 3
-    assert len(run.metric("retrieved_nodes", kind="retrieve")) == 4
-    assert run.metric("top_score", kind="retrieve") == []  # NaN is no score
-    retrieved = [text for _, text in run.text("retrieved", kind="retrieve")]
+    assert len(run.metric("retrieved_nodes", **RETRIEVE)) == 4
+    assert run.metric("top_score", **RETRIEVE) == []  # NaN is no score
+    retrieved = [text for _, text in run.text("retrieved", **RETRIEVE)]
     first, *nodes = retrieved[3].splitlines()
     assert first.startswith("query: long long") and first.endswith("…") and len(first) < 400
     assert [line[:3] for line in nodes] == ["1. ", "2. "]

@@ -1054,7 +1054,9 @@ class Observer:
         if started is None:
             return
         nodes = list(event.nodes or [])
-        ctx = {"kind": "retrieve"}
+        # The retriever's class keeps scales apart: cosine similarities, BM25 scores and a
+        # fusion's reciprocal ranks in one `top_score` line would compare nothing.
+        ctx = {"kind": "retrieve", "retriever": _retriever_name(event.span_id)}
         scores = render.scores_of(nodes)
         out: list[Record] = [
             Track("retrieved_nodes", len(nodes), "metric", ctx),
@@ -1520,6 +1522,13 @@ def _active_span_id() -> Any:
 
         _span_var = active_span_id
     return _span_var
+
+
+def _retriever_name(span_id: str | None) -> str:
+    """The class of the retriever whose `retrieve` span `span_id` is (`Class.retrieve-<uuid>`)."""
+    if not span_id:
+        return "unknown"
+    return span_name(span_id).rpartition(".")[0] or "unknown"
 
 
 def _component_classes() -> list[tuple[type, str]]:
