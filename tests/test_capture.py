@@ -736,6 +736,28 @@ def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
     assert not [k for k in run.texts if k[0] == "trace"]  # bare LLM calls are not requests
 
 
+def test_getting_and_updating_prompts_is_no_request(repo: Path) -> None:
+    """`get_prompts()` / `update_prompts()` (LlamaIndex's way to customise a pipeline) run
+    spanned accessors: set-up, not requests with an empty question and a 0.01 ms latency."""
+    from llama_index.core import PromptTemplate
+
+    index = _index()
+    with recording(repo):
+        engine = index.as_query_engine(similarity_top_k=2)
+        assert "response_synthesizer:text_qa_template" in engine.get_prompts()
+        engine.update_prompts({"response_synthesizer:text_qa_template": PromptTemplate(
+            "Context: {context_str}\nQuestion: {query_str}\nAnswer:")})
+        index.as_retriever().get_prompts()
+        engine.query(QUESTIONS[0])
+    run = only_run(repo)
+    assert [t for _, t in run.text("question", kind="query")] == [QUESTIONS[0]]
+    assert [s for s, _ in run.metric("latency_ms", kind="query")] == [0]
+    assert [t.splitlines()[0] for t in traces(run, "query")] == [f"query: {QUESTIONS[0]}"]
+    assert not traces(run, "retrieve")
+    (prompt,) = [t for _, t in run.text("prompt", kind="llm")]
+    assert "Question: " + QUESTIONS[0] in prompt  # the updated template is the one used
+
+
 # -- chat engines --------------------------------------------------------------------------
 def test_chat_engines_condense_context_and_stream_chat(repo: Path) -> None:
     index = _index()

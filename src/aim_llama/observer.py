@@ -53,8 +53,11 @@ REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
 _SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step"})  # spans with records at exit
 _STEP_KINDS = frozenset({"agent_step", "workflow_step"})
-# methods of request components that LlamaIndex spans but that ask nothing of them
-_NOT_REQUESTS = frozenset({"reset", "areset"})
+# methods of request components that LlamaIndex spans but that ask nothing of them: a chat
+# engine's reset, and the prompt accessors behind `get_prompts()` / `update_prompts()`
+_NOT_REQUESTS = frozenset({
+    "reset", "areset", "_get_prompts", "_get_prompt_modules", "_update_prompts",
+})
 ERROR_KINDS = frozenset({
     "llm", "embedding", "retrieve", "query", "chat", "agent", "workflow", "tool",
     "postprocess", "synthesize", "agent_step", "workflow_step",
