@@ -800,6 +800,47 @@ def test_retriever_alone(repo: Path) -> None:
     assert trace.startswith("retrieve: which topic? 1\n")
 
 
+def test_a_retrieval_without_scores_keeps_the_next_ones_on_their_own_steps(repo: Path) -> None:
+    """`top_score` is missing for nodes without scores; the retrieval's other values keep
+    their step, so the Nth `top_score` and the Nth `retrieved` are the same retrieval."""
+    from llama_index.core.retrievers import BaseRetriever
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    class SometimesScored(BaseRetriever):
+        def _retrieve(self, query_bundle: Any) -> list[NodeWithScore]:
+            n = int(query_bundle.query_str)
+            return [NodeWithScore(node=TextNode(text=f"node {n}"),
+                                  score=None if n % 2 else n / 10)]
+
+    retriever = SometimesScored()
+    with recording(repo):
+        for n in range(4):
+            retriever.retrieve(str(n))
+    run = only_run(repo)
+    ctx = {"kind": "retrieve", "retriever": "SometimesScored"}
+    assert [s for s, _ in run.metric("retrieved_nodes", **ctx)] == [0, 1, 2, 3]
+    assert run.metric("top_score", **ctx) == [(0, 0.0), (2, pytest.approx(0.2))]
+    assert [(s, t.splitlines()[0]) for s, t in run.text("retrieved", **ctx)] == [
+        (n, f"query: {n}") for n in range(4)]
+
+
+def test_tool_calls_not_sampled_keep_the_sampled_ones_on_their_steps(repo: Path) -> None:
+    """With sampling, a tool call's text lands on the step of its latency: the Nth call's."""
+    from llama_index.core.tools import FunctionTool
+
+    tool = FunctionTool.from_defaults(lambda i: i * 2, name="double", description="x2")
+    with recording(repo, sample_rate=0.5):
+        for i in range(30):
+            tool.call(i=i)
+    run = only_run(repo)
+    ctx = {"kind": "tool", "tool": "double"}
+    assert [s for s, _ in run.metric("latency_ms", **ctx)] == list(range(30))
+    texts = run.text("tool_call", **ctx)
+    assert 3 <= len(texts) <= 27, len(texts)  # Binomial(30, 0.5): outside, p < 1e-5
+    for step, text in texts:
+        assert text.startswith(f"double(i={step})\n-> {step * 2}"), (step, text)
+
+
 def test_a_fusion_retrievers_scores_stay_apart_from_its_sub_retrievers(repo: Path) -> None:
     """Reciprocal-rank scores (~0.03) and the cosine scores they fuse (~0.9) are different
     scales: each retriever class gets its own `top_score` line, so neither chart is garbage."""

@@ -286,6 +286,10 @@ class Observer:
         # A request's question, answer, latency and trace share one step per request kind,
         # so they line up in Aim even when one of them is missing (a failed request's answer).
         self._request_steps: dict[str, itertools.count[int]] = {}
+        # Likewise the records of one retrieval (per retriever class), rerank or tool call (per
+        # tool): a `top_score` missing where nodes have no scores, a text not sampled, must not
+        # shift the next call's values onto this one's step.
+        self._component_steps: dict[str, itertools.count[int]] = {}
         self._models: dict[str, dict[str, Any]] = {}
         self._seen_models: set[str] = set()
         self._next_sweep = _now() + SWEEP_INTERVAL
@@ -1059,19 +1063,21 @@ class Observer:
         nodes = list(event.nodes or [])
         # The retriever's class keeps scales apart: cosine similarities, BM25 scores and a
         # fusion's reciprocal ranks in one `top_score` line would compare nothing.
-        ctx = {"kind": "retrieve", "retriever": _retriever_name(event.span_id)}
+        retriever = _retriever_name(event.span_id)
+        ctx = {"kind": "retrieve", "retriever": retriever}
+        step = _next_step(self._component_steps, "retrieve:" + retriever)
         scores = render.scores_of(nodes)
         out: list[Record] = [
-            Track("retrieved_nodes", len(nodes), "metric", ctx),
-            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx),
+            Track("retrieved_nodes", len(nodes), "metric", ctx, step),
+            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx, step),
         ]
         if scores:
-            out.append(Track("top_score", max(scores), "metric", ctx))
-            out.append(Track("retrieval_scores", scores, "distribution", ctx))
+            out.append(Track("top_score", max(scores), "metric", ctx, step))
+            out.append(Track("retrieval_scores", scores, "distribution", ctx, step))
         if self.policy.capture and self._sampled(event.span_id):
             query = render.query_text(event.str_or_query_bundle)[: MAX_INPUT_LINE + MARGIN]
             value = NodesValue(query, render.node_rows(nodes), len(nodes))
-            out.append(Track("retrieved", value, "text", ctx))
+            out.append(Track("retrieved", value, "text", ctx, step))
         node = self._spans.get(event.span_id) if event.span_id else None
         if node is not None:
             top = f" top={max(scores):.3f}" if scores else ""
@@ -1085,19 +1091,20 @@ class Observer:
         before = list(getattr(started[1], "nodes", None) or [])
         after = list(event.nodes or [])
         ctx = {"kind": "rerank"}
+        step = _next_step(self._component_steps, "rerank")
         out: list[Record] = [
-            Track("rerank_nodes_in", len(before), "metric", ctx),
-            Track("rerank_nodes_out", len(after), "metric", ctx),
-            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx),
+            Track("rerank_nodes_in", len(before), "metric", ctx, step),
+            Track("rerank_nodes_out", len(after), "metric", ctx, step),
+            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx, step),
         ]
         scores = render.scores_of(after)
         if scores:
-            out.append(Track("top_score", max(scores), "metric", ctx))
+            out.append(Track("top_score", max(scores), "metric", ctx, step))
         if self.policy.capture and self._sampled(event.span_id):
             query = render.query_text(getattr(started[1], "query", None))[: MAX_INPUT_LINE + MARGIN]
             value = RerankValue(NodesValue(query, render.node_rows(before), len(before)),
                                 NodesValue(None, render.node_rows(after), len(after)))
-            out.append(Track("reranked", value, "text", ctx))
+            out.append(Track("reranked", value, "text", ctx, step))
         self._emit(out)
 
     # -- tools ------------------------------------------------------------------------
@@ -1113,8 +1120,9 @@ class Observer:
         except Exception:
             name = node.name.split(".", 1)[0]
         ctx = {"kind": "tool", "tool": name}
+        step = _next_step(self._component_steps, "tool:" + name)
         latency = ((node.end or _now()) - node.start) * 1000.0
-        out.append(Track("latency_ms", latency, "metric", ctx))
+        out.append(Track("latency_ms", latency, "metric", ctx, step))
         if err is None and getattr(result, "is_error", False):
             err = RuntimeError(str(getattr(result, "content", "tool error")))
         if err is not None and _cancelled(err):
@@ -1136,7 +1144,7 @@ class Observer:
             except Exception:
                 arguments = {}
             self._text(out, "tool_call", render.render_tool_call(
-                name, arguments, output, self.policy.redact_head), ctx)
+                name, arguments, output, self.policy.redact_head), ctx, step)
 
     # -- requests ---------------------------------------------------------------------
     def _maybe_finish(self, root: _Root, now: float) -> list[Record]:
@@ -1163,10 +1171,7 @@ class Observer:
         end = now if status is None else (root.end or root.last_seen)
         latency = (end - root.node.start) * 1000.0
         ctx = {"kind": kind}
-        counter = self._request_steps.get(kind)
-        if counter is None:
-            counter = self._request_steps[kind] = itertools.count()
-        step = next(counter)
+        step = _next_step(self._request_steps, kind)
         if kind in ANSWER_KINDS and not self._off(kind):
             if status is None:  # (an incomplete request's latency is not known: trace only)
                 out.append(Track("latency_ms", latency, "metric", ctx, step))
@@ -1525,6 +1530,14 @@ def _active_span_id() -> Any:
 
         _span_var = active_span_id
     return _span_var
+
+
+def _next_step(counters: dict[str, itertools.count[int]], key: str) -> int:
+    """The next step of the records counted under `key` (thread-safe under the GIL)."""
+    counter = counters.get(key)
+    if counter is None:
+        counter = counters.setdefault(key, itertools.count())
+    return next(counter)
 
 
 def _retriever_name(span_id: str | None) -> str:
