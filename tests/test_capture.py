@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import APPS
+from conftest import APPS, clean_env
 
 sys.path.insert(0, str(APPS))
 
@@ -734,6 +734,41 @@ def test_llm_streams_finished_abandoned_and_failed(repo: Path) -> None:
     assert all(0 < ttft <= latency[step] for step, ttft in run.metric("ttft_ms", kind="llm"))
     assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]  # abandoning is no error
     assert not [k for k in run.texts if k[0] == "trace"]  # bare LLM calls are not requests
+
+
+def test_components_built_after_activation_copy_and_pickle_as_without_it(
+        repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Their callback manager holds aim-llama's handler: a deep copy shares it (and records
+    into the same run), a pickle refers to it — the unpickling process's own handler, or one
+    that does nothing where aim-llama is off — and LlamaIndex drops nothing with a warning."""
+    import copy
+    import pickle
+    import subprocess
+
+    from llama_index.core.node_parser import SentenceSplitter
+
+    docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(6)]
+    with recording(repo):
+        splitter = copy.deepcopy(SentenceSplitter(chunk_size=64, chunk_overlap=0))
+        chunks = splitter.get_nodes_from_documents(docs[:2])
+        copy.deepcopy(MockLLM(max_tokens=2)).complete("copied llm")
+        manager = copy.deepcopy(Settings.callback_manager)
+        assert manager.handlers == Settings.callback_manager.handlers
+        engine = VectorStoreIndex.from_documents(docs).as_query_engine(similarity_top_k=2)
+        data = pickle.dumps(engine)
+        pickle.loads(data).query(QUESTIONS[0])
+    assert "unpickleable attribute callback_manager" not in caplog.text, caplog.text
+    run = only_run(repo)
+    assert [t for _, t in run.text("chunk", kind="chunking")][:len(chunks)] == [
+        c.get_content() for c in chunks]  # once each
+    assert "copied llm" in run.text("prompt", kind="llm")[0][1]
+    assert [t for _, t in run.text("question", kind="query")] == [QUESTIONS[0]]
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; e = pickle.loads(sys.stdin.buffer.read()); "
+         "print(type(e.callback_manager.handlers[-1]).__name__, e.query('q').response)"],
+        input=data, capture_output=True, env=clean_env(), timeout=120)
+    assert elsewhere.returncode == 0, elsewhere.stderr.decode()
+    assert elsewhere.stdout.decode().startswith("_Inert "), elsewhere.stdout
 
 
 def test_getting_and_updating_prompts_is_no_request(repo: Path) -> None:

@@ -65,6 +65,12 @@ def is_instrumented() -> bool:
     return _active is not None and _active.pid == os.getpid()
 
 
+def active_handler() -> Any:
+    """This process's aim-llama callback handler, or None (where an unpickled one lands)."""
+    active = _active
+    return active.handler if active is not None and active.pid == os.getpid() else None
+
+
 def instrument(**overrides: Any) -> bool:
     """Register aim-llama on LlamaIndex using settings (kwargs > env > TOML files > defaults).
 

@@ -137,6 +137,20 @@ class AimLlamaHandler(BaseCallbackHandler):
         # `exception` named in an ignore list: no error is recorded, whichever channel sees it
         self.errors_off = CBEventType.EXCEPTION in named
 
+    # A component built after activation holds this handler (through its callback manager);
+    # copying or pickling the component must work as it does without aim-llama.
+    def __deepcopy__(self, memo: dict[int, Any]) -> AimLlamaHandler:
+        """A deep-copied component records into the same run: the copy shares this handler."""
+        return self
+
+    def __copy__(self) -> AimLlamaHandler:
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        """Pickled as a reference: unpickled, it is the handler of the process that unpickles
+        it (a pool worker, a Ray task), or one that does nothing where aim-llama is not on."""
+        return (restore, ())
+
     def _one_by_one(self, records: list[Record]) -> None:
         submit = self.submit
         for record in records:
@@ -228,3 +242,37 @@ class AimLlamaHandler(BaseCallbackHandler):
 
 # Imported by the application before LlamaIndex: activation waited for this module (auto.py).
 importhook.module_done(__name__)
+
+
+class _Inert(BaseCallbackHandler):
+    """An unpickled aim-llama handler in a process where aim-llama is not active."""
+
+    def __init__(self) -> None:
+        super().__init__(event_starts_to_ignore=list(CBEventType),
+                         event_ends_to_ignore=list(CBEventType))
+
+    def on_event_start(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
+                       event_id: str = "", parent_id: str = "", **kwargs: Any) -> str:
+        return event_id
+
+    def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
+                     event_id: str = "", **kwargs: Any) -> None:
+        return None
+
+    def start_trace(self, trace_id: str | None = None) -> None:
+        return None
+
+    def end_trace(self, trace_id: str | None = None,
+                  trace_map: dict[str, list[str]] | None = None) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (restore, ())
+
+
+def restore() -> BaseCallbackHandler:
+    """What a pickled aim-llama handler becomes: this process's active handler, else an inert one."""
+    from .autoinstrument import active_handler  # (autoinstrument imports this module)
+
+    handler = active_handler()
+    return handler if handler is not None else _Inert()
