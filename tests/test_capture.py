@@ -1406,6 +1406,48 @@ def test_plain_workflow_step_calling_llm(repo: Path) -> None:
 
 
 
+def test_a_workflow_that_returns_a_stream_waits_for_it(repo: Path) -> None:
+    """LlamaIndex's RAG-workflow shape: the last step returns `StopEvent(result=<streaming
+    response>)` and the app reads it after the run: the run's answer is the streamed text, its
+    LLM call is in its trace, its latency includes the stream (sync and async streams)."""
+    from llama_index.core import get_response_synthesizer
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    index = _index()
+
+    class Rag(Workflow):
+        use_async: bool = False
+
+        @step
+        async def answer(self, ev: StartEvent) -> StopEvent:
+            nodes = await index.as_retriever(similarity_top_k=2).aretrieve(ev.query)
+            synth = get_response_synthesizer(streaming=True, llm=RuleLLM())
+            if self.use_async:
+                return StopEvent(result=await synth.asynthesize(ev.query, nodes=nodes))
+            return StopEvent(result=synth.synthesize(ev.query, nodes=nodes))
+
+    async def main() -> list[str]:
+        first = await Rag(timeout=30).run(query="streamed sync")
+        time.sleep(0.05)  # (read later than the run ended: the latency counts it)
+        texts = ["".join(first.response_gen)]
+        flow = Rag(timeout=30)
+        flow.use_async = True
+        second = await flow.run(query="streamed async")
+        texts.append("".join([d async for d in second.async_response_gen()]))
+        return texts
+
+    with recording(repo):
+        streamed = asyncio.run(main())
+    run = only_run(repo)
+    assert all(streamed)
+    assert [t for _, t in run.text("answer", kind="workflow")] == streamed
+    tr = traces(run, "workflow")
+    assert [t.splitlines()[0] for t in tr] == ["workflow: streamed sync", "workflow: streamed async"]
+    assert all("llm calls 1" in t and "RuleLLM" in t for t in tr), tr
+    assert run.metric("latency_ms", kind="workflow")[0][1] >= 50
+    assert [t for _, t in run.text("response", kind="llm")] == streamed
+
+
 def test_failed_and_cancelled_workflow_runs_say_so_and_stay_in_step(repo: Path) -> None:
     """A run that raises or is cancelled has no answer (not its last LLM text), its trace and
     interrupted step say how it ended, every step run has a latency, and the next run's

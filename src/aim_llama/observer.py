@@ -559,6 +559,8 @@ class Observer:
                         except Exception as exc:  # (a result whose str() raises)
                             self.failed("answer", exc)  # the request must still end
                             answer = None
+                        # (a workflow's run ends with its StopEvent, which may hold a stream)
+                        result = render.stop_result(result)
                         if root.stream_err is not None and render.is_streaming(result):
                             node.status = root.stream_err  # its stream failed already
                         elif answer is not None:

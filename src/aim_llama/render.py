@@ -194,6 +194,18 @@ def answer_text(result: Any) -> str | None:
     return found if found is not None else _model_json(result)
 
 
+def stop_result(result: Any) -> Any:
+    """What a workflow's `StopEvent` carries (`StopEvent(result=...)`), else `result` itself."""
+    if type(result).__name__.endswith("StopEvent"):
+        try:
+            inner = result.result
+        except Exception:
+            return result
+        if inner is not None:
+            return inner
+    return result
+
+
 def _model_json(value: Any) -> str | None:
     """A pydantic model's JSON (a structured answer), None for anything else."""
     dump = getattr(value, "model_dump_json", None)
