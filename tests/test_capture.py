@@ -771,6 +771,33 @@ def test_components_built_after_activation_copy_and_pickle_as_without_it(
     assert elsewhere.stdout.decode().startswith("_Inert "), elsewhere.stdout
 
 
+def test_a_copy_made_while_recording_follows_later_activations(
+        repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A manager aim-llama cannot take its handler off at `uninstrument()` (a deep copy's, an
+    engine unpickled in this process) drops events quietly while aim-llama is off and records
+    into the run of the next activation."""
+    import copy
+    import pickle
+
+    from llama_index.core.node_parser import SentenceSplitter
+
+    docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(2)]
+    with recording(repo):
+        copied = copy.deepcopy(SentenceSplitter(chunk_size=64, chunk_overlap=0))
+        data = pickle.dumps(SentenceSplitter(chunk_size=64, chunk_overlap=0))
+    off = copied.get_nodes_from_documents(docs)  # aim-llama off: nothing, and no warning
+    unpickled = pickle.loads(data)  # (its handler: an inert one, aim-llama being off)
+    unpickled.get_nodes_from_documents(docs)
+    assert not [r for r in caplog.records if r.name.startswith("aim_llama")], caplog.text
+    with recording(repo):
+        again = copied.get_nodes_from_documents(docs)
+        unpickled.get_nodes_from_documents(docs)
+    second = only_run(repo)  # (the first activation recorded nothing: it made no run)
+    chunks = [t for _, t in second.text("chunk", kind="chunking")]
+    assert chunks == [n.get_content() for n in again] * 2 and len(off) == len(again)
+    assert len(second.metric("latency_ms", kind="node_parsing")) == 2
+
+
 def test_getting_and_updating_prompts_is_no_request(repo: Path) -> None:
     """`get_prompts()` / `update_prompts()` (LlamaIndex's way to customise a pipeline) run
     spanned accessors: set-up, not requests with an empty question and a 0.01 ms latency."""
@@ -1446,6 +1473,43 @@ def test_a_workflow_that_returns_a_stream_waits_for_it(repo: Path) -> None:
     assert all("llm calls 1" in t and "RuleLLM" in t for t in tr), tr
     assert run.metric("latency_ms", kind="workflow")[0][1] >= 50
     assert [t for _, t in run.text("response", kind="llm")] == streamed
+
+
+def test_a_workflow_stream_in_a_stop_event_subclass_is_left_to_the_app(repo: Path) -> None:
+    """A typed StopEvent holding the stream in a field of its own: aim-llama must not read
+    the stream (dumping the event as JSON would), and the run waits for the app to read it.
+    A stream that is not a generator (a plain iterator) cannot be followed: the run ends
+    when it returns, without an answer, rather than staying open."""
+    from llama_index.core.base.response.schema import StreamingResponse
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    class RagOutput(StopEvent):
+        response: Any
+        sources: int
+
+    class Rag(Workflow):
+        @step
+        async def answer(self, ev: StartEvent) -> RagOutput:
+            words = ["a ", "streamed ", "answer"]
+            gen = iter(words) if ev.plain_iterator else (w for w in words)
+            return RagOutput(response=StreamingResponse(response_gen=gen), sources=2)
+
+    async def main() -> list[str]:
+        texts = []
+        for plain_iterator in (False, True):
+            out = await Rag(timeout=30).run(plain_iterator=plain_iterator)
+            texts.append("".join(out.response.response_gen))
+        return texts
+
+    with recording(repo):
+        streamed = asyncio.run(main())
+        Settings.llm.complete("a later span")  # (ends what could still be held)
+    assert streamed == ["a streamed answer"] * 2
+    run = only_run(repo)
+    assert [t for _, t in run.text("answer", kind="workflow")] == ["a streamed answer"]
+    statuses = [t.splitlines()[1].split(" · ")[1] for t in traces(run, "workflow")]
+    assert statuses == ["ok", "ok"]
+    assert len(run.metric("latency_ms", kind="workflow")) == 2
 
 
 def test_failed_and_cancelled_workflow_runs_say_so_and_stay_in_step(repo: Path) -> None:

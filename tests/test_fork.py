@@ -51,13 +51,17 @@ def test_os_fork_child_gets_its_own_run_and_parent_run_is_untouched(workdir, rep
         import aim_llama.auto
         import aim_llama
         from llama_index.core.llms import MockLLM
+        from llama_index.core.tools import FunctionTool
+        tool = FunctionTool.from_defaults(lambda x: x, name="echo", description="echo")
         llm = MockLLM(max_tokens=3)
         llm.complete("parent before fork")
+        tool.call(x="parent")
         print("PARENT", os.getpid(), aim_llama.current_run_hash(), flush=True)
         child = os.fork()
         if child == 0:
             llm.complete("child call 0")
             llm.complete("child call 1")
+            tool.call(x="child")
             sys.exit(0)
         quiet = os.fork()
         if quiet == 0:
@@ -78,6 +82,7 @@ def test_os_fork_child_gets_its_own_run_and_parent_run_is_untouched(workdir, rep
     assert parent.params["aim_llama"]["role"] == "main"
     assert prompts(child) == ["child call 0", "child call 1"]
     assert [s for s, _ in child.text("prompt", kind="llm")] == [0, 1]  # numbered from 0 again
+    assert [s for s, _ in child.text("tool_call", kind="tool", tool="echo")] == [0]  # (tools too)
     assert child.params["aim_llama"]["role"] == "fork-child"
     assert_finalized([parent, child])
 

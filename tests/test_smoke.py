@@ -75,8 +75,10 @@ def test_system_metrics_describe_the_application_process(run_py, repo):
         """
         import time
         import aim_llama.auto
+        import aim_llama
         from llama_index.core.llms import MockLLM
         MockLLM(max_tokens=2).complete("hi")
+        aim_llama.flush(60)  # the writer's run is open (slow to start on a loaded machine)
         ballast = b"x" * 1_000_000_000
         time.sleep(3.5)
         """,

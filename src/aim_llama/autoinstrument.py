@@ -416,6 +416,7 @@ def uninstrument() -> None:
         try:
             with contextlib.suppress(Exception):
                 active.callback_managers.detach()
+            active.handler.retired = True  # (on managers it is still on: it passes events on)
             with contextlib.suppress(Exception):
                 from . import dispatcher
 

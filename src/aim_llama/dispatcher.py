@@ -161,6 +161,7 @@ def _after_fork_in_child() -> None:
             observer._lock = threading.RLock()
             observer._llm_steps = itertools.count()
             observer._request_steps = {}
+            observer._component_steps = {}
             observer._models = {}
             observer._seen_models = set()
             observer._spans = {}

@@ -134,6 +134,10 @@ class AimLlamaHandler(BaseCallbackHandler):
         self._lock = threading.Lock()
         self.policy = policy or ContentPolicy()
         self.observer: Any = None  # the dispatcher observer registered alongside, if any
+        # Set by `uninstrument()`: managers it could not take this handler off (a component's
+        # deep copy, an engine unpickled in this process) pass their events on to whatever
+        # activation is current, or drop them, rather than write to a closed writer.
+        self.retired = False
         # `exception` named in an ignore list: no error is recorded, whichever channel sees it
         self.errors_off = CBEventType.EXCEPTION in named
 
@@ -165,6 +169,8 @@ class AimLlamaHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> str:
         """Remember when the event started (for its latency)."""
+        if self.retired:
+            return _forward_start(event_type, payload, event_id, parent_id, kwargs)
         try:
             opened = self._open
             if len(opened) >= MAX_OPEN_EVENTS:
@@ -184,6 +190,9 @@ class AimLlamaHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Map the finished event to records and queue them; never raises."""
+        if self.retired:
+            _forward_end(event_type, payload, event_id, kwargs)
+            return
         try:
             if event_type is CBEventType.CHUNKING and self.observer is not None \
                     and self.observer.repeats_chunks():
@@ -240,24 +249,20 @@ class AimLlamaHandler(BaseCallbackHandler):
         """See `start_trace`."""
 
 
-# Imported by the application before LlamaIndex: activation waited for this module (auto.py).
-importhook.module_done(__name__)
-
-
 class _Inert(BaseCallbackHandler):
-    """An unpickled aim-llama handler in a process where aim-llama is not active."""
+    """An aim-llama handler unpickled where aim-llama was not active: it does nothing, or
+    passes the event on to the handler of an activation that came later."""
 
     def __init__(self) -> None:
-        super().__init__(event_starts_to_ignore=list(CBEventType),
-                         event_ends_to_ignore=list(CBEventType))
+        super().__init__(event_starts_to_ignore=[], event_ends_to_ignore=[])
 
     def on_event_start(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
                        event_id: str = "", parent_id: str = "", **kwargs: Any) -> str:
-        return event_id
+        return _forward_start(event_type, payload, event_id, parent_id, kwargs)
 
     def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
                      event_id: str = "", **kwargs: Any) -> None:
-        return None
+        _forward_end(event_type, payload, event_id, kwargs)
 
     def start_trace(self, trace_id: str | None = None) -> None:
         return None
@@ -272,7 +277,33 @@ class _Inert(BaseCallbackHandler):
 
 def restore() -> BaseCallbackHandler:
     """What a pickled aim-llama handler becomes: this process's active handler, else an inert one."""
+    handler = _active_handler()
+    return handler if handler is not None else _Inert()
+
+
+def _active_handler() -> AimLlamaHandler | None:
     from .autoinstrument import active_handler  # (autoinstrument imports this module)
 
     handler = active_handler()
-    return handler if handler is not None else _Inert()
+    return handler if isinstance(handler, AimLlamaHandler) else None
+
+
+def _forward_start(event_type: CBEventType, payload: dict[str, Any] | None, event_id: str,
+                   parent_id: str, kwargs: dict[str, Any]) -> str:
+    """A retired or inert handler's event start, passed to the active handler if there is one
+    (a component copied or unpickled before the current activation)."""
+    target = _active_handler()
+    if target is None or event_type in target.event_starts_to_ignore:
+        return event_id
+    return target.on_event_start(event_type, payload, event_id, parent_id, **kwargs)
+
+
+def _forward_end(event_type: CBEventType, payload: dict[str, Any] | None, event_id: str,
+                 kwargs: dict[str, Any]) -> None:
+    target = _active_handler()
+    if target is not None and event_type not in target.event_ends_to_ignore:
+        target.on_event_end(event_type, payload, event_id, **kwargs)
+
+
+# Imported by the application before LlamaIndex: activation waited for this module (auto.py).
+importhook.module_done(__name__)

@@ -580,7 +580,10 @@ class Observer:
                             if (not _follow_stream(result, root, self._stream_ended,
                                                    self._dropped)
                                     and not read_by_llamaindex):
-                                _awaiting.set(root)
+                                if kind in ("query", "chat"):
+                                    _awaiting.set(root)  # (the caller's context reads it)
+                                else:  # a run's exit is in its own task: nothing would join
+                                    root.hold = 0
                 elif root.hold and kind == "" and node.name.endswith(_WRITES_HISTORY):
                     self._written(root)
                 root.open -= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -39,6 +40,9 @@ def field(obj: Any, name: str) -> Any:
         return getattr(obj, name, None)
     except Exception:
         return None
+
+
+_GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)
 
 
 def is_streaming(value: Any) -> bool:
@@ -183,8 +187,10 @@ def answer_text(result: Any) -> str | None:
     if inner is not None and hasattr(inner, "content") and hasattr(inner, "role"):
         # AgentOutput.response: a ChatMessage; its text, or what it holds instead
         return _content(inner, placeholders=False) or _content(inner)
-    if hasattr(result, "result") and type(result).__name__.endswith("StopEvent"):
-        return answer_text(result.result)
+    if _is_stop_event(result):
+        inner = stop_result(result)
+        if inner is not result:
+            return answer_text(inner)
     if isinstance(result, str):
         return plain(result)
     if type(result).__module__ == "builtins":
@@ -194,22 +200,38 @@ def answer_text(result: Any) -> str | None:
     return found if found is not None else _model_json(result)
 
 
+def _is_stop_event(value: Any) -> bool:
+    return any(c.__name__ == "StopEvent" for c in type(value).__mro__)
+
+
 def stop_result(result: Any) -> Any:
-    """What a workflow's `StopEvent` carries (`StopEvent(result=...)`), else `result` itself."""
-    if type(result).__name__.endswith("StopEvent"):
-        try:
-            inner = result.result
-        except Exception:
-            return result
-        if inner is not None:
-            return inner
+    """What a workflow's `StopEvent` carries: its `result`, else a stream held in one of a
+    subclass's fields (`class RagOutput(StopEvent): response: ...`); else `result` itself."""
+    if not _is_stop_event(result):
+        return result
+    try:
+        inner = result.result
+    except Exception:
+        inner = None
+    if inner is not None:
+        return inner
+    for value in getattr(result, "__dict__", {}).values():
+        if is_streaming(value):
+            return value
     return result
+
+
+def _holds_stream(value: Any) -> bool:
+    """A model with a stream or a generator in a field: dumping it would read the stream."""
+    fields = getattr(value, "__dict__", None)
+    return isinstance(fields, dict) and any(
+        is_streaming(v) or isinstance(v, _GENERATORS) for v in fields.values())
 
 
 def _model_json(value: Any) -> str | None:
     """A pydantic model's JSON (a structured answer), None for anything else."""
     dump = getattr(value, "model_dump_json", None)
-    if dump is None or isinstance(value, type):
+    if dump is None or isinstance(value, type) or _holds_stream(value):
         return None
     try:
         text = dump()
