@@ -243,17 +243,23 @@ def install_group_commit() -> bool:
         if _group.batches is None:
             orig_commit(self, write_batch)
 
-    orig_init = RocksContainer.__init__
+    orig_db = RocksContainer.__dict__.get("db")
+    if isinstance(orig_db, property) and orig_db.fget is not None:
+        open_db = orig_db.fget
 
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        orig_init(self, *args, **kwargs)
-        if not getattr(self, "read_only", True) and isinstance(getattr(self, "_db_opts", None), dict):
+        def db(self: Any) -> Any:
             # Aim's 1 MB memtable makes RocksDB flush and compact almost continuously under a
             # stream of small writes: its background threads took ~0.8 of a core beside the
-            # writer. Larger memtables cut that work several-fold (up to 2 x 8 MB per container).
-            self._db_opts.update(WRITE_BUFFER_OPTIONS)
+            # writer. Larger memtables cut that work several-fold (up to 2 x 8 MB per
+            # container). Set just before Aim opens the database, on first use: its `__init__`
+            # opens it in its last line, and options changed after that are never read.
+            resources = self._resources
+            if (resources is not None and resources._db is None and not self.read_only
+                    and isinstance(self._db_opts, dict)):
+                self._db_opts.update(WRITE_BUFFER_OPTIONS)
+            return open_db(self)
 
-    RocksContainer.__init__ = init
+        RocksContainer.db = property(db)
     RocksContainer.batch = batch
     RocksContainer.commit = commit
     RocksContainer._aim_llama_commit = staticmethod(orig_commit)

@@ -126,6 +126,31 @@ def _same_user_as_parent() -> Callable[[], bool] | None:
 
 
 NICE = 10  # the writer (and the RocksDB threads it starts) yields the CPU to the application
+# glibc's malloc raises its mmap threshold each time a large mmapped block is freed (up to
+# 32 MB): RocksDB's memtable blocks, compaction buffers and table-reader index blocks then come
+# from the heaps of its threads' arenas, and the holes they leave kept the writer's RSS growing
+# over a long run (~90 MB of free heap after 200 000 queries, which malloc_trim cannot give
+# back). A fixed threshold keeps blocks of 128 KB and more in mappings of their own, returned
+# to the system when freed: 260 -> 193 MB over those queries, ~2-4 % more writer CPU.
+MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+
+
+def pin_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold in this process (the writer process only); False where it
+    is not glibc, or the user set the threshold already (`MALLOC_MMAP_THRESHOLD_`, tunables)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or "mmap_threshold" in os.environ.get(
+            "GLIBC_TUNABLES", ""):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return False  # (musl, macOS)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except Exception:
+        return False
 
 
 def main() -> int:
@@ -133,6 +158,7 @@ def main() -> int:
     from .lifecycle import unblock_signals
 
     unblock_signals()  # started from the application's writer thread, which blocks them
+    pin_mmap_threshold()  # (never in the application: the thread writer leaves malloc alone)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         # Before Aim starts RocksDB's background threads: they inherit it. On a busy machine
