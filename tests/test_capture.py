@@ -789,9 +789,14 @@ def test_a_copy_made_while_recording_follows_later_activations(
     unpickled = pickle.loads(data)  # (its handler: an inert one, aim-llama being off)
     unpickled.get_nodes_from_documents(docs)
     assert not [r for r in caplog.records if r.name.startswith("aim_llama")], caplog.text
-    with recording(repo):
-        again = copied.get_nodes_from_documents(docs)
-        unpickled.get_nodes_from_documents(docs)
+    before = Settings.callback_manager
+    Settings.callback_manager = unpickled.callback_manager  # (the inert handler must not stay
+    try:  # beside the next activation's, which it would pass every event on to: twice)
+        with recording(repo):
+            again = copied.get_nodes_from_documents(docs)
+            unpickled.get_nodes_from_documents(docs)
+    finally:
+        Settings.callback_manager = before
     second = only_run(repo)  # (the first activation recorded nothing: it made no run)
     chunks = [t for _, t in second.text("chunk", kind="chunking")]
     assert chunks == [n.get_content() for n in again] * 2 and len(off) == len(again)
@@ -1491,25 +1496,29 @@ def test_a_workflow_stream_in_a_stop_event_subclass_is_left_to_the_app(repo: Pat
         @step
         async def answer(self, ev: StartEvent) -> RagOutput:
             words = ["a ", "streamed ", "answer"]
-            gen = iter(words) if ev.plain_iterator else (w for w in words)
-            return RagOutput(response=StreamingResponse(response_gen=gen), sources=2)
+            gen = iter(words) if ev.how == "iterator" else (w for w in words)
+            stream = StreamingResponse(response_gen=gen)
+            if ev.how == "nested":  # (one level down: not waited for, and never read either)
+                return RagOutput(response={"stream": stream, "n": 1}, sources=2)
+            return RagOutput(response=stream, sources=2)
 
     async def main() -> list[str]:
         texts = []
-        for plain_iterator in (False, True):
-            out = await Rag(timeout=30).run(plain_iterator=plain_iterator)
-            texts.append("".join(out.response.response_gen))
+        for how in ("generator", "iterator", "nested"):
+            out = await Rag(timeout=30).run(how=how)
+            stream = out.response["stream"] if how == "nested" else out.response
+            texts.append("".join(stream.response_gen))
         return texts
 
     with recording(repo):
         streamed = asyncio.run(main())
         Settings.llm.complete("a later span")  # (ends what could still be held)
-    assert streamed == ["a streamed answer"] * 2
+    assert streamed == ["a streamed answer"] * 3
     run = only_run(repo)
     assert [t for _, t in run.text("answer", kind="workflow")] == ["a streamed answer"]
     statuses = [t.splitlines()[1].split(" · ")[1] for t in traces(run, "workflow")]
-    assert statuses == ["ok", "ok"]
-    assert len(run.metric("latency_ms", kind="workflow")) == 2
+    assert statuses == ["ok", "ok", "ok"]
+    assert len(run.metric("latency_ms", kind="workflow")) == 3
 
 
 def test_failed_and_cancelled_workflow_runs_say_so_and_stay_in_step(repo: Path) -> None:

@@ -325,13 +325,18 @@ class _CallbackManagers:
         return [m for m in (ref() for ref in self._managers) if m is not None]
 
     def _attach(self, manager: Any) -> None:
-        from .handler import AimLlamaHandler
-
-        for existing in list(manager.handlers):
-            if isinstance(existing, AimLlamaHandler):
-                manager.remove_handler(existing)
+        self._strip(manager)
         manager.add_handler(self._handler)
         self._remember(manager)
+
+    def _strip(self, manager: Any) -> None:
+        """Take other aim-llama handlers off `manager` (an earlier activation's, an unpickled
+        inert one): they pass events on to this one, which would record them twice."""
+        from .handler import aim_llama_handlers
+
+        for existing in list(manager.handlers):
+            if existing is not self._handler and isinstance(existing, aim_llama_handlers()):
+                manager.remove_handler(existing)
 
     def _remember(self, manager: Any) -> None:
         self._managers = [ref for ref in self._managers if ref() is not None]
@@ -350,7 +355,8 @@ class _CallbackManagers:
         if current is None or (self._current is not None and current is self._current()):
             return
         if any(h is self._handler for h in current.handlers):  # (put back, or rebuilt with
-            self._remember(current)  # the old one's handlers: ours among them)
+            self._strip(current)  # the old one's handlers: ours among them)
+            self._remember(current)
         else:
             self._attach(current)
 

@@ -275,6 +275,11 @@ class _Inert(BaseCallbackHandler):
         return (restore, ())
 
 
+def aim_llama_handlers() -> tuple[type, ...]:
+    """The classes of aim-llama's callback handlers, live, retired and inert."""
+    return (AimLlamaHandler, _Inert)
+
+
 def restore() -> BaseCallbackHandler:
     """What a pickled aim-llama handler becomes: this process's active handler, else an inert one."""
     handler = _active_handler()

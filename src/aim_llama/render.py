@@ -221,11 +221,23 @@ def stop_result(result: Any) -> Any:
     return result
 
 
-def _holds_stream(value: Any) -> bool:
-    """A model with a stream or a generator in a field: dumping it would read the stream."""
-    fields = getattr(value, "__dict__", None)
-    return isinstance(fields, dict) and any(
-        is_streaming(v) or isinstance(v, _GENERATORS) for v in fields.values())
+def _holds_stream(value: Any, depth: int = 3) -> bool:
+    """Whether a model holds a stream or a generator (in its fields, their fields, dicts and
+    lists, `depth` levels down): dumping it as JSON would read the stream."""
+    if is_streaming(value) or isinstance(value, _GENERATORS):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(value, dict):
+        items: Iterable[Any] = itertools.islice(value.values(), MAX_ITEMS)
+    elif isinstance(value, (list, tuple)):
+        items = value[:MAX_ITEMS]
+    else:
+        fields = getattr(value, "__dict__", None)
+        if not isinstance(fields, dict) or type(value).__module__ == "builtins":
+            return False
+        items = itertools.islice(fields.values(), MAX_ITEMS)
+    return any(_holds_stream(v, depth - 1) for v in items)
 
 
 def _model_json(value: Any) -> str | None:
