@@ -253,9 +253,10 @@ def install_group_commit() -> bool:
             # writer. Larger memtables cut that work several-fold (up to 2 x 8 MB per
             # container). Set just before Aim opens the database, on first use: its `__init__`
             # opens it in its last line, and options changed after that are never read.
-            resources = self._resources
-            if (resources is not None and resources._db is None and not self.read_only
-                    and isinstance(self._db_opts, dict)):
+            resources = getattr(self, "_resources", None)  # (Aim's internals: never a raise)
+            if (resources is not None and getattr(resources, "_db", True) is None
+                    and not getattr(self, "read_only", True)
+                    and isinstance(getattr(self, "_db_opts", None), dict)):
                 self._db_opts.update(WRITE_BUFFER_OPTIONS)
             return open_db(self)
 
