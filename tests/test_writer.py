@@ -319,7 +319,8 @@ writer = Writer(RunConfig(repo=os.environ["AIM_REPO"], system_tracking_interval=
 writer.submit(Track("value", 1.0, "metric", {"kind": "t"}))
 assert writer.flush(60)
 names = {t.native_id: t.name for t in threading.enumerate()}
-for tid in sorted(os.listdir("/proc/self/task"), key=int):
+# the main thread first (its task id is the pid; others' may be lower once pids wrapped round)
+for tid in sorted(os.listdir("/proc/self/task"), key=lambda t: (int(t) != os.getpid(), int(t))):
     name = names.get(int(tid), "(not a Python thread)")
     print("THREAD", name, term_blocked(f"/proc/self/task/{tid}/status"))
 proc = getattr(writer._backend, "proc", None)
