@@ -332,10 +332,10 @@ class _CallbackManagers:
     def _strip(self, manager: Any) -> None:
         """Take other aim-llama handlers off `manager` (an earlier activation's, an unpickled
         inert one): they pass events on to this one, which would record them twice."""
-        from .handler import aim_llama_handlers
+        from .handler import AIM_LLAMA_HANDLERS
 
         for existing in list(manager.handlers):
-            if existing is not self._handler and isinstance(existing, aim_llama_handlers()):
+            if existing is not self._handler and isinstance(existing, AIM_LLAMA_HANDLERS):
                 manager.remove_handler(existing)
 
     def _remember(self, manager: Any) -> None:

@@ -275,9 +275,8 @@ class _Inert(BaseCallbackHandler):
         return (restore, ())
 
 
-def aim_llama_handlers() -> tuple[type, ...]:
-    """The classes of aim-llama's callback handlers, live, retired and inert."""
-    return (AimLlamaHandler, _Inert)
+# aim-llama's callback handler classes: live or retired, and inert
+AIM_LLAMA_HANDLERS: tuple[type[BaseCallbackHandler], ...] = (AimLlamaHandler, _Inert)
 
 
 def restore() -> BaseCallbackHandler:
