@@ -80,6 +80,41 @@ def test_flush_makes_records_readable_while_the_app_runs(repo, workdir):
                                for f in options), (db, options)
 
 
+def test_the_thread_writer_leaves_the_applications_own_aim_runs_at_aims_memtable_sizes(
+        run_py, repo):
+    """The larger memtables are the writer's: with the thread writer, an Aim run the
+    application opens itself (beside aim-llama's) keeps Aim's own 1 MB ones."""
+    out = run_py("""
+        import os
+        from aim import Run
+        from aim_llama.aimrun import RunConfig
+        from aim_llama.records import Track
+        from aim_llama.writer import Writer
+
+        writer = Writer(RunConfig(repo=os.environ["AIM_REPO"], app_pid=os.getpid(),
+                                  system_tracking_interval=None, log_system_params=False,
+                                  version="test", writer="thread"),
+                        queue_size=1000, flush_timeout=30, backend="thread")
+        writer.submit(Track("value", 1.0, "metric", {"kind": "t0"}))
+        assert writer.flush(30)
+        own = Run(repo=os.environ["AIM_REPO"], system_tracking_interval=None,
+                  log_system_params=False)
+        own.track(2.0, name="mine")
+        print("OWN", own.hash, flush=True)
+        own.close()
+        writer.submit(Track("value", 3.0, "metric", {"kind": "t0"}))
+        writer.close()
+    """).stdout
+    own_hash = out.split("OWN ")[1].split()[0]
+    sizes = {}
+    for db in ("seqs", "meta"):
+        for run_dir in (repo / ".aim" / db / "chunks").iterdir():
+            for f in run_dir.glob("OPTIONS-*"):
+                size = f.read_text().split("  write_buffer_size=")[1].split()[0]
+                sizes.setdefault(run_dir.name == own_hash, set()).add(int(size))
+    assert sizes == {True: {1024 * 1024}, False: {8 * 1024 * 1024}}, sizes
+
+
 def test_the_writer_process_pins_mallocs_mmap_threshold_unless_the_user_did(monkeypatch):
     """glibc raises its mmap threshold as large blocks are freed, and RocksDB's freed blocks
     then stay in the heaps (the writer's RSS grew ~90 MB over 200 000 queries)."""

@@ -33,7 +33,13 @@ from .aimexit import (
     tolerant_atexit,
 )
 from .content import DEFAULT_SECRET_PATTERNS, ContentPolicy
-from .fasttrack import FastTrack, context_key, group_commit, install_group_commit
+from .fasttrack import (
+    FastTrack,
+    context_key,
+    group_commit,
+    install_group_commit,
+    size_memtables_in_this_thread,
+)
 from .finish import Finisher, storable
 from .lifecycle import start_background
 from .log import warn_once
@@ -282,7 +288,8 @@ class RunSink:
             repo = resolve_repo(self.config.repo)
             ensure_repo_initialized(repo)
             if self.address is None:
-                install_group_commit()  # also sizes the memtables of the containers opened next
+                install_group_commit()
+                size_memtables_in_this_thread()  # (the databases of this run, opened next)
             with tolerant_atexit():
                 run = Run(
                     run_hash=self.config.run_hash,

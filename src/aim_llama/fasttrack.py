@@ -202,6 +202,7 @@ def _ctx_key(context: dict[str, Any] | None) -> str:
 
 class _GroupCommit(threading.local):
     batches: dict[int, tuple[Any, Any]] | None = None
+    sizes_memtables = False  # (the writer's thread: see `size_memtables_in_this_thread`)
 
 
 _group = _GroupCommit()
@@ -253,8 +254,10 @@ def install_group_commit() -> bool:
             # writer. Larger memtables cut that work several-fold (up to 2 x 8 MB per
             # container). Set just before Aim opens the database, on first use: its `__init__`
             # opens it in its last line, and options changed after that are never read.
+            # Only in the writer's own thread: an Aim run the application opens itself (thread
+            # writer) keeps Aim's sizes.
             resources = getattr(self, "_resources", None)  # (Aim's internals: never a raise)
-            if (resources is not None and getattr(resources, "_db", True) is None
+            if (_group.sizes_memtables and resources is not None and getattr(resources, "_db", True) is None
                     and not getattr(self, "read_only", True)
                     and isinstance(getattr(self, "_db_opts", None), dict)):
                 self._db_opts.update(WRITE_BUFFER_OPTIONS)
@@ -266,6 +269,11 @@ def install_group_commit() -> bool:
     RocksContainer._aim_llama_commit = staticmethod(orig_commit)
     _patched = True
     return True
+
+
+def size_memtables_in_this_thread() -> None:
+    """Give the Aim databases this thread opens from now on the writer's larger memtables."""
+    _group.sizes_memtables = True
 
 
 class group_commit:
