@@ -1230,6 +1230,8 @@ def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
     from llama_index.core.base.llms.types import (
         ChatMessage,
         ChatResponse,
+        CitableBlock,
+        CitationBlock,
         DocumentBlock,
         ImageBlock,
         MessageRole,
@@ -1247,7 +1249,10 @@ def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
         @llm_chat_callback()
         def chat(self, messages: Any, **kwargs: Any) -> ChatResponse:
             return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, blocks=[
-                ThinkingBlock(content="it has whiskers"), TextBlock(text="A cat.")]))
+                ThinkingBlock(content="it has whiskers"), TextBlock(text="A cat."),
+                CitationBlock(title="Cats 101", source="https://example.com/cats",
+                              cited_content=TextBlock(text="Cats have whiskers."),
+                              additional_location_info={})]))
 
         @llm_completion_callback()
         def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
@@ -1270,6 +1275,9 @@ def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
             DocumentBlock(url="https://example.com/q3.pdf")]),  # (titled "input_document")
         ChatMessage(role=MessageRole.USER, blocks=[
             ImageBlock(url=inline), TextBlock(text="And this one?")]),
+        ChatMessage(role=MessageRole.USER, blocks=[  # a source to cite from: its text shown
+            CitableBlock(title="Cats 101", source="https://example.com/cats",
+                         content=[TextBlock(text="Cats have whiskers.")])]),
     ]
     with recording(repo):
         ThinkingLLM().chat(messages)
@@ -1278,9 +1286,11 @@ def test_images_documents_and_thinking_in_messages_are_shown_by_placeholders(
     assert prompt == ("user: What is in this image?\n[image: https://example.com/cat.png]\n"
                       "user: [image: image/png]\nuser: [document: report.pdf]\n"
                       "user: [document: https://example.com/q3.pdf]\n"
-                      "user: [image: image/png, 24 KB inline]\nAnd this one?")
+                      "user: [image: image/png, 24 KB inline]\nAnd this one?\n"
+                      "user: [citable: Cats 101]\nCats have whiskers.")
     ((_, response),) = run.text("response", kind="llm")
-    assert response == "[thinking: it has whiskers]\nA cat."
+    assert response == ("[thinking: it has whiskers]\nA cat.\n[citation: Cats 101]\n"
+                        "Cats have whiskers.")
     # an agent's answer is what the application shows: the text, not the thinking
     from types import SimpleNamespace
 

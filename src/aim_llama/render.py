@@ -121,7 +121,7 @@ def _content(message: Any, placeholders: bool = True) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _block_text(block: Any) -> str:
+def _block_text(block: Any, depth: int = 0) -> str:
     kind = field(block, "block_type")
     if kind == "text":
         text = field(block, "text")
@@ -131,6 +131,18 @@ def _block_text(block: Any) -> str:
     if kind == "thinking":
         thought = field(block, "content")
         return f"[thinking: {thought}]" if isinstance(thought, str) and thought else "[thinking]"
+    if kind in ("citable", "citation") and depth < 2:
+        # a source given to cite from, or a citation in a response: its marker, then the text
+        # it holds (a citation's `cited_content` is one block, a citable source's a list)
+        inner = field(block, "content" if kind == "citable" else "cited_content")
+        parts = inner[:MAX_ITEMS] if isinstance(inner, list) else [inner]
+        marker = _block_marker(kind, block)
+        text = "\n".join(filter(None, (_block_text(b, depth + 1) for b in parts if b is not None)))
+        return f"{marker}\n{text}" if text else marker
+    return _block_marker(kind, block)
+
+
+def _block_marker(kind: Any, block: Any) -> str:
     # where it comes from, never its bytes (a `data:` URL holds them: its type and size)
     title = field(block, "title")
     detail = next((str(v) for v in (None if title == "input_document" else title,
