@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,10 @@ def test_example_config_documents_every_setting_and_is_valid(workdir: Path) -> N
     proc = cli("config", "--json", cwd=workdir, AIM_LLAMA_CONFIG=str(example))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["writer"]["source"].endswith("aim_llama.toml: writer")
+    # the same, as a newcomer checks a file: `aim-llama config --file PATH`
+    proc = cli("config", "--json", "--file", str(example), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["writer"]["source"] == f"{example}: writer"
     # a copied example must not make every Python start parse TOML (the switches' quick path
     # parses a file only for a line that sets one of them)
     from aim_llama.switches import ENV
@@ -98,6 +103,17 @@ def test_errors_name_a_relatively_given_config_file_by_its_full_path(workdir: Pa
     proc = cli("config", cwd=workdir, AIM_LLAMA_CONFIG="cfg/b.toml")
     assert proc.returncode == 1
     assert f"{workdir / 'cfg' / 'b.toml'}: unknown setting 'queue_sz'" in proc.stderr, proc.stderr
+    proc = cli("config", "--file", "cfg/b.toml", cwd=workdir)
+    assert proc.returncode == 1
+    assert f"{workdir / 'cfg' / 'b.toml'}: unknown setting 'queue_sz'" in proc.stderr, proc.stderr
+    # ...and a file that is not there, or cannot be read, too (they were named as typed)
+    proc = cli("config", cwd=workdir, AIM_LLAMA_CONFIG="cfg/nope.toml")
+    assert (f"config file {str(workdir / 'cfg' / 'nope.toml')!r} does not exist (named by env "
+            "AIM_LLAMA_CONFIG)") in proc.stderr, proc.stderr
+    os.mkfifo(workdir / "cfg" / "fifo.toml")  # nobody writes it: read for a while, then refused
+    proc = cli("config", cwd=workdir, AIM_LLAMA_CONFIG="cfg/fifo.toml")
+    assert proc.returncode == 1
+    assert f"cannot read config file {workdir / 'cfg' / 'fifo.toml'}: " in proc.stderr, proc.stderr
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(workdir: Path) -> None:

@@ -133,8 +133,17 @@ def test_unusable_local_repo_fails_with_a_fix(workdir, tmp_path):
     proc = doctor(workdir, "--probe", AIM_REPO=str(blocker / "repo"))
     assert proc.returncode == 1
     got = lines(proc)
-    assert got["repo"].startswith("FAIL") and "is not a directory" in got["repo"]
-    assert "fix:" in got["repo"]
+    # a file on the repo's way can never work: the configuration itself is invalid
+    assert got["config"].startswith("FAIL") and "on its way is a file" in got["config"]
+    assert "env AIM_REPO=" in got["config"] and "fix:" in got["config"]
+    # a repo directory Aim cannot use (its `.aim` a file): the repo check says so, with a fix
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".aim").write_text("not Aim's directory")
+    proc = doctor(workdir, "--probe", AIM_REPO=str(repo))
+    assert proc.returncode == 1
+    got = lines(proc)
+    assert got["repo"].startswith("FAIL") and "fix:" in got["repo"], got
     assert got["probe"].startswith("FAIL")
 
 

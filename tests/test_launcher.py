@@ -311,6 +311,7 @@ def test_options_and_set_map_to_env():
 def test_bad_set_is_a_usage_error(workdir):
     proc = launch(["--set", "experimnet=x", "--", sys.executable, "-c", "pass"], workdir)
     assert proc.returncode == 2 and "experimnet" in proc.stderr
+    assert "did you mean 'experiment'?" in proc.stderr, proc.stderr  # as env and TOML typos
 
 
 def test_bootstrap_is_prepended_once():
@@ -369,8 +370,8 @@ def test_config_error_is_reported_once_per_process_and_app_runs(workdir, repo):
     assert run_hashes(repo) == []
     missing = launch(["--config", "missing.toml", "--set", "sample_rate=2", *LIGHT_CMD], workdir,
                      repo)
-    assert "named by aim-llama run --config, passed as env AIM_LLAMA_CONFIG does not exist" in (
-        missing.stderr), missing.stderr
+    assert (f"config file {str(workdir / 'missing.toml')!r} does not exist (named by aim-llama "
+            "run --config, passed as env AIM_LLAMA_CONFIG)") in missing.stderr, missing.stderr
     (workdir / "aim_llama.toml").write_text("queue_size = 100\n")
     typed = launch(["--set", "sample_rate=2", *LIGHT_CMD], workdir, repo)
     assert ("invalid setting sample_rate (aim-llama run --set sample_rate '2', passed as env "

@@ -219,17 +219,38 @@ def test_sigkill_keeps_what_was_handed_over_and_the_writer_finalizes(repo, workd
 
 
 def test_unusable_repo_leaves_app_unaffected_with_one_error(run_py, tmp_path):
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("a file where the repo's parent directory should be")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".aim").write_text("a file where Aim's directory should be")
     proc = run_py(
         script=APPS / "rag.py", args=["3", "--exit-code", "0"],
-        env={"AIM_REPO": str(blocker / "repo")},
+        env={"AIM_REPO": str(repo)},
     )
     assert "DONE" in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if "cannot create the Aim run" in line]
     assert len(errors) == 1, proc.stderr
-    assert str(blocker / "repo") in errors[0]
+    assert str(repo) in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["the repo", "on its way"])
+def test_a_repo_path_a_file_is_in_the_way_of_is_a_configuration_error(run_py, tmp_path,
+                                                                        where):
+    """A file where the repo (or a directory holding it) should be can never work: a
+    one-line configuration error naming the setting and its source, as for any bad value
+    (it was a writer error naming neither, after the app had started recording)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    repo = blocker if where == "the repo" else blocker / "sub" / "repo"
+    proc = run_py(script=APPS / "rag.py", args=["3", "--exit-code", "0"],
+                  env={"AIM_REPO": str(repo)})
+    assert "DONE" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "invalid setting repo (env AIM_REPO=" in lines[0]
+    assert f"{str(blocker)!r}" in lines[0] and "is a file" in lines[0]
+    assert "allowed: a directory path or aim://host:port" in lines[0]
+    assert not (tmp_path / ".aim").exists() and blocker.read_text() == "not a directory"
 
 
 def _refuse_big_files() -> None:

@@ -15,6 +15,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from .settings import ENV_NAMES, load_settings, redact_for_display
 
     try:
+        if args.file is not None:  # (as the launcher's --config: relative to where it was typed)
+            from .switches import CONFIG_ENV
+
+            os.environ[CONFIG_ENV] = os.path.abspath(args.file)
         loaded = load_settings()
     except ConfigError as exc:
         print(f"aim-llama: error: {exc}", file=sys.stderr)
@@ -93,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "they are invalid.",
     )
     config.add_argument("--json", action="store_true", help="machine-readable output")
+    config.add_argument("--file", metavar="PATH",
+                        help="read settings from this TOML file (as AIM_LLAMA_CONFIG=PATH "
+                             "would), e.g. to check a file before using it")
     config.set_defaults(func=_cmd_config)
     try:
         from .launcher import add_run_parser

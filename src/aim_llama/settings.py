@@ -35,6 +35,7 @@ from .switches import (
     CONFIG_TEXT_ENV,
     DEFAULT_TOML,
     decode,
+    here,
     inherited_text,
     read_config,
     settings_files,
@@ -313,6 +314,10 @@ class AimLlamaSettings(BaseSettings):
             match = re.fullmatch(r"aim://([^:/\s]+):(\d{1,5})/?", value)
             if not match or not 0 < int(match.group(2)) < 65536:
                 raise ValueError(f"{value!r} is not an aim://host:port address")
+        elif value is not None:
+            problem = _file_in_the_way(value)
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("system_tracking_interval", mode="before")
@@ -472,6 +477,40 @@ class ExactEnvSource(PydanticBaseSettingsSource):
         return values
 
 
+def _file_in_the_way(repo: str) -> str | None:
+    """Why a local repo path can never be a directory — it, or a directory on its way, is a
+    file — or None (a path that can be made, or one that cannot be checked: the writer's
+    own error then says why). A few `stat`s; never raises."""
+    try:
+        wanted = os.path.expanduser(repo)
+        if not os.path.isabs(wanted):
+            base = here()
+            if base is None:
+                return None
+            wanted = os.path.join(base, wanted)
+        path = wanted = os.path.abspath(wanted)
+        while True:
+            try:
+                is_dir = os.path.isdir(path) if os.path.lexists(path) else None
+            except OSError:
+                return None
+            if is_dir is None:  # (not there yet: it will be made, if what holds it can be)
+                parent = os.path.dirname(path)
+                if parent == path:
+                    return None
+                path = parent
+                continue
+            if is_dir:
+                return None
+            if not os.path.exists(path):
+                return None  # (a dangling symlink: Aim's error says more than we could)
+            if path == wanted:
+                return f"{repo!r} is a file, not a directory"
+            return f"{repo!r} cannot be a directory: {path!r} on its way is a file"
+    except Exception:
+        return None
+
+
 def config_file_path(environ: Mapping[str, str]) -> tuple[Path | None, bool, Path | None]:
     """(the TOML file, whether `AIM_LLAMA_CONFIG` named it (then it must exist),
     pyproject.toml); None where the working directory was deleted (see `switches`)."""
@@ -523,15 +562,15 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
         doc: Any = tomllib.loads(decode(data))
     except PermissionError:
         raise ConfigError(
-            f"cannot read config file {path}: permission denied; make it readable or set "
+            f"cannot read config file {os.path.abspath(path)}: permission denied; make it readable or set "
             f"{CONFIG_ENV} to another file",
             setting=CONFIG_ENV,
             source=source,
         ) from None
     except OSError as exc:
         raise ConfigError(
-            f"cannot read config file {path}: {exc.strerror or exc}; make it a readable TOML "
-            f"file or set {CONFIG_ENV} to another file",
+            f"cannot read config file {os.path.abspath(path)}: {exc.strerror or exc}; make it "
+            f"a readable TOML file or set {CONFIG_ENV} to another file",
             setting=CONFIG_ENV,
             source=source,
         ) from None
@@ -587,7 +626,8 @@ def _anchor_repo(data: dict[str, Any], path: Path) -> dict[str, Any]:
     repo = os.path.expanduser(repo.strip())
     if os.path.isabs(repo) or not path.is_file():  # a pipe's "directory" means nothing
         return data
-    return {**data, "repo": os.path.join(os.path.dirname(os.path.abspath(path)), repo)}
+    return {**data, "repo": os.path.normpath(
+        os.path.join(os.path.dirname(os.path.abspath(path)), repo))}
 
 
 def _exists(path: Path, explicit: bool, named_by: str = f"env {CONFIG_ENV}") -> bool:
@@ -596,8 +636,8 @@ def _exists(path: Path, explicit: bool, named_by: str = f"env {CONFIG_ENV}") -> 
         return path.exists()
     except OSError as exc:  # a name too long, a directory on the way that cannot be entered …
         raise ConfigError(
-            f"config file {str(path)[:200]!r}{' named by ' + named_by if explicit else ''} "
-            f"cannot be checked: {exc.strerror or exc}; "
+            f"config file {os.path.abspath(path)[:200]!r}"
+            f"{' (named by ' + named_by + ')' if explicit else ''} cannot be checked: {exc.strerror or exc}; "
             f"{'point ' + CONFIG_ENV + ' at' if explicit else 'use'} a readable TOML file",
             setting=CONFIG_ENV,
             source=named_by if explicit else str(path)[:200],
@@ -670,7 +710,7 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
     if (toml_path is not None and explicit and not _exists(toml_path, True, named_by)
             and inherited_text(str(toml_path), env) is None):
         raise ConfigError(
-            f"config file {str(toml_path)!r} named by {named_by} does not exist; "
+            f"config file {os.path.abspath(toml_path)!r} does not exist (named by {named_by}); "
             "point it at a readable TOML file or unset it",
             setting=CONFIG_ENV,
             source=named_by,
@@ -679,9 +719,9 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
                                   or (explicit and inherited_text(str(toml_path), env) is not None)):
         if toml_path.is_dir():
             raise ConfigError(
-                f"config file {str(toml_path)!r} is a directory; {CONFIG_ENV} must name a "
+                f"config file {os.path.abspath(toml_path)!r} is a directory; {CONFIG_ENV} must name a "
                 "TOML file" if explicit else
-                f"{str(toml_path)!r} is a directory, but aim-llama reads its settings from a "
+                f"{os.path.abspath(toml_path)!r} is a directory, but aim-llama reads its settings from a "
                 f"TOML file of that name in the working directory; rename the directory or set "
                 f"{CONFIG_ENV} to a TOML file",
                 setting=CONFIG_ENV if explicit else DEFAULT_TOML,
@@ -775,9 +815,7 @@ def _check_env_names(env: Mapping[str, str]) -> None:
             hint = f"did you mean {close[0]}? " if close else ""
         listed = f"{', '.join(ENV_NAMES[f] for f in FIELDS)}, {CONFIG_ENV}"
         raise ConfigError(
-            f"unknown environment variable {name}; "
-            + (f"{hint}(`aim-llama config` lists them all)" if hint
-               else f"aim-llama's variables: {listed}"),
+            f"unknown environment variable {name}; {hint}aim-llama's variables: {listed}",
             setting=name,
             source=f"env {name}",
         )

@@ -96,6 +96,19 @@ def env_for(name: str) -> str | None:
     return ENV_NAMES.get(key.lower()) or (key.upper() if key.upper() in ENV_NAMES.values() else None)
 
 
+def _close_setting(name: str) -> str:
+    """`; did you mean 'sample_rate'?` for a typed setting name close to a real one, or ''."""
+    try:
+        import difflib
+
+        from ..settings import ENV_NAMES
+    except Exception:
+        return ""
+    key = name.strip().lstrip("-").replace("-", "_").lower()
+    close = difflib.get_close_matches(key, sorted(ENV_NAMES), n=1, cutoff=0.8)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _dest(opt: Option) -> str:
     return "opt_" + opt.flag[2:].replace("-", "_")
 
@@ -166,8 +179,8 @@ def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
         name, sep, value = str(item).partition("=")
         var = env_for(name) if sep else None
         if var is None:
-            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME an aim-llama setting "
-                             "(see `aim-llama config`)")
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME an aim-llama setting"
+                             f"{_close_setting(name) if sep else ''} (see `aim-llama config`)")
         env[var] = value
         given[var] = f"--set {name.strip()}"
     for opt in OPTIONS:
