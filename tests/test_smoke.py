@@ -167,6 +167,22 @@ def test_unusual_values_from_the_app_are_recorded_not_lost(run_py, repo):
         for i in range(3):
             engine.query(Question(f"question {i}"))
         index.as_retriever(similarity_top_k=2).retrieve("long " * 6000)
+
+        from llama_index.core.retrievers import BaseRetriever
+        from llama_index.core.schema import NodeWithScore, TextNode
+
+        class Fixed(BaseRetriever):  # scores numpy cannot cut into 64 bins
+            def __init__(self, scores):
+                super().__init__()
+                self.scores = scores
+
+            def _retrieve(self, query_bundle):
+                return [NodeWithScore(node=TextNode(text=f"n{i}"), score=s)
+                        for i, s in enumerate(self.scores)]
+
+        for scores in ([0.42426406871192857, 0.42426406871192845],  # near-duplicate chunks
+                       [1e16, 1e16], [-1e308, 1e308]):
+            Fixed(scores).retrieve("q")
         print("FLUSHED", aim_llama.flush(30))
         """
     )
@@ -178,6 +194,11 @@ def test_unusual_values_from_the_app_are_recorded_not_lost(run_py, repo):
     assert len(run.metric("latency_ms", kind="query")) == 3
     assert len(run.metric("retrieved_nodes", **RETRIEVE)) == 4
     assert run.metric("top_score", **RETRIEVE) == []  # NaN is no score
+    fixed = {"kind": "retrieve", "retriever": "Fixed"}
+    assert [v for _, v in run.metric("top_score", **fixed)] == [0.42426406871192857, 1e16, 1e308]
+    # each score list is one distribution, none lost (numpy could not cut them into 64 bins)
+    assert [d for _, d in run.distribution("retrieval_scores", **fixed)] == [
+        (2, (0.42426406871192845, 0.42426406871192857)), (2, (1e16, 1e16)), (2, (-1e308, 1e308))]
     retrieved = [text for _, text in run.text("retrieved", **RETRIEVE)]
     first, *nodes = retrieved[3].splitlines()
     assert first.startswith("query: long long") and first.endswith("…") and len(first) < 400

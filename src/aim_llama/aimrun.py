@@ -810,7 +810,7 @@ class RunSink:
 
                 value = count_in_writer(value)
             elif rec.kind == "distribution":
-                value = self._aim.Distribution(samples=list(value))
+                value = self._distribution(list(value))
             ctx_key = context_key(rec.context)
             step = self._next_step(rec.name, ctx_key, rec.step)
             fast = self._fast
@@ -824,6 +824,18 @@ class RunSink:
             run.log_error(rec.message, **rec.details)
         elif isinstance(rec, TerminalOutput):
             self._terminal(rec.text)
+
+    def _distribution(self, samples: list[float]) -> Any:
+        """Aim's 64-bin histogram of `samples`; one bin holding them all where their range is
+        too narrow or too wide for 64 finite bins (near-duplicate chunks score equal but for
+        the last bits: numpy refuses those, and the record was lost with an error line)."""
+        try:
+            return self._aim.Distribution(samples=samples)
+        except ValueError:
+            low, high = float(min(samples)), float(max(samples))
+            value = self._aim.Distribution(hist=[len(samples)], bin_range=(0.0, 1.0))
+            value.storage["range"] = [low, high]  # (numpy's linspace overflows on ±1e308)
+            return value
 
     def _terminal(self, text: str) -> None:
         data = self._log_tail + text
