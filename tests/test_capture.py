@@ -976,6 +976,45 @@ def test_a_structured_llm_call_keeps_the_providers_token_usage(repo: Path) -> No
         assert not run.metric(name, kind="llm", source="estimated")
 
 
+def test_a_streamed_structured_llm_call_is_one_call(repo: Path) -> None:
+    """`as_structured_llm(...).stream_chat` / `astream_chat` return a stream whose body calls
+    the wrapped LLM only as it is read, after the outer call's span ended: that inner call is
+    part of the outer one (it was a second LLM call: its tokens counted twice), as for
+    `chat`. Another LLM called by the application between two chunks stays its own call."""
+    from llama_index.core.llms import ChatMessage
+    from pydantic import BaseModel
+
+    class Ranking(BaseModel):
+        documents: list[dict[str, int]]
+
+    structured = RuleLLM().as_structured_llm(Ranking)
+    other = RuleLLM()
+    question = [ChatMessage(role="user", content="rank by document_number")]
+
+    async def read_async() -> list[Any]:
+        gen = await structured.astream_chat(question)
+        return [chunk async for chunk in gen]
+
+    with recording(repo):
+        chunks = []
+        for chunk in structured.stream_chat(question):
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                other.complete("between two chunks")  # the app's own call, in its loop
+        assert chunks[-1].raw.documents[0] == {"document_number": 2, "relevance": 9}
+        assert asyncio.run(read_async())[-1].raw.documents[0] == {"document_number": 2,
+                                                                   "relevance": 9}
+    run = only_run(repo)
+    assert_llm_steps_line_up(run, 3)
+    # (steps number calls as they end: the app's own call ended before the stream it read)
+    prompts = [t for _, t in run.text("prompt", kind="llm")]
+    assert prompts == ["between two chunks", "user: rank by document_number",
+                       "user: rank by document_number"], prompts
+    responses = [t for _, t in run.text("response", kind="llm")]
+    assert responses[0] == "an answer from the rule llm"
+    assert all('"document_number":2' in r.replace(" ", "") for r in responses[1:]), responses
+
+
 def test_sub_question_query_engine(repo: Path) -> None:
     from llama_index.core.query_engine import SubQuestionQueryEngine
     from llama_index.core.question_gen import LLMQuestionGenerator

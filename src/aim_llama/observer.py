@@ -475,6 +475,9 @@ class Observer:
                                        arguments.get("messages"))
             if outer is not None:
                 return outer.node  # the body of an async stream, run as it is consumed
+            reading = self._stream_being_read()
+            if reading is not None and reading.node is not None:
+                return reading.node  # called by another LLM's stream as it is read
         if kind == "llm" and "stream" in span_name(id_).rsplit(".", 1)[-1]:
             waiting = _awaiting.get()
             if (waiting is not None and not waiting.finalized and waiting.hold > 0
@@ -697,6 +700,8 @@ class Observer:
             if outer is None and node is not None and node.inst_id:
                 outer = self._outer_stream(node.inst_id, node.name, fields.get("prompt"),
                                            fields.get("messages"))
+            if outer is None:
+                outer = self._stream_being_read()
             nested = outer is not None
             call = _Call(now, node, nested)
             call.outer = outer
@@ -757,6 +762,32 @@ class Observer:
                     else call.messages is messages or call.messages == messages):
                 call.claimed = True
                 return call
+        return None
+
+    def _stream_being_read(self) -> _Call | None:
+        """The LLM call whose returned stream is being read on this thread's stack, innermost
+        first (lock held). A structured LLM's `stream_chat` returns a stream whose body calls
+        the wrapped LLM only as it is read, after its own span ended: that call is part of it.
+        The application's own calls between two chunks run outside the stream's frame."""
+        bodies: dict[int, _Call] | None = None
+        for call in self._calls.values():
+            if call.body is not None:
+                stream = call.body()
+                frame = getattr(stream, "gi_frame", None) or getattr(stream, "ag_frame", None)
+                if frame is not None:
+                    if bodies is None:
+                        bodies = {}
+                    bodies[id(frame)] = call
+        if bodies is None:
+            return None
+        caller: types.FrameType | None = sys._getframe(1)
+        depth = 0
+        while caller is not None and depth < 200:
+            found = bodies.get(id(caller))
+            if found is not None:
+                return found
+            caller = caller.f_back
+            depth += 1
         return None
 
     def _model_param(self, call: _Call, node: _Node | None) -> None:
