@@ -941,10 +941,12 @@ def test_structured_llm_rerank(repo: Path) -> None:
     with recording(repo):
         engine.query("rank these")
     run = only_run(repo)
-    assert [v for _, v in run.metric("rerank_nodes_in", kind="rerank")] == [3.0]
-    assert [v for _, v in run.metric("rerank_nodes_out", kind="rerank")] == [2.0]
-    assert [v for _, v in run.metric("top_score", kind="rerank")] == [9.0]
-    text = run.text("reranked", kind="rerank")[0][1]
+    ctx = {"kind": "rerank", "reranker": "StructuredLLMRerank"}
+    assert [v for _, v in run.metric("rerank_nodes_in", **ctx)] == [3.0]
+    assert [v for _, v in run.metric("rerank_nodes_out", **ctx)] == [2.0]
+    assert [v for _, v in run.metric("top_score", **ctx)] == [9.0]
+    assert len(run.metric("latency_ms", **ctx)) == 1  # (once: from its event, not its span too)
+    text = run.text("reranked", **ctx)[0][1]
     assert text.startswith("before:\nquery: rank these\n") and "\nafter:\n" in text
     assert_llm_steps_line_up(run, 2)  # the reranker's structured call + the answer
     # the reranker is in the trace (LlamaIndex spans only its private `_postprocess_nodes`),
@@ -953,6 +955,43 @@ def test_structured_llm_rerank(repo: Path) -> None:
     (line,) = [i for i, t in enumerate(trace) if "StructuredLLMRerank._postprocess_nodes" in t]
     assert "RuleLLM." in trace[line + 1] and trace[line + 1].startswith(
         " " * (len(trace[line]) - len(trace[line].lstrip()) + 2)), trace
+
+
+def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Path) -> None:
+    """LLMRerank, a similarity cutoff and most of LlamaIndex's node postprocessors emit no
+    ReRank event: their values come from their span (nodes in and out, scores, latency, the
+    nodes before and after), one line per postprocessor class; values of one call share a
+    step."""
+    from llama_index.core.postprocessor import LLMRerank, SimilarityPostprocessor
+
+    docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(6)]
+    index = VectorStoreIndex.from_documents(docs, embed_model=WordEmbedding())
+    scores = [n.score for n in index.as_retriever(similarity_top_k=3).retrieve("topic 1")]
+    cutoff = sorted(scores)[1]  # keeps the best two of three
+    assert len(set(scores)) == 3, scores
+    engine = index.as_query_engine(similarity_top_k=3, node_postprocessors=[
+        SimilarityPostprocessor(similarity_cutoff=cutoff),
+        LLMRerank(llm=RuleLLM(), top_n=1, choice_batch_size=5)])
+    with recording(repo):
+        engine.query("topic 1")
+        engine.query("topic 1")
+        asyncio.run(engine.aquery("topic 1"))  # (LLMRerank's own async path has no span)
+    run = only_run(repo)
+    cut = {"kind": "rerank", "reranker": "SimilarityPostprocessor"}
+    llm = {"kind": "rerank", "reranker": "LLMRerank"}
+    assert run.metric("rerank_nodes_in", **cut) == [(0, 3.0), (1, 3.0), (2, 3.0)]
+    assert run.metric("rerank_nodes_out", **cut) == [(0, 2.0), (1, 2.0), (2, 2.0)]
+    assert [v for _, v in run.metric("top_score", **cut)] == [pytest.approx(max(scores))] * 3
+    assert run.metric("rerank_nodes_in", **llm) == [(0, 2.0), (1, 2.0)]
+    assert run.metric("rerank_nodes_out", **llm) == [(0, 1.0), (1, 1.0)]
+    assert run.metric("top_score", **llm) == [(0, 9.0), (1, 9.0)]  # the LLM's relevance
+    assert [s for s, _ in run.metric("latency_ms", **llm)] == [0, 1]
+    (before_after, _) = [t for _, t in run.text("reranked", **llm)]
+    before, after = before_after.split("\nafter:\n")
+    assert before.startswith("before:\nquery: topic 1\n") and before.count("\n") == 3
+    assert len(after.splitlines()) == 1 and "9.000" in after, after
+    # the reranker's LLM call and the answer, per query
+    assert_llm_steps_line_up(run, 6)
 
 
 def test_a_structured_llm_call_keeps_the_providers_token_usage(repo: Path) -> None:

@@ -51,7 +51,8 @@ MAX_TRACE_NODES = 400  # lines per trace; further spans are counted, not listed
 # its prompt / response / metrics say everything, and a trace per call would be noise).
 REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
-_SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step"})  # spans with records at exit
+# spans with records at exit
+_SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step", "postprocess"})
 _STEP_KINDS = frozenset({"agent_step", "workflow_step"})
 # methods of request components that LlamaIndex spans but that ask nothing of them: a chat
 # engine's reset, and the prompt accessors behind `get_prompts()` / `update_prompts()`
@@ -290,6 +291,9 @@ class Observer:
         # tool): a `top_score` missing where nodes have no scores, a text not sampled, must not
         # shift the next call's values onto this one's step.
         self._component_steps: dict[str, itertools.count[int]] = {}
+        # node postprocessor spans that emitted a ReRank event (the others' values come from
+        # their span: LLMRerank, a similarity cutoff)
+        self._reranked: set[str] = set()
         self._models: dict[str, dict[str, Any]] = {}
         self._seen_models: set[str] = set()
         self._next_sweep = _now() + SWEEP_INTERVAL
@@ -543,6 +547,11 @@ class Observer:
                             if not node.nested:
                                 self._tool(out, node, instance, bound_args, result, None,
                                            counted=under > 0)
+                        elif kind == "postprocess":
+                            if id_ in self._reranked:
+                                self._reranked.discard(id_)
+                            else:
+                                self._postprocessed(out, node, bound_args, result, now)
                         elif not self._off(kind):
                             ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
                             out.append(Track("latency_ms", (now - node.start) * 1000.0,
@@ -609,6 +618,7 @@ class Observer:
                 if ended is None:
                     return
                 under = self._tool_errors.pop(id_, 0)
+                self._reranked.discard(id_)
                 node, instance, root = ended
                 cancelled = err is None or _cancelled(err)
                 node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
@@ -1124,24 +1134,49 @@ class Observer:
         started = self._started("rerank", event.span_id)
         if started is None:
             return
-        before = list(getattr(started[1], "nodes", None) or [])
-        after = list(event.nodes or [])
-        ctx = {"kind": "rerank"}
-        step = _next_step(self._component_steps, "rerank")
-        out: list[Record] = [
-            Track("rerank_nodes_in", len(before), "metric", ctx, step),
-            Track("rerank_nodes_out", len(after), "metric", ctx, step),
-            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx, step),
-        ]
+        node = self._spans.get(event.span_id) if event.span_id else None
+        if node is not None and node.kind == "postprocess":
+            self._reranked.add(node.id)  # (its span's exit records nothing more)
+        out: list[Record] = []
+        self._reranks(out, _retriever_name(event.span_id), getattr(started[1], "nodes", None),
+                      event.nodes, getattr(started[1], "query", None), now - started[0],
+                      self._sampled(event.span_id))
+        self._emit(out)
+
+    def _postprocessed(self, out: list[Record], node: _Node, bound_args: Any, result: Any,
+                       now: float) -> None:
+        """A node postprocessor that emitted no ReRank event (LLMRerank, a similarity cutoff,
+        most of LlamaIndex's): the same values, from its span's nodes in and out (lock held)."""
+        if self._off("rerank") or node.nested or not isinstance(result, list):
+            return
+        try:
+            arguments = bound_args.arguments
+        except Exception:
+            return
+        nodes = arguments.get("nodes")
+        if not isinstance(nodes, list):
+            return
+        self._reranks(out, span_name(node.id).rpartition(".")[0] or "unknown", nodes, result,
+                      arguments.get("query_bundle"), now - node.start, node.root.sampled)
+
+    def _reranks(self, out: list[Record], reranker: str, before: Any, after: Any, query: Any,
+                 seconds: float, sampled: bool) -> None:
+        """The values of one rerank or node postprocessing, on one step per postprocessor
+        class (an LLM's 1–10 relevance and a cross-encoder's logits are different scales)."""
+        before, after = list(before or []), list(after or [])
+        ctx = {"kind": "rerank", "reranker": reranker}
+        step = _next_step(self._component_steps, "rerank:" + reranker)
+        out.append(Track("rerank_nodes_in", len(before), "metric", ctx, step))
+        out.append(Track("rerank_nodes_out", len(after), "metric", ctx, step))
+        out.append(Track("latency_ms", seconds * 1000.0, "metric", ctx, step))
         scores = render.scores_of(after)
         if scores:
             out.append(Track("top_score", max(scores), "metric", ctx, step))
-        if self.policy.capture and self._sampled(event.span_id):
-            query = render.query_text(getattr(started[1], "query", None))[: MAX_INPUT_LINE + MARGIN]
+        if self.policy.capture and sampled:
+            query = render.query_text(query)[: MAX_INPUT_LINE + MARGIN]
             value = RerankValue(NodesValue(query, render.node_rows(before), len(before)),
                                 NodesValue(None, render.node_rows(after), len(after)))
             out.append(Track("reranked", value, "text", ctx, step))
-        self._emit(out)
 
     # -- tools ------------------------------------------------------------------------
     def _tool(self, out: list[Record], node: _Node, instance: Any, bound_args: Any,

@@ -190,6 +190,8 @@ class RuleLLM(CustomLLM):
 
     def _text(self, prompt: str) -> str:
         self.calls += 1
+        if "Relevance: 7" in prompt:  # LLMRerank's choice-select prompt
+            return "Doc: 2, Relevance: 9\nDoc: 1, Relevance: 4"
         if "document_number" in prompt:
             return json.dumps({"documents": [{"document_number": 2, "relevance": 9},
                                              {"document_number": 1, "relevance": 4}]})
