@@ -167,6 +167,34 @@ def test_sigterm_flushes_finalizes_and_keeps_sigterm_status(repo, workdir):
     assert run.end_time is not None and not run.active
 
 
+def test_a_sigterm_to_the_app_and_its_writer_together_loses_nothing(repo, workdir):
+    """`systemctl stop` (KillMode=control-group), `pkill python`, a container runtime: the
+    SIGTERM reaches every process, the writer process too. It must outlive the application's
+    flush (it was killed with records in flight: the run stayed active, records were lost)."""
+    proc = start(repo, workdir, "5000", "sigterm-wait", "--text")
+    writer_pid = int(wait_for(proc, "READY").split()[1])
+    assert writer_pid > 0
+    os.kill(writer_pid, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert "killed by signal" not in err and "lost" not in err, err
+    run = only_run(repo)
+    texts = run.text("note", kind="t")
+    assert len(texts) == 5000 and texts[-1][1] == "record 4999"
+    assert run.end_time is not None and not run.active
+
+
+def test_the_apps_interpreter_options_do_not_reach_the_writer_process(repo, workdir):
+    """`PYTHONWARNINGS=error::DeprecationWarning` (a strict CI, say) made Aim's own import in
+    the writer process fail: no run at all, every record lost. The application keeps it."""
+    proc = start(repo, workdir, "300", "exit", env={"PYTHONWARNINGS": "error::DeprecationWarning"})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "aim_llama" not in err, err
+    assert values(only_run(repo), kind="t0") == [float(i) for i in range(300)]
+
+
 def test_sigterm_chains_to_the_apps_own_handler(repo, workdir):
     proc = start(repo, workdir, "2000", "app-handler")
     wait_for(proc, "READY")

@@ -213,6 +213,14 @@ if hasattr(os, "register_at_fork"):
                         after_in_child=_after_fork_in_child)
 
 
+# Interpreter options an application sets for itself that would break or clutter the writer
+# process: `PYTHONWARNINGS=error::DeprecationWarning` made Aim's own import fail (no run at
+# all), PYTHONINSPECT would leave it at an interactive prompt, the verbose and import-time
+# traces would write to the application's stderr.
+_APP_ONLY_PYTHON_ENV = ("PYTHONWARNINGS", "PYTHONINSPECT", "PYTHONVERBOSE",
+                        "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE", "PYTHONSTARTUP")
+
+
 class ProcessBackend:
     """Feeds a writer process over its stdin and reads its acknowledgements from its stdout.
 
@@ -226,6 +234,8 @@ class ProcessBackend:
         env["AIM_LLAMA_ENABLED"] = "false"  # the writer must never instrument itself
         env["AIM_LLAMA_ROLE"] = "writer"
         env.pop("__AIM_CLIENT_QUEUE_MAX_MEMORY__", None)  # breaks remote Runs (read as a string)
+        for name in _APP_ONLY_PYTHON_ENV:  # the application's interpreter options, not ours
+            env.pop(name, None)
         # The child must import this very copy of aim_llama, even if the app put it on sys.path
         # by hand: put its parent directory first.
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -157,9 +157,15 @@ def main() -> int:
     """Run the writer loop until the application goes away; exit status 0 when the run was finalized."""
     from .lifecycle import unblock_signals
 
-    unblock_signals()  # started from the application's writer thread, which blocks them
-    pin_mmap_threshold()  # (never in the application: the thread writer leaves malloc alone)
+    # A SIGTERM sent to every process of the application's cgroup (`systemctl stop`, a
+    # container runtime, `pkill python`) must not end us before the application's exit flush:
+    # we end on our own once the application is gone (the watchdog, bounded by its deadline).
+    # Ignored before the signals are unblocked, so that one pending since our start (the
+    # application's writer thread, which started us, blocks them) is discarded too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    unblock_signals()
+    pin_mmap_threshold()  # (never in the application: the thread writer leaves malloc alone)
     try:
         # Before Aim starts RocksDB's background threads: they inherit it. On a busy machine
         # the application keeps its CPU; the writer uses what is idle (and all of it while

@@ -162,7 +162,12 @@ if a.mode == "flush-wait":
     print("FLUSHED", ok, writer.run_hash, flush=True)
     sys.stdin.readline()
 elif a.mode in ("sigterm-wait", "app-handler", "kill-wait"):
-    print("READY", flush=True)
+    writer_pid = 0  # (the writer process's, once it runs: a test may signal it too)
+    deadline = time.monotonic() + 30
+    while a.backend == "process" and not writer_pid and time.monotonic() < deadline:
+        writer_pid = getattr(getattr(getattr(writer, "_backend", None), "proc", None), "pid", 0)
+        time.sleep(0.01)
+    print("READY", writer_pid, flush=True)
     time.sleep(60)
     print("NOT KILLED", flush=True)
 print("EXITING", time.time(), flush=True)
