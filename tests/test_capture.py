@@ -936,19 +936,33 @@ def test_a_fusion_retrievers_scores_stay_apart_from_its_sub_retrievers(repo: Pat
 def test_structured_llm_rerank(repo: Path) -> None:
     from llama_index.core.postprocessor.structured_llm_rerank import StructuredLLMRerank
 
+    class MyRerank(StructuredLLMRerank):  # a subclass: LlamaIndex spans both methods
+        def _postprocess_nodes(self, nodes: Any, query_bundle: Any = None) -> Any:
+            return super()._postprocess_nodes(nodes, query_bundle)
+
     engine = _index().as_query_engine(
         similarity_top_k=3, node_postprocessors=[StructuredLLMRerank(llm=RuleLLM(), top_n=2)])
+    mine = _index().as_query_engine(
+        similarity_top_k=3, node_postprocessors=[MyRerank(llm=RuleLLM(), top_n=2)])
     with recording(repo):
         engine.query("rank these")
+        # the async path has no span of its own: its events fall in the engine's span
+        asyncio.run(engine.aquery("rank these"))
+        mine.query("rank these")
     run = only_run(repo)
     ctx = {"kind": "rerank", "reranker": "StructuredLLMRerank"}
-    assert [v for _, v in run.metric("rerank_nodes_in", **ctx)] == [3.0]
-    assert [v for _, v in run.metric("rerank_nodes_out", **ctx)] == [2.0]
-    assert [v for _, v in run.metric("top_score", **ctx)] == [9.0]
-    assert len(run.metric("latency_ms", **ctx)) == 1  # (once: from its event, not its span too)
+    assert run.metric("rerank_nodes_in", **ctx) == [(0, 3.0), (1, 3.0)]
+    assert run.metric("rerank_nodes_out", **ctx) == [(0, 2.0), (1, 2.0)]
+    assert [v for _, v in run.metric("top_score", **ctx)] == [9.0, 9.0]
+    assert len(run.metric("latency_ms", **ctx)) == 2  # (once: from its event, not its span too)
     text = run.text("reranked", **ctx)[0][1]
     assert text.startswith("before:\nquery: rank these\n") and "\nafter:\n" in text
-    assert_llm_steps_line_up(run, 2)  # the reranker's structured call + the answer
+    # the subclass's rerank: once (its events, in the inner span), not again at its outer one
+    mine_ctx = {"kind": "rerank", "reranker": "MyRerank"}
+    assert run.metric("rerank_nodes_out", **mine_ctx) == [(0, 2.0)]
+    assert {dict(c).get("reranker") for n, c in run.sequences() if n == "rerank_nodes_in"} == {
+        "StructuredLLMRerank", "MyRerank"}
+    assert_llm_steps_line_up(run, 6)  # the reranker's structured call + the answer, 3 times
     # the reranker is in the trace (LlamaIndex spans only its private `_postprocess_nodes`),
     # with its LLM call under it
     trace = traces(run, "query")[0].splitlines()
@@ -964,6 +978,14 @@ def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Pa
     step."""
     from llama_index.core.postprocessor import LLMRerank, SimilarityPostprocessor
 
+    from llama_index.core.postprocessor.types import BaseNodePostprocessor
+
+    class Rescore(BaseNodePostprocessor):  # changes the nodes it is given in place
+        def _postprocess_nodes(self, nodes: Any, query_bundle: Any = None) -> Any:
+            for i, n in enumerate(nodes):
+                n.score = 100.0 + i
+            return nodes
+
     docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(6)]
     index = VectorStoreIndex.from_documents(docs, embed_model=WordEmbedding())
     scores = [n.score for n in index.as_retriever(similarity_top_k=3).retrieve("topic 1")]
@@ -972,10 +994,12 @@ def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Pa
     engine = index.as_query_engine(similarity_top_k=3, node_postprocessors=[
         SimilarityPostprocessor(similarity_cutoff=cutoff),
         LLMRerank(llm=RuleLLM(), top_n=1, choice_batch_size=5)])
+    rescored = index.as_query_engine(similarity_top_k=3, node_postprocessors=[Rescore()])
     with recording(repo):
         engine.query("topic 1")
         engine.query("topic 1")
         asyncio.run(engine.aquery("topic 1"))  # (LLMRerank's own async path has no span)
+        rescored.query("topic 1")
     run = only_run(repo)
     cut = {"kind": "rerank", "reranker": "SimilarityPostprocessor"}
     llm = {"kind": "rerank", "reranker": "LLMRerank"}
@@ -990,8 +1014,13 @@ def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Pa
     before, after = before_after.split("\nafter:\n")
     assert before.startswith("before:\nquery: topic 1\n") and before.count("\n") == 3
     assert len(after.splitlines()) == 1 and "9.000" in after, after
-    # the reranker's LLM call and the answer, per query
-    assert_llm_steps_line_up(run, 6)
+    # the reranker's LLM call and the answer, per query (and the last query's answer)
+    assert_llm_steps_line_up(run, 7)
+    # the nodes before, as they were given: not as the postprocessor left them
+    (text,) = [t for _, t in run.text("reranked", kind="rerank", reranker="Rescore")]
+    before, after = text.split("\nafter:\n")
+    assert "score=100.0000" not in before and f"score={max(scores):.4f}" in before, text
+    assert "score=100.0000" in after and "score=102.0000" in after, text
 
 
 def test_a_structured_llm_call_keeps_the_providers_token_usage(repo: Path) -> None:

@@ -169,6 +169,7 @@ def _after_fork_in_child() -> None:
             observer._calls = {}
             observer._timed = {}
             observer._tool_errors = {}
+            observer._postprocessing = {}
             observer._dropped = collections.deque()
 
 

@@ -291,9 +291,10 @@ class Observer:
         # tool): a `top_score` missing where nodes have no scores, a text not sampled, must not
         # shift the next call's values onto this one's step.
         self._component_steps: dict[str, itertools.count[int]] = {}
-        # node postprocessor spans that emitted a ReRank event (the others' values come from
-        # their span: LLMRerank, a similarity cutoff)
-        self._reranked: set[str] = set()
+        # open node postprocessor spans (LLMRerank, a similarity cutoff …): the nodes they were
+        # given, as they were then (some change them in place), for their values at exit —
+        # unless a ReRank event of theirs recorded them (then the entry is gone)
+        self._postprocessing: dict[str, tuple[int, Any, Any]] = {}
         self._models: dict[str, dict[str, Any]] = {}
         self._seen_models: set[str] = set()
         self._next_sweep = _now() + SWEEP_INTERVAL
@@ -452,6 +453,8 @@ class Observer:
                 node.root = root
                 if kind == "tool":
                     self._tool_errors[id_] = 0
+                elif kind == "postprocess" and not node.nested and not self._off("rerank"):
+                    self._postprocessing[id_] = self._nodes_given(bound_args, root.sampled)
                 root.open += 1
                 root.last_seen = now
                 self._spans[id_] = node
@@ -548,10 +551,10 @@ class Observer:
                                 self._tool(out, node, instance, bound_args, result, None,
                                            counted=under > 0)
                         elif kind == "postprocess":
-                            if id_ in self._reranked:
-                                self._reranked.discard(id_)
-                            else:
-                                self._postprocessed(out, node, bound_args, result, now)
+                            given = self._postprocessing.pop(id_, None)
+                            if given is not None and isinstance(result, list):
+                                self._reranks(out, type(instance).__name__, given, result,
+                                              now - node.start, node.root.sampled)
                         elif not self._off(kind):
                             ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
                             out.append(Track("latency_ms", (now - node.start) * 1000.0,
@@ -618,7 +621,7 @@ class Observer:
                 if ended is None:
                     return
                 under = self._tool_errors.pop(id_, 0)
-                self._reranked.discard(id_)
+                self._postprocessing.pop(id_, None)
                 node, instance, root = ended
                 cancelled = err is None or _cancelled(err)
                 node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
@@ -1135,46 +1138,80 @@ class Observer:
         if started is None:
             return
         node = self._spans.get(event.span_id) if event.span_id else None
-        if node is not None and node.kind == "postprocess":
-            self._reranked.add(node.id)  # (its span's exit records nothing more)
+        reranker = None
+        while node is not None and node.kind == "postprocess":
+            # its own events say it all: its span's exit (and that of the same object's
+            # outer span: a subclass calling `super()._postprocess_nodes`) records nothing
+            self._postprocessing.pop(node.id, None)
+            inst = node.inst
+            if inst is not None:
+                reranker = type(inst).__name__
+            parent = node.parent
+            if parent is None or parent.inst_id != node.inst_id:
+                break
+            node = parent
+        if reranker is None:  # (an async rerank runs in no span of its own: the caller's)
+            reranker = self._postprocessor_on_stack()
+        sampled = self._sampled(event.span_id)
+        before = list(getattr(started[1], "nodes", None) or [])
+        query = getattr(started[1], "query", None)
+        given = (len(before), render.node_rows(before) if self.policy.capture and sampled
+                 else None, query)
         out: list[Record] = []
-        self._reranks(out, _retriever_name(event.span_id), getattr(started[1], "nodes", None),
-                      event.nodes, getattr(started[1], "query", None), now - started[0],
-                      self._sampled(event.span_id))
+        self._reranks(out, reranker, given, event.nodes, now - started[0], sampled)
         self._emit(out)
 
-    def _postprocessed(self, out: list[Record], node: _Node, bound_args: Any, result: Any,
-                       now: float) -> None:
-        """A node postprocessor that emitted no ReRank event (LLMRerank, a similarity cutoff,
-        most of LlamaIndex's): the same values, from its span's nodes in and out (lock held)."""
-        if self._off("rerank") or node.nested or not isinstance(result, list):
-            return
+    def _nodes_given(self, bound_args: Any, sampled: bool) -> tuple[int, Any, Any]:
+        """(how many, their rows, the query) of the nodes a postprocessor span was given; -1
+        where they are not a list (nothing is recorded then)."""
         try:
             arguments = bound_args.arguments
         except Exception:
-            return
+            return (-1, None, None)
         nodes = arguments.get("nodes")
         if not isinstance(nodes, list):
-            return
-        self._reranks(out, span_name(node.id).rpartition(".")[0] or "unknown", nodes, result,
-                      arguments.get("query_bundle"), now - node.start, node.root.sampled)
+            return (-1, None, None)
+        rows = render.node_rows(nodes) if self.policy.capture and sampled else None
+        return (len(nodes), rows, arguments.get("query_bundle"))
 
-    def _reranks(self, out: list[Record], reranker: str, before: Any, after: Any, query: Any,
-                 seconds: float, sampled: bool) -> None:
+    def _postprocessor_on_stack(self) -> str:
+        """The class of the node postprocessor whose code is running on this thread's stack
+        (an async rerank emits its events in its caller's span), or "unknown"."""
+        frame: types.FrameType | None = sys._getframe(2)
+        depth = 0
+        while frame is not None and depth < 30:
+            if "postprocess" in frame.f_code.co_name:
+                inst = frame.f_locals.get("self")
+                if inst is not None:
+                    kind = self._kinds.get(type(inst))
+                    if kind is None:
+                        kind = self._kind(inst)
+                    if kind == "postprocess":
+                        return type(inst).__name__
+            frame = frame.f_back
+            depth += 1
+        return "unknown"
+
+    def _reranks(self, out: list[Record], reranker: str, given: tuple[int, Any, Any],
+                 after: Any, seconds: float, sampled: bool) -> None:
         """The values of one rerank or node postprocessing, on one step per postprocessor
-        class (an LLM's 1–10 relevance and a cross-encoder's logits are different scales)."""
-        before, after = list(before or []), list(after or [])
+        class (an LLM's 1–10 relevance and a cross-encoder's logits are different scales).
+        `given`: (how many nodes it was given, their rows as they were, the query)."""
+        count, rows, query = given
+        if count < 0:
+            return
+        after = list(after or [])
         ctx = {"kind": "rerank", "reranker": reranker}
         step = _next_step(self._component_steps, "rerank:" + reranker)
-        out.append(Track("rerank_nodes_in", len(before), "metric", ctx, step))
+        out.append(Track("rerank_nodes_in", count, "metric", ctx, step))
         out.append(Track("rerank_nodes_out", len(after), "metric", ctx, step))
         out.append(Track("latency_ms", seconds * 1000.0, "metric", ctx, step))
         scores = render.scores_of(after)
         if scores:
             out.append(Track("top_score", max(scores), "metric", ctx, step))
-        if self.policy.capture and sampled:
+        if self.policy.capture and sampled and rows is not None:
             query = render.query_text(query)[: MAX_INPUT_LINE + MARGIN]
-            value = RerankValue(NodesValue(query, render.node_rows(before), len(before)),
+            value = RerankValue(NodesValue(query, rows, count),
                                 NodesValue(None, render.node_rows(after), len(after)))
             out.append(Track("reranked", value, "text", ctx, step))
 
