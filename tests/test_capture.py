@@ -1063,6 +1063,21 @@ def test_a_streamed_structured_llm_call_is_one_call(repo: Path) -> None:
         gen = await structured.astream_chat(question)
         return [chunk async for chunk in gen]
 
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+
+    judge = RuleLLM()
+
+    class Moderation(BaseEventHandler):  # the app's own handler: calls an LLM on a chunk
+        @classmethod
+        def class_name(cls) -> str:
+            return "Moderation"
+
+        def handle(self, event: Any, **kwargs: Any) -> None:
+            if type(event).__name__ == "LLMChatInProgressEvent" and not judge.calls:
+                judge.complete("moderate this chunk")
+
+    moderation = Moderation()
     with recording(repo):
         chunks = []
         for chunk in structured.stream_chat(question):
@@ -1072,15 +1087,25 @@ def test_a_streamed_structured_llm_call_is_one_call(repo: Path) -> None:
         assert chunks[-1].raw.documents[0] == {"document_number": 2, "relevance": 9}
         assert asyncio.run(read_async())[-1].raw.documents[0] == {"document_number": 2,
                                                                    "relevance": 9}
+        get_dispatcher().add_event_handler(moderation)
+        try:
+            list(structured.stream_chat(question))
+        finally:
+            get_dispatcher().event_handlers.remove(moderation)
+        assert judge.calls == 1
     run = only_run(repo)
-    assert_llm_steps_line_up(run, 3)
+    # a handler's call made while a stream ran is a call of its own, too
+    assert "moderate this chunk" in [t for _, t in run.text("prompt", kind="llm")]
+    assert len(run.text("prompt", kind="llm")) == 5
     # (steps number calls as they end: the app's own call ended before the stream it read)
     prompts = [t for _, t in run.text("prompt", kind="llm")]
-    assert prompts == ["between two chunks", "user: rank by document_number",
-                       "user: rank by document_number"], prompts
+    assert prompts[:3] == ["between two chunks", "user: rank by document_number",
+                           "user: rank by document_number"], prompts
+    assert sorted(prompts[3:]) == ["moderate this chunk", "user: rank by document_number"]
     responses = [t for _, t in run.text("response", kind="llm")]
     assert responses[0] == "an answer from the rule llm"
-    assert all('"document_number":2' in r.replace(" ", "") for r in responses[1:]), responses
+    assert all('"document_number":2' in r.replace(" ", "") for r in responses[1:3]), responses
+    assert_llm_steps_line_up(run, 5)
 
 
 def test_sub_question_query_engine(repo: Path) -> None:

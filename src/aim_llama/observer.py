@@ -21,6 +21,7 @@ import collections
 import contextlib
 import contextvars
 import enum
+import functools
 import inspect
 import itertools
 import logging
@@ -482,7 +483,7 @@ class Observer:
                                        arguments.get("messages"))
             if outer is not None:
                 return outer.node  # the body of an async stream, run as it is consumed
-            reading = self._stream_being_read()
+            reading = self._stream_being_read(0)
             if reading is not None and reading.node is not None:
                 return reading.node  # called by another LLM's stream as it is read
         if kind == "llm" and "stream" in span_name(id_).rsplit(".", 1)[-1]:
@@ -714,7 +715,7 @@ class Observer:
                 outer = self._outer_stream(node.inst_id, node.name, fields.get("prompt"),
                                            fields.get("messages"))
             if outer is None:
-                outer = self._stream_being_read()
+                outer = self._stream_being_read(1)  # (1: the dispatch of this very event)
             nested = outer is not None
             call = _Call(now, node, nested)
             call.outer = outer
@@ -777,11 +778,13 @@ class Observer:
                 return call
         return None
 
-    def _stream_being_read(self) -> _Call | None:
+    def _stream_being_read(self, own_dispatches: int) -> _Call | None:
         """The LLM call whose returned stream is being read on this thread's stack, innermost
         first (lock held). A structured LLM's `stream_chat` returns a stream whose body calls
         the wrapped LLM only as it is read, after its own span ended: that call is part of it.
-        The application's own calls between two chunks run outside the stream's frame."""
+        The application's own calls between two chunks run outside the stream's frame; those
+        an event or callback handler makes (the stream dispatches its chunks' events) are
+        behind a dispatch on the stack: `own_dispatches` is how many are the caller's own."""
         bodies: dict[int, _Call] | None = None
         for call in self._calls.values():
             if call.body is not None:
@@ -793,12 +796,17 @@ class Observer:
                     bodies[id(frame)] = call
         if bodies is None:
             return None
+        dispatches = _dispatch_codes()
         caller: types.FrameType | None = sys._getframe(1)
         depth = 0
         while caller is not None and depth < 200:
             found = bodies.get(id(caller))
             if found is not None:
                 return found
+            if caller.f_code in dispatches:
+                if own_dispatches <= 0:
+                    return None  # a handler's own call, made while the stream ran
+                own_dispatches -= 1
             caller = caller.f_back
             depth += 1
         return None
@@ -1646,6 +1654,25 @@ def _next_step(counters: dict[str, itertools.count[int]], key: str) -> int:
     if counter is None:
         counter = counters.setdefault(key, itertools.count())
     return next(counter)
+
+
+@functools.cache
+def _dispatch_codes() -> frozenset[types.CodeType]:
+    """The code of LlamaIndex's event dispatch and of its CallbackManager's, which run the
+    application's handlers."""
+    codes: set[types.CodeType] = set()
+    try:
+        from llama_index.core.callbacks.base import CallbackManager
+        from llama_index.core.instrumentation.dispatcher import Dispatcher
+
+        for fn in (Dispatcher.event, CallbackManager.on_event_start,
+                   CallbackManager.on_event_end):
+            code = getattr(fn, "__code__", None)
+            if isinstance(code, types.CodeType):
+                codes.add(code)
+    except Exception:
+        pass
+    return frozenset(codes)
 
 
 def _retriever_name(span_id: str | None) -> str:
