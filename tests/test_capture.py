@@ -977,7 +977,6 @@ def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Pa
     nodes before and after), one line per postprocessor class; values of one call share a
     step."""
     from llama_index.core.postprocessor import LLMRerank, SimilarityPostprocessor
-
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
 
     class Rescore(BaseNodePostprocessor):  # changes the nodes it is given in place

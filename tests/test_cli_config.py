@@ -106,6 +106,8 @@ def test_errors_name_a_relatively_given_config_file_by_its_full_path(workdir: Pa
     proc = cli("config", "--file", "cfg/b.toml", cwd=workdir)
     assert proc.returncode == 1
     assert f"{workdir / 'cfg' / 'b.toml'}: unknown setting 'queue_sz'" in proc.stderr, proc.stderr
+    proc = cli("config", "--file=~/cfg/b.toml", cwd=workdir, HOME=str(workdir))  # as the env var
+    assert f"{workdir / 'cfg' / 'b.toml'}: unknown setting 'queue_sz'" in proc.stderr, proc.stderr
     # ...and a file that is not there, or cannot be read, too (they were named as typed)
     proc = cli("config", cwd=workdir, AIM_LLAMA_CONFIG="cfg/nope.toml")
     assert (f"config file {str(workdir / 'cfg' / 'nope.toml')!r} does not exist (named by env "

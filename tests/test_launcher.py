@@ -312,6 +312,8 @@ def test_bad_set_is_a_usage_error(workdir):
     proc = launch(["--set", "experimnet=x", "--", sys.executable, "-c", "pass"], workdir)
     assert proc.returncode == 2 and "experimnet" in proc.stderr
     assert "did you mean 'experiment'?" in proc.stderr, proc.stderr  # as env and TOML typos
+    proc = launch(["--set", "AIM_LLAMA_QUEUESIZE=5", "--", sys.executable, "-c", "pass"], workdir)
+    assert proc.returncode == 2 and "did you mean 'AIM_LLAMA_QUEUE_SIZE'?" in proc.stderr
 
 
 def test_bootstrap_is_prepended_once():

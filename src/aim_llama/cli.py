@@ -18,7 +18,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         if args.file is not None:  # (as the launcher's --config: relative to where it was typed)
             from .switches import CONFIG_ENV
 
-            os.environ[CONFIG_ENV] = os.path.abspath(args.file)
+            os.environ[CONFIG_ENV] = os.path.abspath(os.path.expanduser(args.file))
         loaded = load_settings()
     except ConfigError as exc:
         print(f"aim-llama: error: {exc}", file=sys.stderr)

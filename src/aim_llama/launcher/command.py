@@ -104,8 +104,11 @@ def _close_setting(name: str) -> str:
         from ..settings import ENV_NAMES
     except Exception:
         return ""
-    key = name.strip().lstrip("-").replace("-", "_").lower()
-    close = difflib.get_close_matches(key, sorted(ENV_NAMES), n=1, cutoff=0.8)
+    key = name.strip().lstrip("-").replace("-", "_")
+    if key.isupper():  # an environment name (`AIM_LLAMA_QUEUESIZE`): one of those
+        close = difflib.get_close_matches(key, sorted(ENV_NAMES.values()), n=1, cutoff=0.8)
+    else:
+        close = difflib.get_close_matches(key.lower(), sorted(ENV_NAMES), n=1, cutoff=0.8)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
