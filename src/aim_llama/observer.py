@@ -1660,18 +1660,21 @@ def _next_step(counters: dict[str, itertools.count[int]], key: str) -> int:
 def _dispatch_codes() -> frozenset[types.CodeType]:
     """The code of LlamaIndex's event dispatch and of its CallbackManager's, which run the
     application's handlers."""
-    codes: set[types.CodeType] = set()
-    try:
-        from llama_index.core.callbacks.base import CallbackManager
-        from llama_index.core.instrumentation.dispatcher import Dispatcher
+    import importlib
 
-        for fn in (Dispatcher.event, CallbackManager.on_event_start,
-                   CallbackManager.on_event_end):
-            code = getattr(fn, "__code__", None)
+    codes: set[types.CodeType] = set()
+    for module, cls, names in (
+            ("llama_index.core.instrumentation", "Dispatcher", ("event",)),
+            ("llama_index.core.callbacks.base", "CallbackManager",
+             ("on_event_start", "on_event_end"))):
+        try:
+            owner = getattr(importlib.import_module(module), cls)
+        except Exception:
+            continue
+        for name in names:
+            code = getattr(getattr(owner, name, None), "__code__", None)
             if isinstance(code, types.CodeType):
                 codes.add(code)
-    except Exception:
-        pass
     return frozenset(codes)
 
 
