@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .aimrun import RunConfig, RunSink, track_dropped
 from .lifecycle import sigpipe_as_error, start_background
@@ -142,9 +142,17 @@ def write_until(fd: int, data: bytes, deadline: float) -> bool:
 REFUSED = ("refused",)  # what `read_frame` returns for a frame its `trusted` check turned down
 
 
-def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
+class Untrusted(NamedTuple):
+    """A frame read, as plain data only, from a sender `read_frame`'s check could not vouch for."""
+
+    value: Any
+
+
+def read_frame(stream: Any, trusted: Callable[[], bool] | None = None,
+               plain: bool = False) -> Any:
     """Read one frame from a binary stream; None at end of file. With `trusted`, the frame is
-    unpickled only if it says yes (else `REFUSED`): unpickling runs code the sender chose."""
+    unpickled in full only if it says yes (unpickling runs code the sender chose); else it is
+    `REFUSED`, or with `plain` read as plain data only and returned as `Untrusted`."""
     header = _read_exact(stream, _HEADER.size)
     if len(header) < _HEADER.size:
         return None
@@ -153,7 +161,7 @@ def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
     if len(data) < size:
         return None
     if trusted is not None and not trusted():
-        return REFUSED
+        return Untrusted(loads_many(data, plain_only=True)) if plain else REFUSED
     return loads_many(data)
 
 

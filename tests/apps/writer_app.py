@@ -7,6 +7,7 @@ MODE: exit (normal exit right after submitting), flush-wait (flush, print FLUSHE
       stop the writer process, submit the rest, kill it, submit 100 more, print ALIVE, exit
       normally), writer-dies-often (kill every writer process, MAX_RESTARTS + 1 times, with
       N records stored before each death),
+      stopped-writer-exit (flush half, stop the writer process, submit the rest, exit normally),
       writer-stalls (flush, stop the writer process, fill its pipe exactly, exit normally),
       drops-then-dies (overflow the queue in bursts of N, flush, stop the writer process, send
       it 15 records, kill it, exit normally).
@@ -126,6 +127,15 @@ elif a.mode == "drops-then-dies":
     time.sleep(0.5)
     os.kill(writer_pid, signal.SIGKILL)
     time.sleep(0.5)
+elif a.mode == "stopped-writer-exit":
+    half = a.n // 2
+    submit(0, half)
+    assert writer.flush(60), "flush timed out"
+    writer_pid = writer._backend.proc.pid
+    os.kill(writer_pid, signal.SIGSTOP)  # a writer far behind (heavy load): records in the pipe
+    submit(half, a.n - half)
+    time.sleep(0.5)  # (handed to the pipe by the sender thread)
+    print("WRITER", writer_pid, flush=True)
 elif a.mode == "writer-stalls":
     import fcntl
 
