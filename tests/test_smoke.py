@@ -66,6 +66,37 @@ def test_terminal_logs_keep_stderr_progress_lines_and_an_unfinished_last_line(ru
     assert lines[-1] == "last words, no newline"
 
 
+def test_terminal_logs_survive_a_notebook_putting_its_own_write_back(run_py, repo):
+    """IPython replaces `sys.stdout.write` for each cell and puts back its saved copy after
+    it, which took aim-llama's copy away: only the activating cell reached the Logs. A new
+    request wraps it again; nothing is copied twice."""
+    from aimread import terminal_lines
+
+    run_py(
+        """
+        import sys
+        import aim_llama.auto
+
+        def cell(n):  # as IPython runs a cell: its own write in place, then its copy back
+            saved = sys.stdout.write
+            sys.stdout.write = lambda data, _w=saved: _w(data)
+            try:
+                from llama_index.core.llms import MockLLM  # (activates in the first cell)
+
+                MockLLM(max_tokens=2).complete(f"cell {n}")
+                print(f"printed in cell {n}", flush=True)
+            finally:
+                sys.stdout.write = saved
+
+        for n in range(3):
+            cell(n)
+        """,
+    )
+    lines = terminal_lines(repo, only_run(repo).hash)
+    assert [line for line in lines if line.startswith("printed")] == [
+        "printed in cell 0", "printed in cell 1", "printed in cell 2"], lines
+
+
 def test_system_metrics_describe_the_application_process(run_py, repo):
     """On by default (every second): CPU and memory of the application's process, not of the
     writer process that stores them. The app holds ~1 GB; the writer holds ~0.2 GB."""

@@ -285,6 +285,13 @@ def _activate(settings: Any) -> _Active:
 
         tee = TerminalTee(to_logs)
         tee.install()
+        follow = managers.follow
+
+        def on_new_request(_tee: TerminalTee = tee) -> None:
+            follow()
+            _tee.refresh()  # (a notebook puts its own `write` back after each cell)
+
+        handler.observer.on_new_request = on_new_request
 
     signals = SignalChain(_on_signal)
     if worker is not None or spawned:

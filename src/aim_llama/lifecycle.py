@@ -381,7 +381,8 @@ class TerminalTee:
 
     def __init__(self, sink: Callable[[str], None]) -> None:
         self._sink = sink
-        self._patched: list[tuple[Any, Any]] = []
+        self._patched: list[tuple[Any, Any]] = []  # (stream, the write ours calls)
+        self._ours: dict[int, Any] = {}  # id(stream) -> our write, as set on it
         self._busy = threading.local()
 
     def install(self) -> None:
@@ -389,31 +390,50 @@ class TerminalTee:
         for stream in (sys.stdout, sys.stderr):
             if stream is None or any(s is stream for s, _ in self._patched):
                 continue
-            original = stream.write
+            self._wrap(stream)
 
-            def write(data: Any, _original: Any = original) -> Any:
-                result = _original(data)
-                if not getattr(self._busy, "on", False):
-                    self._busy.on = True
-                    try:
-                        if isinstance(data, str) and data:
-                            self._sink(data)
-                    except Exception:
-                        pass
-                    finally:
-                        self._busy.on = False
-                return result
+    def refresh(self) -> None:
+        """Wrap again a stream whose `write` someone else put back since: IPython replaces
+        `sys.stdout.write` for each cell and restores its own copy after it, and with it went
+        ours (only the cell that activated aim-llama reached the Logs)."""
+        for stream, _ in list(self._patched):
+            if getattr(stream, "write", None) is not self._ours.get(id(stream)):
+                self._patched = [(s, o) for s, o in self._patched if s is not stream]
+                self._wrap(stream)
 
+    def _wrap(self, stream: Any) -> None:
+        original = stream.write
+        busy = self._busy
+
+        def write(data: Any, _original: Any = original) -> Any:
+            if getattr(busy, "on", False):  # (our sink writing, or ours wrapped in ours)
+                return _original(data)
+            busy.on = True
             try:
-                stream.write = write  # type: ignore[method-assign]
-            except (AttributeError, TypeError):
-                continue
-            self._patched.append((stream, original))
+                result = _original(data)
+                try:
+                    if isinstance(data, str) and data:
+                        self._sink(data)
+                except Exception:
+                    pass
+                return result
+            finally:
+                busy.on = False
+
+        try:
+            stream.write = write
+        except (AttributeError, TypeError):
+            return
+        self._patched.append((stream, original))
+        self._ours[id(stream)] = write
 
     def uninstall(self) -> None:
-        """Restore the original `write` methods."""
+        """Restore the original `write` methods (where ours is still in place: one someone
+        else put there since is theirs to keep)."""
         for stream, original in self._patched:
             stream_: Any = stream
+            if getattr(stream, "write", None) is not self._ours.get(id(stream)):
+                continue
             try:
                 if getattr(original, "__self__", None) is stream and getattr(
                     original, "__func__", None
@@ -424,3 +444,4 @@ class TerminalTee:
             except (AttributeError, TypeError):
                 pass
         self._patched.clear()
+        self._ours.clear()
