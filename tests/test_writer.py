@@ -844,8 +844,6 @@ assert aim_llama.flush(60)  # the writer process runs, as root
 fd = aim_llama.autoinstrument._active.writer._backend._fd
 nobody = pwd.getpwnam("nobody")
 os.setgroups([]); os.setgid(nobody.pw_gid); os.setuid(nobody.pw_uid)
-MockLLM(max_tokens=4).complete("as nobody")  # still recorded: read as plain data
-print("FLUSHED AS NOBODY", aim_llama.flush(60), flush=True)
 # from here on, code running as nobody (an attacker in the app) writes to the writer's pipe
 class Payload:
     def __reduce__(self):
@@ -859,10 +857,8 @@ print("DONE", flush=True)
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0
                     or not Path("/proc/self/status").exists(), reason="needs root and /proc")
-def test_a_root_writer_runs_no_code_once_the_app_dropped_privileges(repo, workdir, tmp_path):
-    """After the application drops root privileges, code running as another user could write
-    to the root writer's pipe: what arrives is read as plain data only, never unpickled in
-    full (which runs what the pickle names), and the application's records still land."""
+def test_a_root_writer_unpickles_nothing_once_the_app_dropped_privileges(repo, workdir,
+                                                                         tmp_path):
     import pwd
 
     try:
@@ -875,71 +871,30 @@ def test_a_root_writer_runs_no_code_once_the_app_dropped_privileges(repo, workdi
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
     assert not marker.exists(), "the root writer ran code the unprivileged app sent"
-    assert "FLUSHED AS NOBODY True" in proc.stdout, proc.stderr
-    assert proc.stderr.count("changed its user (it dropped root privileges)") == 1, proc.stderr
+    assert "changed its user (it dropped root privileges)" in proc.stderr, proc.stderr
     run = only_run(repo)
-    assert [t for _, t in run.text("prompt", kind="llm")] == ["as root", "as nobody"]
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["as root"]
     assert run.end_time is not None  # the root writer finalized what it had
-
-
-def test_plain_data_reading_runs_no_code_and_keeps_ordinary_values(tmp_path):
-    """What a root writer reads from a sender it cannot vouch for: records of ordinary values
-    come through (numpy numbers, dates, paths), nothing a pickle names can run."""
-    import datetime
-    import pickle
-
-    import numpy as np
-
-    from aim_llama.records import Param, Track
-    from aim_llama.wire import dumps, loads_many
-
-    marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    values_in = [Track("score", np.float64(0.5), "metric", {"kind": "t"}, 3),
-                 Param("when", {"at": datetime.datetime(2026, 11, 27, 16, 0),
-                                "where": Path("/data/x"), "n": np.int64(7)})]
-    records = loads_many(dumps(values_in), plain_only=True)
-    assert list(records) == values_in and not records.unreadable
-    evil = loads_many(dumps([Track("x", Payload(), "text", {}, None)]), plain_only=True)
-    assert list(evil) == [Track("x", f"touch {marker}", "text", {}, None)]  # a plain value
-    assert loads_many(pickle.dumps(Payload()), plain_only=True) == f"touch {marker}"
-    with pytest.raises(pickle.UnpicklingError):  # (not one plain value: nothing to stand in)
-        loads_many(pickle.dumps(Payload2()), plain_only=True)
-    assert not marker.exists()
-
-
-class Payload2:
-    def __reduce__(self):
-        return (getattr, ("os", "system"))
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0
                     or not Path("/proc/self/status").exists(), reason="needs root and /proc")
-def test_a_root_writer_stores_what_the_app_left_in_the_pipe_when_it_exited(repo, workdir):
-    """An exit that reaches the flush timeout (a writer far behind) says the writer process
-    goes on storing what it was handed: a root writer, which cannot vouch for a sender that is
-    gone, read none of it (and counted it nowhere); it now reads it as plain data."""
+def test_what_a_root_writer_cannot_read_after_the_app_left_is_counted_and_said(repo, workdir):
+    """An exit that reaches the flush timeout (a writer far behind) leaves records in the
+    pipe. A root writer cannot vouch for a sender that is gone, so it does not unpickle them:
+    it now counts them (from the chunk headers) and says how many; they were lost unsaid."""
     proc = start(repo, workdir, "400", "stopped-writer-exit", "--flush-timeout", "1")
     writer_pid = int(wait_for(proc, "WRITER").split()[1])
     assert proc.wait(timeout=60) == 0  # (the stopped writer holds the app's stderr open)
     os.kill(writer_pid, signal.SIGCONT)
-    out, err = proc.communicate(timeout=60)
-    assert "0 records not handed to it" in err and "it goes on storing them" in err, err
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{writer_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            break
-        if state == "Z":
-            break
-        time.sleep(0.1)
+    out, err = proc.communicate(timeout=60)  # (until the writer process is gone too)
+    assert "0 records not handed to it" in err, err
+    said = re.search(r"is gone: (\d+) records it left in the pipe are not stored", err)
+    assert said, err
     run = only_run(repo)
-    assert values(run, kind="t0") == [float(i) for i in range(400)]
+    stored = values(run, kind="t0")
+    assert stored == [float(i) for i in range(len(stored))] and len(stored) >= 200
+    assert len(stored) + int(said.group(1)) == 400  # every record accounted for
     assert run.end_time is not None and not run.active
 
 

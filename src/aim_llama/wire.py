@@ -85,13 +85,11 @@ def decode(wire: list[tuple[Any, ...]]) -> list[Record]:
     return records
 
 
-def loads_many(data: bytes, plain_only: bool = False) -> Any:
+def loads_many(data: bytes) -> Any:
     """The records of several concatenated chunks as one `Records` list; a control message
-    (one pickled object) as is. `plain_only`: from a sender the writer cannot vouch for (see
-    `_PlainUnpickler`)."""
-    unpickler = _PlainUnpickler if plain_only else _Unpickler
+    (one pickled object) as is."""
     if not data or data[0] != _MARK:
-        return unpickler(io.BytesIO(data)).load()
+        return pickle.loads(data)
     records = Records()
     view = memoryview(data)
     at = 0
@@ -103,12 +101,25 @@ def loads_many(data: bytes, plain_only: bool = False) -> Any:
             records.why = records.why or "a garbled frame (the rest of it could not be counted)"
             break
         try:
-            records.extend(decode(unpickler(io.BytesIO(view[at:at + size])).load()))
+            records.extend(decode(_Unpickler(io.BytesIO(view[at:at + size])).load()))
         except Exception as exc:
             records.unreadable += count
             records.why = records.why or f"{type(exc).__name__}: {exc}"
         at += size
     return records
+
+
+def count_records(data: bytes) -> int:
+    """How many records the chunks of a frame hold, read from their headers only (nothing is
+    unpickled: for a frame the writer will not unpickle, which it still counts); 0 for a
+    control message."""
+    total = 0
+    at = 0
+    while at + _CHUNK.size <= len(data) and data[at] == _MARK:
+        _mark, count, size = _CHUNK.unpack_from(data, at)
+        total += count
+        at += _CHUNK.size + size
+    return total
 
 
 class _Unpickler(pickle.Unpickler):
@@ -120,38 +131,6 @@ class _Unpickler(pickle.Unpickler):
             return super().find_class(module, name)
         except (ImportError, AttributeError):
             return _PlainValue
-
-
-# What a sender the writer cannot vouch for may name in a pickle: values and aim-llama's own
-# records, never a callable that acts (unpickling calls what the pickle names).
-_PLAIN_CLASSES: dict[str, frozenset[str]] = {
-    "builtins": frozenset({"str", "bytes", "bytearray", "int", "float", "complex", "bool",
-                           "list", "tuple", "dict", "set", "frozenset", "slice", "range"}),
-    "datetime": frozenset({"date", "time", "datetime", "timedelta", "timezone"}),
-    "decimal": frozenset({"Decimal"}),
-    "fractions": frozenset({"Fraction"}),
-    "collections": frozenset({"OrderedDict", "deque"}),
-    "uuid": frozenset({"UUID"}),
-    "pathlib": frozenset({"PurePath", "PurePosixPath", "PureWindowsPath", "Path", "PosixPath",
-                          "WindowsPath"}),
-    "numpy": frozenset({"dtype"}),  # (a numpy float or int: `scalar(dtype, bytes)`)
-    "numpy.core.multiarray": frozenset({"scalar"}),
-    "numpy._core.multiarray": frozenset({"scalar"}),
-    "aim_llama.records": frozenset({"Track", "Param", "LogError", "TerminalOutput", "Flush",
-                                    "Clipped", "TraceValue", "NodesValue", "RerankValue"}),
-}
-
-
-class _PlainUnpickler(_Unpickler):
-    """For frames from a sender the writer cannot vouch for (a root writer whose application
-    dropped its privileges, or is gone, leaving frames in the pipe): only the classes of
-    `_PLAIN_CLASSES`; anything else is read as its plain value where it is one, else the
-    chunk is unreadable (and counted lost) — so no pickle can make the writer run code."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in _PLAIN_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        return _PlainValue
 
 
 class _PlainValue:

@@ -40,7 +40,7 @@ from .aimrun import RunConfig, RunSink, track_dropped
 from .lifecycle import sigpipe_as_error, start_background
 from .log import warn_once
 from .records import Flush, Record
-from .wire import dumps, loads_many
+from .wire import count_records, dumps, loads_many
 
 log = logging.getLogger("aim_llama")
 
@@ -139,20 +139,16 @@ def write_until(fd: int, data: bytes, deadline: float) -> bool:
             os.set_blocking(fd, blocking)
 
 
-REFUSED = ("refused",)  # what `read_frame` returns for a frame its `trusted` check turned down
+class Refused(NamedTuple):
+    """What `read_frame` returns for a frame its `trusted` check turned down: never unpickled,
+    its records only counted (from the chunk headers)."""
+
+    records: int
 
 
-class Untrusted(NamedTuple):
-    """A frame read, as plain data only, from a sender `read_frame`'s check could not vouch for."""
-
-    value: Any
-
-
-def read_frame(stream: Any, trusted: Callable[[], bool] | None = None,
-               plain: bool = False) -> Any:
+def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
     """Read one frame from a binary stream; None at end of file. With `trusted`, the frame is
-    unpickled in full only if it says yes (unpickling runs code the sender chose); else it is
-    `REFUSED`, or with `plain` read as plain data only and returned as `Untrusted`."""
+    unpickled only if it says yes (else `Refused`): unpickling runs code the sender chose."""
     header = _read_exact(stream, _HEADER.size)
     if len(header) < _HEADER.size:
         return None
@@ -161,7 +157,7 @@ def read_frame(stream: Any, trusted: Callable[[], bool] | None = None,
     if len(data) < size:
         return None
     if trusted is not None and not trusted():
-        return Untrusted(loads_many(data, plain_only=True)) if plain else REFUSED
+        return Refused(count_records(data))
     return loads_many(data)
 
 

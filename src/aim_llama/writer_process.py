@@ -153,6 +153,10 @@ def pin_mmap_threshold() -> bool:
         return False
 
 
+def _never() -> bool:
+    return False
+
+
 def main() -> int:
     """Run the writer loop until the application goes away; exit status 0 when the run was finalized."""
     from .lifecycle import unblock_signals
@@ -186,7 +190,7 @@ def main() -> int:
     from .log import logger as log  # importing it installs the stderr fallback
     from .records import Flush
     from .wire import Records
-    from .writer import Untrusted, read_frame
+    from .writer import Refused, read_frame
 
     stdin = os.fdopen(0, "rb", buffering=1 << 16)
     app_pid = os.getppid()
@@ -212,24 +216,30 @@ def main() -> int:
         return ("closed", confirmed, max(0, counts["received"] - confirmed), sink.failed)
 
     def reader() -> None:
-        said = False
         while True:
             try:
-                msg = read_frame(stdin, trusted, plain=True)
+                msg = read_frame(stdin, trusted)
             except Exception:
                 msg = None
-            if isinstance(msg, Untrusted):
-                # A root writer cannot vouch for what an application that dropped its
-                # privileges sends (code running as another user may write to the pipe), nor
-                # for what is left in the pipe once the application is gone: read as plain
-                # data only (no pickle can make it run code), values of other classes lost
-                # and counted.
-                if not said and os.getppid() == app_pid:
-                    log.warning("the application (pid %d) changed its user (it dropped root "
-                                "privileges): this writer, still root, reads what it sends "
-                                "from now on as plain data only", app_pid)
-                said = True
-                msg = msg.value
+            if isinstance(msg, Refused):
+                if os.getppid() != app_pid:
+                    # what is left in the pipe is only counted (from the chunk headers): read
+                    # to its end, which is near (the application is gone)
+                    left = msg.records
+                    with contextlib.suppress(Exception):
+                        while isinstance(more := read_frame(stdin, _never), Refused):
+                            left += more.records
+                    if left:  # (a close request alone: nothing lost)
+                        log.warning("the application (pid %d) is gone: %d records it left in "
+                                    "the pipe are not stored (a root writer unpickles only "
+                                    "what the application sent while it still ran as its "
+                                    "first user)", app_pid, left)
+                else:
+                    log.error("the application (pid %d) changed its user (it dropped root "
+                              "privileges): this writer, still root, takes no more records "
+                              "from it and finalizes the run; later records are not stored",
+                              app_pid)
+                msg = None
             if isinstance(msg, Records):
                 n = sum(1 for r in msg if not isinstance(r, Flush))
                 counts["received"] += n + msg.unreadable  # (those are the sink's to count lost)
