@@ -985,6 +985,17 @@ def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Pa
                 n.score = 100.0 + i
             return nodes
 
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+
+    class EventRescore(Rescore):  # the same, with ReRank events (as integrations emit them)
+        def _postprocess_nodes(self, nodes: Any, query_bundle: Any = None) -> Any:
+            get_dispatcher().event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=3,
+                                                    model_name="m"))
+            out = super()._postprocess_nodes(nodes, query_bundle)
+            get_dispatcher().event(ReRankEndEvent(nodes=out))
+            return out
+
     docs = [Document(text=f"Document number {i} talks about topic {i % 3}.") for i in range(6)]
     index = VectorStoreIndex.from_documents(docs, embed_model=WordEmbedding())
     scores = [n.score for n in index.as_retriever(similarity_top_k=3).retrieve("topic 1")]
@@ -994,11 +1005,14 @@ def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Pa
         SimilarityPostprocessor(similarity_cutoff=cutoff),
         LLMRerank(llm=RuleLLM(), top_n=1, choice_batch_size=5)])
     rescored = index.as_query_engine(similarity_top_k=3, node_postprocessors=[Rescore()])
+    event_rescored = index.as_query_engine(similarity_top_k=3,
+                                           node_postprocessors=[EventRescore()])
     with recording(repo):
         engine.query("topic 1")
         engine.query("topic 1")
         asyncio.run(engine.aquery("topic 1"))  # (LLMRerank's own async path has no span)
         rescored.query("topic 1")
+        event_rescored.query("topic 1")
     run = only_run(repo)
     cut = {"kind": "rerank", "reranker": "SimilarityPostprocessor"}
     llm = {"kind": "rerank", "reranker": "LLMRerank"}
@@ -1013,13 +1027,15 @@ def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Pa
     before, after = before_after.split("\nafter:\n")
     assert before.startswith("before:\nquery: topic 1\n") and before.count("\n") == 3
     assert len(after.splitlines()) == 1 and "9.000" in after, after
-    # the reranker's LLM call and the answer, per query (and the last query's answer)
-    assert_llm_steps_line_up(run, 7)
-    # the nodes before, as they were given: not as the postprocessor left them
-    (text,) = [t for _, t in run.text("reranked", kind="rerank", reranker="Rescore")]
-    before, after = text.split("\nafter:\n")
-    assert "score=100.0000" not in before and f"score={max(scores):.4f}" in before, text
-    assert "score=100.0000" in after and "score=102.0000" in after, text
+    # the reranker's LLM call and the answer, per query (and the last two queries' answers)
+    assert_llm_steps_line_up(run, 8)
+    # the nodes before, as they were given: not as the postprocessor left them (from its
+    # span, or from its ReRank events)
+    for reranker in ("Rescore", "EventRescore"):
+        (text,) = [t for _, t in run.text("reranked", kind="rerank", reranker=reranker)]
+        before, after = text.split("\nafter:\n")
+        assert "score=100.0000" not in before and f"score={max(scores):.4f}" in before, text
+        assert "score=100.0000" in after and "score=102.0000" in after, text
 
 
 def test_a_structured_llm_call_keeps_the_providers_token_usage(repo: Path) -> None:

@@ -803,7 +803,7 @@ class Observer:
             found = bodies.get(id(caller))
             if found is not None:
                 return found
-            if caller.f_code in dispatches:
+            if id(caller.f_code) in dispatches:  # (a code's hash walks its constants)
                 if own_dispatches <= 0:
                     return None  # a handler's own call, made while the stream ran
                 own_dispatches -= 1
@@ -1147,10 +1147,12 @@ class Observer:
             return
         node = self._spans.get(event.span_id) if event.span_id else None
         reranker = None
+        at_start: tuple[int, Any, Any] | None = None
         while node is not None and node.kind == "postprocess":
             # its own events say it all: its span's exit (and that of the same object's
-            # outer span: a subclass calling `super()._postprocess_nodes`) records nothing
-            self._postprocessing.pop(node.id, None)
+            # outer span: a subclass calling `super()._postprocess_nodes`) records nothing;
+            # the nodes as its span was given them are the "before" (it may rescore in place)
+            at_start = self._postprocessing.pop(node.id, None) or at_start
             inst = node.inst
             if inst is not None:
                 reranker = type(inst).__name__
@@ -1163,8 +1165,11 @@ class Observer:
         sampled = self._sampled(event.span_id)
         before = list(getattr(started[1], "nodes", None) or [])
         query = getattr(started[1], "query", None)
-        given = (len(before), render.node_rows(before) if self.policy.capture and sampled
-                 else None, query)
+        if at_start is not None and at_start[0] == len(before):
+            given = (len(before), at_start[1], query)
+        else:
+            given = (len(before), render.node_rows(before) if self.policy.capture and sampled
+                     else None, query)
         out: list[Record] = []
         self._reranks(out, reranker, given, event.nodes, now - started[0], sampled)
         self._emit(out)
@@ -1344,6 +1349,8 @@ class Observer:
         dead = {id(r) for r in roots}
         for span_id in [k for k, n in self._spans.items() if id(n.root) in dead]:
             self._spans.pop(span_id, None)
+            self._postprocessing.pop(span_id, None)
+            self._tool_errors.pop(span_id, None)
         for call_id in [k for k, c in self._calls.items() if c.root is not None and id(c.root) in dead]:
             self._calls.pop(call_id, None)
         for root in roots:
@@ -1404,6 +1411,8 @@ class Observer:
             self._spans.clear()
             self._calls.clear()
             self._timed.clear()
+            self._postprocessing.clear()
+            self._tool_errors.clear()
         self._emit(out)
 
 
@@ -1657,12 +1666,12 @@ def _next_step(counters: dict[str, itertools.count[int]], key: str) -> int:
 
 
 @functools.cache
-def _dispatch_codes() -> frozenset[types.CodeType]:
-    """The code of LlamaIndex's event dispatch and of its CallbackManager's, which run the
-    application's handlers."""
+def _dispatch_codes() -> frozenset[int]:
+    """The ids of the code of LlamaIndex's event dispatch and of its CallbackManager's, which
+    run the application's handlers (the code objects live as long as their functions)."""
     import importlib
 
-    codes: set[types.CodeType] = set()
+    codes: set[int] = set()
     for module, cls, names in (
             ("llama_index.core.instrumentation", "Dispatcher", ("event",)),
             ("llama_index.core.callbacks.base", "CallbackManager",
@@ -1674,7 +1683,7 @@ def _dispatch_codes() -> frozenset[types.CodeType]:
         for name in names:
             code = getattr(getattr(owner, name, None), "__code__", None)
             if isinstance(code, types.CodeType):
-                codes.add(code)
+                codes.add(id(code))
     return frozenset(codes)
 
 

@@ -222,7 +222,9 @@ if hasattr(os, "register_at_fork"):
 # all), PYTHONINSPECT would leave it at an interactive prompt, the verbose and import-time
 # traces would write to the application's stderr.
 _APP_ONLY_PYTHON_ENV = ("PYTHONWARNINGS", "PYTHONINSPECT", "PYTHONVERBOSE",
-                        "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE", "PYTHONSTARTUP")
+                        "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE", "PYTHONSTARTUP",
+                        "PYTHONWARNDEFAULTENCODING", "PYTHONTRACEMALLOC", "PYTHONMALLOCSTATS",
+                        "PYTHONMALLOC", "PYTHONASYNCIODEBUG")
 
 
 class ProcessBackend:
