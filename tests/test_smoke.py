@@ -2,6 +2,7 @@
 
 import pytest
 
+from aimread import read_all
 from conftest import APPS, only_run
 
 RETRIEVE = {"kind": "retrieve", "retriever": "VectorIndexRetriever"}
@@ -95,6 +96,33 @@ def test_terminal_logs_survive_a_notebook_putting_its_own_write_back(run_py, rep
     lines = terminal_lines(repo, only_run(repo).hash)
     assert [line for line in lines if line.startswith("printed")] == [
         "printed in cell 0", "printed in cell 1", "printed in cell 2"], lines
+
+
+def test_terminal_logs_copy_a_line_once_after_reactivation_under_the_apps_own_tee(run_py,
+                                                                                  repo):
+    """The application's own tee on top of aim-llama's keeps aim-llama's wrapper in its chain
+    after `uninstrument()`: it must pass writes through, not copy them a second time."""
+    from aimread import terminal_lines
+
+    run_py(
+        """
+        import sys
+        import aim_llama
+        from llama_index.core.llms import MockLLM
+
+        aim_llama.instrument()
+        MockLLM(max_tokens=2).complete("first")
+        below = sys.stdout.write  # aim-llama's
+        sys.stdout.write = lambda data, _w=below: _w(data)  # the app's own tee, on top
+        aim_llama.uninstrument()
+        aim_llama.instrument()
+        MockLLM(max_tokens=2).complete("second")
+        print("said once", flush=True)
+        """,
+    )
+    runs = read_all(repo)
+    lines = [line for run in runs for line in terminal_lines(repo, run.hash)]
+    assert lines.count("said once") == 1, lines
 
 
 def test_system_metrics_describe_the_application_process(run_py, repo):

@@ -376,6 +376,11 @@ class SignalChain:
         os.kill(os.getpid(), signum)
 
 
+# One for every tee of the process: a write that passes through an earlier activation's
+# wrapper (left in place under the application's own) and this one's is copied once.
+_tee_busy = threading.local()
+
+
 class TerminalTee:
     """Copies what the application writes to stdout/stderr to a callback (Aim's `logs`)."""
 
@@ -383,10 +388,11 @@ class TerminalTee:
         self._sink = sink
         self._patched: list[tuple[Any, Any]] = []  # (stream, the write ours calls)
         self._ours: dict[int, Any] = {}  # id(stream) -> our write, as set on it
-        self._busy = threading.local()
+        self._on = True  # (a wrapper another's write kept after `uninstall()` passes through)
 
     def install(self) -> None:
         """Patch `write` of the current sys.stdout and sys.stderr, as Aim itself does."""
+        self._on = True
         for stream in (sys.stdout, sys.stderr):
             if stream is None or any(s is stream for s, _ in self._patched):
                 continue
@@ -403,10 +409,10 @@ class TerminalTee:
 
     def _wrap(self, stream: Any) -> None:
         original = stream.write
-        busy = self._busy
+        busy = _tee_busy
 
         def write(data: Any, _original: Any = original) -> Any:
-            if getattr(busy, "on", False):  # (our sink writing, or ours wrapped in ours)
+            if not self._on or getattr(busy, "on", False):  # (our sink writing, ours in ours)
                 return _original(data)
             busy.on = True
             try:
@@ -445,3 +451,4 @@ class TerminalTee:
                 pass
         self._patched.clear()
         self._ours.clear()
+        self._on = False
