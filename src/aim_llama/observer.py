@@ -1195,12 +1195,8 @@ class Observer:
         while frame is not None and depth < 30:
             if "postprocess" in frame.f_code.co_name:
                 inst = frame.f_locals.get("self")
-                if inst is not None:
-                    kind = self._kinds.get(type(inst))
-                    if kind is None:
-                        kind = self._kind(inst)
-                    if kind == "postprocess":
-                        return type(inst).__name__
+                if inst is not None and self._kind(inst) == "postprocess":
+                    return type(inst).__name__
             frame = frame.f_back
             depth += 1
         return "unknown"
