@@ -377,7 +377,8 @@ def _fields(value: Any) -> dict[str, Any] | None:
     """The attributes a model's or dataclass's own repr shows (its `__dict__`); None for a
     class without a repr of its own (`<X object at …>` is already short)."""
     kind = type(value)
-    if kind.__repr__ is object.__repr__ or kind.__module__ == "builtins":
+    own_repr: Any = kind.__repr__
+    if own_repr is object.__repr__ or kind.__module__ == "builtins":
         return None
     fields = getattr(value, "__dict__", None)
     return fields if isinstance(fields, dict) else None
