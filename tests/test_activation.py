@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -664,6 +665,47 @@ def test_a_nested_piped_config_is_read_not_taken_for_the_outer_one(workdir, repo
     experiments = {r.text("prompt", kind="llm")[0][1]: r.experiment
                    for r in read_all(repo)}
     assert experiments == {"outer": "outer", "inner": "inner"}, (experiments, proc.stderr)
+
+
+def test_an_exec_that_cannot_wait_for_the_writer_says_what_it_loses(run_py, repo, workdir):
+    """An exec whose flush ran out of time lost what was still queued without a word; and
+    `os.execvp` flushed before each PATH entry it tried, waiting the flush timeout each time."""
+    (workdir / "burst.py").write_text(textwrap.dedent("""
+        import os, signal, sys, time
+        import aim_llama, aim_llama.auto
+        from aim_llama import autoinstrument
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=3)
+        for i in range(100):
+            llm.complete(f"q{i}")
+        assert aim_llama.flush(60)
+        writer = autoinstrument._active.writer._backend.proc.pid
+        os.kill(writer, signal.SIGSTOP)  # a writer that cannot keep up: its pipe fills
+        for i in range(100, 1000):
+            llm.complete(f"q{i} " + "many words in a long prompt " * 20)
+        os.environ["PATH"] = os.pathsep.join(
+            [f"/nonexistent-aim-llama-{i}" for i in range(6)] + ["/bin", "/usr/bin"])
+        start = repr(time.monotonic())
+        os.execvp("python3", ["python3", "-c", (  # it lets the writer go on
+            f"import os, time; print('EXEC AFTER', time.monotonic() - {start}); "
+            f"os.kill({writer}, {int(signal.SIGCONT)})")])
+        """))
+    proc = run_py(script=workdir / "burst.py", env={"AIM_LLAMA_FLUSH_TIMEOUT": "0.5"})
+    waited = float(proc.stdout.split("EXEC AFTER")[1])
+    said = re.findall(r"exec: the Aim writer did not store everything within the flush "
+                      r"timeout \(0.5s, AIM_LLAMA_FLUSH_TIMEOUT\): (\d+) records still queued",
+                      proc.stderr)
+    assert len(said) == 1 and int(said[0]) > 0, proc.stderr
+    assert waited < 2.0, (waited, proc.stderr)  # one wait (0.5 s), not one per PATH entry
+    deadline = time.monotonic() + 60  # the writer process goes on storing after the exec
+    while True:
+        runs = read_all(repo, with_texts=False)
+        if (runs and not runs[0].active) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    run = only_run(repo)
+    assert 100 <= len(run.text("prompt", kind="llm")) < 1000
+    assert run.end_time is not None and not run.active
 
 
 def test_exec_stores_and_finalizes_the_run_first(run_py, repo, workdir):

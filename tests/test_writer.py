@@ -195,6 +195,24 @@ def test_the_apps_interpreter_options_do_not_reach_the_writer_process(repo, work
     assert values(only_run(repo), kind="t0") == [float(i) for i in range(300)]
 
 
+def test_an_app_that_makes_encoding_warnings_errors_is_still_recorded(run_py, repo):
+    """`-X warn_default_encoding -W error::EncodingWarning` (PEP 597's strict check) turned
+    recording off: aim-llama opened `/proc/self/status` without an encoding at activation."""
+    proc = run_py(
+        """
+        import aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=4)
+        for i in range(3):
+            llm.complete(f"q{i}")
+        """,
+        env={"PYTHONWARNDEFAULTENCODING": "1", "PYTHONWARNINGS": "error::EncodingWarning"},
+    )
+    assert "aim_llama" not in proc.stderr and "EncodingWarning" not in proc.stderr, proc.stderr
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["q0", "q1", "q2"]
+
+
 def test_sigterm_chains_to_the_apps_own_handler(repo, workdir):
     proc = start(repo, workdir, "2000", "app-handler")
     wait_for(proc, "READY")
@@ -833,6 +851,63 @@ def test_an_app_that_closes_every_descriptor_gets_its_new_ones_untouched(run_py)
     assert len(lines) == 2 and all(ok == "True" and foreign == "0" for _, _, ok, foreign in lines)
     assert proc.stderr.count("the application closed aim-llama's pipes") == 1, proc.stderr
     assert "records could not be stored" in proc.stderr
+
+
+def test_an_app_started_without_stdin_and_stdout_keeps_them_closed(run_py, repo):
+    """Started with descriptors 0 and 1 closed (`<&- >&-`, some daemons), aim-llama's pipes
+    took those numbers: the app's own writes to "stdout" (a C library's log line) went into
+    the writer's protocol, which stored two of five LLM calls and said nothing."""
+    proc = run_py(
+        """
+        import os, sys
+        os.close(0); os.close(1)  # as a program started with `<&- >&-` finds them
+        import aim_llama, aim_llama.auto
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=4)
+        for i in range(2):
+            llm.complete(f"before {i}")
+        assert aim_llama.flush(60)
+        try:
+            os.write(1, b"a native library's log line\\n")
+            sys.stderr.write("WROTE\\n")
+        except OSError as exc:
+            sys.stderr.write(f"EBADF {exc.errno == 9}\\n")
+        for i in range(3):
+            llm.complete(f"after {i}")
+        """,
+    )
+    assert "EBADF True" in proc.stderr, proc.stderr
+    assert "aim_llama" not in proc.stderr, proc.stderr
+    run = only_run(repo)
+    assert len(run.text("prompt", kind="llm")) == 5
+    assert run.end_time is not None and not run.active
+
+
+def test_foreign_bytes_in_the_writers_pipe_are_said_and_what_follows_is_counted(run_py, repo):
+    """Bytes written into the writer's pipe by something else ended its input without a
+    word: the writer now names it, and the app counts what was not stored."""
+    proc = run_py(
+        """
+        import os, struct
+        import aim_llama, aim_llama.auto
+        from aim_llama import autoinstrument
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=4)
+        for i in range(2):
+            llm.complete(f"before {i}")
+        assert aim_llama.flush(60)
+        backend = autoinstrument._active.writer._backend
+        os.write(backend._fd, struct.pack(">I", 10) + b"notapickle")
+        for i in range(3):
+            llm.complete(f"after {i}")
+        """,
+    )
+    assert proc.stderr.count("unreadable data in the pipe from the application") == 1, proc.stderr
+    lost = re.search(r"Aim writer closed: (\d+) records could not be stored", proc.stderr)
+    assert lost is not None and int(lost.group(1)) >= 3, proc.stderr
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["before 0", "before 1"]
+    assert run.end_time is not None and not run.active
 
 
 DROP_PRIVILEGES_APP = """

@@ -122,7 +122,7 @@ def ensure_repo_initialized(repo: str) -> None:
     lock_path = os.path.join(tempfile.gettempdir(), f"aim-llama-init-{digest}.lock")
     os.makedirs(root, exist_ok=True)
     while True:
-        with open(lock_path, "a") as fh:
+        with open(lock_path, "a", encoding="utf-8") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 # The holder before us may have removed the file we opened: lock the current one.
@@ -198,7 +198,7 @@ def patch_aim_migrations() -> None:
 
 def _has_version(path: str) -> bool:
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             return bool(fh.read().strip())
     except OSError:
         return False

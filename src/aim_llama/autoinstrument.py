@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -475,7 +476,7 @@ def _hook_exec() -> None:
             if active is not None and active.pid == os.getpid():
                 with contextlib.suppress(Exception):
                     if getattr(active.writer, "backend_name", "process") == "process":
-                        active.writer.flush()
+                        _flush_before_exec(active.writer)
                     else:
                         _finish_process(active)
             return __original(*args, **kwargs)
@@ -483,6 +484,29 @@ def _hook_exec() -> None:
         functools.update_wrapper(hooked, original)
         hooked.__aim_llama_original__ = original  # type: ignore[attr-defined]
         setattr(os, name, hooked)
+
+
+_exec_gave_up_at = -1e9  # when a flush before an exec last ran out of time (monotonic)
+
+
+def _flush_before_exec(writer: Any) -> None:
+    """Store what is queued before an exec; say what could not be. `os.execvp` tries every
+    PATH entry (an exec each): after a flush that ran out of time, the next attempts within
+    the flush timeout do not wait again."""
+    global _exec_gave_up_at
+    limit = float(getattr(writer, "flush_timeout", 10.0))
+    if time.monotonic() - _exec_gave_up_at < limit:
+        return
+    if writer.flush():
+        return
+    _exec_gave_up_at = time.monotonic()
+    if writer.queued:  # (what the writer process has received, it stores: not lost)
+        log.warning(
+            "exec: the Aim writer did not store everything within the flush timeout (%gs, "
+            "AIM_LLAMA_FLUSH_TIMEOUT): %d records still queued in this process are lost with "
+            "it (what the writer process received, it stores before it finalizes the run)",
+            limit, writer.queued,
+        )
 
 
 def _at_exit() -> None:

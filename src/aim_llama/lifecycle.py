@@ -181,7 +181,7 @@ def _caught_outside_python(signum: int) -> bool:
     """Whether the process catches `signum` with a handler Python does not know of
     (`faulthandler.register`, a C extension's): Python reports SIG_DFL for it."""
     try:
-        with open("/proc/self/status") as status:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
             for line in status:
                 if line.startswith("SigCgt:"):
                     return bool(int(line.split()[1], 16) >> (signum - 1) & 1)

@@ -45,7 +45,8 @@ def environment_variables(environ: Mapping[str, str] | None = None) -> dict[str,
 def _git(*args: str, cwd: str | None) -> str | None:
     try:
         out = subprocess.run(
-            ("git", *args), cwd=cwd, capture_output=True, text=True, timeout=2, check=True
+            ("git", *args), cwd=cwd, capture_output=True, encoding="utf-8", errors="replace",
+            timeout=2, check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import logging
 import os
@@ -227,6 +228,17 @@ _APP_ONLY_PYTHON_ENV = ("PYTHONWARNINGS", "PYTHONINSPECT", "PYTHONVERBOSE",
                         "PYTHONMALLOC", "PYTHONASYNCIODEBUG")
 
 
+def _above_stdio(pipe: Any, mode: str) -> Any:
+    """`pipe` itself, or — when its descriptor is 0, 1 or 2 (closed at the app's start) — a
+    raw file on a close-on-exec copy numbered 3 or more (the original number closed)."""
+    fd = pipe.fileno()
+    if fd > 2:
+        return pipe
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    pipe.close()
+    return open(moved, mode, buffering=0)  # (owned by the backend, like Popen's)
+
+
 class ProcessBackend:
     """Feeds a writer process over its stdin and reads its acknowledgements from its stdout.
 
@@ -258,6 +270,11 @@ class ProcessBackend:
                 close_fds=True,
             )
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        # An application started with stdin / stdout / stderr closed would have our pipes
+        # take those numbers: its writes to "stdout" (a C library's, a `print`) would land in
+        # the writer's protocol. Our ends move above them.
+        self.proc.stdin = _above_stdio(self.proc.stdin, "wb")
+        self.proc.stdout = _above_stdio(self.proc.stdout, "rb")
         self._fd = self.proc.stdin.fileno()
         self._ack_fd = self.proc.stdout.fileno()
         self._buf = b""
@@ -474,7 +491,9 @@ class Writer:
             warn_once(
                 "after-close",
                 "records made after aim-llama's writer was closed (at exit, SIGTERM or "
-                "uninstrument()) are not stored",
+                "uninstrument()) are not stored (at exit: atexit handlers run last-registered "
+                "first, so one registered before LlamaIndex was instrumented runs after the "
+                "run is finalized)",
             )
 
     def _drop(self, n: int) -> None:
@@ -823,7 +842,10 @@ class Writer:
             ok = backend.close(deadline)
             if isinstance(backend, ProcessBackend):
                 if backend.closed_info:
-                    self.lost += int(backend.closed_info[1])
+                    stored, lost = int(backend.closed_info[0]), int(backend.closed_info[1])
+                    # (sent but never received: a frame the writer could not read ended its
+                    # input, and what followed it was never counted there)
+                    self.lost += max(lost, self._sent - stored)
                 elif backend.died:
                     self._writer_died(backend, restart=False)
                     ok = True  # not a timeout: the loss is counted and reported below

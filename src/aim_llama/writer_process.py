@@ -105,7 +105,7 @@ def _same_user_as_parent() -> Callable[[], bool] | None:
 
     def users() -> str | None:
         try:
-            with open(status) as fh:
+            with open(status, encoding="ascii", errors="replace") as fh:
                 for line in fh:
                     if line.startswith("Uid:"):
                         return line
@@ -219,7 +219,12 @@ def main() -> int:
         while True:
             try:
                 msg = read_frame(stdin, trusted)
-            except Exception:
+            except Exception as exc:
+                # not a frame the application's aim-llama wrote (something else wrote into
+                # the pipe): nothing after it can be trusted to be one either
+                log.error("unreadable data in the pipe from the application (pid %d): %s: %s; "
+                          "the run is finalized and later records are not stored", app_pid,
+                          type(exc).__name__, str(exc)[:200])
                 msg = None
             if isinstance(msg, Refused):
                 if os.getppid() != app_pid:
