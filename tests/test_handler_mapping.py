@@ -119,3 +119,15 @@ def test_big_strings_bytes_and_models_are_rendered_by_their_head() -> None:
     assert image_doc is not None and len(image_doc) < 25_000 and "caption" in image_doc
     raw = answer_text(blob)
     assert raw is not None and raw.endswith(f"… {len(blob)} bytes")
+
+
+def test_document_and_video_blocks_show_their_type() -> None:
+    """`[document]` / `[video]` said nothing of what was sent: their MIME type now."""
+    from llama_index.core.base.llms.types import ChatMessage, DocumentBlock, TextBlock, VideoBlock
+
+    from aim_llama.render import render_message
+
+    message = ChatMessage(role="user", blocks=[
+        TextBlock(text="see"), DocumentBlock(data=b"%PDF-1.4 x", document_mimetype="application/pdf"),
+        VideoBlock(video=b"\x00\x00\x00 ftypmp42", video_mimetype="video/mp4")])
+    assert render_message(message) == "user: see\n[document: application/pdf]\n[video: video/mp4]"

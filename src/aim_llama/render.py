@@ -148,7 +148,8 @@ def _block_marker(kind: Any, block: Any) -> str:
     detail = next((str(v) for v in (None if title == "input_document" else title,
                                      field(block, "url"), field(block, "path"),
                                      field(block, "source"), field(block, "image_mimetype"),
-                                     field(block, "format"))
+                                     field(block, "document_mimetype"),
+                                     field(block, "video_mimetype"), field(block, "format"))
                    if v), "")
     if detail[:5].lower() == "data:":
         head, _, data = detail.partition(",")
