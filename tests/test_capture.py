@@ -155,39 +155,6 @@ def test_a_synthesizer_outside_a_request_adds_no_chunks(repo: Path) -> None:
     assert len(run.text("prompt", kind="llm")) == 4  # 3 summaries + the direct synthesis
 
 
-def test_documents_split_inside_a_request_are_chunks_but_its_synthesizer_adds_none(
-        repo: Path) -> None:
-    """An ingestion run by a workflow step (or an agent's tool) splits new text: its chunks
-    were left out as if a synthesizer had re-split a prompt; the same workflow's query still
-    adds none of its synthesizer's re-splitting."""
-    from llama_index.core.ingestion import IngestionPipeline
-    from llama_index.core.node_parser import SentenceSplitter
-    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
-
-    docs = [Document(text=f"Workflow sentence {j} about things. " * 30) for j in range(2)]
-    splitter = SentenceSplitter(chunk_size=64, chunk_overlap=0)
-    expected = [n.get_content() for n in splitter.get_nodes_from_documents(docs)]
-
-    class IngestFlow(Workflow):
-        @step
-        async def ingest(self, ev: StartEvent) -> StopEvent:
-            pipe = IngestionPipeline(transformations=[splitter, MockEmbedding(embed_dim=8)])
-            nodes = pipe.run(documents=docs)
-            index = VectorStoreIndex(nodes, embed_model=MockEmbedding(embed_dim=8))
-            engine = index.as_query_engine(llm=MockLLM(max_tokens=8), similarity_top_k=2)
-            return StopEvent(result=str(engine.query("what about things?")))
-
-    async def main() -> None:
-        await IngestFlow(timeout=30).run(path="/data")
-
-    with recording(repo):
-        asyncio.run(main())
-    run = only_run(repo)
-    assert len(expected) > 2
-    assert [t for _, t in run.text("chunk", kind="chunking")] == expected
-    assert len(run.text("answer", kind="workflow")) == 1
-
-
 def test_async_index_build_records_every_embedding_batch(repo: Path) -> None:
     # An async batch embedding sends every batch's start event before the first end, all in
     # one span: each end must still find its own start.

@@ -81,46 +81,6 @@ def test_big_containers_are_rendered_by_their_head_and_size() -> None:
                                     + ", … 1000 items], 'empty': set(), 'one': (1,)}")
 
 
-def test_big_strings_bytes_and_models_are_rendered_by_their_head() -> None:
-    """A 20 MB `bytes` tool argument, a Document of 20 MB text or an image a workflow returns
-    was repr'd / dumped whole on the application's thread (70–170 ms each) and stored as
-    base64 or escaped bytes: heads and sizes now, and a message or image block by its text."""
-    from llama_index.core import Document
-    from llama_index.core.base.llms.types import ChatMessage, ImageBlock, TextBlock
-    from llama_index.core.schema import ImageDocument
-
-    from aim_llama.render import answer_text, bounded_repr, render_value
-
-    blob = bytes(range(256)) * 80_000  # 20 MB
-    assert bounded_repr(blob) == repr(blob[:256]) + f"… {len(blob)} bytes"
-    assert bounded_repr(b"small") == "b'small'" and bounded_repr("x" * 20_000) == repr("x" * 20_000)
-    assert bounded_repr("y" * 20_001) == repr("y" * 20_000) + "… 20001 characters"
-    doc = Document(text="word " * 4_000_000, metadata={"f": "a.txt"})
-    shown = render_value(doc, 500)
-    assert shown.startswith("Document(id_=") and len(shown) == 501
-    rendered = bounded_repr(doc)
-    assert "… 20000000 characters" in rendered and "'f': 'a.txt'" in rendered
-    assert len(rendered) < 25_000
-    small = Document(text="tiny")
-    assert bounded_repr(small) == repr(small)  # small models keep their own repr
-    assert render_value({"image": blob}, 2_000).startswith("{'image': b'\\x00\\x01")
-
-    png = b"\x89PNG\r\n\x1a\n" + bytes(5_000_000)
-    assert answer_text(ImageBlock(image=png, image_mimetype="image/png")) == "[image: image/png]"
-    message = ChatMessage(role="assistant", blocks=[TextBlock(text="here you go"),
-                                                    ImageBlock(image=png)])
-    assert answer_text(message) == "here you go"
-    assert answer_text(ChatMessage(role="assistant", blocks=[ImageBlock(url="https://x/y.png")])
-                       ) == "[image: https://x/y.png]"
-    as_dict = answer_text({"caption": "x", "png": png})
-    assert as_dict is not None and as_dict.startswith("{'caption': 'x', 'png': b'\\x89PNG")
-    assert as_dict.endswith("… 5000008 bytes}")
-    image_doc = answer_text(ImageDocument(image="QUJD" * 2_000_000, text="caption"))
-    assert image_doc is not None and len(image_doc) < 25_000 and "caption" in image_doc
-    raw = answer_text(blob)
-    assert raw is not None and raw.endswith(f"… {len(blob)} bytes")
-
-
 def test_document_and_video_blocks_show_their_type() -> None:
     """`[document]` / `[video]` said nothing of what was sent: their MIME type now."""
     from llama_index.core.base.llms.types import ChatMessage, DocumentBlock, TextBlock, VideoBlock

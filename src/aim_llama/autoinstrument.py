@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -486,26 +485,17 @@ def _hook_exec() -> None:
         setattr(os, name, hooked)
 
 
-_exec_gave_up_at = -1e9  # when a flush before an exec last ran out of time (monotonic)
-
-
 def _flush_before_exec(writer: Any) -> None:
-    """Store what is queued before an exec; say what could not be. `os.execvp` tries every
-    PATH entry (an exec each): after a flush that ran out of time, the next attempts within
-    the flush timeout do not wait again."""
-    global _exec_gave_up_at
-    limit = float(getattr(writer, "flush_timeout", 10.0))
-    if time.monotonic() - _exec_gave_up_at < limit:
-        return
+    """Store what is queued before an exec; say what could not be stored in time."""
     if writer.flush():
         return
-    _exec_gave_up_at = time.monotonic()
-    if writer.queued:  # (what the writer process has received, it stores: not lost)
+    left = int(writer.queued) + int(getattr(writer, "_inflight", 0) or 0)
+    if left:  # (what the writer process has received, it stores: not lost)
         log.warning(
             "exec: the Aim writer did not store everything within the flush timeout (%gs, "
-            "AIM_LLAMA_FLUSH_TIMEOUT): %d records still queued in this process are lost with "
-            "it (what the writer process received, it stores before it finalizes the run)",
-            limit, writer.queued,
+            "AIM_LLAMA_FLUSH_TIMEOUT): up to %d records still in this process are lost if the "
+            "exec succeeds (what the writer process received, it stores before it finalizes "
+            "the run)", float(getattr(writer, "flush_timeout", 10.0)), left,
         )
 
 

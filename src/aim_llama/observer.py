@@ -1366,10 +1366,13 @@ class Observer:
 
     def repeats_chunks(self) -> bool:
         """Whether chunks made in this context only repeat text recorded elsewhere: inside a
-        response synthesizer (re-splitting text for its prompts, which are recorded), wherever
-        it runs (a query, an index build's summaries). Documents split inside a request (an
-        ingestion in a workflow step or an agent's tool) are new text: their chunks count."""
+        request, or inside a response synthesizer (re-splitting text for its prompts, which
+        are recorded), wherever it runs (an index build's summaries, say)."""
         node = self._current_node()
+        if node is None:
+            return False
+        if node.root.kind in REQUEST_KINDS:
+            return True
         while node is not None:
             if node.kind == "synthesize":
                 return True

@@ -206,14 +206,8 @@ def answer_text(result: Any) -> str | None:
             return answer_text(inner)
     if isinstance(result, str):
         return plain(result)
-    if field(result, "role") is not None and isinstance(field(result, "blocks"), list):
-        # a ChatMessage: its text (a PydanticResponse answers any attribute of its model)
-        return _content(result, placeholders=False) or _content(result)
-    if field(result, "block_type") is not None:  # a content block: its text or marker
-        return _block_text(result)
     if type(result).__module__ == "builtins":
-        return (bounded_repr(result) if type(result) in (*_CONTAINERS, bytes, bytearray)
-                else str(result))
+        return bounded_repr(result) if type(result) in (list, tuple, dict) else str(result)
     # a structured answer: the query engine's `output_cls` object, or the result itself
     found = _model_json(inner) if inner is not None else None
     return found if found is not None else _model_json(result)
@@ -260,13 +254,10 @@ def _holds_stream(value: Any, depth: int = 3) -> bool:
 
 
 def _model_json(value: Any) -> str | None:
-    """A pydantic model's JSON (a structured answer), None for anything else; a model holding
-    megabytes (an image's bytes, a whole document) by its head (`bounded_repr`) instead."""
+    """A pydantic model's JSON (a structured answer), None for anything else."""
     dump = getattr(value, "model_dump_json", None)
     if dump is None or isinstance(value, type) or _holds_stream(value):
         return None
-    if _too_big(value, 3):
-        return _repr(value)
     try:
         text = dump()
     except Exception:
@@ -348,9 +339,6 @@ def _event_fields(event: Any) -> dict[str, Any]:
 
 
 _MAX_ITEMS_SHOWN = 100  # items of a big list / tuple / dict rendered (the rest is counted)
-_CHARS_SHOWN = 20_000  # characters of a long string inside a rendered value (the default cut)
-_BYTES_SHOWN = 256  # bytes of a long bytes value inside a rendered value
-_MAX_DEPTH = 8  # levels of nesting rendered by `_head_repr`
 
 
 def _repr(value: Any) -> str:
@@ -361,70 +349,35 @@ def _repr(value: Any) -> str:
 
 
 def bounded_repr(value: Any) -> str:
-    """repr(value), but a big value — a builtin container of many items, a long string or
-    bytes, or a model / dataclass holding one, at the top or a few levels down — shows heads
-    and sizes only: the whole repr of 200 000 dicts (~0.3 s), of a 20 MB image's bytes or of a
-    whole document was made on the application's thread to keep a few hundred characters."""
-    if not _too_big(value, 3):
+    """repr(value), but big builtin containers — at the top or nested a few levels down — show
+    their first items and their size only: the whole repr of 200 000 dicts (~0.3 s) was made on
+    the application's thread to keep a head."""
+    if type(value) not in _CONTAINERS or not _has_big(value, 3):
         return repr(value)
     return _head_repr(value)
 
 
 _CONTAINERS = (list, tuple, dict, set)
-_TEXTS = (str, bytes, bytearray)
 
 
-def _fields(value: Any) -> dict[str, Any] | None:
-    """The attributes a model's or dataclass's own repr shows (its `__dict__`); None for a
-    class without a repr of its own (`<X object at …>` is already short)."""
+def _has_big(value: Any, levels: int) -> bool:
+    if type(value) not in _CONTAINERS:
+        return False
+    if len(value) > _MAX_ITEMS_SHOWN:
+        return True
+    return levels > 0 and any(
+        _has_big(v, levels - 1) for v in (value.values() if type(value) is dict else value))
+
+
+def _head_repr(value: Any) -> str:
     kind = type(value)
-    own_repr: Any = kind.__repr__
-    if own_repr is object.__repr__ or kind.__module__ == "builtins":
-        return None
-    fields = getattr(value, "__dict__", None)
-    return fields if isinstance(fields, dict) else None
-
-
-def _too_big(value: Any, levels: int) -> bool:
-    kind = type(value)
-    if kind in _TEXTS:
-        return len(value) > (_CHARS_SHOWN if kind is str else _BYTES_SHOWN)
-    if kind in _CONTAINERS:
-        if len(value) > _MAX_ITEMS_SHOWN:
-            return True
-        items: Iterable[Any] = value.values() if kind is dict else value
-    else:
-        fields = _fields(value) if levels > 0 else None
-        if fields is None:
-            return False
-        items = itertools.islice(fields.values(), _MAX_ITEMS_SHOWN)
-    return levels > 0 and any(_too_big(v, levels - 1) for v in items)
-
-
-def _head_repr(value: Any, depth: int = 0) -> str:
-    kind = type(value)
-    if kind in _TEXTS:
-        shown = _CHARS_SHOWN if kind is str else _BYTES_SHOWN
-        if len(value) <= shown:
-            return repr(value)
-        unit = "characters" if kind is str else "bytes"
-        return f"{value[:shown]!r}… {len(value)} {unit}"
-    if depth >= _MAX_DEPTH:
-        return f"<{kind.__name__}>"
-    if kind not in _CONTAINERS:
-        fields = _fields(value)
-        if fields is None:
-            return repr(value)
-        parts = [f"{k}={_head_repr(v, depth + 1)}"
-                 for k, v in itertools.islice(fields.items(), _MAX_ITEMS_SHOWN)]
-        return f"{kind.__name__}({', '.join(parts)})"
-    if not value:
+    if kind not in _CONTAINERS or not value:
         return repr(value)
-    shown_items = itertools.islice(value.items() if kind is dict else value, _MAX_ITEMS_SHOWN)
+    shown = itertools.islice(value.items() if kind is dict else value, _MAX_ITEMS_SHOWN)
     if kind is dict:
-        parts = [f"{_head_repr(k, depth + 1)}: {_head_repr(v, depth + 1)}" for k, v in shown_items]
+        parts = [f"{_head_repr(k)}: {_head_repr(v)}" for k, v in shown]
     else:
-        parts = [_head_repr(v, depth + 1) for v in shown_items]
+        parts = [_head_repr(v) for v in shown]
     if len(value) > _MAX_ITEMS_SHOWN:
         parts.append(f"… {len(value)} items")
     elif kind is tuple and len(value) == 1:
