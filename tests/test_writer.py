@@ -910,6 +910,52 @@ def test_foreign_bytes_in_the_writers_pipe_are_said_and_what_follows_is_counted(
     assert run.end_time is not None and not run.active
 
 
+def test_plain_text_in_the_writers_pipe_is_said_at_once_and_what_follows_is_counted(run_py,
+                                                                                     repo):
+    """Plain text written into the writer's pipe (a C library's `printf` on a reused
+    descriptor) was read as a gigabyte-long frame: not said until the app exited, and the
+    records sent after it, then refused with EPIPE, were undercounted."""
+    proc = run_py(
+        """
+        import os, sys, time
+        import aim_llama, aim_llama.auto
+        from aim_llama import autoinstrument
+        from llama_index.core.llms import MockLLM
+        llm = MockLLM(max_tokens=4)
+        llm.complete("before")
+        assert aim_llama.flush(60)
+        w = autoinstrument._active.writer
+        backend = w._backend
+        start = w._submitted
+        import signal
+        os.kill(backend.proc.pid, signal.SIGSTOP)  # records sent behind the text: never read
+        os.write(backend._fd, b"hello from a C library\\n")
+        sent = w._sent
+        for i in range(20):
+            llm.complete(f"right after {i}")
+        deadline = time.monotonic() + 60
+        while w._sent == sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(backend.proc.pid, signal.SIGCONT)
+        backend.proc.wait(timeout=60)  # the writer said so and finalized the run, at once
+        print("WRITER GONE", file=sys.stderr, flush=True)
+        llm.complete("after")  # refused: EPIPE
+        assert not aim_llama.flush(5)
+        print("AFTER", w._submitted - start, flush=True)
+        """,
+    )
+    said = proc.stderr.find("unreadable data in the pipe from the application")
+    assert said != -1 and proc.stderr.count("unreadable data in the pipe") == 1, proc.stderr
+    assert "not a frame aim-llama wrote: starts with b'hello'" in proc.stderr, proc.stderr
+    assert said < proc.stderr.index("WRITER GONE"), proc.stderr
+    after = int(re.search(r"AFTER (\d+)", proc.stdout).group(1))
+    lost = re.search(r"Aim writer closed: (\d+) records could not be stored", proc.stderr)
+    assert lost is not None and int(lost.group(1)) >= after > 0, (after, proc.stderr)
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["before"]
+    assert run.end_time is not None and not run.active
+
+
 DROP_PRIVILEGES_APP = """
 import os, pickle, pwd, struct, sys, time
 import aim_llama, aim_llama.auto

@@ -147,6 +147,11 @@ class Refused(NamedTuple):
     records: int
 
 
+# The first byte of every frame's payload: a chunk of records (`wire._MARK`) or a pickle's
+# PROTO opcode (a control message).
+_FRAME_STARTS = (b"\x52", b"\x80")
+
+
 def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
     """Read one frame from a binary stream; None at end of file. With `trusted`, the frame is
     unpickled only if it says yes (else `Refused`): unpickling runs code the sender chose."""
@@ -154,7 +159,11 @@ def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
     if len(header) < _HEADER.size:
         return None
     (size,) = _HEADER.unpack(header)
-    data = _read_exact(stream, size)
+    first = _read_exact(stream, 1) if size else b""
+    if not size or first not in _FRAME_STARTS:
+        # foreign bytes (plain text read as a size): said now, not after gigabytes
+        raise ValueError(f"not a frame aim-llama wrote: starts with {header + first!r}")
+    data = first + _read_exact(stream, size - 1)
     if len(data) < size:
         return None
     if trusted is not None and not trusted():
@@ -269,12 +278,13 @@ class ProcessBackend:
                 start_new_session=True,  # group signals (Ctrl-C, kill -TERM -pgid) go to the app only
                 close_fds=True,
             )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        # An application started with stdin / stdout / stderr closed would have our pipes
-        # take those numbers: its writes to "stdout" (a C library's, a `print`) would land in
-        # the writer's protocol. Our ends move above them.
-        self.proc.stdin = _above_stdio(self.proc.stdin, "wb")
-        self.proc.stdout = _above_stdio(self.proc.stdout, "rb")
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            # An application started with stdin / stdout / stderr closed would have our pipes
+            # take those numbers: its writes to "stdout" (a C library's, a `print`) would land
+            # in the writer's protocol. Our ends move above them — under the lock, so that a
+            # child forked meanwhile never has them at those numbers.
+            self.proc.stdin = _above_stdio(self.proc.stdin, "wb")
+            self.proc.stdout = _above_stdio(self.proc.stdout, "rb")
         self._fd = self.proc.stdin.fileno()
         self._ack_fd = self.proc.stdout.fileno()
         self._buf = b""
@@ -637,6 +647,13 @@ class Writer:
                         self._send(chunks, records, tokens, retry=False)
                         return
                 else:
+                    if isinstance(backend, ProcessBackend) and backend.closed_info:
+                        # it finalized the run early (a frame it could not read ended its
+                        # input): what it was sent after that was never received
+                        stored, lost = int(backend.closed_info[0]), int(backend.closed_info[1])
+                        self.lost += max(lost, self._sent - stored)
+                        self._sent = stored
+                        self._ack(self._sent_token)  # flushes waiting for those: answered
                     warn_once("writer-send",
                               "the Aim writer failed (%s); further records are lost", exc)
                 self._backend = None
