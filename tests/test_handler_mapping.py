@@ -81,6 +81,45 @@ def test_big_containers_are_rendered_by_their_head_and_size() -> None:
                                     + ", … 1000 items], 'empty': set(), 'one': (1,)}")
 
 
+def test_megabyte_texts_in_tool_values_are_cut_before_their_repr() -> None:
+    """A 20 MB `bytes` / `str` tool argument was repr'd whole on the app's thread (~70 ms) to
+    keep 500 characters: builtin texts are cut first, with the same head; other classes keep
+    their own repr (a `SecretStr` stays masked), and a container holding itself does not hang."""
+    import tracemalloc
+
+    from pydantic import SecretStr
+
+    from aim_llama.content import ContentPolicy
+    from aim_llama.render import bounded_repr, render_value
+
+    data = bytes(range(256)) * 80_000  # 20 MB
+    tracemalloc.start()
+    try:
+        shown = render_value({"payload": data, "n": 1}, 500)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000, peak  # the whole repr would be ~70 MB
+    assert shown == repr({"payload": data[:1000], "n": 1})[:500] + "…"
+    assert render_value(data, 500) == repr(data[:600])[:500] + "…"
+    assert bounded_repr(data) == repr(data)  # no cut asked for: as before
+    text = "é" * 3_000_000
+    assert render_value({"q": 1, "doc": text}, 500) == repr({"q": 1, "doc": text[:1000]})[:500] + "…"
+    secret = SecretStr("hunter2-very-secret")
+    shown = render_value([secret, "y" * 5_000_000], 500)
+    assert "hunter2" not in shown and shown.startswith("[SecretStr('**********'), 'yyy")
+    # a key straddling the cut inside a cut text is still redacted whole
+    key = "sk-" + "a1B2" * 12
+    policy = ContentPolicy()
+    arg = render_value({"k": "x" * 480 + " " + key + "z" * 2_000_000}, 500, policy.redact_head)
+    assert "sk-" not in arg and "[REDACTED]" in arg
+    loop: list[object] = ["w" * 10_000]
+    loop.append(loop)
+    assert render_value(loop, 2_000, None) == repr(["w" * 1_999])[:2_000] + "…"
+    loop.append("tail")
+    assert bounded_repr(loop, 10) == "['wwwwwwwwww'… (10000 characters), [...], 'tail']"
+
+
 def test_document_and_video_blocks_show_their_type() -> None:
     """`[document]` / `[video]` said nothing of what was sent: their MIME type now."""
     from llama_index.core.base.llms.types import ChatMessage, DocumentBlock, TextBlock, VideoBlock

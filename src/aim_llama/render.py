@@ -341,43 +341,65 @@ def _event_fields(event: Any) -> dict[str, Any]:
 _MAX_ITEMS_SHOWN = 100  # items of a big list / tuple / dict rendered (the rest is counted)
 
 
-def _repr(value: Any) -> str:
+def _repr(value: Any, clip: int | None = None) -> str:
     try:
-        return bounded_repr(value)
+        return bounded_repr(value, clip)
     except Exception:
         return f"<{type(value).__name__} object>"
 
 
-def bounded_repr(value: Any) -> str:
+def bounded_repr(value: Any, clip: int | None = None) -> str:
     """repr(value), but big builtin containers — at the top or nested a few levels down — show
     their first items and their size only: the whole repr of 200 000 dicts (~0.3 s) was made on
-    the application's thread to keep a head."""
-    if type(value) not in _CONTAINERS or not _has_big(value, 3):
+    the application's thread to keep a head. With `clip`, builtin `str` / `bytes` longer than
+    that show their first `clip` characters (a 20 MB `bytes` argument: ~70 ms of repr for a
+    500-character head). Other classes keep their own repr (it may hide a secret)."""
+    kind = type(value)
+    if kind in _TEXTS:
+        return _text_repr(value, clip)
+    if kind not in _CONTAINERS or not _has_big(value, 3, clip):
         return repr(value)
-    return _head_repr(value)
+    return _head_repr(value, clip, set())
 
 
 _CONTAINERS = (list, tuple, dict, set)
+_TEXTS = (str, bytes, bytearray)
 
 
-def _has_big(value: Any, levels: int) -> bool:
-    if type(value) not in _CONTAINERS:
+def _text_repr(value: str | bytes | bytearray, clip: int | None) -> str:
+    if clip is None or len(value) <= clip:
+        return repr(value)
+    unit = "characters" if type(value) is str else "bytes"
+    return f"{value[:clip]!r}… ({len(value)} {unit})"
+
+
+def _has_big(value: Any, levels: int, clip: int | None = None) -> bool:
+    kind = type(value)
+    if kind in _TEXTS:
+        return clip is not None and len(value) > clip
+    if kind not in _CONTAINERS:
         return False
     if len(value) > _MAX_ITEMS_SHOWN:
         return True
     return levels > 0 and any(
-        _has_big(v, levels - 1) for v in (value.values() if type(value) is dict else value))
+        _has_big(v, levels - 1, clip) for v in (value.values() if kind is dict else value))
 
 
-def _head_repr(value: Any) -> str:
+def _head_repr(value: Any, clip: int | None, path: set[int]) -> str:
     kind = type(value)
+    if kind in _TEXTS:
+        return _text_repr(value, clip)
     if kind not in _CONTAINERS or not value:
         return repr(value)
+    if id(value) in path:  # a container holding itself: as repr shows it
+        return "[...]" if kind is list else "{...}" if kind is dict else "(...)"
+    path.add(id(value))
     shown = itertools.islice(value.items() if kind is dict else value, _MAX_ITEMS_SHOWN)
     if kind is dict:
-        parts = [f"{_head_repr(k)}: {_head_repr(v)}" for k, v in shown]
+        parts = [f"{_head_repr(k, clip, path)}: {_head_repr(v, clip, path)}" for k, v in shown]
     else:
-        parts = [_head_repr(v) for v in shown]
+        parts = [_head_repr(v, clip, path) for v in shown]
+    path.discard(id(value))
     if len(value) > _MAX_ITEMS_SHOWN:
         parts.append(f"… {len(value)} items")
     elif kind is tuple and len(value) == 1:
@@ -392,7 +414,7 @@ def render_value(value: Any, limit: int = 2_000, head: Head | None = None) -> st
     `head` cuts a longer one (the content policy's `redact_head`): secrets are redacted before
     the cut, so none is left half visible at it.
     """
-    text = value if isinstance(value, str) else _repr(value)
+    text = value if isinstance(value, str) else _repr(value, limit + MARGIN)
     if len(text) <= limit:
         return text
     return (head(text[: limit + MARGIN], limit) if head is not None else text[:limit]) + "…"
