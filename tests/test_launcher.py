@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from aim_llama.launcher import BOOTSTRAP_DIR
-from aim_llama.launcher.command import OPTIONS, exit_status, prepend_bootstrap
+from aim_llama.launcher.command import OPTIONS, exit_status, ignoring_options, prepend_bootstrap
 from aim_llama.launcher.startup import command_name, is_skipped
 from aimread import run_hashes
 from conftest import APPS, clean_env, only_run
@@ -160,6 +160,37 @@ def test_a_python_without_aim_llama_is_reported_once_and_runs(workdir, tmp_path)
     proc = launch(["--", "sh", "-c", shell, sys.executable, code], workdir)
     assert proc.returncode == 0 and "APP RAN" in proc.stdout
     assert proc.stderr.count("cannot import aim_llama (simulated: not installed)") == 1, proc.stderr
+
+
+def test_an_interpreter_option_that_skips_the_hook_is_said(workdir, repo):
+    """`aim-llama run -- python -I app.py` recorded nothing and said nothing."""
+    app = "from llama_index.core.llms import MockLLM\nMockLLM().complete('hi')\nprint('APP RAN')"
+    proc = launch(["--", sys.executable, "-I", "-c", app], workdir, repo)
+    assert proc.returncode == 0 and "APP RAN" in proc.stdout, proc.stderr
+    name = os.path.basename(sys.executable)
+    assert proc.stderr.count("aim-llama run: ") == 1, proc.stderr
+    assert f"aim-llama run: {name} -I ignores PYTHONPATH (isolated mode): aim-llama's start-up " \
+           "hook does not load there" in proc.stderr, proc.stderr
+    assert run_hashes(repo) == []
+    # the same interpreter without it records, and says nothing of the kind
+    proc = launch(["--", sys.executable, "-B", "-c", app], workdir, repo)
+    assert proc.returncode == 0 and "aim-llama run:" not in proc.stderr, proc.stderr
+    assert len(run_hashes(repo)) == 1
+
+
+def test_which_interpreter_options_skip_the_hook():
+    assert ignoring_options(["python3", "-I", "app.py"]) == ["-I"]
+    assert ignoring_options(["/venv/bin/python3.11", "-BES", "app.py"]) == ["-E", "-S"]
+    assert ignoring_options(["python", "-W", "ignore", "-sE", "-m", "app"]) == ["-E"]
+    assert ignoring_options(["python", "-WI", "app.py"]) == []  # -W's value, `I`
+    assert ignoring_options(["python", "-X", "-I", "app.py"]) == []  # -X's value
+    assert ignoring_options(["python", "-c", "pass", "-I"]) == []  # the program's own argv
+    assert ignoring_options(["python", "-mIpkg"]) == []
+    assert ignoring_options(["python", "app.py", "-I"]) == []
+    assert ignoring_options(["python", "--check-hash-based-pycs", "-I", "app.py"]) == []
+    assert ignoring_options(["python", "-u", "--", "-I"]) == []
+    assert ignoring_options(["uvicorn", "-I"]) == [] and ignoring_options([]) == []
+    assert ignoring_options(["python3.12t", "-I", "x"]) == ["-I"]
 
 
 def test_activation_happens_once_with_every_path_combined(workdir, repo, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -320,6 +321,40 @@ def _cannot_start(cmd: list[str], exc: OSError) -> int:
     return 126
 
 
+_PYTHON = re.compile(r"python[0-9.]*[dmtw]?(\.exe)?$")
+_ARG_OPTIONS = "WX"  # options whose value may follow as the next argument (`-W error`)
+_IGNORING = {"I": "ignores PYTHONPATH (isolated mode)", "E": "ignores PYTHONPATH",
+             "S": "skips site and sitecustomize"}
+
+
+def ignoring_options(cmd: list[str]) -> list[str]:
+    """The interpreter options of a `python …` command that keep aim-llama's start-up hook
+    from loading (`-I`, `-E`, `-S`, alone or combined as `-IB`), in order; [] for anything
+    else (another program, or those letters after `-c` / `-m` / the script: its own)."""
+    if not cmd or not _PYTHON.match(os.path.basename(cmd[0]).lower()):
+        return []
+    found: list[str] = []
+    i = 1
+    while i < len(cmd):
+        token = cmd[i]
+        if token == "--" or token == "-" or not token.startswith("-"):
+            break
+        if token.startswith("--"):
+            i += 2 if token == "--check-hash-based-pycs" else 1
+            continue
+        for at, letter in enumerate(token[1:], 1):
+            if letter in "cm":
+                return found
+            if letter in _IGNORING and f"-{letter}" not in found:
+                found.append(f"-{letter}")
+            if letter in _ARG_OPTIONS:
+                if at == len(token) - 1:
+                    i += 1  # its value is the next argument
+                break  # the rest of the token is its value
+        i += 1
+    return found
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run the command with aim-llama active; returns its status (exec: does not return on success)."""
     cmd = _command(args)
@@ -331,6 +366,13 @@ def run_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aim-llama run: error: {exc}", file=sys.stderr)
         return 2
+    ignoring = ignoring_options(cmd)
+    if ignoring:  # it would record nothing and say nothing: say it
+        print(f"aim-llama run: {os.path.basename(cmd[0])} {' '.join(ignoring)} "
+              f"{'; '.join(_IGNORING[o[1]] for o in ignoring)}: aim-llama's start-up hook does "
+              f"not load there (drop the option, or add `import aim_llama.auto` to the "
+              f"program)",
+              file=sys.stderr)
     if getattr(args, "spawn", False) or os.name == "nt":  # Windows has no real exec
         return _spawn(cmd, env)
     for stream in (sys.stdout, sys.stderr):
