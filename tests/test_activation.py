@@ -588,6 +588,23 @@ def test_instrument_settings_after_auto_activation_take_over_or_are_reported(run
         in proc.stderr
 
 
+def test_an_invalid_instrument_call_after_activation_says_recording_continues(run_py, repo):
+    """It said "running without Aim instrumentation" while the earlier activation went on
+    recording: the message now says what happens."""
+    proc = run_py(
+        "import aim_llama, aim_llama.auto\n"
+        "from llama_index.core.llms import MockLLM\n"
+        "MockLLM(max_tokens=2).complete('a')\n"
+        "print('RESULT', aim_llama.instrument(queue_size=5))\n"
+        "MockLLM(max_tokens=2).complete('b')\n")
+    assert "RESULT True" in proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "queue_size" in lines[0] and lines[0].endswith(
+        "— instrument() ignored; recording continues with the earlier settings"), proc.stderr
+    assert "running without" not in proc.stderr
+    assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["a", "b"]
+
+
 def test_instrument_accepts_a_path_and_rejects_non_utf8_names(run_py, repo, workdir):
     proc = run_py("import pathlib, llama_index.core, aim_llama\n"
                   "from llama_index.core.llms import MockLLM\n"

@@ -112,6 +112,10 @@ def test_errors_name_a_relatively_given_config_file_by_its_full_path(workdir: Pa
     proc = cli("config", cwd=workdir, AIM_LLAMA_CONFIG="cfg/nope.toml")
     assert (f"config file {str(workdir / 'cfg' / 'nope.toml')!r} does not exist (named by env "
             "AIM_LLAMA_CONFIG)") in proc.stderr, proc.stderr
+    # given as an option, it is blamed on the option (not on a variable never set)
+    proc = cli("config", "--file", "cfg/nope.toml", cwd=workdir)
+    assert (f"config file {str(workdir / 'cfg' / 'nope.toml')!r} does not exist (named by "
+            "aim-llama config --file)") in proc.stderr, proc.stderr
     os.mkfifo(workdir / "cfg" / "fifo.toml")  # nobody writes it: read for a while, then refused
     proc = cli("config", cwd=workdir, AIM_LLAMA_CONFIG="cfg/fifo.toml")
     assert proc.returncode == 1

@@ -208,6 +208,15 @@ BAD: list[tuple[str, dict[str, str], dict[str, str], dict[str, object], list[str
 ]
 
 
+def test_an_empty_unknown_variable_counts_as_unset(cwd: Path) -> None:
+    """A compose file's blank `AIM_LLAMA_REPO=` (a typo, but empty) turned recording off: empty
+    variables count as unset, as the README says; a set one is still an error."""
+    loaded = load_settings({}, environ={"AIM_LLAMA_REPO": " ", "AIM_LLAMA_QUEUE_SIZE": "700"})
+    assert loaded.settings.queue_size == 700
+    with pytest.raises(ConfigError, match="unknown environment variable AIM_LLAMA_REPO"):
+        load_settings({}, environ={"AIM_LLAMA_REPO": "/x"})
+
+
 @pytest.mark.parametrize(
     ("env", "files", "overrides", "fragments"),
     [case[1:] for case in BAD],

@@ -56,8 +56,12 @@ def _switch(name: str, overrides: dict[str, Any]) -> bool | None:
         return None
 
 
-def _report_config_error(exc: ConfigError) -> None:
-    warn_once(f"config:{exc}", "%s — running without Aim instrumentation", str(exc))
+def _report_config_error(exc: ConfigError, active: bool = False) -> None:
+    if active:  # instrument(bad=…) after activation: the earlier settings go on recording
+        warn_once(f"config:{exc}", "%s — instrument() ignored; recording continues with the "
+                  "earlier settings", str(exc))
+    else:
+        warn_once(f"config:{exc}", "%s — running without Aim instrumentation", str(exc))
 
 
 def is_instrumented() -> bool:
@@ -141,7 +145,7 @@ def _reconfigure(overrides: dict[str, Any]) -> bool:
     except ConfigError as exc:
         if strict:
             raise
-        _report_config_error(exc)
+        _report_config_error(exc, active=True)
         return False
     wanted = wanted.model_copy(update={"repo": _fixed_repo(wanted.repo)})
     changed = sorted(name for name in type(wanted).model_fields

@@ -16,9 +16,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     try:
         if args.file is not None:  # (as the launcher's --config: relative to where it was typed)
-            from .switches import CONFIG_ENV
+            from .switches import COMMAND_LINE_ENV, CONFIG_ENV, value_digest
 
-            os.environ[CONFIG_ENV] = os.path.abspath(os.path.expanduser(args.file))
+            path = os.path.abspath(os.path.expanduser(args.file))
+            os.environ[CONFIG_ENV] = path
+            # messages name the option typed, not a variable the user never set
+            kept = [part for part in os.environ.get(COMMAND_LINE_ENV, "").split(";")
+                    if part and not part.startswith(f"{CONFIG_ENV}=")]
+            os.environ[COMMAND_LINE_ENV] = ";".join(
+                [*kept, f"{CONFIG_ENV}=config --file@{value_digest(path)}"])
         loaded = load_settings()
     except ConfigError as exc:
         print(f"aim-llama: error: {exc}", file=sys.stderr)

@@ -74,7 +74,11 @@ def command_line_option(var: str, environ: Mapping[str, str]) -> str | None:
 def env_source(var: str, environ: Mapping[str, str]) -> str:
     """How messages name where env var `var` came from: the option typed, or the variable."""
     option = command_line_option(var, environ)
-    return f"aim-llama run {option}, passed as env {var}" if option else f"env {var}"
+    if not option:
+        return f"env {var}"
+    if not option.startswith("-"):  # another subcommand's option (`config --file`)
+        return f"aim-llama {option}"
+    return f"aim-llama run {option}, passed as env {var}"
 MAX_SECONDS = 86_400  # a day: longer waits and intervals are mistakes (and overflow timeouts)
 
 # LlamaIndex's CBEventType values (llama_index.core.callbacks.schema). Kept here so that
@@ -806,6 +810,8 @@ def _check_env_names(env: Mapping[str, str]) -> None:
     known = set(ENV_NAMES.values()) | INTERNAL_ENV
     for name in env:
         if not name.startswith("AIM_LLAMA_") or name in known:
+            continue
+        if not env[name].strip():  # empty counts as unset (a compose file's blank variable)
             continue
         short = "AIM_" + name.removeprefix("AIM_LLAMA_")
         if short in known:
