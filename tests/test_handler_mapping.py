@@ -100,6 +100,15 @@ def test_megabyte_texts_in_tool_values_are_cut_before_their_repr() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 100_000, peak  # the whole repr would be ~70 MB
+    big = "k" * 5_000_000
+    for value in ({big: 1}, frozenset([big]), [[[big]]], {"a": ({big},)}):
+        tracemalloc.start()
+        try:
+            cut = render_value(value, 500)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 100_000 and cut == repr(value)[:500] + "…", (type(value), peak)
     assert shown == repr({"payload": data[:1000], "n": 1})[:500] + "…"
     assert render_value(data, 500) == repr(data[:600])[:500] + "…"
     assert bounded_repr(data) == repr(data)  # no cut asked for: as before

@@ -910,13 +910,14 @@ def test_foreign_bytes_in_the_writers_pipe_are_said_and_what_follows_is_counted(
     assert run.end_time is not None and not run.active
 
 
+@pytest.mark.parametrize("text", [b"hello from a C library\n", b"ERROR:root:it failed\n"])
 def test_plain_text_in_the_writers_pipe_is_said_at_once_and_what_follows_is_counted(run_py,
-                                                                                     repo):
-    """Plain text written into the writer's pipe (a C library's `printf` on a reused
-    descriptor) was read as a gigabyte-long frame: not said until the app exited, and the
-    records sent after it, then refused with EPIPE, were undercounted."""
+                                                                                     repo, text):
+    """Plain text written into the writer's pipe (a C library's `printf`, a log line, on a
+    reused descriptor) was read as a gigabyte-long frame: not said until the app exited, a
+    flush waited its whole timeout, and the records sent after it were undercounted."""
     proc = run_py(
-        """
+        f"        TEXT = {text!r}" + """
         import os, sys, time
         import aim_llama, aim_llama.auto
         from aim_llama import autoinstrument
@@ -927,16 +928,22 @@ def test_plain_text_in_the_writers_pipe_is_said_at_once_and_what_follows_is_coun
         w = autoinstrument._active.writer
         backend = w._backend
         start = w._submitted
-        import signal
+        import signal, threading
         os.kill(backend.proc.pid, signal.SIGSTOP)  # records sent behind the text: never read
-        os.write(backend._fd, b"hello from a C library\\n")
-        sent = w._sent
+        os.write(backend._fd, TEXT)
+        sent, token = w._sent, w._sent_token
         for i in range(20):
             llm.complete(f"right after {i}")
+        flushed = {}
+        waiter = threading.Thread(target=lambda: flushed.update(ok=aim_llama.flush(120)))
+        waiter.start()  # its flush mark goes into the pipe behind the text too
         deadline = time.monotonic() + 60
-        while w._sent == sent and time.monotonic() < deadline:
+        while (w._sent == sent or w._sent_token == token) and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(backend.proc.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        waiter.join()
+        print("FLUSH", flushed["ok"], round(time.monotonic() - resumed), flush=True)
         backend.proc.wait(timeout=60)  # the writer said so and finalized the run, at once
         print("WRITER GONE", file=sys.stderr, flush=True)
         llm.complete("after")  # refused: EPIPE
@@ -946,8 +953,11 @@ def test_plain_text_in_the_writers_pipe_is_said_at_once_and_what_follows_is_coun
     )
     said = proc.stderr.find("unreadable data in the pipe from the application")
     assert said != -1 and proc.stderr.count("unreadable data in the pipe") == 1, proc.stderr
-    assert "not a frame aim-llama wrote: starts with b'hello'" in proc.stderr, proc.stderr
+    assert f"not a frame aim-llama wrote: starts with {repr(text[:5])[:-1]}" in proc.stderr, \
+        proc.stderr
     assert said < proc.stderr.index("WRITER GONE"), proc.stderr
+    flush = re.search(r"FLUSH (\w+) (\d+)", proc.stdout)
+    assert flush is not None and flush.group(1) == "False" and int(flush.group(2)) < 30, proc.stdout
     after = int(re.search(r"AFTER (\d+)", proc.stdout).group(1))
     lost = re.search(r"Aim writer closed: (\d+) records could not be stored", proc.stderr)
     assert lost is not None and int(lost.group(1)) >= after > 0, (after, proc.stderr)

@@ -362,7 +362,7 @@ def bounded_repr(value: Any, clip: int | None = None) -> str:
     return _head_repr(value, clip, set())
 
 
-_CONTAINERS = (list, tuple, dict, set)
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 _TEXTS = (str, bytes, bytearray)
 
 
@@ -381,8 +381,8 @@ def _has_big(value: Any, levels: int, clip: int | None = None) -> bool:
         return False
     if len(value) > _MAX_ITEMS_SHOWN:
         return True
-    return levels > 0 and any(
-        _has_big(v, levels - 1, clip) for v in (value.values() if kind is dict else value))
+    return levels > 0 and any(_has_big(v, levels - 1, clip) for v in (
+        itertools.chain(value, value.values()) if kind is dict else value))
 
 
 def _head_repr(value: Any, clip: int | None, path: set[int]) -> str:
@@ -405,7 +405,8 @@ def _head_repr(value: Any, clip: int | None, path: set[int]) -> str:
     elif kind is tuple and len(value) == 1:
         parts[0] += ","
     brackets = "[]" if kind is list else "()" if kind is tuple else "{}"
-    return brackets[0] + ", ".join(parts) + brackets[1]
+    shown_text = brackets[0] + ", ".join(parts) + brackets[1]
+    return f"frozenset({shown_text})" if kind is frozenset else shown_text
 
 
 def render_value(value: Any, limit: int = 2_000, head: Head | None = None) -> str:

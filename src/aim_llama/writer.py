@@ -147,9 +147,14 @@ class Refused(NamedTuple):
     records: int
 
 
-# The first byte of every frame's payload: a chunk of records (`wire._MARK`) or a pickle's
-# PROTO opcode (a control message).
-_FRAME_STARTS = (b"\x52", b"\x80")
+# How every frame's payload starts: a pickle's PROTO opcode and version (a control message),
+# or a chunk of records (`wire._MARK`, its record count and size, then such a pickle).
+_PROTO = 0x80
+_CHUNK_START = struct.Struct(">BIIBB")
+
+
+def _pickle_start(data: bytes) -> bool:
+    return len(data) == 2 and data[0] == _PROTO and 2 <= data[1] <= pickle.HIGHEST_PROTOCOL
 
 
 def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
@@ -159,11 +164,30 @@ def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
     if len(header) < _HEADER.size:
         return None
     (size,) = _HEADER.unpack(header)
-    first = _read_exact(stream, 1) if size else b""
-    if not size or first not in _FRAME_STARTS:
-        # foreign bytes (plain text read as a size): said now, not after gigabytes
-        raise ValueError(f"not a frame aim-llama wrote: starts with {header + first!r}")
-    data = first + _read_exact(stream, size - 1)
+    # Foreign bytes (a log line written into the pipe, read as a size) are said now, not
+    # after gigabytes: the payload must start as aim-llama's do, read a byte or a few at a
+    # time (a line of text ends soon).
+    if size < 2:
+        raise ValueError(f"not a frame aim-llama wrote: starts with {header!r}")
+    head = _read_exact(stream, 1)
+    if head == b"\x80":
+        head += _read_exact(stream, 1)
+        if len(head) < 2:
+            return None
+        ok = _pickle_start(head)
+    elif head == b"\x52" and size >= _CHUNK_START.size:
+        head += _read_exact(stream, _CHUNK_START.size - 1)
+        if len(head) < _CHUNK_START.size:
+            return None
+        _mark, _count, chunk, proto, version = _CHUNK_START.unpack(head)
+        ok = chunk + _CHUNK_START.size - 2 <= size and _pickle_start(bytes((proto, version)))
+    elif not head:
+        return None
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(f"not a frame aim-llama wrote: starts with {header + head!r}")
+    data = head + _read_exact(stream, size - len(head))
     if len(data) < size:
         return None
     if trusted is not None and not trusted():
@@ -616,6 +640,8 @@ class Writer:
                 backend.poll(BATCH_INTERVAL)  # take acknowledgements while the interval passes
                 if backend.eof and backend.closed_info is None and not self._stop:
                     self._backend = self._writer_died(backend)
+                elif backend.eof and not self._stop:
+                    self._finished_early(backend)
             else:
                 self._wake.wait(BATCH_INTERVAL)
             self._wake.clear()
@@ -648,18 +674,24 @@ class Writer:
                         return
                 else:
                     if isinstance(backend, ProcessBackend) and backend.closed_info:
-                        # it finalized the run early (a frame it could not read ended its
-                        # input): what it was sent after that was never received
-                        stored, lost = int(backend.closed_info[0]), int(backend.closed_info[1])
-                        self.lost += max(lost, self._sent - stored)
-                        self._sent = stored
-                        self._ack(self._sent_token)  # flushes waiting for those: answered
+                        self._finished_early(backend)
                     warn_once("writer-send",
                               "the Aim writer failed (%s); further records are lost", exc)
                 self._backend = None
         self.lost += records
         for token in tokens:
             self._ack(token)
+
+    def _finished_early(self, backend: ProcessBackend) -> None:
+        """The writer process finalized the run before being asked to (a frame it could not
+        read ended its input): what it was sent after that was never received, and is lost;
+        flushes waiting for it are answered (and fail), later records are counted lost."""
+        assert backend.closed_info is not None
+        stored, lost = int(backend.closed_info[0]), int(backend.closed_info[1])
+        self.lost += max(lost, self._sent - stored)
+        self._sent = stored
+        self._backend = None
+        self._ack(self._sent_token)
 
     def _writer_died(self, backend: ProcessBackend, restart: bool = True
                      ) -> ProcessBackend | None:
