@@ -966,6 +966,38 @@ def test_plain_text_in_the_writers_pipe_is_said_at_once_and_what_follows_is_coun
     assert run.end_time is not None and not run.active
 
 
+@pytest.mark.new_repo
+def test_a_thread_writer_creating_the_repo_at_exit_keeps_its_run(run_py, repo, tmp_path):
+    """`weakref.finalize`'s exit hook, registered after aim-llama's (Python 3.10: the thread
+    writer's Aim made the first finalizer), ran first: it deleted the `TemporaryDirectory` of
+    the new repo's database migration still running in the writer thread (the whole run lost),
+    or finalized Aim's objects under the run being stored (no end time)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = run_py(
+        """
+        import atexit, glob, os, tempfile, time, weakref
+        import llama_index.core
+        # as on Python 3.10: no `weakref.finalize` made before aim-llama's activation
+        atexit.unregister(weakref.finalize._exitfunc)
+        weakref.finalize._registered_with_atexit = False
+        import aim_llama
+        assert aim_llama.instrument()
+        from llama_index.core.llms import MockLLM
+        MockLLM(max_tokens=4).complete("at once")  # the writer thread starts: exit follows
+        deadline = time.monotonic() + 30  # ... while it migrates the new repo's database
+        pattern = os.path.join(tempfile.gettempdir(), "aim-llama-migrate-*")
+        while not glob.glob(pattern) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        """,
+        env={"AIM_LLAMA_WRITER": "thread", "TMPDIR": str(scratch)},
+    )
+    assert "aim_llama" not in proc.stderr, proc.stderr
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["at once"]
+    assert run.end_time is not None and not run.active
+
+
 DROP_PRIVILEGES_APP = """
 import os, pickle, pwd, struct, sys, time
 import aim_llama, aim_llama.auto

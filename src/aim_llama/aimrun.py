@@ -164,6 +164,7 @@ def patch_aim_migrations() -> None:
         return
 
     def upgrade_database(db_url: str) -> None:
+        import shutil
         import subprocess
         import tempfile
 
@@ -178,17 +179,18 @@ def patch_aim_migrations() -> None:
             entries = [here] + [os.path.join(here, entry) for entry in
                                 env.get("PYTHONPATH", "").split(os.pathsep) if entry]
             env["PYTHONPATH"] = os.pathsep.join(entries)
+        # mkdtemp, not TemporaryDirectory: that one's clean-up is also an exit hook (through
+        # `weakref.finalize`), which deleted the directory under a migration still running in
+        # the writer thread at exit (its alembic then failed: the whole run lost).
         try:
-            scratch: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
-                prefix="aim-llama-migrate-")
+            scratch: str | None = tempfile.mkdtemp(prefix="aim-llama-migrate-")
         except OSError:  # no temporary directory to be had: where Aim would have run it
             scratch = None
         try:
-            code = subprocess.run(make_cmd(), env=env, check=False,
-                                  cwd=scratch.name if scratch else None).returncode
+            code = subprocess.run(make_cmd(), env=env, check=False, cwd=scratch).returncode
         finally:
             if scratch is not None:
-                scratch.cleanup()
+                shutil.rmtree(scratch, ignore_errors=True)
         if code != 0:
             raise subprocess.SubprocessError(f"Database upgrade failed with exit code {code}")
 

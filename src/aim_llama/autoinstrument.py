@@ -306,6 +306,7 @@ def _activate(settings: Any) -> _Active:
     else:
         signals.install()
     if not _atexit_registered:
+        _finalizers_exit_first()
         atexit.register(_at_exit)
         _atexit_registered = True
     if not _fork_hook_registered and hasattr(os, "register_at_fork"):
@@ -501,6 +502,21 @@ def _flush_before_exec(writer: Any) -> None:
             "exec succeeds (what the writer process received, it stores before it finalizes "
             "the run)", float(getattr(writer, "flush_timeout", 10.0)), left,
         )
+
+
+def _finalizers_exit_first() -> None:
+    """Have `weakref.finalize`'s exit hook registered before ours, so that it runs after ours
+    (atexit: last registered, first run). Registered later — when the thread writer's Aim
+    makes the process's first finalizer — it ran first: Aim's objects were finalized under the
+    run still being stored (no end time), a database migration's directory deleted."""
+    import weakref
+
+    if not getattr(weakref.finalize, "_registered_with_atexit", True):
+        weakref.finalize(_at_exit, _nothing).atexit = False  # (a function: lives as long)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _at_exit() -> None:
