@@ -1249,6 +1249,45 @@ def test_tool_that_raises(repo: Path) -> None:
     assert entry["args"]["exception_type"] == "ValueError"
 
 
+def test_a_tool_waiting_for_human_input_is_not_an_error(repo: Path) -> None:
+    """`ctx.wait_for_event` (human in the loop) pauses a tool by raising `WaitingForEvent`;
+    LlamaIndex runs it again when the answer comes. Every approval was counted as a failed
+    tool call (an `errors` point, a Logs entry, `-> error: WaitingForEvent`)."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+    from llama_index.core.workflow import Context, HumanResponseEvent, InputRequiredEvent
+
+    async def dangerous(ctx: Context, what: str) -> str:
+        """Ask a human before doing something."""
+        answer = await ctx.wait_for_event(HumanResponseEvent, waiter_id="confirm",
+                                          waiter_event=InputRequiredEvent(prefix=f"{what}?"))
+        return f"human said {answer.response}"
+
+    dangerous.__annotations__ = {"ctx": Context, "what": str, "return": str}  # (not strings)
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(async_fn=dangerous)],
+                          llm=ScriptedToolLLM(tool_name="dangerous", tool_args={"what": "drop"}))
+
+    async def main() -> Any:
+        handler = agent.run(user_msg="drop the table")
+        async for event in handler.stream_events():
+            if isinstance(event, InputRequiredEvent):
+                handler.ctx.send_event(HumanResponseEvent(response="yes"))
+        return await handler
+
+    with recording(repo):
+        result = asyncio.run(main())
+    assert "final: human said yes" in str(result)
+    run = only_run(repo)
+    assert not run.metric("errors", kind="tool") and not run.metric("errors")
+    assert _log_records(repo, run.hash) == []
+    calls = [t for _, t in run.text("tool_call", kind="tool", tool="dangerous")]
+    assert calls[-1] == "dangerous(what=drop)\n-> human said yes", calls
+    assert all("error" not in c for c in calls), calls
+    (trace,) = traces(run, "agent")
+    assert "waiting" in trace and "error" not in trace, trace
+    assert [t for _, t in run.text("answer", kind="agent")] == ["final: human said yes"]
+
+
 def test_an_llm_failing_inside_a_tool_is_one_error_not_two(repo: Path) -> None:
     from llama_index.core.agent.workflow import FunctionAgent
     from llama_index.core.tools import FunctionTool

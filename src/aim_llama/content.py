@@ -203,6 +203,12 @@ class ContentPolicy:
         return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
 
 
+def pausing(exc: BaseException) -> bool:
+    """A workflow step pausing for an event (`ctx.wait_for_event`, human input): it runs again
+    when the event comes; not an error."""
+    return type(exc).__name__ == "WaitingForEvent"
+
+
 def error_message(err: BaseException) -> str | Clipped:
     """An exception's message for a Logs-tab entry (`LogError.error`): whole, or its head with
     a margin when it is longer than the writer keeps (the writer redacts, then cuts)."""

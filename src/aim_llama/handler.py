@@ -21,7 +21,7 @@ from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 
 from . import importhook
-from .content import ContentPolicy, error_message
+from .content import ContentPolicy, error_message, pausing
 from .log import warn_once
 from .records import LogError, Record, Track
 
@@ -88,7 +88,7 @@ def records_for_end(
     exc = payload.get(EventPayload.EXCEPTION)
     out: list[Record] = []
     if isinstance(exc, BaseException):
-        if errors:
+        if errors and not pausing(exc):
             out.extend(error_records(kind, exc))
     elif kind == _CHUNKING:
         for chunk in payload.get(EventPayload.CHUNKS) or []:
@@ -209,7 +209,7 @@ class AimLlamaHandler(BaseCallbackHandler):
             errors = not self.errors_off
             if errors and payload and observer is not None:
                 exc = payload.get(EventPayload.EXCEPTION)
-                if isinstance(exc, BaseException):
+                if isinstance(exc, BaseException) and not pausing(exc):
                     # a step's failure reaches both channels (this event's payload, then the
                     # failing spans): one exception, recorded once, by whichever sees it first
                     errors = observer.claim_error(exc)

@@ -35,7 +35,7 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any
 
 from . import render
-from .content import MARGIN, ContentPolicy, error_message
+from .content import MARGIN, ContentPolicy, error_message, pausing
 from .finish import span_name
 from .log import warn_once
 from .records import LogError, NodesValue, Param, Record, RerankValue, TraceValue, Track
@@ -624,8 +624,10 @@ class Observer:
                 under = self._tool_errors.pop(id_, 0)
                 self._postprocessing.pop(id_, None)
                 node, instance, root = ended
-                cancelled = err is None or _cancelled(err)
-                node.status = "cancelled" if cancelled else f"error {type(err).__name__}"
+                waiting = err is not None and pausing(err)
+                cancelled = err is None or _cancelled(err) or waiting
+                node.status = ("waiting" if waiting else "cancelled" if cancelled
+                               else f"error {type(err).__name__}")
                 call = self._calls.pop(id_, None)
                 for family in ("embedding", "retrieve", "rerank"):
                     self._timed.pop((family, id_), None)
@@ -640,7 +642,7 @@ class Observer:
                             self._llm_records(out, call, call.last, now, err)
                     elif node.kind == "tool" and not node.nested:
                         counted = recorded or under > 0
-                        recorded = True
+                        recorded = not waiting
                         self._tool(out, node, instance, bound_args, None, err, counted)
                     elif (node.kind in ERROR_KINDS and not recorded and not cancelled
                           and err is not None):
@@ -1245,6 +1247,9 @@ class Observer:
         if err is not None and _cancelled(err):
             node.status = "cancelled"
             output = "cancelled"
+        elif err is not None and pausing(err):
+            node.status = "waiting"
+            output = "waiting for an event (the call runs again when it comes)"
         elif err is not None:
             if not counted:
                 self._error(out, "tool", name, err)
@@ -1596,6 +1601,8 @@ def _fold_usage(call: _Call, response: Any) -> None:
 def _cancelled(err: BaseException) -> bool:
     """A call stopped from outside (asyncio cancellation, a closed generator), not a failure."""
     return isinstance(err, GeneratorExit) or type(err).__name__ == "CancelledError"
+
+
 
 
 def _stream_status(err: BaseException) -> str:
