@@ -32,7 +32,7 @@ from llama_index.core.llms import MockLLM
 from llama_index.core.workflow import Context
 
 import aim_llama
-from aimread import RunData, read_run
+from aimread import RunData, read_all, read_run
 
 QUESTIONS = [f"question {i}: what about topic {i % 3}?" for i in range(5)]
 RETRIEVE = {"kind": "retrieve", "retriever": "VectorIndexRetriever"}  # a vector index's retrievals
@@ -1286,6 +1286,36 @@ def test_a_tool_waiting_for_human_input_is_not_an_error(repo: Path) -> None:
     (trace,) = traces(run, "agent")
     assert "waiting" in trace and "error" not in trace, trace
     assert [t for _, t in run.text("answer", kind="agent")] == ["final: human said yes"]
+
+
+def test_a_tool_the_model_made_up_is_a_tool_call_and_an_error(repo: Path) -> None:
+    """The model asked for a tool the agent does not have: LlamaIndex answers "Tool … not
+    found" without running any tool, so no tool span recorded it: nothing said so."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(_add, name="add")],
+                          llm=ScriptedToolLLM(tool_name="subtract", tool_args={"a": 5, "b": 3}))
+    with recording(repo):
+        result = asyncio.run(_run(agent, user_msg="what is 5-3?"))
+    assert "Tool subtract not found" in str(result)
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    (call,) = [t for _, t in run.text("tool_call", kind="tool", tool="subtract")]
+    assert call.startswith("subtract(a=5, b=3)\n-> error: RuntimeError: Tool subtract not found")
+    assert not run.text("tool_call", kind="tool", tool="add")
+    (entry,) = _log_records(repo, run.hash)
+    assert entry["args"]["operation"] == "tool" and entry["args"]["span"] == "subtract"
+    assert "tool=subtract (not run: error)" in traces(run, "agent")[0]
+
+    # a tool that ran and failed is still recorded once, by its own span
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(_add, name="add")],
+                          llm=ScriptedToolLLM(tool_args={"a": -1, "b": 3}))
+    with recording(repo):
+        asyncio.run(_run(agent, user_msg="what is -1+3?"))
+    run = [r for r in read_all(repo) if r.hash != run.hash][0]
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    assert len(run.text("tool_call", kind="tool", tool="add")) == 1
 
 
 def test_an_llm_failing_inside_a_tool_is_one_error_not_two(repo: Path) -> None:

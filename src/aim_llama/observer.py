@@ -560,6 +560,8 @@ class Observer:
                             ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
                             out.append(Track("latency_ms", (now - node.start) * 1000.0,
                                              "metric", ctx))
+                            if type(result).__name__ == "ToolCallResult":
+                                self._tool_not_run(out, node, result)
                     except Exception as exc:  # the request must still end
                         self.failed("span end", exc)
                 elif kind == "llm" and type(result) in _STREAMS:
@@ -1268,6 +1270,25 @@ class Observer:
             self._text(out, "tool_call", render.render_tool_call(
                 name, arguments, output, self.policy.redact_head), ctx, step)
 
+    def _tool_not_run(self, out: list[Record], node: _Node, result: Any) -> None:
+        """An agent's `call_tool` step that answered with an error without running a tool (the
+        model named one that does not exist): its `tool_call` and error, which no tool span
+        records."""
+        output = getattr(result, "tool_output", None)
+        if not getattr(output, "is_error", False) or self._off("tool") or _ran_a_tool(node):
+            return
+        name = str(getattr(result, "tool_name", "") or "tool")
+        ctx = {"kind": "tool", "tool": name}
+        step = _next_step(self._component_steps, "tool:" + name)
+        err = RuntimeError(str(getattr(output, "content", "tool error")))
+        self._error(out, "tool", name, err)
+        node.note += f" tool={name} (not run: error)"
+        if self.policy.capture and node.root.sampled:
+            arguments = getattr(result, "tool_kwargs", None)
+            self._text(out, "tool_call", render.render_tool_call(
+                name, dict(arguments) if isinstance(arguments, dict) else {},
+                f"error: {type(err).__name__}: {err}", self.policy.redact_head), ctx, step)
+
     # -- requests ---------------------------------------------------------------------
     def _maybe_finish(self, root: _Root, now: float) -> list[Record]:
         if root.finalized or root.open > 0 or root.pending > 0 or root.hold > 0:
@@ -1596,6 +1617,17 @@ def _fold_usage(call: _Call, response: Any) -> None:
         counts = TokenCounts(was.prompt + counts.prompt, was.completion + counts.completion,
                              was.total + counts.total, counts.source)
     outer.inner = counts
+
+
+def _ran_a_tool(node: _Node) -> bool:
+    """Whether a tool span ran under `node` (it records the call itself)."""
+    below = list(node.children or ())
+    while below:
+        child = below.pop()
+        if child.kind == "tool":
+            return True
+        below.extend(child.children or ())
+    return False
 
 
 def _cancelled(err: BaseException) -> bool:
