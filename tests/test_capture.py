@@ -1183,6 +1183,7 @@ def test_function_agent_with_tool(repo: Path) -> None:
     (trace,) = traces(run, "agent")
     assert trace.startswith("agent: what is 2+3?\n")
     assert "FunctionTool.acall" in trace and "tool=add" in trace
+    assert "agent=" not in trace  # (one agent: no need to say which)
     assert [t for _, t in run.text("answer", kind="agent")] == ["final: 5"]
     assert "scripted-tool-llm" in run.params["llm_models"]
 
@@ -1309,6 +1310,26 @@ def test_a_tool_the_model_made_up_is_a_tool_call_and_an_error(repo: Path) -> Non
     assert "tool=subtract (not run: error)" in traces(run, "agent")[0]
 
     # (a tool that ran and failed stays one error: test_tool_that_raises)
+
+
+def test_an_agent_workflows_steps_say_which_agent_runs_them(repo: Path) -> None:
+    """Every step of a multi-agent run read `AgentWorkflow.run_agent_step`: which agent made
+    an LLM call or a tool call could not be told."""
+    from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    router = FunctionAgent(name="router", description="routes", can_handoff_to=["math"],
+                           llm=ScriptedToolLLM(tool_name="handoff",
+                                               tool_args={"to_agent": "math", "reason": "sums"}))
+    math = FunctionAgent(name="math", description="does sums",
+                         tools=[FunctionTool.from_defaults(_add, name="add")],
+                         llm=ScriptedToolLLM())
+    workflow = AgentWorkflow(agents=[router, math], root_agent="router")
+    with recording(repo):
+        asyncio.run(_run(workflow, user_msg="what is 2+3?"))
+    (trace,) = traces(only_run(repo), "agent")
+    steps = [line for line in trace.splitlines() if "run_agent_step" in line]
+    assert len(steps) == 2 and "agent=router" in steps[0] and "agent=math" in steps[1], trace
 
 
 def test_an_llm_failing_inside_a_tool_is_one_error_not_two(repo: Path) -> None:

@@ -138,6 +138,7 @@ class _Root:
         "last_llm_text",
         "last_seen",
         "llm_calls",
+        "multi_agent",
         "node",
         "omitted",
         "open",
@@ -178,6 +179,8 @@ class _Root:
         self.shown = 1
         self.omitted = 0
         self.end: float | None = None
+        # an AgentWorkflow's run: its agent steps say which agent runs them
+        self.multi_agent = any(c.__name__ == "AgentWorkflow" for c in type(node.inst).__mro__)
 
 
 class _Call:
@@ -422,6 +425,13 @@ class Observer:
                     root = parent.root
                     if instance is None and parent.kind in ("agent", "workflow"):
                         node.kind = kind = parent.kind + "_step"
+                        if kind == "agent_step" and root.multi_agent:
+                            # which agent of an AgentWorkflow runs this step (its LLM calls,
+                            # its tools are under it)
+                            agent = getattr(bound_args.arguments.get("ev"),
+                                            "current_agent_name", None)
+                            if isinstance(agent, str):
+                                node.note += f" agent={agent[:80]}"
                     shown_parent = parent.disp or parent
                     same = instance is not None and (
                         shown_parent.inst_id == node.inst_id
