@@ -540,6 +540,28 @@ def test_a_request_open_at_shutdown_has_a_trace_but_no_latency(repo: Path) -> No
     assert [s for s, _ in run.metric("latency_ms", kind="query")] == [0]
 
 
+def test_a_request_cut_off_by_shutdown_shows_how_long_it_had_run(repo: Path) -> None:
+    """Its trace said `123.2 ms · incomplete at shutdown` with its spans `open ok` for a
+    request that had been waiting seconds on a slow call: the header now runs until shutdown
+    and spans still open say `running` with their time so far."""
+    import contextvars
+    import threading
+    import time as _time
+
+    engine = _index().as_query_engine(llm=SlowLLM(delay=2.0))
+    with recording(repo):
+        worker = threading.Thread(target=contextvars.copy_context().run,
+                                  args=(asyncio.run, engine.aquery(QUESTIONS[0])))
+        worker.start()
+        _time.sleep(0.6)
+    worker.join()
+    (trace,) = traces(only_run(repo), "query")
+    header = trace.splitlines()[1]
+    assert "incomplete at shutdown" in header and float(header.split(" ms")[0]) >= 600, trace
+    assert re.search(r"RetrieverQueryEngine\.aquery \d+\.\dms running", trace), trace
+    assert " open " not in trace, trace
+
+
 def test_streams_dropped_unread_end_their_call_and_request_as_abandoned(repo: Path) -> None:
     """A stream the application drops without reading it (a client gone before the first
     chunk) never sends an end event: its LLM call and request ended only at expiry, 30 minutes

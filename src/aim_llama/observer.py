@@ -53,6 +53,7 @@ MAX_TRACE_NODES = 400  # lines per trace; further spans are counted, not listed
 REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
 # spans with records at exit
+AT_SHUTDOWN = "incomplete at shutdown"  # a request's status when the process ends under it
 _SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step", "postprocess"})
 _STEP_KINDS = frozenset({"agent_step", "workflow_step"})
 # methods of request components that LlamaIndex spans but that ask nothing of them: a chat
@@ -1320,8 +1321,8 @@ class Observer:
             _release(root)
             return out
         # A request ends when the last thing under it ends (a stream may outlive the span);
-        # an expired one at its last sign of activity.
-        end = now if status is None else (root.end or root.last_seen)
+        # an expired one at its last sign of activity; one cut off by shutdown ran until now.
+        end = now if status in (None, AT_SHUTDOWN) else (root.end or root.last_seen)
         latency = (end - root.node.start) * 1000.0
         ctx = {"kind": kind}
         step = _next_step(self._request_steps, kind)
@@ -1336,21 +1337,27 @@ class Observer:
                 if answer is not None:
                     self._text(out, "answer", answer, ctx, step)
         if root.sampled:
-            out.append(Track("trace", self._trace_value(root, latency, status), "text", ctx,
-                             step))
+            out.append(Track("trace", self._trace_value(root, latency, status, now), "text",
+                             ctx, step))
         _release(root)
         return out
 
-    def _trace_value(self, root: _Root, latency: float, status: str | None) -> TraceValue:
-        """The request's span tree as rows; the writer formats and redacts it."""
+    def _trace_value(self, root: _Root, latency: float, status: str | None,
+                     now: float) -> TraceValue:
+        """The request's span tree as rows; the writer formats and redacts it. At shutdown,
+        spans still open show how long they had been running."""
         node = root.node
         input_ = root.input[: MAX_INPUT_LINE + MARGIN] if self.policy.capture else None
         rows: list[tuple[int, str, float, float | None, str, str]] = []
         stack: list[tuple[_Node, int]] = [(node, 0)]
+        running = status == AT_SHUTDOWN
         while stack:
             current, depth = stack.pop()
-            rows.append((depth, current.id, current.start, current.end, current.status,
-                         current.note))
+            if running and current.end is None:
+                rows.append((depth, current.id, current.start, now, "running", current.note))
+            else:
+                rows.append((depth, current.id, current.start, current.end, current.status,
+                             current.note))
             if current.children:
                 stack.extend((child, depth + 1) for child in reversed(current.children))
         return TraceValue(root.kind, input_, latency, status or node.status, root.llm_calls,
@@ -1436,10 +1443,10 @@ class Observer:
                 if call.nested:
                     continue
                 try:
-                    self._llm_records(out, call, call.last, now, None, "incomplete at shutdown")
+                    self._llm_records(out, call, call.last, now, None, AT_SHUTDOWN)
                 except Exception as exc:  # the rest must still be written
                     self.failed("llm call at shutdown", exc)
-            out.extend(self._expire(list(self._roots.values()), now, "incomplete at shutdown"))
+            out.extend(self._expire(list(self._roots.values()), now, AT_SHUTDOWN))
             self._spans.clear()
             self._calls.clear()
             self._timed.clear()
