@@ -531,12 +531,15 @@ def test_a_request_open_at_shutdown_has_a_trace_but_no_latency(repo: Path) -> No
     with recording(repo):
         kept = engine.query(QUESTIONS[0])  # its stream is never read (nor dropped)
         engine.query(QUESTIONS[1]).get_response()
+        time.sleep(1.0)
     del kept
     run = only_run(repo)
     # steps count requests as they end: the finished one first, the open one at shutdown
     assert dict(run.text("question", kind="query")) == {0: QUESTIONS[1], 1: QUESTIONS[0]}
     tr = dict(run.text("trace", kind="query"))
     assert "· ok ·" in tr[0] and "incomplete at shutdown" in tr[1]
+    # nothing ran under it until shutdown: timed to its last activity, not to the shutdown
+    assert float(tr[1].splitlines()[1].split(" ms")[0]) < 1000, tr[1]
     assert [s for s, _ in run.metric("latency_ms", kind="query")] == [0]
 
 
@@ -1272,10 +1275,18 @@ def test_tool_that_raises(repo: Path) -> None:
     assert entry["args"]["exception_type"] == "ValueError"
 
 
-def test_a_tool_waiting_for_human_input_is_not_an_error(repo: Path) -> None:
+@pytest.mark.parametrize("human", ["quick", "slower than the request TTL"])
+def test_a_tool_waiting_for_human_input_is_not_an_error(repo: Path, human: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`ctx.wait_for_event` (human in the loop) pauses a tool by raising `WaitingForEvent`;
     LlamaIndex runs it again when the answer comes. Every approval was counted as a failed
-    tool call (an `errors` point, a Logs entry, `-> error: WaitingForEvent`)."""
+    tool call (an `errors` point, a Logs entry, `-> error: WaitingForEvent`), and a human
+    slower than the 30-minute request TTL (0.3 s here) lost the request's answer."""
+    from aim_llama import observer
+
+    if human != "quick":
+        monkeypatch.setattr(observer, "ROOT_TTL", 0.3)
+        monkeypatch.setattr(observer, "SWEEP_INTERVAL", 0.05)
     from llama_index.core.agent.workflow import FunctionAgent
     from llama_index.core.tools import FunctionTool
     from llama_index.core.workflow import Context, HumanResponseEvent, InputRequiredEvent
@@ -1294,6 +1305,9 @@ def test_a_tool_waiting_for_human_input_is_not_an_error(repo: Path) -> None:
         handler = agent.run(user_msg="drop the table")
         async for event in handler.stream_events():
             if isinstance(event, InputRequiredEvent):
+                if human != "quick":
+                    await asyncio.sleep(0.6)
+                    MockLLM(max_tokens=2).complete("meanwhile")  # (spans: sweeps run)
                 handler.ctx.send_event(HumanResponseEvent(response="yes"))
         return await handler
 
@@ -1306,6 +1320,7 @@ def test_a_tool_waiting_for_human_input_is_not_an_error(repo: Path) -> None:
     calls = [t for _, t in run.text("tool_call", kind="tool", tool="dangerous")]
     assert calls[-1] == "dangerous(what=drop)\n-> human said yes", calls
     assert all("error" not in c for c in calls), calls
+    assert len(run.metric("latency_ms", kind="tool", tool="dangerous")) == 1  # the call that ran
     (trace,) = traces(run, "agent")
     assert "waiting" in trace and "error" not in trace, trace
     assert [t for _, t in run.text("answer", kind="agent")] == ["final: human said yes"]
@@ -1352,6 +1367,28 @@ def test_an_agent_workflows_steps_say_which_agent_runs_them(repo: Path) -> None:
     (trace,) = traces(only_run(repo), "agent")
     steps = [line for line in trace.splitlines() if "run_agent_step" in line]
     assert len(steps) == 2 and "agent=router" in steps[0] and "agent=math" in steps[1], trace
+
+
+def test_a_failing_tool_in_a_full_trace_is_one_error(repo: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the trace's 400 lines (7 here) tool spans are not in the tree: the agent's
+    `call_tool` step took the tool's error for a tool never run and counted it again."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    from aim_llama import observer
+
+    monkeypatch.setattr(observer, "MAX_TRACE_NODES", 7)
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(_add, name="add")],
+                          llm=ScriptedToolLLM(tool_args={"a": -1, "b": 3}))
+    with recording(repo):
+        asyncio.run(_run(agent, user_msg="what is -1+3?"))
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    (call,) = [t for _, t in run.text("tool_call", kind="tool", tool="add")]
+    assert "ValueError: negative numbers" in call
+    (trace,) = traces(run, "agent")
+    assert "more spans not listed" in trace and "not run" not in trace, trace
 
 
 def test_an_llm_failing_inside_a_tool_is_one_error_not_two(repo: Path) -> None:

@@ -98,6 +98,7 @@ class _Node:
         "nested",
         "note",
         "parent",
+        "ran_tool",
         "root",
         "start",
         "status",
@@ -118,6 +119,7 @@ class _Node:
         self.inst = instance
         self.inst_id = 0 if instance is None else id(instance)
         self.nested = False
+        self.ran_tool = False  # (a step: a tool span ran under it)
 
     @property
     def name(self) -> str:
@@ -151,6 +153,7 @@ class _Root:
         "stream_ref",
         "streams",
         "tokens",
+        "waiting",
     )
 
     def __init__(self, node: _Node, kind: str, sampled: bool, input_: str, now: float) -> None:
@@ -180,6 +183,8 @@ class _Root:
         self.shown = 1
         self.omitted = 0
         self.end: float | None = None
+        # paused for an event (human input): not expired while it waits, however long
+        self.waiting = False
         # an AgentWorkflow's run: its agent steps say which agent runs them
         self.multi_agent = any(c.__name__ == "AgentWorkflow" for c in type(node.inst).__mro__)
 
@@ -424,11 +429,12 @@ class Observer:
                     root = self._new_root(node, bound_args, now)
                 else:
                     root = parent.root
+                    root.waiting = False
                     if instance is None and parent.kind in ("agent", "workflow"):
                         node.kind = kind = parent.kind + "_step"
                         if kind == "agent_step" and root.multi_agent:
-                            # which agent of an AgentWorkflow runs this step (its LLM calls,
-                            # its tools are under it)
+                            # which agent of an AgentWorkflow runs this step (the LLM calls
+                            # under it are that agent's)
                             agent = getattr(bound_args.arguments.get("ev"),
                                             "current_agent_name", None)
                             if isinstance(agent, str):
@@ -465,6 +471,11 @@ class Observer:
                 node.root = root
                 if kind == "tool":
                     self._tool_errors[id_] = 0
+                    step = parent  # (marked even when the trace is full: no tree walk)
+                    while step is not None and step.kind not in _STEP_KINDS:
+                        step = step.parent
+                    if step is not None:
+                        step.ran_tool = True
                 elif kind == "postprocess" and not node.nested and not self._off("rerank"):
                     self._postprocessing[id_] = self._nodes_given(bound_args, root.sampled)
                 root.open += 1
@@ -670,6 +681,8 @@ class Observer:
                     self.failed("span error", exc)
                 if recorded and err is not None and not any(e is err for e in root.errors):
                     self._note_error(root, err, node)
+                if waiting:
+                    root.waiting = True
                 if node is root.node:
                     root.end = now
                 elif root.hold and node.kind == "" and node.name.endswith(_WRITES_HISTORY):
@@ -1253,8 +1266,9 @@ class Observer:
             name = node.name.split(".", 1)[0]
         ctx = {"kind": "tool", "tool": name}
         step = _next_step(self._component_steps, "tool:" + name)
-        latency = ((node.end or _now()) - node.start) * 1000.0
-        out.append(Track("latency_ms", latency, "metric", ctx, step))
+        if err is None or not pausing(err):  # (a paused attempt is no call's latency)
+            latency = ((node.end or _now()) - node.start) * 1000.0
+            out.append(Track("latency_ms", latency, "metric", ctx, step))
         if err is None and getattr(result, "is_error", False):
             err = RuntimeError(str(getattr(result, "content", "tool error")))
         if err is not None and _cancelled(err):
@@ -1286,7 +1300,7 @@ class Observer:
         model named one that does not exist): its `tool_call` and error, which no tool span
         records."""
         output = getattr(result, "tool_output", None)
-        if not getattr(output, "is_error", False) or self._off("tool") or _ran_a_tool(node):
+        if not getattr(output, "is_error", False) or self._off("tool") or node.ran_tool:
             return
         name = str(getattr(result, "tool_name", "") or "tool")
         ctx = {"kind": "tool", "tool": name}
@@ -1322,7 +1336,8 @@ class Observer:
             return out
         # A request ends when the last thing under it ends (a stream may outlive the span);
         # an expired one at its last sign of activity; one cut off by shutdown ran until now.
-        end = now if status in (None, AT_SHUTDOWN) else (root.end or root.last_seen)
+        end = (now if status is None or (status == AT_SHUTDOWN and (root.open or root.pending))
+               else (root.end or root.last_seen))
         latency = (end - root.node.start) * 1000.0
         ctx = {"kind": kind}
         step = _next_step(self._request_steps, kind)
@@ -1367,7 +1382,8 @@ class Observer:
     def _sweep(self, now: float) -> list[Record]:
         """Expire requests idle for `ROOT_TTL` (and the oldest beyond `MAX_OPEN_ROOTS`)."""
         self._next_sweep = now + SWEEP_INTERVAL
-        expired = [r for r in self._roots.values() if now - r.last_seen > ROOT_TTL]
+        expired = [r for r in self._roots.values()
+                   if now - r.last_seen > ROOT_TTL and not r.waiting]
         excess = len(self._roots) - len(expired) - MAX_OPEN_ROOTS
         if excess > 0:
             expired.extend(list(self._roots.values())[:excess])
@@ -1634,17 +1650,6 @@ def _fold_usage(call: _Call, response: Any) -> None:
         counts = TokenCounts(was.prompt + counts.prompt, was.completion + counts.completion,
                              was.total + counts.total, counts.source)
     outer.inner = counts
-
-
-def _ran_a_tool(node: _Node) -> bool:
-    """Whether a tool span ran under `node` (it records the call itself)."""
-    below = list(node.children or ())
-    while below:
-        child = below.pop()
-        if child.kind == "tool":
-            return True
-        below.extend(child.children or ())
-    return False
 
 
 def _cancelled(err: BaseException) -> bool:
