@@ -1326,6 +1326,52 @@ def test_a_tool_waiting_for_human_input_is_not_an_error(repo: Path, human: str,
     assert [t for _, t in run.text("answer", kind="agent")] == ["final: human said yes"]
 
 
+def test_a_workflow_step_waiting_longer_than_the_request_ttl_keeps_its_request(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that calls `ctx.wait_for_event` itself (the workflows catch the pause inside
+    the step: no span says so) expired with its request after 30 minutes (0.3 s here) of
+    waiting for a human: the answer was lost. A run still going is never idle-expired."""
+    from llama_index.core.workflow import (
+        Context,
+        HumanResponseEvent,
+        InputRequiredEvent,
+        StartEvent,
+        StopEvent,
+        Workflow,
+        step,
+    )
+
+    from aim_llama import observer
+
+    monkeypatch.setattr(observer, "ROOT_TTL", 0.3)
+    monkeypatch.setattr(observer, "SWEEP_INTERVAL", 0.05)
+
+    class Approval(Workflow):
+        @step
+        async def ask(self, ctx: Context, ev: StartEvent) -> StopEvent:
+            answer = await ctx.wait_for_event(HumanResponseEvent, waiter_id="ok",
+                                              waiter_event=InputRequiredEvent(prefix="ok?"))
+            return StopEvent(result=f"human said {answer.response}")
+
+    Approval.ask.__annotations__.update(ctx=Context, ev=StartEvent, **{"return": StopEvent})
+
+    async def main() -> Any:
+        handler = Approval(timeout=30).run(query="deploy?")
+        async for event in handler.stream_events():
+            if isinstance(event, InputRequiredEvent):
+                await asyncio.sleep(0.6)
+                MockLLM(max_tokens=2).complete("meanwhile")  # (spans: sweeps run)
+                handler.ctx.send_event(HumanResponseEvent(response="yes"))
+        return await handler
+
+    with recording(repo):
+        assert asyncio.run(main()) == "human said yes"
+    run = only_run(repo)
+    assert [t for _, t in run.text("answer", kind="workflow")] == ["human said yes"]
+    (trace,) = traces(run, "workflow")
+    assert "expired" not in trace and " · ok · " in trace, trace
+
+
 def test_a_tool_the_model_made_up_is_a_tool_call_and_an_error(repo: Path) -> None:
     """The model asked for a tool the agent does not have: LlamaIndex answers "Tool … not
     found" without running any tool, so no tool span recorded it: nothing said so."""

@@ -56,6 +56,7 @@ ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
 AT_SHUTDOWN = "incomplete at shutdown"  # a request's status when the process ends under it
 _SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step", "postprocess"})
 _STEP_KINDS = frozenset({"agent_step", "workflow_step"})
+_RUNS = frozenset({"agent", "workflow"})
 # methods of request components that LlamaIndex spans but that ask nothing of them: a chat
 # engine's reset, and the prompt accessors behind `get_prompts()` / `update_prompts()`
 _NOT_REQUESTS = frozenset({
@@ -153,7 +154,6 @@ class _Root:
         "stream_ref",
         "streams",
         "tokens",
-        "waiting",
     )
 
     def __init__(self, node: _Node, kind: str, sampled: bool, input_: str, now: float) -> None:
@@ -183,8 +183,6 @@ class _Root:
         self.shown = 1
         self.omitted = 0
         self.end: float | None = None
-        # paused for an event (human input): not expired while it waits, however long
-        self.waiting = False
         # an AgentWorkflow's run: its agent steps say which agent runs them
         self.multi_agent = any(c.__name__ == "AgentWorkflow" for c in type(node.inst).__mro__)
 
@@ -429,7 +427,6 @@ class Observer:
                     root = self._new_root(node, bound_args, now)
                 else:
                     root = parent.root
-                    root.waiting = False
                     if instance is None and parent.kind in ("agent", "workflow"):
                         node.kind = kind = parent.kind + "_step"
                         if kind == "agent_step" and root.multi_agent:
@@ -681,8 +678,6 @@ class Observer:
                     self.failed("span error", exc)
                 if recorded and err is not None and not any(e is err for e in root.errors):
                     self._note_error(root, err, node)
-                if waiting:
-                    root.waiting = True
                 if node is root.node:
                     root.end = now
                 elif root.hold and node.kind == "" and node.name.endswith(_WRITES_HISTORY):
@@ -1382,8 +1377,10 @@ class Observer:
     def _sweep(self, now: float) -> list[Record]:
         """Expire requests idle for `ROOT_TTL` (and the oldest beyond `MAX_OPEN_ROOTS`)."""
         self._next_sweep = now + SWEEP_INTERVAL
-        expired = [r for r in self._roots.values()
-                   if now - r.last_seen > ROOT_TTL and not r.waiting]
+        # (an agent or workflow run still going is not idle: it may wait hours for a human's
+        # answer, or on a step; it ends with the workflow's own timeout or cancellation)
+        expired = [r for r in self._roots.values() if now - r.last_seen > ROOT_TTL
+                   and (r.end is not None or r.kind not in _RUNS)]
         excess = len(self._roots) - len(expired) - MAX_OPEN_ROOTS
         if excess > 0:
             expired.extend(list(self._roots.values())[:excess])
