@@ -35,13 +35,22 @@ def test_terminal_output_is_stored_with_secrets_redacted(run_py, repo):
         MockLLM(max_tokens=2).complete("hi")
         print("debug: key sk-" + "ABCDEFGHIJKLMNOPQRSTUVWX" + " ssn 123-45-" + "6789", flush=True)
         print("plain line", flush=True)
+        # a private key printed as it is (lines were redacted one by one: its body was kept)
+        print("-----BEGIN RSA PRIVATE KEY-----\\nMIIEpQIBAAKCAQEA1111" + "\\nMIIEpQIBAAKCAQEA2222"
+              + "\\n-----END RSA PRIVATE KEY----- after", flush=True)
+        # escapes ending in a letter right before a key hid it from a word boundary
+        print("env: A=1\\\\nKEY=sk-" + "QRSTUVWXYZabcdefghij", "\\x1b[31msk-" + "klmnopqrstuvwxyz0123"
+              + "\\x1b[0m", flush=True)
+        print("after the key", flush=True)
         """,
         env={"AIM_LLAMA_REDACT": r"\d{3}-\d{2}-\d{4}"},
     )
     lines = terminal_lines(repo, only_run(repo).hash)
     assert "debug: key [REDACTED] ssn [REDACTED]" in lines
-    assert "plain line" in lines
+    assert "plain line" in lines and "after the key" in lines
     assert not any("ABCDEFGH" in line or "6789" in line for line in lines)
+    assert not any("MIIEpQ" in line or "QRSTUV" in line or "klmnop" in line for line in lines), lines
+    assert "[REDACTED] after" in lines, lines
 
 
 def test_terminal_logs_keep_stderr_progress_lines_and_an_unfinished_last_line(run_py, repo):

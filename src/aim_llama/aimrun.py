@@ -14,6 +14,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -32,7 +33,7 @@ from .aimexit import (
     servers_in_use,
     tolerant_atexit,
 )
-from .content import DEFAULT_SECRET_PATTERNS, ContentPolicy
+from .content import DEFAULT_SECRET_PATTERNS, REDACTED, ContentPolicy
 from .fasttrack import (
     FastTrack,
     context_key,
@@ -81,6 +82,12 @@ class RunConfig:
     redact_patterns: tuple[str, ...] = DEFAULT_SECRET_PATTERNS
     # a writer process started again after the previous one died: continue this run
     run_hash: str | None = None
+
+
+# A private key printed to the terminal spans lines, which are redacted one by one: the lines
+# between these markers are withheld.
+_KEY_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+_KEY_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
 
 
 def resolve_repo(repo: str | None) -> str:
@@ -246,6 +253,7 @@ class RunSink:
         self._stats_thread: threading.Thread | None = None
         self._log_line = 0
         self._log_tail = ""
+        self._in_key = False  # inside a private key block printed line by line
         self._aim: Any = None
         # aim:// repos: retry with backoff, hold records while the server is unreachable, and
         # count what the server confirmed (see `remote.add_marker`).
@@ -849,7 +857,20 @@ class RunSink:
     def _track_log_line(self, line: str) -> None:
         from aim.ext.resource.log import LogLine
 
-        line = storable(self._finish.policy.redact(line.rsplit("\r", 1)[-1]))
+        line = line.rsplit("\r", 1)[-1]
+        policy = self._finish.policy
+        if self._in_key:  # the body of a private key printed over several lines
+            end = _KEY_END.search(line)
+            if end is None:
+                line = REDACTED
+            else:
+                self._in_key = False
+                line = REDACTED + line[end.end():]
+        elif policy.patterns[:1] == DEFAULT_SECRET_PATTERNS[:1]:
+            # (redacted line by line: one whose last key block does not end there goes on)
+            begins = list(_KEY_BEGIN.finditer(line)) if "PRIVATE KEY" in line else []
+            self._in_key = bool(begins) and not _KEY_END.search(line, begins[-1].end())
+        line = storable(policy.redact(line))
         self.run.track(LogLine(line), name="logs", step=self._log_line)
         self._log_line += 1
 

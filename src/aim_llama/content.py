@@ -24,14 +24,18 @@ REDACTED = "[REDACTED]"
 NOT_CAPTURED = "[content not captured]"
 
 # Common secrets, redacted by default (`redact_secrets = false` turns these off).
+# Where a secret may start: not inside a word — but right after an escape that ends in a
+# letter as well (`\n` in JSON or a repr, `%3D` URL-encoded, an ANSI colour's `\x1b[31m`),
+# where `\b` saw a word going on and let the secret through.
+_START = r"(?:(?<![A-Za-z0-9])|(?<=\\[nrtbfv])|(?<=%[0-9A-Fa-f]{2})|(?<=\[[0-9;]m)|(?<=[0-9]m))"
 DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
     r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
-    r"\bsk-(?:proj-|live-|test-|ant-)?[A-Za-z0-9_\-]{16,}",  # OpenAI / Anthropic-style keys
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key ids
-    r"\b(?i:bearer)\s+[A-Za-z0-9\-._~+/]{8,}=*",  # HTTP bearer tokens
-    r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",  # GitHub tokens
-    r"\bxox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack tokens
-    r"\bAIza[0-9A-Za-z\-_]{35}\b",  # Google API keys
+    _START + r"sk-(?:proj-|live-|test-|ant-)?[A-Za-z0-9_\-]{16,}",  # OpenAI / Anthropic-style
+    _START + r"(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z])",  # AWS access key ids
+    _START + r"(?i:bearer)\s+[A-Za-z0-9\-._~+/]{8,}=*",  # HTTP bearer tokens
+    _START + r"gh[pousr]_[A-Za-z0-9]{30,}(?![0-9A-Za-z])",  # GitHub tokens
+    _START + r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack tokens
+    _START + r"AIza[0-9A-Za-z\-_]{35}(?![0-9A-Za-z\-_])",  # Google API keys
 )
 
 MARGIN = 256  # kept beyond a cut, so a secret straddling it is still recognised
