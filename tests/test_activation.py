@@ -307,13 +307,15 @@ def test_system_params_and_run_params(run_py, repo, workdir):
     run_py(
         script=APPS / "rag.py",
         args=["1"],
-        env={"AIM_RUN_PARAMS": json.dumps({"dataset": "faq-v2"}), "MY_API_TOKEN": "hunter2",
+        env={"AIM_RUN_PARAMS": json.dumps({"dataset": "faq-v2", "sk-" + "K" * 24: 1}),
+             "MY_API_TOKEN": "hunter2",
              "APP_MARKER": "the app's own", "PROXY_URL": "https://p/?k=sk-" + "Q" * 24},
     )
     run = only_run(repo)
     assert run.experiment == "params"
     # env beats the file for run_params as a whole
     assert run.params["dataset"] == "faq-v2" and "team" not in run.params
+    assert run.params["[REDACTED]"] == 1 and not any("KKKK" in k for k in run.params)
     system = run.params["__system_params"]
     assert set(system) == {"packages", "env_variables", "git_info", "executable", "arguments"}
     assert "llama-index-core" in system["packages"] and "aim" in system["packages"]

@@ -1385,12 +1385,13 @@ def test_a_tool_the_model_made_up_is_a_tool_call_and_an_error(repo: Path) -> Non
     assert "Tool subtract not found" in str(result)
     run = only_run(repo)
     assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
-    (call,) = [t for _, t in run.text("tool_call", kind="tool", tool="subtract")]
+    # the name is the model's: in the (redacted) text only, not in a context or the trace
+    (call,) = [t for _, t in run.text("tool_call", kind="tool", tool="<not found>")]
     assert call.startswith("subtract(a=5, b=3)\n-> error: RuntimeError: Tool subtract not found")
     assert not run.text("tool_call", kind="tool", tool="add")
     (entry,) = _log_records(repo, run.hash)
-    assert entry["args"]["operation"] == "tool" and entry["args"]["span"] == "subtract"
-    assert "tool=subtract (not run: error)" in traces(run, "agent")[0]
+    assert entry["args"]["operation"] == "tool" and entry["args"]["span"] == "<not found>"
+    assert "tool=<not found> (not run: error)" in traces(run, "agent")[0]
 
     # (a tool that ran and failed stays one error: test_tool_that_raises)
 

@@ -14,7 +14,7 @@ from aim_llama.content import ContentPolicy, error_message
 from aim_llama.finish import Finisher, format_trace, storable
 from aim_llama.records import Clipped, Flush, LogError, NodesValue, Param, TerminalOutput, TraceValue, Track
 from aim_llama.render import format_nodes, render_message, render_value
-from aim_llama.sysparams import _without_credentials
+from aim_llama.sysparams import _without_credentials, environment_variables, system_params
 from aim_llama.writer import Writer, loads_many
 
 KEY = "sk-" + "a1B2" * 8
@@ -191,6 +191,21 @@ def test_run_params_and_terminal_lines_are_redacted() -> None:
                                              "n": [1, "[REDACTED]"]}})
     assert _without_credentials("https://user:ghp_tok@github.com/o/r.git") == "https://github.com/o/r.git"
     assert _without_credentials("git@github.com:o/r.git") == "git@github.com:o/r.git"
+
+
+def test_secret_names_and_credentials_in_values_do_not_reach_run_params() -> None:
+    """A secret used as a run parameter's name, a password inside a URL in an environment
+    value or an argument, and the redaction patterns themselves were stored as they were."""
+    finish = Finisher(ContentPolicy())
+    rec = finish(Param("run_params", {KEY: 1, "nested": {f"id_{AWS}": "v"}}))
+    assert rec == Param("run_params", {"[REDACTED]": 1, "nested": {"id_[REDACTED]": "v"}})
+    env = environment_variables({"DATABASE_URL": "postgres://app:hunter2@db/x", "MYSQL_PWD": "p",
+                                 "SENTRY_DSN": "https://k@o.io/1", "AIM_LLAMA_REDACT": "hunter2",
+                                 "PWD": "/srv/app", "HOME": "/root"})
+    assert env == {"DATABASE_URL": "postgres://db/x", "PWD": "/srv/app", "HOME": "/root"}
+    args = system_params("python", ["app.py", "--db=mysql://root:hunter2@h/db", "a@b"],
+                         {})["arguments"]
+    assert args == ["app.py", "--db=mysql://h/db", "a@b"]
 
 
 def test_texts_that_utf8_cannot_encode_are_finished_with_a_replacement_character() -> None:

@@ -395,6 +395,7 @@ class RunSink:
             params.append(("__system_params", system_params(
                 self.config.executable, self.config.argv, self.config.environment)))
         for key, value in params:
+            key = self._finish.policy.redact_head(key, None)  # (a name may be a secret too)
             try:
                 run.set(key, redact(value), strict=False)
             except Exception as exc:

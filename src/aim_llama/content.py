@@ -166,12 +166,13 @@ class ContentPolicy:
         return spans
 
     def redact_value(self, value: Any) -> Any:
-        """`value` with secrets redacted in every string it holds (dicts, lists, tuples), for
-        run parameters: nothing is cut."""
+        """`value` with secrets redacted in every string it holds (dicts — keys too —, lists,
+        tuples), for run parameters: nothing is cut."""
         if isinstance(value, str):
             return self.redact_head(value, None)
-        if isinstance(value, dict):
-            return {k: self.redact_value(v) for k, v in value.items()}
+        if isinstance(value, dict):  # (names too: a key may be a secret)
+            return {self.redact_head(k, None) if isinstance(k, str) else k: self.redact_value(v)
+                    for k, v in value.items()}
         if isinstance(value, list):
             return [self.redact_value(v) for v in value]
         if isinstance(value, tuple):

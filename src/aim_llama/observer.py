@@ -53,6 +53,7 @@ MAX_TRACE_NODES = 400  # lines per trace; further spans are counted, not listed
 REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
 # spans with records at exit
+TOOL_NOT_FOUND = "<not found>"  # the `tool` context of a tool the model named that does not exist
 AT_SHUTDOWN = "incomplete at shutdown"  # a request's status when the process ends under it
 _SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step", "postprocess"})
 _STEP_KINDS = frozenset({"agent_step", "workflow_step"})
@@ -1297,12 +1298,15 @@ class Observer:
         output = getattr(result, "tool_output", None)
         if not getattr(output, "is_error", False) or self._off("tool") or node.ran_tool:
             return
+        # The name is the model's output, not the application's: only in the `tool_call` text
+        # (redacted) — a context value or trace note is stored as it is, and a model making up
+        # names would make a sequence per name.
         name = str(getattr(result, "tool_name", "") or "tool")
-        ctx = {"kind": "tool", "tool": name}
-        step = _next_step(self._component_steps, "tool:" + name)
+        ctx = {"kind": "tool", "tool": TOOL_NOT_FOUND}
+        step = _next_step(self._component_steps, "tool:" + TOOL_NOT_FOUND)
         err = RuntimeError(str(getattr(output, "content", "tool error")))
-        self._error(out, "tool", name, err)
-        node.note += f" tool={name} (not run: error)"
+        self._error(out, "tool", TOOL_NOT_FOUND, err)
+        node.note += f" tool={TOOL_NOT_FOUND} (not run: error)"
         if self.policy.capture and node.root.sampled:
             arguments = getattr(result, "tool_kwargs", None)
             self._text(out, "tool_call", render.render_tool_call(

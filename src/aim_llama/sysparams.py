@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-SECRET_MARKERS = ("secret", "key", "token", "password", "passwd", "credential", "auth")
+SECRET_MARKERS = ("secret", "key", "token", "password", "passwd", "credential", "auth", "_pwd",
+                  "dsn", "private")
+# `scheme://user:password@` in any value (DATABASE_URL, a proxy, an argument): the userinfo goes
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
 
 
 def installed_packages() -> dict[str, str]:
@@ -31,15 +35,23 @@ def installed_packages() -> dict[str, str]:
 
 
 def environment_variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment variables, minus any whose name looks like it holds a secret, and the text
-    of a piped config (`AIM_LLAMA_CONFIG_TEXT`: a config given through a pipe is often secret)."""
+    """Environment variables, minus any whose name looks like it holds a secret, the text of a
+    piped config (`AIM_LLAMA_CONFIG_TEXT`: a config given through a pipe is often secret) and
+    the redaction patterns (they show what the secrets look like); the user:password part of
+    URLs in the values is dropped."""
     from .switches import CONFIG_TEXT_ENV
 
     env = os.environ if environ is None else environ
     return {
-        k: v for k, v in env.items()
-        if k != CONFIG_TEXT_ENV and not any(m in k.lower() for m in SECRET_MARKERS)
+        k: without_userinfo(v) for k, v in env.items()
+        if k not in (CONFIG_TEXT_ENV, "AIM_LLAMA_REDACT")
+        and not any(m in k.lower() for m in SECRET_MARKERS)
     }
+
+
+def without_userinfo(text: str) -> str:
+    """`text` with the `user:password@` part of every URL in it removed."""
+    return _USERINFO.sub(r"\1", text) if "@" in text else text
 
 
 def _git(*args: str, cwd: str | None) -> str | None:
@@ -91,5 +103,5 @@ def system_params(executable: str | None = None, argv: Sequence[str] | None = No
         "env_variables": environment_variables(environment),
         "git_info": git_info(),
         "executable": executable or sys.executable,
-        "arguments": list(sys.argv if argv is None else argv),
+        "arguments": [without_userinfo(str(a)) for a in (sys.argv if argv is None else argv)],
     }
