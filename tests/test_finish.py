@@ -197,12 +197,15 @@ def test_secret_names_and_credentials_in_values_do_not_reach_run_params() -> Non
     """A secret used as a run parameter's name, a password inside a URL in an environment
     value or an argument, and the redaction patterns themselves were stored as they were."""
     finish = Finisher(ContentPolicy())
-    rec = finish(Param("run_params", {KEY: 1, "nested": {f"id_{AWS}": "v"}}))
-    assert rec == Param("run_params", {"[REDACTED]": 1, "nested": {"id_[REDACTED]": "v"}})
-    env = environment_variables({"DATABASE_URL": "postgres://app:hunter2@db/x", "MYSQL_PWD": "p",
+    rec = finish(Param("run_params", {KEY: 1, "nested": {f"id {AWS}": "v"}, KEY + "x": 2}))
+    assert rec == Param("run_params", {"[REDACTED]": 1, "nested": {"id [REDACTED]": "v"},
+                                       "[REDACTED] 2": 2})  # (two redacted names stay two)
+    env = environment_variables({"DATABASE_URL": "postgres://app:hun@ter2@db/x", "MYSQL_PWD": "p",
+                                 "DB_PASS": "p", "REDIS_URL": "redis://:p@ss@h:6379",
                                  "SENTRY_DSN": "https://k@o.io/1", "AIM_LLAMA_REDACT": "hunter2",
                                  "PWD": "/srv/app", "HOME": "/root"})
-    assert env == {"DATABASE_URL": "postgres://db/x", "PWD": "/srv/app", "HOME": "/root"}
+    assert env == {"DATABASE_URL": "postgres://db/x", "REDIS_URL": "redis://h:6379",
+                   "PWD": "/srv/app", "HOME": "/root"}
     args = system_params("python", ["app.py", "--db=mysql://root:hunter2@h/db", "a@b"],
                          {})["arguments"]
     assert args == ["app.py", "--db=mysql://h/db", "a@b"]

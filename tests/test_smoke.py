@@ -42,6 +42,10 @@ def test_terminal_output_is_stored_with_secrets_redacted(run_py, repo):
         print("env: A=1\\\\nKEY=sk-" + "QRSTUVWXYZabcdefghij", "\\x1b[31msk-" + "klmnopqrstuvwxyz0123"
               + "\\x1b[0m", flush=True)
         print("after the key", flush=True)
+        # a key's first line alone (a truncated key), then ordinary lines: shown again
+        print("got: -----BEGIN RSA PRIVATE KEY-----", flush=True)
+        print("ValueError: not a key", flush=True)
+        print("still shown", flush=True)
         """,
         env={"AIM_LLAMA_REDACT": r"\d{3}-\d{2}-\d{4}"},
     )
@@ -51,6 +55,7 @@ def test_terminal_output_is_stored_with_secrets_redacted(run_py, repo):
     assert not any("ABCDEFGH" in line or "6789" in line for line in lines)
     assert not any("MIIEpQ" in line or "QRSTUV" in line or "klmnop" in line for line in lines), lines
     assert "[REDACTED] after" in lines, lines
+    assert lines[-3:] == ["got: [REDACTED]", "ValueError: not a key", "still shown"], lines
 
 
 def test_terminal_logs_keep_stderr_progress_lines_and_an_unfinished_last_line(run_py, repo):

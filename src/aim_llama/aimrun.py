@@ -33,7 +33,7 @@ from .aimexit import (
     servers_in_use,
     tolerant_atexit,
 )
-from .content import DEFAULT_SECRET_PATTERNS, REDACTED, ContentPolicy
+from .content import DEFAULT_SECRET_PATTERNS, REDACTED, ContentPolicy, unique_name
 from .fasttrack import (
     FastTrack,
     context_key,
@@ -88,6 +88,8 @@ class RunConfig:
 # between these markers are withheld.
 _KEY_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _KEY_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
+_KEY_BODY = re.compile(r"\s*(?:[A-Za-z0-9+/=]{1,100}|(?:Proc-Type|DEK-Info):.*)?\s*")
+_KEY_LINES = 400  # the longest key body (RSA 8192: ~120 lines of 64)
 
 
 def resolve_repo(repo: str | None) -> str:
@@ -253,7 +255,7 @@ class RunSink:
         self._stats_thread: threading.Thread | None = None
         self._log_line = 0
         self._log_tail = ""
-        self._in_key = False  # inside a private key block printed line by line
+        self._in_key = 0  # lines into a private key block printed line by line (0: outside)
         self._aim: Any = None
         # aim:// repos: retry with backoff, hold records while the server is unreachable, and
         # count what the server confirmed (see `remote.add_marker`).
@@ -394,8 +396,11 @@ class RunSink:
 
             params.append(("__system_params", system_params(
                 self.config.executable, self.config.argv, self.config.environment)))
+        taken: set[str] = set()
         for key, value in params:
-            key = self._finish.policy.redact_head(key, None)  # (a name may be a secret too)
+            # (a name may be a secret too; two redacted ones stay two)
+            key = unique_name(self._finish.policy.redact_head(key, None), taken)
+            taken.add(key)
             try:
                 run.set(key, redact(value), strict=False)
             except Exception as exc:
@@ -862,15 +867,19 @@ class RunSink:
         policy = self._finish.policy
         if self._in_key:  # the body of a private key printed over several lines
             end = _KEY_END.search(line)
-            if end is None:
-                line = REDACTED
-            else:
-                self._in_key = False
+            if end is not None:
+                self._in_key = 0
                 line = REDACTED + line[end.end():]
-        elif policy.patterns[:1] == DEFAULT_SECRET_PATTERNS[:1]:
-            # (redacted line by line: one whose last key block does not end there goes on)
+            elif _KEY_BODY.fullmatch(line) and self._in_key < _KEY_LINES:
+                self._in_key += 1
+                line = REDACTED
+            else:  # not a key's body after all (a truncated key, text about one)
+                self._in_key = 0
+        if not self._in_key and policy.patterns[:1] == DEFAULT_SECRET_PATTERNS[:1]:
+            # (redacted line by line: a line that ends with a key's first line goes on)
             begins = list(_KEY_BEGIN.finditer(line)) if "PRIVATE KEY" in line else []
-            self._in_key = bool(begins) and not _KEY_END.search(line, begins[-1].end())
+            if begins and not line[begins[-1].end():].strip():
+                self._in_key = 1
         line = storable(policy.redact(line))
         self.run.track(LogLine(line), name="logs", step=self._log_line)
         self._log_line += 1

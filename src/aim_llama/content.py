@@ -24,18 +24,19 @@ REDACTED = "[REDACTED]"
 NOT_CAPTURED = "[content not captured]"
 
 # Common secrets, redacted by default (`redact_secrets = false` turns these off).
-# Where a secret may start: not inside a word — but right after an escape that ends in a
-# letter as well (`\n` in JSON or a repr, `%3D` URL-encoded, an ANSI colour's `\x1b[31m`),
+# Where a secret may start: not inside a word (as `\b` had it) — but right after an escape
+# that ends in a letter as well (`\n` in JSON or a repr, `%3D` URL-encoded, an ANSI colour's `\x1b[31m`),
 # where `\b` saw a word going on and let the secret through.
-_START = r"(?:(?<![A-Za-z0-9])|(?<=\\[nrtbfv])|(?<=%[0-9A-Fa-f]{2})|(?<=\[[0-9;]m)|(?<=[0-9]m))"
+_START = r"(?:(?<!\w)|(?<=\\[nrtbfv])|(?<=%[0-9A-Fa-f]{2})|(?<=\[[0-9;]m)|(?<=[0-9]m))"
 DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
     r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
-    _START + r"sk-(?:proj-|live-|test-|ant-)?[A-Za-z0-9_\-]{16,}",  # OpenAI / Anthropic-style
-    _START + r"(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z])",  # AWS access key ids
-    _START + r"(?i:bearer)\s+[A-Za-z0-9\-._~+/]{8,}=*",  # HTTP bearer tokens
-    _START + r"gh[pousr]_[A-Za-z0-9]{30,}(?![0-9A-Za-z])",  # GitHub tokens
-    _START + r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack tokens
-    _START + r"AIza[0-9A-Za-z\-_]{35}(?![0-9A-Za-z\-_])",  # Google API keys
+    # (each starts with its literal as a lookahead: the lookbehinds then run only there)
+    r"(?=sk-)" + _START + r"sk-(?:proj-|live-|test-|ant-)?[A-Za-z0-9_\-]{16,}",  # OpenAI-style
+    r"(?=A[KS]IA)" + _START + r"(?:AKIA|ASIA)[0-9A-Z]{16}(?!\w)",  # AWS access key ids
+    r"(?=[Bb])" + _START + r"(?i:bearer)\s+[A-Za-z0-9\-._~+/]{8,}=*",  # HTTP bearer tokens
+    r"(?=gh)" + _START + r"gh[pousr]_[A-Za-z0-9]{30,}(?!\w)",  # GitHub tokens
+    r"(?=xox)" + _START + r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack tokens
+    r"(?=AIza)" + _START + r"AIza[0-9A-Za-z\-_]{35}(?![\w\-])",  # Google API keys
 )
 
 MARGIN = 256  # kept beyond a cut, so a secret straddling it is still recognised
@@ -171,8 +172,11 @@ class ContentPolicy:
         if isinstance(value, str):
             return self.redact_head(value, None)
         if isinstance(value, dict):  # (names too: a key may be a secret)
-            return {self.redact_head(k, None) if isinstance(k, str) else k: self.redact_value(v)
-                    for k, v in value.items()}
+            out: dict[Any, Any] = {}
+            for k, v in value.items():
+                out[unique_name(self.redact_head(k, None), out) if isinstance(k, str) else k] = (
+                    self.redact_value(v))
+            return out
         if isinstance(value, list):
             return [self.redact_value(v) for v in value]
         if isinstance(value, tuple):
@@ -206,6 +210,17 @@ class ContentPolicy:
         """Decide once, for a new root request, whether its texts are recorded."""
         rate = self.sample_rate
         return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
+
+
+def unique_name(name: str, taken: Any) -> str:
+    """`name`, or — when it is taken already (two secrets redacted to one name) — `name 2`,
+    `name 3` …: no value overwrites another."""
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name} {n}" in taken:
+        n += 1
+    return f"{name} {n}"
 
 
 def pausing(exc: BaseException) -> bool:

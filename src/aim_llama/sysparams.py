@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 SECRET_MARKERS = ("secret", "key", "token", "password", "passwd", "credential", "auth", "_pwd",
-                  "dsn", "private")
+                  "_pass", "dsn", "private", "connection_string", "conn_str")
 # `scheme://user:password@` in any value (DATABASE_URL, a proxy, an argument): the userinfo goes
-_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s]*@")  # (to the last @)
 
 
 def installed_packages() -> dict[str, str]:
