@@ -42,6 +42,12 @@ def test_terminal_output_is_stored_with_secrets_redacted(run_py, repo):
         print("env: A=1\\\\nKEY=sk-" + "QRSTUVWXYZabcdefghij", "\\x1b[31msk-" + "klmnopqrstuvwxyz0123"
               + "\\x1b[0m", flush=True)
         print("after the key", flush=True)
+        # a key kept on one long line of base64 (from an env var, a secret manager)
+        print("-----BEGIN PRIVATE KEY-----\\n" + "MIIEvQIBADANBgkqhkiG9w0B" * 40
+              + "\\n-----END PRIVATE KEY-----", flush=True)
+        import sys
+        sys.stdout.write("windows line\\r\\n")  # (CRLF: stored as the line, not empty)
+        print("密钥是sk-" + "proj-" + "CJKCJKCJKabcdefghij", flush=True)
         # a key's first line alone (a truncated key), then ordinary lines: shown again
         print("got: -----BEGIN RSA PRIVATE KEY-----", flush=True)
         print("ValueError: not a key", flush=True)
@@ -53,7 +59,9 @@ def test_terminal_output_is_stored_with_secrets_redacted(run_py, repo):
     assert "debug: key [REDACTED] ssn [REDACTED]" in lines
     assert "plain line" in lines and "after the key" in lines
     assert not any("ABCDEFGH" in line or "6789" in line for line in lines)
-    assert not any("MIIEpQ" in line or "QRSTUV" in line or "klmnop" in line for line in lines), lines
+    assert not any("MIIE" in line or "QRSTUV" in line or "klmnop" in line or "CJKCJK" in line
+                   for line in lines), lines
+    assert "windows line" in lines and "密钥是[REDACTED]" in lines, lines
     assert "[REDACTED] after" in lines, lines
     assert lines[-3:] == ["got: [REDACTED]", "ValueError: not a key", "still shown"], lines
 

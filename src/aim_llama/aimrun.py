@@ -88,8 +88,8 @@ class RunConfig:
 # between these markers are withheld.
 _KEY_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _KEY_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
-_KEY_BODY = re.compile(r"\s*(?:[A-Za-z0-9+/=]{1,100}|(?:Proc-Type|DEK-Info):.*)?\s*")
-_KEY_LINES = 400  # the longest key body (RSA 8192: ~120 lines of 64)
+# (a line of base64 alone, however long: a key kept on one line; blank; PEM headers)
+_KEY_BODY = re.compile(r"\s*(?:[A-Za-z0-9+/=]+|(?:Proc-Type|DEK-Info):.*)?\s*")
 
 
 def resolve_repo(repo: str | None) -> str:
@@ -255,7 +255,7 @@ class RunSink:
         self._stats_thread: threading.Thread | None = None
         self._log_line = 0
         self._log_tail = ""
-        self._in_key = 0  # lines into a private key block printed line by line (0: outside)
+        self._in_key = False  # inside a private key block printed line by line
         self._aim: Any = None
         # aim:// repos: retry with backoff, hold records while the server is unreachable, and
         # count what the server confirmed (see `remote.add_marker`).
@@ -384,18 +384,18 @@ class RunSink:
         """The run's parameters, each on its own: one Aim cannot store (an integer beyond 64
         bits, say) is left out with a warning instead of costing the process its run."""
         redact = self._finish.policy.redact_value
-        params: list[tuple[str, Any]] = list(self.config.run_params.items())
-        params.append(("aim_llama", {
+        params: list[tuple[str, Any]] = [("aim_llama", {
             "version": self.config.version,
             "pid": self.config.app_pid,
             "role": self.config.role,
             "writer": self.config.writer,
-        }))
+        })]
         if self.config.log_system_params:
             from .sysparams import system_params
 
             params.append(("__system_params", system_params(
                 self.config.executable, self.config.argv, self.config.environment)))
+        params.extend(self.config.run_params.items())  # (after ours: they keep their names)
         taken: set[str] = set()
         for key, value in params:
             # (a name may be a secret too; two redacted ones stay two)
@@ -863,23 +863,22 @@ class RunSink:
     def _track_log_line(self, line: str) -> None:
         from aim.ext.resource.log import LogLine
 
-        line = line.rsplit("\r", 1)[-1]
+        line = line.removesuffix("\r").rsplit("\r", 1)[-1]  # (CRLF: the line, not "")
         policy = self._finish.policy
         if self._in_key:  # the body of a private key printed over several lines
             end = _KEY_END.search(line)
             if end is not None:
-                self._in_key = 0
+                self._in_key = False
                 line = REDACTED + line[end.end():]
-            elif _KEY_BODY.fullmatch(line) and self._in_key < _KEY_LINES:
-                self._in_key += 1
+            elif _KEY_BODY.fullmatch(line):
                 line = REDACTED
             else:  # not a key's body after all (a truncated key, text about one)
-                self._in_key = 0
+                self._in_key = False
         if not self._in_key and policy.patterns[:1] == DEFAULT_SECRET_PATTERNS[:1]:
             # (redacted line by line: a line that ends with a key's first line goes on)
             begins = list(_KEY_BEGIN.finditer(line)) if "PRIVATE KEY" in line else []
             if begins and not line[begins[-1].end():].strip():
-                self._in_key = 1
+                self._in_key = True
         line = storable(policy.redact(line))
         self.run.track(LogLine(line), name="logs", step=self._log_line)
         self._log_line += 1

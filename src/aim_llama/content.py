@@ -24,10 +24,12 @@ REDACTED = "[REDACTED]"
 NOT_CAPTURED = "[content not captured]"
 
 # Common secrets, redacted by default (`redact_secrets = false` turns these off).
-# Where a secret may start: not inside a word (as `\b` had it) — but right after an escape
-# that ends in a letter as well (`\n` in JSON or a repr, `%3D` URL-encoded, an ANSI colour's `\x1b[31m`),
-# where `\b` saw a word going on and let the secret through.
-_START = r"(?:(?<!\w)|(?<=\\[nrtbfv])|(?<=%[0-9A-Fa-f]{2})|(?<=\[[0-9;]m)|(?<=[0-9]m))"
+# Where a secret may start: not right after an ASCII letter, digit or underscore (after any
+# other character — CJK text, an accented letter — it may: redacting more is the safe side),
+# and right after an escape that ends in a letter or digit as well (`\n` in JSON or a repr,
+# `\u5bc6`, `%3D`, an ANSI colour's `\x1b[31m`), where `\b` saw a word going on.
+_START = (r"(?:(?<![A-Za-z0-9_])|(?<=\\[nrtbfv])|(?<=\\u[0-9A-Fa-f]{4})|(?<=\\x[0-9A-Fa-f]{2})"
+          r"|(?<=%[0-9A-Fa-f]{2})|(?<=\[[0-9;]m)|(?<=[0-9]m))")
 DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
     r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
     # (each starts with its literal as a lookahead: the lookbehinds then run only there)
