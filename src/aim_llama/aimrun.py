@@ -90,6 +90,7 @@ _KEY_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _KEY_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
 # (a line of base64 alone, however long: a key kept on one line; blank; PEM headers)
 _KEY_BODY = re.compile(r"\s*(?:[A-Za-z0-9+/=]+|(?:Proc-Type|DEK-Info):.*)?\s*")
+_KEY_LINES = 1000  # withheld at most (the longest keys have ~120): one-word lines end it then
 
 
 def resolve_repo(repo: str | None) -> str:
@@ -255,7 +256,7 @@ class RunSink:
         self._stats_thread: threading.Thread | None = None
         self._log_line = 0
         self._log_tail = ""
-        self._in_key = False  # inside a private key block printed line by line
+        self._in_key = 0  # lines into a private key printed line by line (0: outside one)
         self._aim: Any = None
         # aim:// repos: retry with backoff, hold records while the server is unreachable, and
         # count what the server confirmed (see `remote.add_marker`).
@@ -863,22 +864,23 @@ class RunSink:
     def _track_log_line(self, line: str) -> None:
         from aim.ext.resource.log import LogLine
 
-        line = line.removesuffix("\r").rsplit("\r", 1)[-1]  # (CRLF: the line, not "")
+        line = line.rstrip("\r").rsplit("\r", 1)[-1]  # (CRLF: the line, not "")
         policy = self._finish.policy
         if self._in_key:  # the body of a private key printed over several lines
             end = _KEY_END.search(line)
             if end is not None:
-                self._in_key = False
+                self._in_key = 0
                 line = REDACTED + line[end.end():]
-            elif _KEY_BODY.fullmatch(line):
+            elif _KEY_BODY.fullmatch(line) and self._in_key <= _KEY_LINES:
+                self._in_key += 1
                 line = REDACTED
             else:  # not a key's body after all (a truncated key, text about one)
-                self._in_key = False
+                self._in_key = 0
         if not self._in_key and policy.patterns[:1] == DEFAULT_SECRET_PATTERNS[:1]:
             # (redacted line by line: a line that ends with a key's first line goes on)
             begins = list(_KEY_BEGIN.finditer(line)) if "PRIVATE KEY" in line else []
             if begins and not line[begins[-1].end():].strip():
-                self._in_key = True
+                self._in_key = 1
         line = storable(policy.redact(line))
         self.run.track(LogLine(line), name="logs", step=self._log_line)
         self._log_line += 1
