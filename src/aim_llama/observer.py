@@ -52,9 +52,9 @@ MAX_TRACE_NODES = 400  # lines per trace; further spans are counted, not listed
 # its prompt / response / metrics say everything, and a trace per call would be noise).
 REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
-# spans with records at exit
 TOOL_NOT_FOUND = "<not found>"  # the `tool` context of a tool the model named that does not exist
 AT_SHUTDOWN = "incomplete at shutdown"  # a request's status when the process ends under it
+# spans with records at exit
 _SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step", "postprocess"})
 _STEP_KINDS = frozenset({"agent_step", "workflow_step"})
 _RUNS = frozenset({"agent", "workflow"})
@@ -428,7 +428,7 @@ class Observer:
                     root = self._new_root(node, bound_args, now)
                 else:
                     root = parent.root
-                    if instance is None and parent.kind in ("agent", "workflow"):
+                    if instance is None and parent.kind in _RUNS:
                         node.kind = kind = parent.kind + "_step"
                         if kind == "agent_step" and root.multi_agent:
                             # which agent of an AgentWorkflow runs this step (the LLM calls
@@ -1656,8 +1656,6 @@ def _fold_usage(call: _Call, response: Any) -> None:
 def _cancelled(err: BaseException) -> bool:
     """A call stopped from outside (asyncio cancellation, a closed generator), not a failure."""
     return isinstance(err, GeneratorExit) or type(err).__name__ == "CancelledError"
-
-
 
 
 def _stream_status(err: BaseException) -> str:
