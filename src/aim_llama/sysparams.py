@@ -67,13 +67,7 @@ def _git(*args: str, cwd: str | None) -> str | None:
 
 def _without_credentials(url: str | None) -> str | None:
     """A remote URL without a user:password (or token) part: `https://tok@host/x` → `https://host/x`."""
-    if url is None or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    host_part, slash, path = rest.partition("/")
-    if "@" in host_part:
-        host_part = host_part.rsplit("@", 1)[1]
-    return f"{scheme}://{host_part}{slash}{path}"
+    return None if url is None else without_userinfo(url)
 
 
 def git_info(cwd: str | None = None) -> dict[str, Any]:

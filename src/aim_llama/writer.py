@@ -41,7 +41,7 @@ from .aimrun import RunConfig, RunSink, track_dropped
 from .lifecycle import sigpipe_as_error, start_background
 from .log import warn_once
 from .records import Flush, Record
-from .wire import count_records, dumps, loads_many
+from .wire import _MARK, count_records, dumps, loads_many
 
 log = logging.getLogger("aim_llama")
 
@@ -150,6 +150,8 @@ class Refused(NamedTuple):
 # How every frame's payload starts: a pickle's PROTO opcode and version (a control message),
 # or a chunk of records (`wire._MARK`, its record count and size, then such a pickle).
 _PROTO = 0x80
+_PICKLE_HEAD = bytes((_PROTO,))
+_CHUNK_HEAD = bytes((_MARK,))
 _CHUNK_START = struct.Struct(">BIIBB")
 
 
@@ -170,12 +172,12 @@ def read_frame(stream: Any, trusted: Callable[[], bool] | None = None) -> Any:
     if size < 2:
         raise ValueError(f"not a frame aim-llama wrote: starts with {header!r}")
     head = _read_exact(stream, 1)
-    if head == b"\x80":
+    if head == _PICKLE_HEAD:
         head += _read_exact(stream, 1)
         if len(head) < 2:
             return None
         ok = _pickle_start(head)
-    elif head == b"\x52" and size >= _CHUNK_START.size:
+    elif head == _CHUNK_HEAD and size >= _CHUNK_START.size:
         head += _read_exact(stream, _CHUNK_START.size - 1)
         if len(head) < _CHUNK_START.size:
             return None
@@ -686,12 +688,17 @@ class Writer:
         """The writer process finalized the run before being asked to (a frame it could not
         read ended its input): what it was sent after that was never received, and is lost;
         flushes waiting for it are answered (and fail), later records are counted lost."""
+        self._count_unreceived(backend)
+        self._backend = None
+        self._ack(self._sent_token)
+
+    def _count_unreceived(self, backend: ProcessBackend) -> None:
+        """A writer process that reported its run closed: what it reported lost, or — when a
+        frame it could not read ended its input — what was sent and never received."""
         assert backend.closed_info is not None
         stored, lost = int(backend.closed_info[0]), int(backend.closed_info[1])
         self.lost += max(lost, self._sent - stored)
         self._sent = stored
-        self._backend = None
-        self._ack(self._sent_token)
 
     def _writer_died(self, backend: ProcessBackend, restart: bool = True
                      ) -> ProcessBackend | None:
@@ -891,10 +898,7 @@ class Writer:
             ok = backend.close(deadline)
             if isinstance(backend, ProcessBackend):
                 if backend.closed_info:
-                    stored, lost = int(backend.closed_info[0]), int(backend.closed_info[1])
-                    # (sent but never received: a frame the writer could not read ended its
-                    # input, and what followed it was never counted there)
-                    self.lost += max(lost, self._sent - stored)
+                    self._count_unreceived(backend)
                 elif backend.died:
                     self._writer_died(backend, restart=False)
                     ok = True  # not a timeout: the loss is counted and reported below
