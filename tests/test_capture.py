@@ -2249,6 +2249,8 @@ def test_llm_that_raises_keeps_the_app_exception(repo: Path) -> None:
     assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]
     assert not run.metric("errors", kind="query")  # one exception, counted once
     assert steps(run, "prompt") == [0] and steps(run, "latency_ms") == [0]
+    # nothing was read: the mark alone (it followed an empty first line)
+    assert [t for _, t in run.text("response", kind="llm")] == ["[error: RuntimeError]"]
     (trace,) = traces(run, "query")
     assert "error RuntimeError" in trace
     (entry,) = _log_records(repo, run.hash)  # the run page's Logs tab
@@ -2329,7 +2331,7 @@ def test_a_cancelled_llm_call_is_recorded_as_cancelled_not_as_an_error(repo: Pat
     assert not run.metric("errors", kind="llm")
     assert _log_records(repo, run.hash) == []
     assert [t for _, t in run.text("prompt", kind="llm")] == ["are you there?"]
-    assert [t for _, t in run.text("response", kind="llm")] == ["\n[cancelled]"]
+    assert [t for _, t in run.text("response", kind="llm")] == ["[cancelled]"]
     ((_, latency),) = run.metric("latency_ms", kind="llm")
     assert 150 < latency < 5000  # the time until the cancellation, not the LLM's 5 s
 
@@ -2804,3 +2806,129 @@ def test_tool_calls_carried_as_blocks_are_shown(repo: Path) -> None:
     assert 'tool_call: ping({"host": "example.org"})' in prompts[1], prompts[1]
     assert responses[0] == 'tool_call: ping({"host": "example.org"})', responses
     assert responses[-1] == 'tool_call: ping({"host": "a.b"})', responses
+
+
+@pytest.mark.parametrize("wrapper", ["the application's own span", "a tool called directly"])
+def test_a_streaming_query_read_inside_a_wrapper_keeps_its_llm_call(repo: Path,
+                                                                      wrapper: str) -> None:
+    """A streaming query read inside an enclosing span (a web handler decorated with
+    `@dispatcher.span`, a `QueryEngineTool` called directly) lost its LLM call from its
+    trace: the stream's span had a live parent, the wrapper's, so the call went there."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.tools import QueryEngineTool
+
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True)
+    dispatcher = get_dispatcher("tests.wrapper")
+
+    @dispatcher.span
+    def handle(question: str) -> str:
+        return "".join(engine.query(question).response_gen)
+
+    with recording(repo):
+        if wrapper == "a tool called directly":
+            tool = QueryEngineTool.from_defaults(engine, name="docs", description="the docs")
+            answer = str(tool.call(input=QUESTIONS[0]))
+        else:
+            answer = handle(QUESTIONS[0])
+    run = only_run(repo)
+    assert [t for _, t in run.text("answer", kind="query")] == [answer]
+    (trace,) = traces(run, "query")
+    assert "llm calls 1" in trace.splitlines()[1] and "stream llm" in trace, trace
+    (llm_step,) = steps(run, "latency_ms")
+    assert steps(run, "prompt_tokens", source="estimated") == [llm_step]
+
+
+def test_a_failed_retrieval_and_a_failed_embedding_still_have_their_latency(repo: Path) -> None:
+    """Their `latency_ms` came only from the end events, which LlamaIndex does not send
+    when the call raises: a 50 ms failure left no point (a failed LLM call or tool has one)."""
+    from llama_index.core.retrievers import BaseRetriever
+
+    class ShardMissing(BaseRetriever):
+        def _retrieve(self, query_bundle: Any) -> list[Any]:
+            time.sleep(0.05)
+            raise KeyError("shard missing")
+
+    class TimingOut(MockEmbedding):
+        def _get_query_embedding(self, query: str) -> list[float]:
+            time.sleep(0.05)
+            if "boom" in query:
+                raise TimeoutError("embedding timed out")
+            return super()._get_query_embedding(query)
+
+    index = _index()
+    engine = index.as_query_engine(embed_model=TimingOut(embed_dim=8))
+    with recording(repo):
+        with pytest.raises(KeyError):
+            ShardMissing().retrieve("a")
+        with pytest.raises(TimeoutError):
+            engine.query("boom")
+        engine.query("fine")
+    run = only_run(repo)
+    ((_, failed),) = run.metric("latency_ms", kind="retrieve", retriever="ShardMissing")
+    assert 50 <= failed < 5000
+    assert not run.metric("retrieved_nodes", kind="retrieve", retriever="ShardMissing")
+    # the vector retriever's failed embedding, then the good query's: two points, in order
+    embeddings = [v for _, v in run.metric("latency_ms", kind="embedding")]
+    assert len(embeddings) == 2 and all(50 <= v < 5000 for v in embeddings), embeddings
+    assert [v for _, v in run.metric("errors", kind="embedding")] == [1.0]
+    assert [v for _, v in run.metric("errors", kind="retrieve")] == [1.0]
+    # the vector retriever's failed retrieval (its embedding failed) is its step 0, with a
+    # latency only; the good query's is step 1, all its values there
+    assert steps(run, "latency_ms", **RETRIEVE) == [0, 1]
+    assert steps(run, "retrieved_nodes", **RETRIEVE) == steps(run, "top_score", **RETRIEVE) == [1]
+
+
+def test_a_full_trace_counts_what_it_leaves_out_and_puts_no_call_on_the_wrong_line(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the cap, the same LLM's inner call under an unlisted `acomplete` (MockLLM's
+    `acomplete` → `complete`) was counted as another span not listed, and the unlisted calls'
+    `llm …ms tokens=…` notes were written on the line above them (the step's)."""
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    from aim_llama import observer
+
+    monkeypatch.setattr(observer, "MAX_TRACE_NODES", 8)
+    llm = MockLLM(max_tokens=2)
+
+    class Loop(Workflow):
+        @step
+        async def work(self, ev: StartEvent) -> StopEvent:
+            for i in range(12):
+                await llm.acomplete(f"call {i}")
+            return StopEvent(result="done")
+
+    Loop.work.__annotations__.update(ev=StartEvent, **{"return": StopEvent})
+
+    async def main() -> Any:
+        return await Loop(timeout=30).run()
+
+    with recording(repo):
+        assert asyncio.run(main()) == "done"
+    (trace,) = traces(only_run(repo), "workflow")
+    lines = trace.splitlines()
+    assert "llm calls 12" in lines[1], trace
+    listed = lines[2:-1]
+    assert len(listed) == 8, trace
+    # the run, its step and 12 `acomplete`: 14 spans, 8 listed
+    assert lines[-1] == "… 6 more spans not listed", trace
+    assert all((" llm " in line) == ("acomplete" in line) for line in listed), trace
+
+
+def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path) -> None:
+    """`predict_and_call(error_on_tool_error=True)` re-raises the tool's failure as a new
+    ValueError from the LLM's span: it was counted twice, once as an LLM failure."""
+    from llama_index.core.tools import FunctionTool
+
+    def divide(a: int, b: int) -> float:
+        """Divide a by b."""
+        return a / b
+
+    llm = ScriptedToolLLM(tool_name="divide", tool_args={"a": 1, "b": 0})
+    with recording(repo), pytest.raises(ValueError, match="division by zero"):
+        llm.predict_and_call([FunctionTool.from_defaults(divide)], user_msg="1/0?",
+                             error_on_tool_error=True)
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    assert not run.metric("errors", kind="llm")
+    (entry,) = _log_records(repo, run.hash)
+    assert entry["args"]["exception_type"] == "ZeroDivisionError"

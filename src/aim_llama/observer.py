@@ -420,6 +420,11 @@ class Observer:
                     if (parent is None and kind in REQUEST_KINDS
                             and span_name(id_).rsplit(".", 1)[-1] in _NOT_REQUESTS):
                         kind = ""  # (a chat engine's `reset()`: no question, no answer)
+                elif kind == "llm" and parent.root.kind not in REQUEST_KINDS:
+                    # a streaming query read inside the application's own span (a web
+                    # handler's `@dispatcher.span`, a tool called directly): the stream's
+                    # call is the query's, not the wrapper's
+                    parent = self._awaited_stream(id_) or parent
                 node = _Node(id_, kind, parent, now, instance)
                 if parent is None or (kind in REQUEST_KINDS
                                       and parent.root.kind not in REQUEST_KINDS):
@@ -462,8 +467,10 @@ class Observer:
                                 children.append(node)
                             root.shown += 1
                         else:
+                            # not listed: shown as itself, nowhere (the calls under it fold
+                            # into it, and its notes go nowhere, not onto the line above)
                             root.omitted += 1
-                            node.disp = shown_parent
+                            node.disp = node
                     else:
                         node.disp = shown_parent
                 node.root = root
@@ -506,15 +513,23 @@ class Observer:
             reading = self._stream_being_read(0)
             if reading is not None and reading.node is not None:
                 return reading.node  # called by another LLM's stream as it is read
-        if kind == "llm" and "stream" in span_name(id_).rsplit(".", 1)[-1]:
-            waiting = _awaiting.get()
-            if (waiting is not None and not waiting.finalized and waiting.hold > 0
-                    and not waiting.pending
-                    # (none of its own yet; or a followed stream, read now: its last call)
-                    and (not waiting.streams or waiting.stream_ref is not None)):
-                waiting.hold = 0
-                _awaiting.set(None)
-                return waiting.node  # the deferred LLM stream of a streaming query
+        if kind == "llm":
+            return self._awaited_stream(id_)
+        return None
+
+    def _awaited_stream(self, id_: str) -> _Node | None:
+        """The request waiting for this LLM stream's span, if it is the deferred stream of a
+        streaming query being read in this context (lock held)."""
+        if "stream" not in span_name(id_).rsplit(".", 1)[-1]:
+            return None
+        waiting = _awaiting.get()
+        if (waiting is not None and not waiting.finalized and waiting.hold > 0
+                and not waiting.pending
+                # (none of its own yet; or a followed stream, read now: its last call)
+                and (not waiting.streams or waiting.stream_ref is not None)):
+            waiting.hold = 0
+            _awaiting.set(None)
+            return waiting.node
         return None
 
     def _new_root(self, node: _Node, bound_args: Any, now: float) -> _Root:
@@ -651,9 +666,11 @@ class Observer:
                 node.status = ("waiting" if waiting else "cancelled" if cancelled
                                else f"error {type(err).__name__}")
                 call = self._calls.pop(id_, None)
-                for family in ("embedding", "retrieve", "rerank"):
-                    self._timed.pop((family, id_), None)
-                recorded = err is not None and any(e is err for e in root.errors)
+                timed = [(family, self._timed.pop((family, id_), None))
+                         for family in ("embedding", "retrieve", "rerank")]
+                recorded = err is not None and (
+                    any(e is err for e in root.errors)
+                    or (node.kind == "llm" and _repeats_tool_errors(err, root.errors)))
                 if call is not None:
                     if not call.nested and call.root is not None:
                         call.root.pending -= 1
@@ -670,6 +687,9 @@ class Observer:
                           and err is not None):
                         recorded = True
                         self._error(out, node.kind, node.name, err)
+                    for family, starts in timed:
+                        if starts:  # (their end events never come)
+                            self._unended(out, family, id_, starts, now)
                     if node.kind in _STEP_KINDS and not self._off(node.kind):
                         # every step run has its latency; how it ended is in the trace
                         ctx = {"kind": node.kind, "step": node.name.rsplit(".", 1)[-1]}
@@ -689,6 +709,22 @@ class Observer:
                 self._emit(out)
         except Exception as exc:  # never into LlamaIndex (it would swallow it silently)
             self.failed("span error", exc)
+
+    def _unended(self, out: list[Record], family: str, span_id: str,
+                 starts: list[tuple[float, Any]], now: float) -> None:
+        """The latency of embeddings and retrievals whose span raised before their end
+        event: each call has one, as a failed LLM call or tool does (a rerank's records
+        need its end event's nodes: none)."""
+        if family == "rerank":
+            return
+        ctx = {"kind": family}
+        step = None
+        if family == "retrieve":
+            ctx["retriever"] = retriever = _retriever_name(span_id)
+        for started, _event in starts:
+            if family == "retrieve":
+                step = _next_step(self._component_steps, "retrieve:" + retriever)
+            out.append(Track("latency_ms", (now - started) * 1000.0, "metric", ctx, step))
 
     def _reap_dropped(self, now: float) -> list[Record]:
         """End the LLM calls and requests whose stream the application dropped before it ran
@@ -1031,12 +1067,15 @@ class Observer:
             response_text = _streamed(call, render.render_response(response))
         if capture:
             self._text(out, "prompt", prompt_text, ctx, step)
-            shown = response_text
+            mark = None
             if err is not None:
-                shown += ("\n[stream abandoned]" if abandoned else "\n[cancelled]" if cancelled
-                          else f"\n[error: {type(err).__name__}]")
+                mark = ("[stream abandoned]" if abandoned else "[cancelled]" if cancelled
+                        else f"[error: {type(err).__name__}]")
             elif unfinished is not None:
-                shown += f"\n[{unfinished}]"
+                mark = f"[{unfinished}]"
+            # (on a line of its own after what was read; alone when nothing was)
+            shown = response_text if mark is None else (
+                f"{response_text}\n{mark}" if response_text else mark)
             self._text(out, "response", shown, ctx, step)
         latency = (now - call.start) * 1000.0
         if unfinished is not None:
@@ -1741,6 +1780,17 @@ def _dispatch_codes() -> frozenset[int]:
             if isinstance(code, types.CodeType):
                 codes.add(id(code))
     return frozenset(codes)
+
+
+def _repeats_tool_errors(err: BaseException, recorded: list[BaseException]) -> bool:
+    """Whether `err` is LlamaIndex's `predict_and_call(error_on_tool_error=True)` failure: a
+    new ValueError made of the failed tools' outputs (`Encountered error: <message>`), whose
+    errors are counted under their tools already."""
+    if type(err) is not ValueError:
+        return False
+    text = str(err)
+    return "Encountered error: " in text and any(
+        f"Encountered error: {e}" in text for e in recorded)
 
 
 def _retriever_name(span_id: str | None) -> str:
