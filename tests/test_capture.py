@@ -9,6 +9,7 @@ seconds), each reading only its own run by hash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import re
 import sys
@@ -118,7 +119,8 @@ def assert_llm_steps_line_up(run: RunData, n: int, source: str = "estimated") ->
             if any("[REDACTED]" in t or "[truncated" in t for t in texts):
                 continue
             assert value == len(Settings.tokenizer(prompts[step])), step
-            said = re.sub(r"\n\[(stream abandoned|error: \w+)\]$", "", responses[step])  # status
+            said = re.sub(r"(?:^|\n)\[(stream abandoned|cancelled|error: \w+)\]$", "",
+                          responses[step])  # (its status mark)
             assert completion[step] == len(Settings.tokenizer(said)), step
             assert total[step] == value + completion[step], step
             checked += 1
@@ -2867,9 +2869,13 @@ def test_a_failed_retrieval_and_a_failed_embedding_still_have_their_latency(repo
     ((_, failed),) = run.metric("latency_ms", kind="retrieve", retriever="ShardMissing")
     assert 50 <= failed < 5000
     assert not run.metric("retrieved_nodes", kind="retrieve", retriever="ShardMissing")
-    # the vector retriever's failed embedding, then the good query's: two points, in order
-    embeddings = [v for _, v in run.metric("latency_ms", kind="embedding")]
-    assert len(embeddings) == 2 and all(50 <= v < 5000 for v in embeddings), embeddings
+    # the vector retriever's failed embedding (step 0: its latency only), then the good
+    # query's (step 1: all its values)
+    embeddings = run.metric("latency_ms", kind="embedding")
+    assert [s for s, _ in embeddings] == [0, 1]
+    assert all(50 <= v < 5000 for _, v in embeddings), embeddings
+    assert steps(run, "embedded_texts", kind="embedding") == [1]
+    assert steps(run, "embedding_tokens", kind="embedding", source="estimated") == [1]
     assert [v for _, v in run.metric("errors", kind="embedding")] == [1.0]
     assert [v for _, v in run.metric("errors", kind="retrieve")] == [1.0]
     # the vector retriever's failed retrieval (its embedding failed) is its step 0, with a
@@ -2914,9 +2920,11 @@ def test_a_full_trace_counts_what_it_leaves_out_and_puts_no_call_on_the_wrong_li
     assert all((" llm " in line) == ("acomplete" in line) for line in listed), trace
 
 
-def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path) -> None:
+@pytest.mark.parametrize("tools", ["recorded", "ignored"])
+def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path, tools: str) -> None:
     """`predict_and_call(error_on_tool_error=True)` re-raises the tool's failure as a new
-    ValueError from the LLM's span: it was counted twice, once as an LLM failure."""
+    ValueError from the LLM's span: it was counted twice, once as an LLM failure. With
+    tools ignored (`function_call`) the failure is still one error (`exception` is not)."""
     from llama_index.core.tools import FunctionTool
 
     def divide(a: int, b: int) -> float:
@@ -2924,7 +2932,8 @@ def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path) -> N
         return a / b
 
     llm = ScriptedToolLLM(tool_name="divide", tool_args={"a": 1, "b": 0})
-    with recording(repo), pytest.raises(ValueError, match="division by zero"):
+    ignore = {"event_starts_to_ignore": ["function_call"]} if tools == "ignored" else {}
+    with recording(repo, **ignore), pytest.raises(ValueError, match="division by zero"):
         llm.predict_and_call([FunctionTool.from_defaults(divide)], user_msg="1/0?",
                              error_on_tool_error=True)
     run = only_run(repo)
@@ -2932,3 +2941,53 @@ def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path) -> N
     assert not run.metric("errors", kind="llm")
     (entry,) = _log_records(repo, run.hash)
     assert entry["args"]["exception_type"] == "ZeroDivisionError"
+    assert bool(run.text("tool_call", kind="tool", tool="divide")) == (tools == "recorded")
+
+
+def test_an_llm_failure_quoting_a_tools_error_is_an_error_of_its_own(repo: Path) -> None:
+    """Only `predict_and_call`'s own re-raise is the tool's error again: a parse failure of
+    a model that quotes LlamaIndex's "Encountered error: …" (here after a tool failed with
+    an empty message, which every text contains) is a failure of its own."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.prompts import PromptTemplate
+    from llama_index.core.tools import FunctionTool
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        city: str
+
+    def lookup(city: str) -> str:
+        """Look a city up."""
+        raise TimeoutError()
+
+    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+    from llama_index.core.llms.callbacks import llm_completion_callback
+
+    class Apologetic(CustomLLM):
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(model_name="apologetic")
+
+        @llm_completion_callback()
+        def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            return CompletionResponse(text="Sorry. Encountered error: the lookup timed out.")
+
+        @llm_completion_callback()
+        def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    tool = FunctionTool.from_defaults(lookup)
+    llm = Apologetic()
+    dispatcher = get_dispatcher("tests.quoting")
+
+    @dispatcher.span
+    def handle() -> None:
+        with contextlib.suppress(TimeoutError):
+            tool.call(city="x")
+        llm.structured_predict(Answer, PromptTemplate("which city? {q}"), q="?")
+
+    with recording(repo), pytest.raises(ValueError):
+        handle()
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]

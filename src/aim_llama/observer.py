@@ -670,7 +670,8 @@ class Observer:
                          for family in ("embedding", "retrieve", "rerank")]
                 recorded = err is not None and (
                     any(e is err for e in root.errors)
-                    or (node.kind == "llm" and _repeats_tool_errors(err, root.errors)))
+                    or (node.kind == "llm" and _repeats_tool_errors(err, node.name,
+                                                                    root.errors)))
                 if call is not None:
                     if not call.nested and call.root is not None:
                         call.root.pending -= 1
@@ -712,19 +713,20 @@ class Observer:
 
     def _unended(self, out: list[Record], family: str, span_id: str,
                  starts: list[tuple[float, Any]], now: float) -> None:
-        """The latency of embeddings and retrievals whose span raised before their end
-        event: each call has one, as a failed LLM call or tool does (a rerank's records
-        need its end event's nodes: none)."""
-        if family == "rerank":
+        """The latency of an embedding or retrieval whose span raised before its end event:
+        each call has one, as a failed LLM call or tool does. Only where one call was
+        waiting: of an async batch's several, which failed is not known (the others still
+        run), and a rerank's records need its end event's nodes."""
+        if family == "rerank" or len(starts) != 1:
             return
-        ctx = {"kind": family}
-        step = None
         if family == "retrieve":
-            ctx["retriever"] = retriever = _retriever_name(span_id)
-        for started, _event in starts:
-            if family == "retrieve":
-                step = _next_step(self._component_steps, "retrieve:" + retriever)
-            out.append(Track("latency_ms", (now - started) * 1000.0, "metric", ctx, step))
+            retriever = _retriever_name(span_id)
+            ctx = {"kind": family, "retriever": retriever}
+            step = _next_step(self._component_steps, "retrieve:" + retriever)
+        else:
+            ctx = {"kind": family}
+            step = _next_step(self._component_steps, family)
+        out.append(Track("latency_ms", (now - starts[0][0]) * 1000.0, "metric", ctx, step))
 
     def _reap_dropped(self, now: float) -> list[Record]:
         """End the LLM calls and requests whose stream the application dropped before it ran
@@ -1165,14 +1167,15 @@ class Observer:
             return
         chunks = event.chunks or []
         ctx = {"kind": "embedding"}
+        step = _next_step(self._component_steps, "embedding")
         out: list[Record] = [
-            Track("embedded_texts", len(chunks), "metric", ctx),
-            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx),
+            Track("embedded_texts", len(chunks), "metric", ctx, step),
+            Track("latency_ms", (now - started[0]) * 1000.0, "metric", ctx, step),
             Track("embedding_tokens", tuple(chunks), "token_estimate",
-                  {"kind": "embedding", "source": "estimated"})
+                  {"kind": "embedding", "source": "estimated"}, step)
             if self._defer_tokens
             else Track("embedding_tokens", _estimate_many(chunks), "metric",
-                       {"kind": "embedding", "source": "estimated"}),
+                       {"kind": "embedding", "source": "estimated"}, step),
         ]
         self._emit(out)
 
@@ -1292,13 +1295,17 @@ class Observer:
               result: Any, err: BaseException | None, counted: bool = False) -> None:
         """latency, the `tool_call` text, and the tool's error — unless `counted`: recorded
         already under the tool (its own LLM call failed, say): one exception, counted once."""
-        if self._off("tool"):
-            return
         name = "tool"
         try:
             name = str(instance.metadata.name)
         except Exception:
             name = node.name.split(".", 1)[0]
+        if self._off("tool"):
+            # its records are not wanted, its failure still is (`exception` governs errors)
+            if (err is not None and not counted and not _cancelled(err)
+                    and not pausing(err)):
+                self._error(out, "tool", name, err)
+            return
         ctx = {"kind": "tool", "tool": name}
         step = _next_step(self._component_steps, "tool:" + name)
         if err is None or not pausing(err):  # (a paused attempt is no call's latency)
@@ -1782,15 +1789,15 @@ def _dispatch_codes() -> frozenset[int]:
     return frozenset(codes)
 
 
-def _repeats_tool_errors(err: BaseException, recorded: list[BaseException]) -> bool:
+def _repeats_tool_errors(err: BaseException, span: str,
+                         recorded: list[BaseException]) -> bool:
     """Whether `err` is LlamaIndex's `predict_and_call(error_on_tool_error=True)` failure: a
-    new ValueError made of the failed tools' outputs (`Encountered error: <message>`), whose
-    errors are counted under their tools already."""
-    if type(err) is not ValueError:
+    new ValueError of the tools' outputs joined by blank lines, a failed tool's reading
+    `Encountered error: <message>` — an error counted under its tool already."""
+    if type(err) is not ValueError or not span.endswith("predict_and_call"):
         return False
-    text = str(err)
-    return "Encountered error: " in text and any(
-        f"Encountered error: {e}" in text for e in recorded)
+    outputs = set(str(err).split("\n\n"))
+    return any(f"Encountered error: {e}" in outputs for e in recorded)
 
 
 def _retriever_name(span_id: str | None) -> str:
