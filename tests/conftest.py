@@ -34,6 +34,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def unprivileged(cmd: list[str]) -> list[str]:
+    """`cmd` run so that file permissions bind it: as root, without the capabilities that
+    override them (`setpriv`); skips the test where that cannot be done."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permissions cannot be made to bind")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """An empty working directory (no pyproject.toml or aim_llama.toml of ours in sight)."""

@@ -156,6 +156,25 @@ def test_a_config_path_the_system_rejects_is_one_line_and_the_app_runs(run_py, r
     assert run_hashes(repo) == []
 
 
+def test_an_unreadable_pyproject_is_one_warning_and_the_app_is_recorded(workdir, repo):
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import clean_env, unprivileged
+
+    (workdir / "pyproject.toml").write_text("[tool.aim_llama]\nqueue_size = 5\n")
+    (workdir / "pyproject.toml").chmod(0)
+    proc = subprocess.run(unprivileged([sys.executable, "-c", textwrap.dedent(LIGHT_APP)]),
+                          cwd=workdir, env=clean_env(AIM_REPO=str(repo)), capture_output=True,
+                          text=True, timeout=120)
+    assert "APP RAN True" in proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("aim_llama: cannot read "), proc.stderr
+    assert "pyproject.toml" in lines[0] and "is not applied" in lines[0]
+    assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["still recorded"]
+
+
 def test_an_app_in_a_deleted_working_directory_is_still_recorded(workdir, repo):
     import subprocess
     import sys

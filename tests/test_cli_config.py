@@ -12,7 +12,7 @@ import pytest
 
 from aim_llama.cli import main
 from aim_llama.settings import FIELDS
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, unprivileged
 
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -140,3 +140,26 @@ def test_an_unknown_option_is_blamed_on_the_command_it_was_typed_to(
         err = capsys.readouterr().err
         assert exited.value.code == 2
         assert f"{who}: unrecognized arguments: --bogus" in err, (argv, err)
+
+
+def test_an_unreadable_pyproject_is_skipped_with_one_warning(workdir: Path) -> None:
+    """pyproject.toml is read whatever AIM_LLAMA_CONFIG says and may not be ours: one that
+    cannot be read is a warning (its table not applied), not an error that stops recording."""
+    pyproject = workdir / "pyproject.toml"
+    pyproject.write_text("[tool.aim_llama]\nqueue_size = 5\n")  # invalid: proves it is not read
+    pyproject.chmod(0)
+    for command in ("config", "doctor"):
+        proc = subprocess.run(unprivileged([sys.executable, "-m", "aim_llama", command]),
+                              cwd=workdir, env=clean_env(), capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+        said = [line for line in (proc.stdout + proc.stderr).splitlines()
+                if "pyproject.toml" in line]
+        assert len(said) == 1 and "its [tool.aim_llama] table, if any, is not applied" in said[0]
+        assert str(pyproject) in said[0] and "ermission denied" in said[0], said
+        if command == "config":
+            assert said[0].startswith("aim-llama: warning: ")
+            assert any(line.split()[:2] == ["queue_size", "50000"]
+                       for line in proc.stdout.splitlines()), proc.stdout
+        else:
+            assert said[0].startswith("warn  config "), proc.stdout

@@ -111,6 +111,8 @@ def instrument(**overrides: Any) -> bool:
                 exc,
             )
             return False
+        for note in loaded.warnings:
+            warn_once(f"config-note:{note}", "%s", note)
         settings = loaded.settings
         if not settings.enabled:
             return False

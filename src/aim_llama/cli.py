@@ -33,6 +33,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(f"aim-llama: error: could not read the configuration ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return 1
+    for note in loaded.warnings:  # (something skipped: the settings below stand)
+        print(f"aim-llama: warning: {note}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     for name, value in loaded.settings.model_dump().items():
         rows.append(

@@ -32,28 +32,31 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    warning: bool = False  # passed, but says what was skipped
 
     def line(self) -> str:
-        """`ok    name  detail` or `FAIL  name  detail; fix: ...`."""
-        text = f"{'ok' if self.ok else 'FAIL':<4}  {self.name:<9} {self.detail}"
+        """`ok    name  detail`, `warn  name  detail` or `FAIL  name  detail; fix: ...`."""
+        status = "FAIL" if not self.ok else "warn" if self.warning else "ok"
+        text = f"{status:<4}  {self.name:<9} {self.detail}"
         if not self.ok and self.fix:
             text += f"; fix: {self.fix}"
         return text
 
 
-def check_config() -> tuple[Check, Any]:
-    """Validate the settings exactly as activation does; returns the check and the settings."""
+def check_config() -> tuple[list[Check], Any]:
+    """Validate the settings exactly as activation does; returns the checks (the outcome, then
+    a warning per thing skipped) and the settings (None if invalid)."""
     from .errors import ConfigError
     from .settings import load_settings
 
     try:
         loaded = load_settings()
     except ConfigError as exc:
-        return Check("config", False, str(exc),
-                     "correct that value; `aim-llama config` lists every setting and its source"), None
+        return [Check("config", False, str(exc),
+                      "correct that value; `aim-llama config` lists every setting and its source")], None
     except Exception as exc:  # reading the configuration failed some other way
-        return Check("config", False, f"could not read the configuration ({type(exc).__name__}: "
-                     f"{exc})", "check AIM_LLAMA_CONFIG and the working directory"), None
+        return [Check("config", False, f"could not read the configuration ({type(exc).__name__}: "
+                      f"{exc})", "check AIM_LLAMA_CONFIG and the working directory")], None
     settings = loaded.settings
     where = loaded.sources.get("repo", "default")
     if settings.repo:
@@ -62,7 +65,8 @@ def check_config() -> tuple[Check, Any]:
         detail = f"valid; repo = {os.path.join(os.getcwd(), '.aim')} (default: .aim in the working directory)"
     if not settings.enabled:
         detail += "; note: enabled = false, nothing will be recorded"
-    return Check("config", True, detail), settings
+    notes = [Check("config", True, note, warning=True) for note in loaded.warnings]
+    return [Check("config", True, detail), *notes], settings
 
 
 def check_local(repo: str | None) -> list[Check]:
@@ -223,8 +227,7 @@ def _read_back(repo: str, run_hash: str, keep: bool = False) -> tuple[Any, list[
 
 def run_checks(with_probe: bool, timeout: float, keep_probe: bool = False) -> list[Check]:
     """Every check, in order; stops before the repo checks when the configuration is invalid."""
-    config_check, settings = check_config()
-    checks = [config_check]
+    checks, settings = check_config()
     if settings is None:
         return checks
     if remote.is_remote(settings.repo):

@@ -538,6 +538,7 @@ class LoadedSettings:
 
     settings: AimLlamaSettings
     sources: dict[str, str]
+    warnings: tuple[str, ...] = ()  # one line each: what was skipped (the settings stand)
 
 
 def _fmt_value(value: Any) -> str:
@@ -687,17 +688,22 @@ def _parses(text: bytes) -> bool:
     return True
 
 
-def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]]:
+def _file_layers(env: Mapping[str, str], notes: list[str] | None = None,
+                 ) -> list[tuple[str, str, dict[str, Any]]]:
     """(kind, label, values) of pyproject.toml's [tool.aim_llama] and the TOML file, lowest
-    precedence first; any problem with them is a one-line ConfigError."""
+    precedence first; any problem with them is a one-line ConfigError (a pyproject.toml that
+    cannot be read is skipped, with a line in `notes`)."""
     layers: list[tuple[str, str, dict[str, Any]]] = []
     toml_path, explicit, pyproject = config_file_path(env)
     if pyproject is not None and _exists(pyproject, False) and pyproject.is_file():
         label = f"{pyproject} [tool.aim_llama]"
         try:
-            text = read_config(str(pyproject))
-        except OSError:
-            text = None  # reported below, by `_read_toml`
+            text: bytes | None = read_config(str(pyproject))
+        except OSError as exc:  # the project's file, maybe not ours at all: skipped, said once
+            if notes is not None:
+                notes.append(f"cannot read {pyproject} ({exc.strerror or exc}): its "
+                             "[tool.aim_llama] table, if any, is not applied; recording continues")
+            text = None
         # A project file that never mentions aim-llama is not ours to judge, even if broken;
         # nor is one whose syntax error we cannot tie to aim-llama's table.
         if text is not None and (b"aim_llama" in text or b"aim-llama" in text) \
@@ -705,8 +711,8 @@ def _file_layers(env: Mapping[str, str]) -> list[tuple[str, str, dict[str, Any]]
             # Broken somewhere: judge only aim-llama's own table (a syntax error in
             # [tool.ruff] is ruff's business, not a reason to run uninstrumented).
             text = _our_section(text)
-        if text is None or ((b"aim_llama" in text or b"aim-llama" in text)
-                            and (_our_table(text) or _parses(text))):
+        if text is not None and ((b"aim_llama" in text or b"aim-llama" in text)
+                                 and (_our_table(text) or _parses(text))):
             data = _read_toml(pyproject, label, ("tool", "aim_llama"), str(pyproject), text)
             layers.append(("file", label, data))
 
@@ -758,7 +764,8 @@ def load_settings(
     """Read every source in precedence order and validate; raise ConfigError (one line) if invalid."""
     env = os.environ if environ is None else environ
     overrides = dict(overrides or {})
-    layers = _file_layers(env)
+    notes: list[str] = []
+    layers = _file_layers(env, notes)
     _check_env_names(env)
     layers.append(("env", "env", ExactEnvSource(AimLlamaSettings, env)()))
 
@@ -801,7 +808,7 @@ def load_settings(
             )
         else:
             sources[name] = "default"
-    return LoadedSettings(settings=settings, sources=sources)
+    return LoadedSettings(settings=settings, sources=sources, warnings=tuple(notes))
 
 
 def _check_env_names(env: Mapping[str, str]) -> None:
