@@ -163,3 +163,9 @@ def test_an_unreadable_pyproject_is_skipped_with_one_warning(workdir: Path) -> N
                        for line in proc.stdout.splitlines()), proc.stdout
         else:
             assert said[0].startswith("warn  config "), proc.stdout
+
+
+def test_an_error_line_never_prints_a_password(workdir: Path) -> None:
+    proc = cli("config", cwd=workdir, AIM_REPO="aim://admin:hunter2secret@tracking:53800")
+    assert proc.returncode == 1 and "hunter2secret" not in proc.stderr
+    assert "aim://admin:***@tracking:53800" in proc.stderr and len(proc.stderr.splitlines()) == 1

@@ -347,3 +347,31 @@ def test_a_broken_other_table_beside_ours_is_not_ours_to_judge(cwd: Path) -> Non
     (cwd / "pyproject.toml").write_text(
         "[project]\nname = 'app'\n[tool.aim_llama]\nqueue_size = 700\n[tool.ruff]\nline-length =\n")
     assert load_settings(environ={}).settings.queue_size == 700
+
+
+@pytest.mark.parametrize(
+    ("env", "files", "secret", "kept"),
+    [
+        ({"AIM_REPO": "aim://admin:hunter2secret@tracking:53800"}, {}, "hunter2secret",
+         "env AIM_REPO='aim://admin:***@tracking:53800'"),
+        ({"AIM_RUN_PARAMS": '{"openai_api_key":"sk-proj-abcdefghijklmnopqrstuvwx","__x":1}'}, {},
+         "abcdefghijklmnop", "key '__x' is not allowed"),
+        ({"AIM_RUN_PARAMS": '{"db_password":"plain-words","__x":1}'}, {}, "plain-words",
+         '"db_password":***'),
+        ({"AIM_RUN_PARAMS": '{"note":"ghp_' + "a" * 36 + '","__x":1}'}, {}, "a" * 20, '"note":"***"'),
+        ({}, {"aim_llama.toml": '[run_params]\nauth_token = "t0psecret"\n__x = 1\n'}, "t0psecret",
+         "run_params = {'auth_token': ***, '__x': 1}"),
+        ({}, {"aim_llama.toml": 'repo = "aim://u:pw-in-file@h:1:2"\n'}, "pw-in-file", "'aim://u:***@h"),
+    ],
+    ids=["url-password", "openai-key-under-key-name", "secret-key-name", "github-token-value",
+         "toml-table", "toml-url"],
+)
+def test_config_errors_mask_the_secrets_they_quote(
+        cwd: Path, env: dict[str, str], files: dict[str, str], secret: str, kept: str) -> None:
+    for name, text in files.items():
+        (cwd / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    message = str(info.value)
+    assert secret not in message and secret not in str(info.value.source), message
+    assert kept in message, message

@@ -28,7 +28,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .errors import ConfigError
+from .errors import ConfigError, mask_url_password
 from .switches import (
     COMMAND_LINE_ENV,
     CONFIG_ENV,
@@ -866,8 +866,7 @@ _SECRET_KEY = re.compile(r"(secret|key|token|password|passwd|credential|auth)", 
 def redact_for_display(name: str, value: Any) -> Any:
     """Mask secrets before printing settings: credentials in URLs, secret-looking param names."""
     if isinstance(value, str):
-        value = re.sub(r"//([^/@\s:]+):([^/@\s]+)@", r"//\1:***@", value)
-        return value
+        return mask_url_password(value)
     if isinstance(value, dict):
         return {
             k: ("***" if _SECRET_KEY.search(str(k)) else redact_for_display(str(k), v))
