@@ -196,6 +196,30 @@ def test_an_app_in_a_deleted_working_directory_is_still_recorded(workdir, repo):
     assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["still recorded"]
 
 
+def test_a_deleted_working_directory_with_the_default_repo_says_so_at_once(workdir):
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import clean_env
+
+    gone = workdir / "gone"
+    gone.mkdir()
+    script = workdir / "app.py"
+    script.write_text(textwrap.dedent(LIGHT_APP))
+    proc = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3"', "sh", str(gone), sys.executable,
+         str(script)],
+        env=clean_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0 and "APP RAN False" in proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("aim_llama: invalid setting repo (default): the working directory "
+                               "no longer exists"), lines[0]
+    assert "set AIM_REPO to an absolute path" in lines[0]
+
+
 def test_a_failed_llamaindex_import_that_the_app_retries_is_instrumented(run_py, repo):
     proc = run_py(
         """

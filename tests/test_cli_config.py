@@ -169,3 +169,18 @@ def test_an_error_line_never_prints_a_password(workdir: Path) -> None:
     proc = cli("config", cwd=workdir, AIM_REPO="aim://admin:hunter2secret@tracking:53800")
     assert proc.returncode == 1 and "hunter2secret" not in proc.stderr
     assert "aim://admin:***@tracking:53800" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_a_deleted_working_directory_is_one_line_not_a_traceback(workdir: Path) -> None:
+    gone = workdir / "gone"
+    for command in ("config", "doctor"):
+        gone.mkdir()
+        proc = subprocess.run(
+            ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone),
+             sys.executable, "-m", "aim_llama", command],
+            env=clean_env(), capture_output=True, text=True, timeout=60)
+        said = [line for line in (proc.stdout + proc.stderr).splitlines()
+                if "working directory" in line]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(said) == 1 and "invalid setting repo (default)" in said[0], said
+        assert "set AIM_REPO to an absolute path" in said[0]

@@ -263,8 +263,16 @@ def test_a_deleted_working_directory_reads_no_files(cwd: Path) -> None:
     gone.mkdir()
     os.chdir(gone)
     gone.rmdir()
-    loaded = load_settings(environ={"AIM_EXPERIMENT": "e"})
-    assert loaded.settings.experiment == "e" and loaded.sources["repo"] == "default"
+    loaded = load_settings(environ={"AIM_EXPERIMENT": "e", "AIM_REPO": str(cwd / "r")})
+    assert loaded.settings.experiment == "e" and loaded.sources["experiment"] == "env AIM_EXPERIMENT"
+    # ... and the default repo, or a relative one, cannot be resolved: said now, not at exit
+    for env, where in (({}, "(default)"), ({"AIM_REPO": "runs"}, "(env AIM_REPO='runs')")):
+        with pytest.raises(ConfigError) as info:
+            load_settings(environ=env)
+        message = str(info.value)
+        assert message.startswith(f"invalid setting repo {where}: the working directory no "
+                                  "longer exists"), message
+        assert "set AIM_REPO to an absolute path" in message
 
 
 @pytest.mark.parametrize(

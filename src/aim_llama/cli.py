@@ -65,7 +65,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _default_repo() -> tuple[str, str]:
-    return os.path.join(os.getcwd(), ".aim"), ".aim in the working directory"
+    from .switches import here
+
+    base = here()  # (None: a deleted working directory, which validation reports first)
+    if base is None:
+        return "", "the working directory no longer exists"
+    return os.path.join(base, ".aim"), ".aim in the working directory"
 
 
 # What an unset setting means (the table shows it; `--json` keeps the null and adds "means")

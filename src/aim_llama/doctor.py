@@ -62,7 +62,10 @@ def check_config() -> tuple[list[Check], Any]:
     if settings.repo:
         detail = f"valid; repo = {settings.repo} ({where})"
     else:  # as `aim-llama config` shows it
-        detail = f"valid; repo = {os.path.join(os.getcwd(), '.aim')} (default: .aim in the working directory)"
+        from .cli import _default_repo
+
+        path, meaning = _default_repo()
+        detail = f"valid; repo = {path} (default: {meaning})"
     if not settings.enabled:
         detail += "; note: enabled = false, nothing will be recorded"
     notes = [Check("config", True, note, warning=True) for note in loaded.warnings]

@@ -312,6 +312,7 @@ class AimLlamaSettings(BaseSettings):
     @field_validator("repo", mode="after")
     @classmethod
     def _check_repo(cls, value: str | None) -> str | None:
+        _check_resolvable(value)
         if value is not None and "\x00" in value:
             raise ValueError("a path cannot contain a NUL character")
         if value is not None and "://" in value:
@@ -407,6 +408,18 @@ class AimLlamaSettings(BaseSettings):
         if isinstance(value, str):
             return value.strip().lower()
         return value
+
+
+def _check_resolvable(repo: str | None) -> None:
+    """The default repo (`.aim` in the working directory), or a relative one, needs a working
+    directory: one deleted under the program leaves nowhere to store (said now, not at exit)."""
+    if repo is not None and ("://" in repo or os.path.isabs(os.path.expanduser(repo))):
+        return
+    if here() is not None:
+        return
+    what = "the default repo (.aim in it)" if repo is None else f"the relative path {repo!r}"
+    raise ValueError(f"the working directory no longer exists, so {what} cannot be resolved; "
+                     "set AIM_REPO to an absolute path")
 
 
 def _check_utf8(text: str) -> None:
