@@ -550,6 +550,15 @@ def test_a_directory_named_like_the_default_file_blames_itself_not_the_env(run_p
         in lines[0], proc.stderr
 
 
+def test_a_dangling_link_named_like_the_default_file_is_one_line(run_py, workdir):
+    (workdir / "aim_llama.toml").symlink_to("moved-away.toml")
+    proc = run_py(LIGHT_APP)
+    assert "APP RAN False" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "aim_llama.toml' is a symlink to 'moved-away.toml', which does " \
+        "not exist" in lines[0], proc.stderr
+
+
 def test_a_relative_repo_in_a_config_file_is_beside_that_file(run_py, repo, workdir):
     (workdir / "cfg").mkdir()
     (workdir / "cfg" / "prod.toml").write_text('repo = "runs"\n')

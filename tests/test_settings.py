@@ -383,3 +383,20 @@ def test_config_errors_mask_the_secrets_they_quote(
     message = str(info.value)
     assert secret not in message and secret not in str(info.value.source), message
     assert kept in message, message
+
+
+@pytest.mark.parametrize(("target", "said"), [("nothere.toml", "is a symlink to 'nothere.toml', "
+                                               "which does not exist"),
+                                              ("aim_llama.toml", "is a symlink loop")])
+def test_a_link_leading_nowhere_is_an_error_like_a_directory(cwd: Path, target: str,
+                                                             said: str) -> None:
+    """Named like the default file it is an error (not silently no settings); named by
+    AIM_LLAMA_CONFIG, it says what it is rather than "does not exist"."""
+    (cwd / "aim_llama.toml").symlink_to(target)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={})
+    assert str(info.value).startswith(f"{str(cwd / 'aim_llama.toml')!r} {said}, but aim-llama "
+                                      "reads its settings from a TOML file"), str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"AIM_LLAMA_CONFIG": "aim_llama.toml"})
+    assert f"aim_llama.toml' {said} (named by env AIM_LLAMA_CONFIG)" in str(info.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import errno
 import json
 import os
 import re
@@ -662,6 +663,22 @@ def _exists(path: Path, explicit: bool, named_by: str = f"env {CONFIG_ENV}") -> 
         ) from None
 
 
+def _broken_link(path: Path) -> str | None:
+    """What is wrong with a name that is a symlink leading nowhere ("is a symlink loop",
+    "is a symlink to …, which does not exist"); None for anything else."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        try:
+            if os.path.islink(path):
+                return f"is a symlink to {os.readlink(path)!r}, which does not exist"
+        except OSError:
+            return None
+    return None
+
+
 _OUR_TABLE = re.compile(
     rb"^[ \t]*(?:\[[ \t]*tool[ \t]*\.[ \t]*[\"']?aim[-_]llama|tool[ \t]*\.[ \t]*[\"']?aim[-_]llama)",
     re.MULTILINE,
@@ -733,10 +750,20 @@ def _file_layers(env: Mapping[str, str], notes: list[str] | None = None,
     if (toml_path is not None and explicit and not _exists(toml_path, True, named_by)
             and inherited_text(str(toml_path), env) is None):
         raise ConfigError(
-            f"config file {os.path.abspath(toml_path)!r} does not exist (named by {named_by}); "
+            f"config file {os.path.abspath(toml_path)!r} "
+            f"{_broken_link(toml_path) or 'does not exist'} (named by {named_by}); "
             "point it at a readable TOML file or unset it",
             setting=CONFIG_ENV,
             source=named_by,
+        )
+    broken = None if toml_path is None or explicit else _broken_link(toml_path)
+    if broken is not None and toml_path is not None:
+        raise ConfigError(
+            f"{os.path.abspath(toml_path)!r} {broken}, but aim-llama reads its settings from a "
+            f"TOML file of that name in the working directory; remove the link or set "
+            f"{CONFIG_ENV} to a TOML file",
+            setting=DEFAULT_TOML,
+            source=str(toml_path),
         )
     if toml_path is not None and (_exists(toml_path, explicit, named_by)
                                   or (explicit and inherited_text(str(toml_path), env) is not None)):
