@@ -339,6 +339,14 @@ def test_options_and_set_map_to_env():
     assert env_for("experimnet") is None
 
 
+def test_a_misspelt_aim_address_on_the_command_line_is_not_taken_for_a_path(workdir):
+    proc = launch(["--repo", "aim:host:53800", "--", sys.executable, "-c", "import aim_llama.auto, "
+                   "llama_index.core"], workdir)
+    assert proc.returncode == 0
+    assert "'aim:host:53800' is not an aim://host:port address" in proc.stderr, proc.stderr
+    assert list(workdir.iterdir()) == []  # no directory `aim:host:53800` made
+
+
 def test_bad_set_is_a_usage_error(workdir):
     proc = launch(["--set", "experimnet=x", "--", sys.executable, "-c", "pass"], workdir)
     assert proc.returncode == 2 and "experimnet" in proc.stderr

@@ -316,7 +316,7 @@ class AimLlamaSettings(BaseSettings):
         _check_resolvable(value)
         if value is not None and "\x00" in value:
             raise ValueError("a path cannot contain a NUL character")
-        if value is not None and "://" in value:
+        if value is not None and ("://" in value or value[:4].lower() == "aim:"):  # `aim:/h:1`
             match = re.fullmatch(r"aim://([^:/\s]+):(\d{1,5})/?", value)
             if not match or not 0 < int(match.group(2)) < 65536:
                 raise ValueError(f"{value!r} is not an aim://host:port address")
@@ -640,7 +640,8 @@ def _anchor_repo(data: dict[str, Any], path: Path) -> dict[str, Any]:
     """A relative `repo` in a config file names a directory beside that file (as other tools
     read paths in their config files), not one in whichever directory a process starts in."""
     repo = data.get("repo")
-    if not isinstance(repo, str) or not repo.strip() or "://" in repo:
+    if not isinstance(repo, str) or not repo.strip() or "://" in repo or (
+            repo.strip()[:4].lower() == "aim:"):  # (a misspelt address: validation says so)
         return data
     repo = os.path.expanduser(repo.strip())
     if os.path.isabs(repo) or not path.is_file():  # a pipe's "directory" means nothing

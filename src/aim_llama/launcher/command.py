@@ -233,7 +233,7 @@ def _pipe_config(env: Mapping[str, str]) -> str | None:
 def _absolute(value: str) -> str:
     """A path made absolute against the launcher's working directory; URLs stay as they are."""
     text = value.strip()
-    if "://" in text:
+    if "://" in text or text[:4].lower() == "aim:":  # (`aim:host:1`, misspelt: the command says so)
         return value
     try:
         return os.path.abspath(os.path.expanduser(text))
