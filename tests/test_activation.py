@@ -502,6 +502,56 @@ def test_a_fifo_nobody_writes_is_one_line_not_a_hang(run_py, workdir):
     assert len(lines) == 1 and "fifo.toml" in lines[0] and "within 2s" in lines[0], proc.stderr
 
 
+def fifo_opened(fifo: Path):
+    """A FIFO at `fifo`, and a function that says whether anyone opened it for reading since
+    (a writer waits on it in a thread: its `open` returns only once a reader opened it)."""
+    import threading
+
+    os.mkfifo(fifo)
+    seen = threading.Event()
+
+    def writer() -> None:
+        with open(fifo, "wb"):
+            seen.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+
+    def opened() -> bool:
+        thread.join(0.5)
+        was = seen.is_set()
+        if not was:  # let the writer go
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            thread.join(5)
+            os.close(fd)
+        return was
+
+    return opened
+
+
+def test_fifos_by_the_default_names_are_never_waited_on(run_py, repo, workdir):
+    """Every Python start (the start-up hook) would wait on them: aim_llama.toml is an error
+    at once, pyproject.toml is skipped (not ours); `aim-llama config` says the same."""
+    from test_cli_config import cli
+
+    opened = fifo_opened(workdir / "aim_llama.toml")
+    proc = run_py(LIGHT_APP)
+    assert not opened() and "APP RAN False" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "aim_llama.toml' is a FIFO, but aim-llama reads its settings " \
+        "from a TOML file of that name" in lines[0], proc.stderr
+    config = cli("config", cwd=workdir)
+    assert config.returncode == 1 and lines[0].split(": ", 1)[1].split(" — ")[0] in config.stderr
+    (workdir / "aim_llama.toml").unlink()
+    opened = fifo_opened(workdir / "pyproject.toml")
+    proc = run_py(LIGHT_APP)
+    assert not opened(), "pyproject.toml was read"
+    assert "APP RAN True" in proc.stdout and proc.stderr.strip() == "", proc.stderr
+    (workdir / "pyproject.toml").unlink()
+    opened = fifo_opened(workdir / "pyproject.toml")
+    assert cli("config", cwd=workdir).returncode == 0 and not opened()
+
+
 def test_a_broken_pyproject_that_never_mentions_aim_llama_is_not_our_business(run_py, repo,
                                                                              workdir):
     (workdir / "pyproject.toml").write_text('[project]\nname = "x"\nversion = 1.0.0\n')

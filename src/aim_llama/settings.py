@@ -664,6 +664,20 @@ def _exists(path: Path, explicit: bool, named_by: str = f"env {CONFIG_ENV}") -> 
         ) from None
 
 
+def _not_a_file(path: Path) -> str | None:
+    """What `path` is when it is not a regular file ("a directory", "a FIFO", …), else None."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # (gone since: reading it says why)
+    if stat.S_ISREG(mode):
+        return None
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+
+
 def _broken_link(path: Path) -> str | None:
     """What is wrong with a name that is a symlink leading nowhere ("is a symlink loop",
     "is a symlink to …, which does not exist"); None for anything else."""
@@ -729,7 +743,7 @@ def _file_layers(env: Mapping[str, str], notes: list[str] | None = None,
     if pyproject is not None and _exists(pyproject, False) and pyproject.is_file():
         label = f"{pyproject} [tool.aim_llama]"
         try:
-            text: bytes | None = read_config(str(pyproject))
+            text: bytes | None = read_config(str(pyproject), pipes=False)
         except OSError as exc:  # the project's file, maybe not ours at all: skipped, said once
             if notes is not None:
                 notes.append(f"cannot read {pyproject} ({exc.strerror or exc}): its "
@@ -768,12 +782,13 @@ def _file_layers(env: Mapping[str, str], notes: list[str] | None = None,
         )
     if toml_path is not None and (_exists(toml_path, explicit, named_by)
                                   or (explicit and inherited_text(str(toml_path), env) is not None)):
-        if toml_path.is_dir():
+        kind = _not_a_file(toml_path)  # (by its default name, even a pipe: never waited on)
+        if kind is not None and (not explicit or kind == "a directory"):
             raise ConfigError(
                 f"config file {os.path.abspath(toml_path)!r} is a directory; {CONFIG_ENV} must name a "
                 "TOML file" if explicit else
-                f"{os.path.abspath(toml_path)!r} is a directory, but aim-llama reads its settings from a "
-                f"TOML file of that name in the working directory; rename the directory or set "
+                f"{os.path.abspath(toml_path)!r} is {kind}, but aim-llama reads its settings from a "
+                f"TOML file of that name in the working directory; rename it or set "
                 f"{CONFIG_ENV} to a TOML file",
                 setting=CONFIG_ENV if explicit else DEFAULT_TOML,
                 source=named_by if explicit else str(toml_path),

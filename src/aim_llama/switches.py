@@ -74,8 +74,8 @@ def switch(name: str, environ: Mapping[str, str] | None = None,
     raw = env.get(ENV[name], "")
     if raw.strip():
         return parse_bool(raw)
-    for path, table in _files(env):
-        found, value = _peek(path, table, name, quick)
+    for path, table, named in _files(env):
+        found, value = _peek(path, table, name, quick, named)
         if found:
             return parse_bool(value)
     return None
@@ -135,17 +135,18 @@ def settings_files(environ: Mapping[str, str]) -> tuple[str | None, bool, str | 
     return (None if cwd is None else os.path.join(cwd, DEFAULT_TOML)), False, pyproject
 
 
-def _files(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
-    """The TOML files to look in, highest precedence first, with the table holding our keys."""
+def _files(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...], bool]]:
+    """The TOML files to look in, highest precedence first, with the table holding our keys
+    and whether `AIM_LLAMA_CONFIG` named the file (only such a one may be a pipe)."""
     try:
-        toml, _, pyproject = settings_files(environ)
+        toml, explicit, pyproject = settings_files(environ)
     except RuntimeError:  # unknown ~user: only pyproject.toml can be read (the error comes later)
-        toml, pyproject = None, settings_files({})[2]
-    files: list[tuple[str, tuple[str, ...]]] = []
+        toml, explicit, pyproject = None, True, settings_files({})[2]
+    files: list[tuple[str, tuple[str, ...], bool]] = []
     if toml is not None:
-        files.append((toml, ()))
+        files.append((toml, (), explicit))
     if pyproject is not None:
-        files.append((pyproject, ("tool", "aim_llama")))
+        files.append((pyproject, ("tool", "aim_llama"), False))
     return files
 
 
@@ -188,17 +189,23 @@ def inherited_text(path: str, environ: Mapping[str, str] | None = None) -> bytes
 
 
 
-def read_config(path: str) -> bytes:
+def read_config(path: str, pipes: bool = True) -> bytes:
     """The bytes of a config file. A pipe or FIFO is read once per process (later calls get
     the same text, and so do the processes started after: `CONFIG_TEXT_ENV`) without ever
     blocking for more than `PIPE_WAIT` seconds; OSError (ETIMEDOUT when it gave nothing in
-    time, EFBIG beyond the size aim-llama reads) as `open` would raise it."""
+    time, EFBIG beyond the size aim-llama reads) as `open` would raise it. `pipes=False`
+    (a file found by its default name, not named by the user): anything but a regular file
+    is OSError(EINVAL) at once."""
     import stat
 
-    inherited = inherited_text(path)
+    inherited = inherited_text(path) if pipes else None
     if inherited is not None:
         return inherited
     mode = os.stat(path).st_mode
+    if not pipes and not stat.S_ISREG(mode):
+        import errno
+
+        raise OSError(errno.EINVAL, "not a regular file")
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         with open(path, "rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
@@ -264,12 +271,14 @@ def decode(data: bytes) -> str:
     return data.decode("utf-8-sig")
 
 
-def _peek(path: str, table: tuple[str, ...], key: str, quick: bool) -> tuple[bool, Any]:
-    """(found, value) of `key` in `path`'s `table`; (False, None) when absent or unreadable.
-    A file TOML cannot parse is read line by line: `strict = true` and the kill switch still
-    count in a file whose other lines are broken (full validation reports the syntax)."""
+def _peek(path: str, table: tuple[str, ...], key: str, quick: bool,
+          pipes: bool = True) -> tuple[bool, Any]:
+    """(found, value) of `key` in `path`'s `table`; (False, None) when absent or unreadable
+    (or, without `pipes`, not a regular file: never waited on). A file TOML cannot parse is
+    read line by line: `strict = true` and the kill switch still count in a file whose other
+    lines are broken (full validation reports the syntax)."""
     try:
-        data = read_config(path)
+        data = read_config(path, pipes)
     except (OSError, ValueError):
         return False, None
     if key.encode() not in data or (table and table[-1].encode() not in data):
