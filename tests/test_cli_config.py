@@ -184,3 +184,24 @@ def test_a_deleted_working_directory_is_one_line_not_a_traceback(workdir: Path) 
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert len(said) == 1 and "invalid setting repo (default)" in said[0], said
         assert "set AIM_REPO to an absolute path" in said[0]
+
+
+def test_paths_with_a_newline_keep_every_message_on_one_line(workdir: Path) -> None:
+    (workdir / "bad\nname.toml").write_text("queue_size = \n")
+    proc = cli("config", cwd=workdir, AIM_LLAMA_CONFIG="bad\nname.toml")
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"{workdir}/bad\\nname.toml is not valid TOML" in proc.stderr, proc.stderr
+    odd = workdir / "d\nir"
+    odd.mkdir()
+    (odd / "aim_llama.toml").write_text('experiment = "e"\n')
+    proc = cli("config", cwd=odd)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == len(FIELDS), proc.stdout
+    assert f"({workdir}/d\\nir/aim_llama.toml: experiment)" in proc.stdout, proc.stdout
+    doctor = cli("doctor", cwd=odd)
+    assert len(doctor.stdout.splitlines()) == 2 and "d\\nir/.aim" in doctor.stdout, doctor.stdout
+    (odd / "aim_llama.toml").write_text("queue_size = 5\n")
+    for command in ("config", "doctor"):
+        proc = cli(command, cwd=odd)
+        assert proc.returncode == 1 and len(proc.stdout.splitlines()) <= 1
+        out = proc.stdout if command == "doctor" else proc.stderr
+        assert len(out.splitlines()) == 1 and "d\\nir/aim_llama.toml: queue_size = 5" in out, out

@@ -40,7 +40,9 @@ class Check:
         text = f"{status:<4}  {self.name:<9} {self.detail}"
         if not self.ok and self.fix:
             text += f"; fix: {self.fix}"
-        return text
+        from .errors import one_line
+
+        return one_line(text)  # (a path with a newline in it must not break the line)
 
 
 def check_config() -> tuple[list[Check], Any]:

@@ -36,6 +36,14 @@ def mask_url_password(text: str) -> str:
     return _patterns()[0].sub(r"//\1:***@", text)
 
 
+def one_line(text: str) -> str:
+    """`text` with control characters (a newline in a path …) escaped as `repr` does, so that
+    a message naming it stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def mask_secrets(text: str) -> str:
     """`text` with URL passwords, the built-in secret patterns and the values of secret-looking
     keys masked as `***`: a settings message may quote a value that holds a credential."""
@@ -49,9 +57,9 @@ def mask_secrets(text: str) -> str:
 
 class ConfigError(ValueError):
     """A setting is invalid; the message is one line naming the setting, its source and what is
-    allowed, with any secret it quotes masked (`mask_secrets`)."""
+    allowed, with any secret it quotes masked (`mask_secrets`) and control characters escaped."""
 
     def __init__(self, message: str, *, setting: str | None = None, source: str | None = None):
-        super().__init__(mask_secrets(message))
+        super().__init__(one_line(mask_secrets(message)))
         self.setting = setting
-        self.source = None if source is None else mask_secrets(source)
+        self.source = None if source is None else one_line(mask_secrets(source))

@@ -29,7 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .errors import ConfigError, mask_url_password
+from .errors import ConfigError, mask_url_password, one_line
 from .switches import (
     COMMAND_LINE_ENV,
     CONFIG_ENV,
@@ -741,12 +741,12 @@ def _file_layers(env: Mapping[str, str], notes: list[str] | None = None,
     layers: list[tuple[str, str, dict[str, Any]]] = []
     toml_path, explicit, pyproject = config_file_path(env)
     if pyproject is not None and _exists(pyproject, False) and pyproject.is_file():
-        label = f"{pyproject} [tool.aim_llama]"
+        label = f"{one_line(str(pyproject))} [tool.aim_llama]"  # (labels name sources: one line)
         try:
             text: bytes | None = read_config(str(pyproject), pipes=False)
         except OSError as exc:  # the project's file, maybe not ours at all: skipped, said once
             if notes is not None:
-                notes.append(f"cannot read {pyproject} ({exc.strerror or exc}): its "
+                notes.append(f"cannot read {one_line(str(pyproject))} ({exc.strerror or exc}): its "
                              "[tool.aim_llama] table, if any, is not applied; recording continues")
             text = None
         # A project file that never mentions aim-llama is not ours to judge, even if broken;
@@ -793,7 +793,7 @@ def _file_layers(env: Mapping[str, str], notes: list[str] | None = None,
                 setting=CONFIG_ENV if explicit else DEFAULT_TOML,
                 source=named_by if explicit else str(toml_path),
             )
-        label = os.path.abspath(toml_path)
+        label = one_line(os.path.abspath(toml_path))
         data = _read_toml(toml_path, label, (), named_by if explicit else str(toml_path))
         layers.append(("file", label, _anchor_repo(data, toml_path)))
 
