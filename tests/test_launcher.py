@@ -347,6 +347,23 @@ def test_a_misspelt_aim_address_on_the_command_line_is_not_taken_for_a_path(work
     assert list(workdir.iterdir()) == []  # no directory `aim:host:53800` made
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (["--queue-size", "300", "--set", "queue_size=200"],
+     "--queue-size and --set queue_size both set AIM_LLAMA_QUEUE_SIZE"),
+    (["--set", "AIM_LLAMA_QUEUE_SIZE=200", "--queue-size=300"],
+     "--set AIM_LLAMA_QUEUE_SIZE and --queue-size both set AIM_LLAMA_QUEUE_SIZE"),
+    (["--experiment", "a", "--experiment", "b"], "--experiment is given twice"),
+    (["--propagate", "true", "--no-propagate"],
+     "--propagate and --no-propagate both set AIM_LLAMA_PROPAGATE"),
+    (["--disable", "--set", "enabled=true"], "--disable and --set enabled both set AIM_LLAMA_ENABLED"),
+])
+def test_a_setting_given_twice_is_a_usage_error_naming_both(workdir, args, said):
+    marker = workdir / "ran"
+    proc = launch([*args, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')"], workdir)
+    assert proc.returncode == 2 and not marker.exists()
+    assert proc.stderr.splitlines() == [f"aim-llama run: error: {said}; give each setting once"]
+
+
 def test_bad_set_is_a_usage_error(workdir):
     proc = launch(["--set", "experimnet=x", "--", sys.executable, "-c", "pass"], workdir)
     assert proc.returncode == 2 and "experimnet" in proc.stderr

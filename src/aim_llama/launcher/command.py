@@ -117,6 +117,45 @@ def _dest(opt: Option) -> str:
     return "opt_" + opt.flag[2:].replace("-", "_")
 
 
+class _Noted(argparse.Action):
+    """Stores an option as argparse would (its value, its constant, or `--set`'s list) and
+    notes each one typed, in order, in `opt_typed`: a setting given twice is a usage error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        value = self.const if self.nargs == 0 else values
+        namespace.opt_typed = [*(getattr(namespace, "opt_typed", None) or []),
+                               (str(option_string), value)]
+        if self.dest == "opt_set":
+            value = [*(getattr(namespace, self.dest, None) or []), value]
+        setattr(namespace, self.dest, value)
+
+
+# The env var each flag sets (the options, and the two shortcuts).
+_FLAG_ENV = {**{opt.flag: opt.env for opt in OPTIONS}, "--no-propagate": PROPAGATE_ENV,
+             "--disable": "AIM_LLAMA_ENABLED"}
+
+
+def _given_twice(typed: list[tuple[str, Any]]) -> str | None:
+    """Why a command line sets one setting twice (`--queue-size 300 --set queue_size=200`), or
+    None: whichever came last would win silently."""
+    seen: dict[str, str] = {}
+    for flag, value in typed:
+        if flag == "--set":
+            name, sep, _ = str(value).partition("=")
+            var, shown = (env_for(name) if sep else None), f"--set {name.strip()}"
+        else:
+            var, shown = _FLAG_ENV.get(flag), flag
+        if var is None:
+            continue  # (a bad --set: said on its own)
+        if var in seen:
+            both = (f"{shown} is given twice" if seen[var] == shown
+                    else f"{seen[var]} and {shown} both set {var}")
+            return f"{both}; give each setting once"
+        seen[var] = shown
+    return None
+
+
 def add_run_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     """Add `run` to the `aim-llama` CLI; each option is documented with the env var it sets."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -131,23 +170,23 @@ def add_run_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -
     )
     for opt in OPTIONS:
         if opt.flag == "--strict":  # a bare flag: `--strict python app.py` must not eat `python`
-            parser.add_argument(opt.flag, dest=_dest(opt), action="store_const", const="true",
+            parser.add_argument(opt.flag, dest=_dest(opt), action=_Noted, nargs=0, const="true",
                                 default=None, help=f"{opt.help} (sets {opt.env}=true)")
             continue
         parser.add_argument(
-            opt.flag, dest=_dest(opt), metavar=opt.metavar, default=None,
+            opt.flag, dest=_dest(opt), action=_Noted, metavar=opt.metavar, default=None,
             help=f"{opt.help} (sets {opt.env})",
         )
     parser.add_argument(
-        "--no-propagate", dest="opt_propagate", action="store_const", const="false",
+        "--no-propagate", dest="opt_propagate", action=_Noted, nargs=0, const="false",
         help=f"instrument only CMD itself, not the Python processes it starts (sets {PROPAGATE_ENV}=false)",
     )
     parser.add_argument(
-        "--disable", dest="opt_enabled", action="store_const", const="false",
+        "--disable", dest="opt_enabled", action=_Noted, nargs=0, const="false",
         help="run CMD with aim-llama switched off (sets AIM_LLAMA_ENABLED=false)",
     )
     parser.add_argument(
-        "--set", dest="opt_set", action="append", default=[], metavar="NAME=VALUE",
+        "--set", dest="opt_set", action=_Noted, default=[], metavar="NAME=VALUE",
         help="any setting by TOML key or env name, e.g. --set capture_content=false",
     )
     parser.add_argument(
@@ -178,6 +217,9 @@ _PATHS = frozenset({"AIM_REPO", "AIM_LLAMA_CONFIG"})
 def child_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The command's environment: ours, plus the options' env vars, plus the bootstrap on PYTHONPATH."""
     env = dict(os.environ if environ is None else environ)
+    twice = _given_twice(getattr(args, "opt_typed", None) or [])
+    if twice is not None:
+        raise ValueError(twice)
     given: dict[str, str] = {}  # the env vars this command line sets, and the option typed
     for item in getattr(args, "opt_set", None) or []:
         name, sep, value = str(item).partition("=")
