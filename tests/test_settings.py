@@ -186,6 +186,9 @@ BAD: list[tuple[str, dict[str, str], dict[str, str], dict[str, object], list[str
      ["flush_timeout", "AIM_LLAMA_FLUSH_TIMEOUT='2147484'", "2147484 is more than a day", "86400"]),
     ("interval-huge", {"AIM_SYSTEM_TRACKING_INTERVAL": "99999999999999999999"}, {}, {},
      ["system_tracking_interval", "more than a day", "from 1 to 86400"]),
+    ("config-endless-device", {"AIM_LLAMA_CONFIG": "/dev/zero"}, {}, {},
+     ["cannot read config file /dev/zero: a config read from a pipe or device is larger than "
+      "32 KiB, the most aim-llama reads; keep only aim-llama's settings in it"]),
     ("config-name-too-long", {"AIM_LLAMA_CONFIG": "a" * 300}, {}, {},
      ["cannot be checked", "File name too long", "env AIM_LLAMA_CONFIG"]),
     ("config-unknown-user", {"AIM_LLAMA_CONFIG": "~nosuchuser-aimllama/x.toml"}, {}, {},
@@ -299,11 +302,12 @@ def test_redact_patterns_split_on_commas_only_between_patterns(
 
 
 def test_unreadable_file_as_a_bad_encoding(cwd: Path) -> None:
-    """An unreadable file (bytes that are not UTF-8 TOML) is reported, not a traceback."""
-    (cwd / "aim_llama.toml").write_bytes(b"\xff\xfe\x00garbage")
+    """A file in another encoding is reported as such (not as a TOML syntax error to fix)."""
+    (cwd / "aim_llama.toml").write_bytes(b"queue_size = 500\nexperiment = 'caf\xe9'\n")
     with pytest.raises(ConfigError) as info:
         load_settings(environ={})
-    assert "aim_llama.toml is not valid TOML" in str(info.value)
+    assert str(info.value) == (f"{cwd / 'aim_llama.toml'} is not UTF-8 text (byte 0xe9 on line 2); "
+                               "save it as UTF-8")
 
 
 def test_a_huge_bad_value_is_cut_in_its_one_line(cwd: Path) -> None:

@@ -53,9 +53,8 @@ def check_config() -> tuple[list[Check], Any]:
 
     try:
         loaded = load_settings()
-    except ConfigError as exc:
-        return [Check("config", False, str(exc),
-                      "correct that value; `aim-llama config` lists every setting and its source")], None
+    except ConfigError as exc:  # (its one line already says what is allowed or what to do)
+        return [Check("config", False, str(exc))], None
     except Exception as exc:  # reading the configuration failed some other way
         return [Check("config", False, f"could not read the configuration ({type(exc).__name__}: "
                       f"{exc})", "check AIM_LLAMA_CONFIG and the working directory")], None

@@ -587,13 +587,22 @@ def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
             source=source,
         ) from None
     except OSError as exc:
+        fix = "" if exc.errno == errno.EFBIG else (  # (that one says what to do itself)
+            f"; make it a readable TOML file or set {CONFIG_ENV} to another file")
         raise ConfigError(
-            f"cannot read config file {os.path.abspath(path)}: {exc.strerror or exc}; make it "
-            f"a readable TOML file or set {CONFIG_ENV} to another file",
+            f"cannot read config file {os.path.abspath(path)}: {exc.strerror or exc}{fix}",
             setting=CONFIG_ENV,
             source=source,
         ) from None
-    except Exception as exc:  # tomllib.TOMLDecodeError, UnicodeDecodeError …
+    except UnicodeDecodeError as exc:  # (no TOML syntax to fix: the encoding)
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{label} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+            "save it as UTF-8",
+            setting=".".join(table) or None,
+            source=str(path),
+        ) from None
+    except Exception as exc:  # tomllib.TOMLDecodeError …
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
             f"{label} is not valid TOML: {detail}; fix the syntax (https://toml.io)",

@@ -162,8 +162,9 @@ _identity: dict[str, str] = {}  # "dev:ino:" of each pipe read here (see `inheri
 def _too_big(limit: int, what: str) -> OSError:
     import errno
 
-    return OSError(errno.EFBIG, f"{what} is larger than {limit / 1e6:g} MB, the most aim-llama "
-                                "reads; keep only aim-llama's settings in it")
+    size = f"{limit / 1e6:g} MB" if limit % 1_000_000 == 0 else f"{limit // 1024} KiB"
+    return OSError(errno.EFBIG, f"{what} is larger than {size}, the most aim-llama reads; keep "
+                                "only aim-llama's settings in it")
 
 
 def inherited_text(path: str, environ: Mapping[str, str] | None = None) -> bytes | None:
@@ -244,7 +245,7 @@ def read_config(path: str, pipes: bool = True) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
             if size > MAX_PIPE_BYTES:
-                _once[key] = error = _too_big(MAX_PIPE_BYTES, "a config given through a pipe")
+                _once[key] = error = _too_big(MAX_PIPE_BYTES, "a config read from a pipe or device")
                 raise error
     finally:
         os.close(fd)
