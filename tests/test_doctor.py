@@ -158,3 +158,18 @@ def test_a_repo_that_cannot_be_created_fails_even_where_permissions_say_yes(work
     got = lines(proc)
     assert got["repo"].startswith("FAIL") and "cannot create" in got["repo"]
     assert "fix:" in got["repo"]
+
+
+def test_the_kill_switch_is_said_and_the_unused_settings_do_not_fail(workdir):
+    """The app runs disabled and says nothing: doctor says why nothing is recorded and does
+    not fail on settings that will never be used (as activation, it never reads them)."""
+    proc = doctor(workdir, AIM_LLAMA_ENABLED="false", AIM_LLAMA_QUEUE_SIZE="5")
+    assert proc.returncode == 0, proc.stdout
+    got = lines(proc)
+    assert list(got) == ["config"] and got["config"].startswith("warn  config    recording is "
+                                                                "off: enabled = false (env "
+                                                                "AIM_LLAMA_ENABLED)")
+    assert "the other settings are unused" in got["config"]
+    (workdir / "aim_llama.toml").write_text("enabled = false\nqueue_size = 5\n")
+    got = lines(doctor(workdir))
+    assert f"enabled = false ({workdir / 'aim_llama.toml'}: enabled)" in got["config"], got

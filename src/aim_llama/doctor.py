@@ -50,7 +50,13 @@ def check_config() -> tuple[list[Check], Any]:
     a warning per thing skipped) and the settings (None if invalid)."""
     from .errors import ConfigError
     from .settings import load_settings
+    from .switches import switch_source
 
+    enabled, source = switch_source("enabled")
+    if enabled is False:  # as activation does: the kill switch wins, the rest is never read
+        return [Check("config", True, f"recording is off: enabled = false ({source}), the kill "
+                      "switch; nothing will be recorded and the other settings are unused (not "
+                      "checked)", warning=True)], None
     try:
         loaded = load_settings()
     except ConfigError as exc:  # (its one line already says what is allowed or what to do)

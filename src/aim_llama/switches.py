@@ -70,15 +70,23 @@ def switch(name: str, environ: Mapping[str, str] | None = None,
     """
     if overrides is not None and name in overrides:
         return parse_bool(overrides[name])
+    return switch_source(name, environ, quick=quick)[0]
+
+
+def switch_source(name: str, environ: Mapping[str, str] | None = None, *,
+                  quick: bool = False) -> tuple[bool | None, str]:
+    """`switch` without keyword arguments, and the source that set it (`env VAR`, `FILE: key`,
+    or `default`), e.g. for `aim-llama doctor` to say where the kill switch is."""
     env = os.environ if environ is None else environ
     raw = env.get(ENV[name], "")
     if raw.strip():
-        return parse_bool(raw)
+        return parse_bool(raw), f"env {ENV[name]}"
     for path, table, named in _files(env):
         found, value = _peek(path, table, name, quick, named)
         if found:
-            return parse_bool(value)
-    return None
+            where = f" [{'.'.join(table)}]" if table else ""
+            return parse_bool(value), f"{path}{where}: {name}"
+    return None, "default"
 
 
 # The directory `import aim_llama.auto` ran in, while the activation it deferred to
