@@ -218,6 +218,14 @@ def test_a_deleted_working_directory_with_the_default_repo_says_so_at_once(workd
     assert lines[0].startswith("aim_llama: invalid setting repo (default): the working directory "
                                "no longer exists"), lines[0]
     assert "set AIM_REPO to an absolute path" in lines[0]
+    # strict mode validates at start-up: a program that never uses LlamaIndex still runs there
+    gone.mkdir()
+    proc = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" -c "import aim_llama.auto; print(1)"',
+         "sh", str(gone), sys.executable],
+        env=clean_env(AIM_LLAMA_STRICT="1"), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout == "1\n" and proc.stderr == "", proc.stderr
 
 
 def test_a_failed_llamaindex_import_that_the_app_retries_is_instrumented(run_py, repo):

@@ -27,12 +27,12 @@ def doctor(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess
 
 
 def lines(proc: subprocess.CompletedProcess[str]) -> dict[str, str]:
-    """check name -> its whole line."""
-    out = {}
+    """check name -> its whole line (a check's further lines, its warnings, joined by \n)."""
+    out: dict[str, str] = {}
     for line in proc.stdout.splitlines():
         status, name = line.split()[:2]
         assert status in ("ok", "warn", "FAIL"), line
-        out[name] = line
+        out[name] = f"{out[name]}\n{line}" if name in out else line
     return out
 
 
@@ -160,16 +160,20 @@ def test_a_repo_that_cannot_be_created_fails_even_where_permissions_say_yes(work
     assert "fix:" in got["repo"]
 
 
-def test_the_kill_switch_is_said_and_the_unused_settings_do_not_fail(workdir):
-    """The app runs disabled and says nothing: doctor says why nothing is recorded and does
-    not fail on settings that will never be used (as activation, it never reads them)."""
+def test_the_kill_switch_is_said_and_the_settings_are_still_checked(workdir):
+    """The app runs disabled and says nothing: doctor says why nothing is recorded, and still
+    checks the settings, as `aim-llama config` does (a pre-flight for switching it on)."""
     proc = doctor(workdir, AIM_LLAMA_ENABLED="false", AIM_LLAMA_QUEUE_SIZE="5")
+    assert proc.returncode == 1, proc.stdout
+    config = lines(proc)["config"].splitlines()
+    assert len(config) == 2 and config[0].startswith("FAIL  config") and "queue_size" in config[0]
+    assert config[1].startswith("warn  config    recording is off: enabled = false (env "
+                                "AIM_LLAMA_ENABLED)"), config
+    (workdir / "aim_llama.toml").write_text("enabled = false\n")
+    proc = doctor(workdir)
     assert proc.returncode == 0, proc.stdout
     got = lines(proc)
-    assert list(got) == ["config"] and got["config"].startswith("warn  config    recording is "
-                                                                "off: enabled = false (env "
-                                                                "AIM_LLAMA_ENABLED)")
-    assert "the other settings are unused" in got["config"]
-    (workdir / "aim_llama.toml").write_text("enabled = false\nqueue_size = 5\n")
-    got = lines(doctor(workdir))
-    assert f"enabled = false ({workdir / 'aim_llama.toml'}: enabled)" in got["config"], got
+    config = got["config"].splitlines()
+    assert len(config) == 2 and config[0].startswith("ok    config    valid"), config
+    assert f"enabled = false ({workdir / 'aim_llama.toml'}: enabled)" in config[1], config
+    assert got["repo"].startswith("ok"), got  # (checked as for the day it is switched on)

@@ -365,6 +365,10 @@ def test_a_setting_given_twice_is_a_usage_error_naming_both(workdir, args, said)
 
 
 def test_bad_set_is_a_usage_error(workdir):
+    proc = launch(["--set", "rep=aim://admin:hunter2@h:1", "--", sys.executable, "-c", "pass"],
+                  workdir)  # (its usage error quotes the value: not the password)
+    assert proc.returncode == 2 and "aim://admin:***@h:1" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stderr
     proc = launch(["--set", "experimnet=x", "--", sys.executable, "-c", "pass"], workdir)
     assert proc.returncode == 2 and "experimnet" in proc.stderr
     assert "did you mean 'experiment'?" in proc.stderr, proc.stderr  # as env and TOML typos

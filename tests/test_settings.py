@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aim_llama.errors import ConfigError
-from aim_llama.settings import EVENT_TYPES, AimLlamaSettings, load_settings
+from aim_llama.settings import EVENT_TYPES, AimLlamaSettings, check_resolvable, load_settings
 
 
 @pytest.fixture
@@ -275,10 +275,13 @@ def test_a_deleted_working_directory_reads_no_files(cwd: Path) -> None:
     gone.rmdir()
     loaded = load_settings(environ={"AIM_EXPERIMENT": "e", "AIM_REPO": str(cwd / "r")})
     assert loaded.settings.experiment == "e" and loaded.sources["experiment"] == "env AIM_EXPERIMENT"
-    # ... and the default repo, or a relative one, cannot be resolved: said now, not at exit
-    for env, where in (({}, "(default)"), ({"AIM_REPO": "runs"}, "(env AIM_REPO='runs')")):
+    # ... and the default repo, or a relative one, cannot be resolved: said at activation,
+    # not at exit (validation alone passes: a strict process that never imports LlamaIndex
+    # runs there)
+    for env, where in (({}, "(default)"), ({"AIM_REPO": "runs"}, "(env AIM_REPO)")):
+        loaded = load_settings(environ=env)
         with pytest.raises(ConfigError) as info:
-            load_settings(environ=env)
+            check_resolvable(loaded)
         message = str(info.value)
         assert message.startswith(f"invalid setting repo {where}: the working directory no "
                                   "longer exists"), message
@@ -381,9 +384,19 @@ def test_a_broken_other_table_beside_ours_is_not_ours_to_judge(cwd: Path) -> Non
         ({}, {"aim_llama.toml": '[run_params]\nauth_token = "t0psecret"\n__x = 1\n'}, "t0psecret",
          "run_params = {'auth_token': ***, '__x': 1}"),
         ({}, {"aim_llama.toml": 'repo = "aim://u:pw-in-file@h:1:2"\n'}, "pw-in-file", "'aim://u:***@h"),
+        # passwords with `/` (base64), `'`, `@`, without a user, and one a cut would split
+        ({"AIM_REPO": "aim://admin:Zm9v/YmFyX2Jheg@tracking:53800"}, {}, "YmFyX2Jheg",
+         "'aim://admin:***@tracking:53800'"),
+        ({"AIM_REPO": "aim://:tok3nSecret@tracking:53800"}, {}, "tok3nSecret", "aim://:***@"),
+        ({"AIM_REPO": "aim://admin:pa'ss@tracking:53800"}, {}, "ss@", "aim://admin:***@"),
+        ({"AIM_REPO": "aim://admin:p@ssw0rd@tracking:53800"}, {}, "ssw0rd", "aim://admin:***@"),
+        ({"AIM_REPO": "aim://administrator-account:SuperSecretPassword123456789@tracking.example"
+                      ".com:53800"}, {}, "SuperSecret", "aim://administrator-account:***@"),
+        ({"AIM_RUN_PARAMS": '{"__x": 1, "model": "gpt-4o", "note": "sk-proj-ABCDEFGHIJKLMNOPQRSTUV'
+                            'WXYZ0123456789"}'}, {}, "ABCDEFGHI", "key '__x' is not allowed"),
     ],
     ids=["url-password", "openai-key-under-key-name", "secret-key-name", "github-token-value",
-         "toml-table", "toml-url"],
+         "toml-table", "toml-url", "slash", "no-user", "quote", "at", "long", "cut-token"],
 )
 def test_config_errors_mask_the_secrets_they_quote(
         cwd: Path, env: dict[str, str], files: dict[str, str], secret: str, kept: str) -> None:
@@ -394,6 +407,36 @@ def test_config_errors_mask_the_secrets_they_quote(
     message = str(info.value)
     assert secret not in message and secret not in str(info.value.source), message
     assert kept in message, message
+
+
+def test_config_errors_keep_what_only_looks_like_a_secret(cwd: Path) -> None:
+    """Whole words make a key secret: `max_tokens` and `author` are not; and a `redact`
+    pattern is the user's own regex, shown as written."""
+    (cwd / "aim_llama.toml").write_text(
+        '[run_params]\nmax_tokens = 512\nauthor = "Jane"\napi_key = "k"\n__x = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={})
+    assert "{'max_tokens': 512, 'author': 'Jane', 'api_key': ***," in str(info.value)
+    (cwd / "aim_llama.toml").unlink()
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"AIM_LLAMA_REDACT": '"password": "[^"]*", (unclosed'})
+    assert '"password": "[^"]*"' in str(info.value), str(info.value)
+
+
+def test_messages_escape_line_breaks_but_keep_every_other_character_readable() -> None:
+    from aim_llama.errors import one_line
+
+    assert one_line("/tmp/新\u3000フォルダ/caf\u00e9\u00a0x\u202fy.toml") == \
+        "/tmp/新\u3000フォルダ/caf\u00e9\u00a0x\u202fy.toml"
+    assert one_line("a\nb\r\tc\x85d\u2028e") == "a\\nb\\r\\tc\\x85d\\u2028e"
+
+
+def test_a_link_to_dev_null_by_the_default_name_is_an_empty_file(cwd: Path) -> None:
+    """Only what could block (a FIFO, a terminal) is refused by the default name: the null
+    device reads as empty at once."""
+    (cwd / "aim_llama.toml").symlink_to(os.devnull)
+    loaded = load_settings(environ={})
+    assert loaded.settings.queue_size == AimLlamaSettings().queue_size
 
 
 @pytest.mark.parametrize(("target", "said"), [("nothere.toml", "is a symlink to 'nothere.toml', "

@@ -92,9 +92,10 @@ def instrument(**overrides: Any) -> bool:
         if _switch("enabled", overrides) is False:
             return False  # the kill switch wins even over a broken configuration
         try:
-            from .settings import load_settings
+            from .settings import check_resolvable, load_settings
 
             loaded = load_settings(overrides)
+            check_resolvable(loaded)
         except ConfigError as exc:
             if _switch("strict", overrides):
                 raise

@@ -12,7 +12,7 @@ from typing import Any
 
 def _cmd_config(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .settings import ENV_NAMES, load_settings, redact_for_display
+    from .settings import ENV_NAMES, check_resolvable, load_settings, redact_for_display
 
     try:
         if args.file is not None:  # (as the launcher's --config: relative to where it was typed)
@@ -26,6 +26,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
             os.environ[COMMAND_LINE_ENV] = ";".join(
                 [*kept, f"{CONFIG_ENV}=config --file@{value_digest(path)}"])
         loaded = load_settings()
+        check_resolvable(loaded)
     except ConfigError as exc:
         print(f"aim-llama: error: {exc}", file=sys.stderr)
         return 1
@@ -51,15 +52,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
             shown[r["setting"]] = {"value": r["value"], "source": r["source"]}
             if r["value"] is None and r["setting"] in _UNSET_MEANS:
                 shown[r["setting"]]["means"] = _UNSET_MEANS[r["setting"]]()[0]
-        print(json.dumps(shown, indent=2, default=str))
+        print(json.dumps(shown, indent=2, default=str, ensure_ascii=False))
         return 0
     width = max(len(r["setting"]) for r in rows)
     for r in rows:
-        value = json.dumps(r["value"], default=str)
+        value = json.dumps(r["value"], default=str, ensure_ascii=False)
         source = r["source"]
         if r["value"] is None and r["setting"] in _UNSET_MEANS:
             effective, meaning = _UNSET_MEANS[r["setting"]]()
-            value, source = json.dumps(effective), f"{source}: {meaning}"
+            value, source = json.dumps(effective, ensure_ascii=False), f"{source}: {meaning}"
         print(f"{r['setting']:<{width}}  {value:<30}  ({source})")
     return 0
 

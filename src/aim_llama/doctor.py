@@ -49,21 +49,23 @@ def check_config() -> tuple[list[Check], Any]:
     """Validate the settings exactly as activation does; returns the checks (the outcome, then
     a warning per thing skipped) and the settings (None if invalid)."""
     from .errors import ConfigError
-    from .settings import load_settings
+    from .settings import check_resolvable, load_settings
     from .switches import switch_source
 
     enabled, source = switch_source("enabled")
-    if enabled is False:  # as activation does: the kill switch wins, the rest is never read
-        return [Check("config", True, f"recording is off: enabled = false ({source}), the kill "
-                      "switch; nothing will be recorded and the other settings are unused (not "
-                      "checked)", warning=True)], None
+    # (the kill switch wins at activation, which then reads nothing else; the checks still
+    # run, as `aim-llama config` validates: for the day it is switched on)
+    off = [Check("config", True, f"recording is off: enabled = false ({source}), the kill "
+                 "switch; nothing will be recorded (the checks here are for when it is on)",
+                 warning=True)] if enabled is False else []
     try:
         loaded = load_settings()
+        check_resolvable(loaded)
     except ConfigError as exc:  # (its one line already says what is allowed or what to do)
-        return [Check("config", False, str(exc))], None
+        return [Check("config", False, str(exc)), *off], None
     except Exception as exc:  # reading the configuration failed some other way
         return [Check("config", False, f"could not read the configuration ({type(exc).__name__}: "
-                      f"{exc})", "check AIM_LLAMA_CONFIG and the working directory")], None
+                      f"{exc})", "check AIM_LLAMA_CONFIG and the working directory"), *off], None
     settings = loaded.settings
     where = loaded.sources.get("repo", "default")
     if settings.repo:
@@ -73,10 +75,8 @@ def check_config() -> tuple[list[Check], Any]:
 
         path, meaning = _default_repo()
         detail = f"valid; repo = {path} (default: {meaning})"
-    if not settings.enabled:
-        detail += "; note: enabled = false, nothing will be recorded"
     notes = [Check("config", True, note, warning=True) for note in loaded.warnings]
-    return [Check("config", True, detail), *notes], settings
+    return [Check("config", True, detail), *off, *notes], settings
 
 
 def check_local(repo: str | None) -> list[Check]:

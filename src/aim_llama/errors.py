@@ -11,24 +11,39 @@ _compiled: list[re.Pattern[str]] = []
 
 
 def _patterns() -> list[re.Pattern[str]]:
-    """[a URL's password, a secret-looking quoted key with its value, the built-in secrets]."""
+    """[a URL's password, a quoted key with its value, the built-in secrets]."""
     if not _compiled:
         import re
 
         from .content import DEFAULT_SECRET_PATTERNS, compile_patterns
 
         _compiled[:] = [  # (built whole, then swapped in: threads may race to it)
-            # `aim://user:pass@host`: the user stays, the password goes
-            re.compile(r"//([^/@\s:'\"]+):([^/@\s'\"]+)@"),
-            # a quoted key whose name looks secret, then `:` or `=` and its value (JSON, a
-            # repr, TOML); a value cut short (`"sk-…...'`) ends at a quote, space or bracket
+            # `aim://user:pass@host`: the user (if any) stays, the password — everything up to
+            # the last `@` before the host: it may hold `/`, `'` or `@` — goes
+            re.compile(r"//([^/@\s:'\"]*):[^\s\"]*@"),
+            # a quoted key, then `:` or `=` and its value (JSON, a repr, TOML); the value is
+            # masked if the key's name looks secret (`secret_name`); a value cut short
+            # (`"sk-…...'`) ends at a quote, space or bracket
             re.compile(
-                r"""(["'])([^"'\s]*?(?:secret|key|token|password|passwd|credential|auth)"""
-                r"""[^"'\s]*)\1(\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|["']?[^\s,}\]"']+)""",
-                re.IGNORECASE),
+                r"""(["'])([^"'\s]{1,200})\1(\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'"""
+                r"""|["']?[^\s,}\]"']+)"""),
+            # the words of a key name (`openai_api_key`, `githubToken`, `X-Auth-Token`)
+            re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])"),
             *compile_patterns(DEFAULT_SECRET_PATTERNS),
         ]
     return _compiled
+
+
+# Words that make a key's name secret. Whole words only: `max_tokens`, `author` and
+# `monkey` are not secrets; `api_key`, `githubToken` and `db-password` are.
+_SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "pwd", "token", "apikey",
+                           "key", "credential", "credentials", "auth", "bearer", "cookie"})
+
+
+def secret_name(name: str) -> bool:
+    """Whether a key's name has a word that makes it secret (`api_key`, not `max_tokens`)."""
+    words = [w.lower() for w in _patterns()[2].findall(name)]
+    return any(w in _SECRET_WORDS for w in words)
 
 
 def mask_url_password(text: str) -> str:
@@ -37,19 +52,24 @@ def mask_url_password(text: str) -> str:
 
 
 def one_line(text: str) -> str:
-    """`text` with control characters (a newline in a path …) escaped as `repr` does, so that
-    a message naming it stays one line."""
-    if text.isprintable():
+    """`text` with control characters (a newline in a path …) and line separators escaped as
+    `repr` does, so that a message naming it stays one line; other characters (CJK, a no-break
+    space) stay as they are."""
+    if not any(c < " " or "\x7f" <= c <= "\x9f" or c in "\u2028\u2029" for c in text):
         return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(repr(c)[1:-1] if c < " " or "\x7f" <= c <= "\x9f" or c in "\u2028\u2029"
+                   else c for c in text)
 
 
-def mask_secrets(text: str) -> str:
-    """`text` with URL passwords, the built-in secret patterns and the values of secret-looking
-    keys masked as `***`: a settings message may quote a value that holds a credential."""
-    url, item, *secrets = _patterns()
+def mask_secrets(text: str, keys: bool = True) -> str:
+    """`text` with URL passwords, the built-in secret patterns and (with `keys`) the values of
+    keys whose name looks secret masked as `***`: a settings message may quote a value that
+    holds a credential."""
+    url, item, _words, *secrets = _patterns()
     text = url.sub(r"//\1:***@", text)
-    text = item.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}***", text)
+    if keys:
+        text = item.sub(lambda m: (f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}***"
+                                   if secret_name(m.group(2)) else m.group(0)), text)
     for regex in secrets:
         text = regex.sub("***", text)
     return text
@@ -60,6 +80,9 @@ class ConfigError(ValueError):
     allowed, with any secret it quotes masked (`mask_secrets`) and control characters escaped."""
 
     def __init__(self, message: str, *, setting: str | None = None, source: str | None = None):
-        super().__init__(one_line(mask_secrets(message)))
+        # (`redact`'s values are the user's own patterns, not values under a key: a pattern
+        # like `"password": "[^"]*"` stays readable; secrets in it are still masked)
+        keys = setting != "redact"
+        super().__init__(one_line(mask_secrets(message, keys)))
         self.setting = setting
-        self.source = None if source is None else one_line(mask_secrets(source))
+        self.source = None if source is None else one_line(mask_secrets(source, keys))

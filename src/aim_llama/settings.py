@@ -29,7 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .errors import ConfigError, mask_url_password, one_line
+from .errors import ConfigError, mask_secrets, mask_url_password, one_line, secret_name
 from .switches import (
     COMMAND_LINE_ENV,
     CONFIG_ENV,
@@ -38,6 +38,7 @@ from .switches import (
     decode,
     here,
     inherited_text,
+    is_devnull,
     read_config,
     settings_files,
     value_digest,
@@ -313,7 +314,6 @@ class AimLlamaSettings(BaseSettings):
     @field_validator("repo", mode="after")
     @classmethod
     def _check_repo(cls, value: str | None) -> str | None:
-        _check_resolvable(value)
         if value is not None and "\x00" in value:
             raise ValueError("a path cannot contain a NUL character")
         if value is not None and ("://" in value or value[:4].lower() == "aim:"):  # `aim:/h:1`
@@ -411,16 +411,22 @@ class AimLlamaSettings(BaseSettings):
         return value
 
 
-def _check_resolvable(repo: str | None) -> None:
+def check_resolvable(loaded: LoadedSettings) -> None:
     """The default repo (`.aim` in the working directory), or a relative one, needs a working
-    directory: one deleted under the program leaves nowhere to store (said now, not at exit)."""
+    directory: one deleted under the program leaves nowhere to store — a ConfigError now, not
+    records lost at exit. (Not part of validation: a process that never uses LlamaIndex may
+    run anywhere, even in strict mode.)"""
+    repo = loaded.settings.repo
     if repo is not None and ("://" in repo or os.path.isabs(os.path.expanduser(repo))):
         return
     if here() is not None:
         return
     what = "the default repo (.aim in it)" if repo is None else f"the relative path {repo!r}"
-    raise ValueError(f"the working directory no longer exists, so {what} cannot be resolved; "
-                     "set AIM_REPO to an absolute path")
+    source = loaded.sources.get("repo", "default")
+    raise ConfigError(
+        f"invalid setting repo ({source}): the working directory no longer exists, so {what} "
+        "cannot be resolved; set AIM_REPO to an absolute path",
+        setting="repo", source=source)
 
 
 def _check_utf8(text: str) -> None:
@@ -555,20 +561,22 @@ class LoadedSettings:
     warnings: tuple[str, ...] = ()  # one line each: what was skipped (the settings stand)
 
 
-def _fmt_value(value: Any) -> str:
-    text = repr(value)
+def _fmt_value(value: Any, field: str = "") -> str:
+    """A value as a message quotes it: masked (`mask_secrets`), then cut to 60 characters
+    (masked first: a cut URL has lost the `@` that tells its password)."""
+    text = mask_secrets(repr(value), keys=field != "redact")
     return text if len(text) <= 60 else text[:57] + "...'"
 
 
 def _describe(source_kind: str, field: str, value: Any, file_label: str = "") -> str:
     if source_kind == "env":  # (`file_label`: the `aim-llama run` option that set it, if any)
         if file_label.startswith("--"):
-            return (f"aim-llama run {file_label} {_fmt_value(value)}, passed as env "
+            return (f"aim-llama run {file_label} {_fmt_value(value, field)}, passed as env "
                     f"{ENV_NAMES[field]}")
-        return f"env {ENV_NAMES[field]}={_fmt_value(value)}"
+        return f"env {ENV_NAMES[field]}={_fmt_value(value, field)}"
     if source_kind == "kwargs":
-        return f"instrument({field}={_fmt_value(value)})"
-    return f"{file_label}: {field} = {_fmt_value(value)}"
+        return f"instrument({field}={_fmt_value(value, field)})"
+    return f"{file_label}: {field} = {_fmt_value(value, field)}"
 
 
 def _read_toml(path: Path, label: str, table: tuple[str, ...], source: str,
@@ -678,10 +686,11 @@ def _not_a_file(path: Path) -> str | None:
     import stat
 
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError:
         return None  # (gone since: reading it says why)
-    if stat.S_ISREG(mode):
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or is_devnull(st):  # (/dev/null: an empty file)
         return None
     return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "a device")
@@ -925,7 +934,6 @@ def _to_config_error(
     )
 
 
-_SECRET_KEY = re.compile(r"(secret|key|token|password|passwd|credential|auth)", re.IGNORECASE)
 
 
 def redact_for_display(name: str, value: Any) -> Any:
@@ -934,7 +942,7 @@ def redact_for_display(name: str, value: Any) -> Any:
         return mask_url_password(value)
     if isinstance(value, dict):
         return {
-            k: ("***" if _SECRET_KEY.search(str(k)) else redact_for_display(str(k), v))
+            k: ("***" if secret_name(str(k)) else redact_for_display(str(k), v))
             for k, v in value.items()
         }
     return value

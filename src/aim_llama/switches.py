@@ -198,6 +198,15 @@ def inherited_text(path: str, environ: Mapping[str, str] | None = None) -> bytes
 
 
 
+def is_devnull(st: os.stat_result) -> bool:
+    """Whether `st` is the null device's (reads as empty at once)."""
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (null.st_dev, null.st_ino)
+
+
 def read_config(path: str, pipes: bool = True) -> bytes:
     """The bytes of a config file. A pipe or FIFO is read once per process (later calls get
     the same text, and so do the processes started after: `CONFIG_TEXT_ENV`) without ever
@@ -210,8 +219,11 @@ def read_config(path: str, pipes: bool = True) -> bytes:
     inherited = inherited_text(path) if pipes else None
     if inherited is not None:
         return inherited
-    mode = os.stat(path).st_mode
+    st = os.stat(path)
+    mode = st.st_mode
     if not pipes and not stat.S_ISREG(mode):
+        if is_devnull(st):  # (a link to /dev/null: an empty file, which never blocks)
+            return b""
         import errno
 
         raise OSError(errno.EINVAL, "not a regular file")

@@ -405,8 +405,10 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     try:
         env = child_env(args)
-    except ValueError as exc:
-        print(f"aim-llama run: error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # (a ConfigError is masked already; any other may quote a value)
+        from ..errors import mask_secrets, one_line
+
+        print(f"aim-llama run: error: {one_line(mask_secrets(str(exc)))}", file=sys.stderr)
         return 2
     ignoring = ignoring_options(cmd)
     if ignoring:  # it would record nothing and say nothing: say it
