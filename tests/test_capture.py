@@ -2920,20 +2920,25 @@ def test_a_full_trace_counts_what_it_leaves_out_and_puts_no_call_on_the_wrong_li
     assert all((" llm " in line) == ("acomplete" in line) for line in listed), trace
 
 
-@pytest.mark.parametrize("tools", ["recorded", "ignored"])
-def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path, tools: str) -> None:
+@pytest.mark.parametrize(("tools", "message"), [("recorded", ""), ("ignored", ""),
+                                                ("recorded", "first\n\nsecond")])
+def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path, tools: str,
+                                                                message: str) -> None:
     """`predict_and_call(error_on_tool_error=True)` re-raises the tool's failure as a new
-    ValueError from the LLM's span: it was counted twice, once as an LLM failure. With
+    ValueError from the LLM's span: it was counted twice, once as an LLM failure (also
+    when the tool's message holds a blank line, as the outputs are joined by one). With
     tools ignored (`function_call`) the failure is still one error (`exception` is not)."""
     from llama_index.core.tools import FunctionTool
 
     def divide(a: int, b: int) -> float:
         """Divide a by b."""
+        if message:
+            raise ZeroDivisionError(message)
         return a / b
 
     llm = ScriptedToolLLM(tool_name="divide", tool_args={"a": 1, "b": 0})
     ignore = {"event_starts_to_ignore": ["function_call"]} if tools == "ignored" else {}
-    with recording(repo, **ignore), pytest.raises(ValueError, match="division by zero"):
+    with recording(repo, **ignore), pytest.raises(ValueError, match=message or "by zero"):
         llm.predict_and_call([FunctionTool.from_defaults(divide)], user_msg="1/0?",
                              error_on_tool_error=True)
     run = only_run(repo)
@@ -2942,6 +2947,22 @@ def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path, tool
     (entry,) = _log_records(repo, run.hash)
     assert entry["args"]["exception_type"] == "ZeroDivisionError"
     assert bool(run.text("tool_call", kind="tool", tool="divide")) == (tools == "recorded")
+
+
+def test_a_tool_returning_an_error_while_tools_are_ignored_is_still_an_error(repo: Path) -> None:
+    from llama_index.core.tools import FunctionTool, ToolOutput
+
+    def lookup(a: int) -> int:
+        """Look a up."""
+        return a
+
+    tool = FunctionTool.from_defaults(lookup, callback=lambda out: ToolOutput(
+        content="boom", tool_name="lookup", raw_input={}, raw_output=None, is_error=True))
+    with recording(repo, event_starts_to_ignore=["function_call"]):
+        tool.call(a=1)
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    assert not run.text("tool_call", kind="tool", tool="lookup")
 
 
 def test_an_llm_failure_quoting_a_tools_error_is_an_error_of_its_own(repo: Path) -> None:

@@ -171,6 +171,15 @@ def test_an_error_line_never_prints_a_password(workdir: Path) -> None:
     assert "aim://admin:***@tracking:53800" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
+def test_values_are_shown_as_they_are_and_never_break_an_ascii_output(workdir: Path) -> None:
+    proc = cli("config", cwd=workdir, AIM_EXPERIMENT="実験")
+    assert proc.returncode == 0 and '"実験"' in proc.stdout, proc.stderr
+    proc = cli("config", cwd=workdir, AIM_EXPERIMENT="実験\u2028x", PYTHONIOENCODING="ascii")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("experiment")]
+    assert '"\\u5b9f\\u9a13\\u2028x"' in line, line  # (escaped, and on its one line)
+
+
 def test_a_deleted_working_directory_is_one_line_not_a_traceback(workdir: Path) -> None:
     gone = workdir / "gone"
     for command in ("config", "doctor"):

@@ -369,6 +369,9 @@ def test_bad_set_is_a_usage_error(workdir):
                   workdir)  # (its usage error quotes the value: not the password)
     assert proc.returncode == 2 and "aim://admin:***@h:1" in proc.stderr, proc.stderr
     assert "hunter2" not in proc.stderr
+    proc = launch(["--set", "api_key=secretvalue", "--", sys.executable, "-c", "pass"], workdir)
+    assert proc.stderr.startswith("aim-llama run: error: --set 'api_key=***': expected NAME=VALUE"), \
+        proc.stderr
     proc = launch(["--set", "experimnet=x", "--", sys.executable, "-c", "pass"], workdir)
     assert proc.returncode == 2 and "experimnet" in proc.stderr
     assert "did you mean 'experiment'?" in proc.stderr, proc.stderr  # as env and TOML typos

@@ -423,6 +423,27 @@ def test_config_errors_keep_what_only_looks_like_a_secret(cwd: Path) -> None:
     assert '"password": "[^"]*"' in str(info.value), str(info.value)
 
 
+def test_secret_names_are_told_by_their_words_and_masking_a_long_value_is_quick() -> None:
+    import time
+
+    from aim_llama.errors import mask_secrets, secret_name
+
+    secret = ["api_key", "OPENAI_API_KEY", "OPENAIAPIKEY", "githubToken", "X-Auth-Token",
+              "Authorization", "authtoken", "accesstoken", "secretkey", "privatekey", "db_pass",
+              "db-password", "pwd", "token", "passphrase"]
+    plain = ["max_tokens", "tokens_used", "author", "monkey", "model", "temperature", "bypass"]
+    assert [n for n in secret if not secret_name(n)] == []
+    assert [n for n in plain if secret_name(n)] == []
+    # a URL's password, whatever it holds; the hosts of two URLs in one text both stay
+    assert mask_secrets("'aim://u:p@h1/x,aim://v:q@h2'") == "'aim://u:***@h1/x,aim://v:***@h2'"
+    assert mask_secrets("aim://host:53800 or user@example.com") == \
+        "aim://host:53800 or user@example.com"
+    # bounded: a long value of URL-like pieces was quadratic (128 KB: 6.8 s)
+    started = time.perf_counter()
+    mask_secrets("aim://h:" + "//a:" * 32_000 + "@x")
+    assert time.perf_counter() - started < 3
+
+
 def test_messages_escape_line_breaks_but_keep_every_other_character_readable() -> None:
     from aim_llama.errors import one_line
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from typing import Any
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
+    from .errors import ConfigError, one_line
     from .settings import ENV_NAMES, check_resolvable, load_settings, redact_for_display
 
     try:
@@ -36,6 +37,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
         return 1
     for note in loaded.warnings:  # (something skipped: the settings below stand)
         print(f"aim-llama: warning: {note}", file=sys.stderr)
+    # (values are shown as they are, `実験` not `\u5b9f\u9a13`: where the output cannot
+    # encode them — an ASCII terminal, a cp1252 file — as escapes, never a traceback)
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     rows: list[dict[str, Any]] = []
     for name, value in loaded.settings.model_dump().items():
         rows.append(
@@ -56,7 +61,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         return 0
     width = max(len(r["setting"]) for r in rows)
     for r in rows:
-        value = json.dumps(r["value"], default=str, ensure_ascii=False)
+        value = one_line(json.dumps(r["value"], default=str, ensure_ascii=False))
         source = r["source"]
         if r["value"] is None and r["setting"] in _UNSET_MEANS:
             effective, meaning = _UNSET_MEANS[r["setting"]]()

@@ -11,22 +11,26 @@ _compiled: list[re.Pattern[str]] = []
 
 
 def _patterns() -> list[re.Pattern[str]]:
-    """[a URL's password, a quoted key with its value, the built-in secrets]."""
+    """[a URL's password, a quoted key with its value, a quoted NAME=VALUE, the words of a
+    name, the built-in secrets]."""
     if not _compiled:
         import re
 
         from .content import DEFAULT_SECRET_PATTERNS, compile_patterns
 
         _compiled[:] = [  # (built whole, then swapped in: threads may race to it)
-            # `aim://user:pass@host`: the user (if any) stays, the password — everything up to
-            # the last `@` before the host: it may hold `/`, `'` or `@` — goes
-            re.compile(r"//([^/@\s:'\"]*):[^\s\"]*@"),
+            # `aim://user:pass@host`: the user (if any) stays, the password goes — up to the
+            # last `@` before a space, a double quote, a comma or another URL's `//` (so it
+            # may hold `/`, `'` or `@`); both bounded, so that a long value costs linear time
+            re.compile(r"//([^/@\s:'\",]{0,256}):(?:(?!//)[^\s\",]){0,256}@"),
             # a quoted key, then `:` or `=` and its value (JSON, a repr, TOML); the value is
             # masked if the key's name looks secret (`secret_name`); a value cut short
             # (`"sk-…...'`) ends at a quote, space or bracket
             re.compile(
-                r"""(["'])([^"'\s]{1,200})\1(\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'"""
+                r"""(["'])([^"'\s=:]{1,200})\1(\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'"""
                 r"""|["']?[^\s,}\]"']+)"""),
+            # a quoted `NAME=VALUE` (`--set 'api_key=…'`): its value, if the name looks secret
+            re.compile(r"""(["'])([A-Za-z0-9_.\-]{1,200})=([^"']*)\1"""),
             # the words of a key name (`openai_api_key`, `githubToken`, `X-Auth-Token`)
             re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])"),
             *compile_patterns(DEFAULT_SECRET_PATTERNS),
@@ -34,21 +38,31 @@ def _patterns() -> list[re.Pattern[str]]:
     return _compiled
 
 
-# Words that make a key's name secret. Whole words only: `max_tokens`, `author` and
-# `monkey` are not secrets; `api_key`, `githubToken` and `db-password` are.
-_SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "pwd", "token", "apikey",
-                           "key", "credential", "credentials", "auth", "bearer", "cookie"})
+# What makes a key's name secret: one of these words (`api_key`, `X-Auth-Token`, `pwd`), or
+# one of the longer parts anywhere in it, words joined or not (`authtoken`, `OPENAIAPIKEY`,
+# `Authorization`, `db_password`); `token` not as `tokens`. Not `max_tokens`, `author`,
+# `monkey`.
+_SECRET_WORDS = frozenset({"key", "auth", "pwd", "token", "pass"})
+_SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "apikey", "privatekey",
+                 "accesskey", "authorization", "authtoken", "credential", "bearer", "cookie")
 
 
 def secret_name(name: str) -> bool:
-    """Whether a key's name has a word that makes it secret (`api_key`, not `max_tokens`)."""
-    words = [w.lower() for w in _patterns()[2].findall(name)]
-    return any(w in _SECRET_WORDS for w in words)
+    """Whether a key's name says it holds a secret (`api_key`, `authtoken`, not `max_tokens`)."""
+    low = "".join(c for c in name.lower() if c.isalnum())
+    if any(part in low for part in _SECRET_PARTS):
+        return True
+    at = low.find("token")
+    while at >= 0:
+        if not low.startswith("tokens", at):
+            return True
+        at = low.find("token", at + 1)
+    return any(w.lower() in _SECRET_WORDS for w in _patterns()[3].findall(name))
 
 
 def mask_url_password(text: str) -> str:
     """`text` with the password of any URL in it (`aim://user:pass@host`) as `***`."""
-    return _patterns()[0].sub(r"//\1:***@", text)
+    return _patterns()[0].sub(r"//\1:***@", text) if "@" in text else text
 
 
 def one_line(text: str) -> str:
@@ -65,11 +79,14 @@ def mask_secrets(text: str, keys: bool = True) -> str:
     """`text` with URL passwords, the built-in secret patterns and (with `keys`) the values of
     keys whose name looks secret masked as `***`: a settings message may quote a value that
     holds a credential."""
-    url, item, _words, *secrets = _patterns()
-    text = url.sub(r"//\1:***@", text)
+    url, item, assignment, _words, *secrets = _patterns()
+    if "@" in text:
+        text = url.sub(r"//\1:***@", text)
     if keys:
         text = item.sub(lambda m: (f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}***"
                                    if secret_name(m.group(2)) else m.group(0)), text)
+        text = assignment.sub(lambda m: (f"{m.group(1)}{m.group(2)}=***{m.group(1)}"
+                                         if secret_name(m.group(2)) else m.group(0)), text)
     for regex in secrets:
         text = regex.sub("***", text)
     return text

@@ -1300,6 +1300,8 @@ class Observer:
             name = str(instance.metadata.name)
         except Exception:
             name = node.name.split(".", 1)[0]
+        if err is None and getattr(result, "is_error", False):
+            err = RuntimeError(str(getattr(result, "content", "tool error")))
         if self._off("tool"):
             # its records are not wanted, its failure still is (`exception` governs errors)
             if (err is not None and not counted and not _cancelled(err)
@@ -1311,8 +1313,6 @@ class Observer:
         if err is None or not pausing(err):  # (a paused attempt is no call's latency)
             latency = ((node.end or _now()) - node.start) * 1000.0
             out.append(Track("latency_ms", latency, "metric", ctx, step))
-        if err is None and getattr(result, "is_error", False):
-            err = RuntimeError(str(getattr(result, "content", "tool error")))
         if err is not None and _cancelled(err):
             node.status = "cancelled"
             output = "cancelled"
@@ -1342,7 +1342,11 @@ class Observer:
         model named one that does not exist): its `tool_call` and error, which no tool span
         records."""
         output = getattr(result, "tool_output", None)
-        if not getattr(output, "is_error", False) or self._off("tool") or node.ran_tool:
+        if not getattr(output, "is_error", False) or node.ran_tool:
+            return
+        err = RuntimeError(str(getattr(output, "content", "tool error")))
+        self._error(out, "tool", TOOL_NOT_FOUND, err)  # (errors follow `exception` alone)
+        if self._off("tool"):
             return
         # The name is the model's output, not the application's: only in the `tool_call` text
         # (redacted) — a context value or trace note is stored as it is, and a model making up
@@ -1350,8 +1354,6 @@ class Observer:
         name = str(getattr(result, "tool_name", "") or "tool")
         ctx = {"kind": "tool", "tool": TOOL_NOT_FOUND}
         step = _next_step(self._component_steps, "tool:" + TOOL_NOT_FOUND)
-        err = RuntimeError(str(getattr(output, "content", "tool error")))
-        self._error(out, "tool", TOOL_NOT_FOUND, err)
         node.note += f" tool={TOOL_NOT_FOUND} (not run: error)"
         if self.policy.capture and node.root.sampled:
             arguments = getattr(result, "tool_kwargs", None)
@@ -1796,8 +1798,13 @@ def _repeats_tool_errors(err: BaseException, span: str,
     `Encountered error: <message>` — an error counted under its tool already."""
     if type(err) is not ValueError or not span.endswith("predict_and_call"):
         return False
-    outputs = set(str(err).split("\n\n"))
-    return any(f"Encountered error: {e}" in outputs for e in recorded)
+    text = str(err)
+    for e in recorded:
+        part = f"Encountered error: {e}"  # (one output among others, whole: `\n\n` around it)
+        if (text == part or text.startswith(part + "\n\n") or text.endswith("\n\n" + part)
+                or f"\n\n{part}\n\n" in text):
+            return True
+    return False
 
 
 def _retriever_name(span_id: str | None) -> str:
