@@ -1398,6 +1398,24 @@ def test_a_tool_the_model_made_up_is_a_tool_call_and_an_error(repo: Path) -> Non
     # (a tool that ran and failed stays one error: test_tool_that_raises)
 
 
+@pytest.mark.parametrize("ignored", ["function_call", "agent_step"])
+def test_a_made_up_tool_is_an_error_whatever_else_is_ignored(repo: Path, ignored: str) -> None:
+    """Errors follow `exception` alone: with agent steps ignored the made-up tool's error
+    was not recorded at all."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(_add, name="add")],
+                          llm=ScriptedToolLLM(tool_name="subtract", tool_args={"a": 5, "b": 3}))
+    with recording(repo, event_starts_to_ignore=[ignored]):
+        asyncio.run(_run(agent, user_msg="what is 5-3?"))
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    (entry,) = _log_records(repo, run.hash)
+    assert entry["args"]["span"] == "<not found>"
+    assert bool(run.text("tool_call", kind="tool", tool="<not found>")) == (ignored != "function_call")
+
+
 def test_an_agent_workflows_steps_say_which_agent_runs_them(repo: Path) -> None:
     """Every step of a multi-agent run read `AgentWorkflow.run_agent_step`: which agent made
     an LLM call or a tool call could not be told."""
@@ -2949,7 +2967,11 @@ def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path, tool
     assert bool(run.text("tool_call", kind="tool", tool="divide")) == (tools == "recorded")
 
 
-def test_a_tool_returning_an_error_while_tools_are_ignored_is_still_an_error(repo: Path) -> None:
+@pytest.mark.parametrize("tools", ["recorded", "ignored"])
+@pytest.mark.parametrize("how", ["called directly", "under predict_and_call"])
+def test_a_tool_returning_an_error_is_one_error(repo: Path, tools: str, how: str) -> None:
+    """An error output (no exception) is an error, also while tools are ignored; and
+    predict_and_call's ValueError made of it is not another one."""
     from llama_index.core.tools import FunctionTool, ToolOutput
 
     def lookup(a: int) -> int:
@@ -2958,11 +2980,19 @@ def test_a_tool_returning_an_error_while_tools_are_ignored_is_still_an_error(rep
 
     tool = FunctionTool.from_defaults(lookup, callback=lambda out: ToolOutput(
         content="boom", tool_name="lookup", raw_input={}, raw_output=None, is_error=True))
-    with recording(repo, event_starts_to_ignore=["function_call"]):
-        tool.call(a=1)
+    ignore = {"event_starts_to_ignore": ["function_call"]} if tools == "ignored" else {}
+    with recording(repo, **ignore):
+        if how == "called directly":
+            tool.call(a=1)
+        else:
+            with pytest.raises(ValueError, match="boom"):
+                ScriptedToolLLM(tool_name="lookup", tool_args={"a": 1}).predict_and_call(
+                    [tool], user_msg="look 1 up", error_on_tool_error=True)
     run = only_run(repo)
     assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
-    assert not run.text("tool_call", kind="tool", tool="lookup")
+    assert not run.metric("errors", kind="llm")
+    assert len(_log_records(repo, run.hash)) == 1
+    assert bool(run.text("tool_call", kind="tool", tool="lookup")) == (tools == "recorded")
 
 
 def test_an_llm_failure_quoting_a_tools_error_is_an_error_of_its_own(repo: Path) -> None:

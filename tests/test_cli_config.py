@@ -178,6 +178,9 @@ def test_values_are_shown_as_they_are_and_never_break_an_ascii_output(workdir: P
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("experiment")]
     assert '"\\u5b9f\\u9a13\\u2028x"' in line, line  # (escaped, and on its one line)
+    proc = cli("config", "--json", cwd=workdir, AIM_EXPERIMENT="実験 café😀",
+               PYTHONIOENCODING="latin-1")  # (JSON's own escapes: valid on any output)
+    assert json.loads(proc.stdout)["experiment"]["value"] == "実験 café😀", proc.stderr
 
 
 def test_a_deleted_working_directory_is_one_line_not_a_traceback(workdir: Path) -> None:

@@ -57,7 +57,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
             shown[r["setting"]] = {"value": r["value"], "source": r["source"]}
             if r["value"] is None and r["setting"] in _UNSET_MEANS:
                 shown[r["setting"]]["means"] = _UNSET_MEANS[r["setting"]]()[0]
-        print(json.dumps(shown, indent=2, default=str, ensure_ascii=False))
+        print(json.dumps(shown, indent=2, default=str))  # (ASCII: valid JSON on any output)
         return 0
     width = max(len(r["setting"]) for r in rows)
     for r in rows:

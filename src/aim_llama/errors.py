@@ -19,10 +19,8 @@ def _patterns() -> list[re.Pattern[str]]:
         from .content import DEFAULT_SECRET_PATTERNS, compile_patterns
 
         _compiled[:] = [  # (built whole, then swapped in: threads may race to it)
-            # `aim://user:pass@host`: the user (if any) stays, the password goes — up to the
-            # last `@` before a space, a double quote, a comma or another URL's `//` (so it
-            # may hold `/`, `'` or `@`); both bounded, so that a long value costs linear time
-            re.compile(r"//([^/@\s:'\",]{0,256}):(?:(?!//)[^\s\",]){0,256}@"),
+            # where a URL's password starts: `//user:` (`_mask_urls` finds where it ends)
+            re.compile(r"//[^/@\s:'\",]{0,256}:"),
             # a quoted key, then `:` or `=` and its value (JSON, a repr, TOML); the value is
             # masked if the key's name looks secret (`secret_name`); a value cut short
             # (`"sk-…...'`) ends at a quote, space or bracket
@@ -38,13 +36,16 @@ def _patterns() -> list[re.Pattern[str]]:
     return _compiled
 
 
-# What makes a key's name secret: one of these words (`api_key`, `X-Auth-Token`, `pwd`), or
-# one of the longer parts anywhere in it, words joined or not (`authtoken`, `OPENAIAPIKEY`,
-# `Authorization`, `db_password`); `token` not as `tokens`. Not `max_tokens`, `author`,
-# `monkey`.
-_SECRET_WORDS = frozenset({"key", "auth", "pwd", "token", "pass"})
+# What makes a key's name secret: one of these words (`api_key`, `X-Auth-Token`, `pwd`,
+# `ssh_keys`), or one of the longer parts anywhere in it, words joined or not (`authtoken`,
+# `OPENAIAPIKEY`, `Authorization`, `db_password`, `connection_string`), or `token` anywhere
+# but in a count (`max_tokens`, `token_count`) or a tokenizer. Not `author`, `monkey`.
+_SECRET_WORDS = frozenset({"key", "keys", "auth", "pwd", "pass", "sig", "dsn", "jwt"})
 _SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "apikey", "privatekey",
-                 "accesskey", "authorization", "authtoken", "credential", "bearer", "cookie")
+                 "accesskey", "authorization", "authtoken", "credential", "bearer", "cookie",
+                 "signature", "session", "webhook", "connectionstring", "connstr", "databaseurl")
+_COUNT_WORDS = frozenset({"max", "min", "num", "total", "prompt", "completion", "count", "used",
+                          "limit", "new", "input", "output", "per"})
 
 
 def secret_name(name: str) -> bool:
@@ -52,17 +53,31 @@ def secret_name(name: str) -> bool:
     low = "".join(c for c in name.lower() if c.isalnum())
     if any(part in low for part in _SECRET_PARTS):
         return True
-    at = low.find("token")
-    while at >= 0:
-        if not low.startswith("tokens", at):
-            return True
-        at = low.find("token", at + 1)
-    return any(w.lower() in _SECRET_WORDS for w in _patterns()[3].findall(name))
+    words = {w.lower() for w in _patterns()[3].findall(name)}
+    if "token" in low and "tokeniz" not in low and not words & _COUNT_WORDS:
+        return True
+    return bool(words & _SECRET_WORDS)
 
 
 def mask_url_password(text: str) -> str:
-    """`text` with the password of any URL in it (`aim://user:pass@host`) as `***`."""
-    return _patterns()[0].sub(r"//\1:***@", text) if "@" in text else text
+    """`text` with the password of any URL in it (`aim://user:pass@host`) as `***`: all of it
+    up to the last `@` of its word (a password may hold `/`, `,`, `'` or `@`); the user, if
+    any, stays. A port then a path (`host:443/@types/x`) is no password. Linear in `text`."""
+    if "@" not in text or "//" not in text:
+        return text
+    import re
+
+    start = _patterns()[0]
+    words = re.split(r"(\s+)", text)
+    for i, word in enumerate(words):
+        found = start.search(word) if "@" in word else None
+        if found is None:
+            continue
+        at = word.rfind("@")
+        if at < found.end() or word[found.end():at].split("/", 1)[0].isdigit():
+            continue  # (no `@` after it; or `host:port/…@…`, a path)
+        words[i] = f"{word[:found.end()]}***{word[at:]}"
+    return "".join(words)
 
 
 def one_line(text: str) -> str:
@@ -79,9 +94,8 @@ def mask_secrets(text: str, keys: bool = True) -> str:
     """`text` with URL passwords, the built-in secret patterns and (with `keys`) the values of
     keys whose name looks secret masked as `***`: a settings message may quote a value that
     holds a credential."""
-    url, item, assignment, _words, *secrets = _patterns()
-    if "@" in text:
-        text = url.sub(r"//\1:***@", text)
+    _url, item, assignment, _words, *secrets = _patterns()
+    text = mask_url_password(text)
     if keys:
         text = item.sub(lambda m: (f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}***"
                                    if secret_name(m.group(2)) else m.group(0)), text)

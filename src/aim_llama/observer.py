@@ -584,17 +584,21 @@ class Observer:
                         if kind == "tool":
                             under = self._tool_errors.pop(id_, 0)
                             if not node.nested:
-                                self._tool(out, node, instance, bound_args, result, None,
-                                           counted=under > 0)
+                                failed = self._tool(out, node, instance, bound_args, result,
+                                                    None, counted=under > 0)
+                                if failed is not None and under == 0:
+                                    # (an error output: what fails with it above is not new)
+                                    self._note_error(root, failed, node)
                         elif kind == "postprocess":
                             given = self._postprocessing.pop(id_, None)
                             if given is not None and isinstance(result, list):
                                 self._reranks(out, type(instance).__name__, given, result,
                                               now - node.start, node.root.sampled)
-                        elif not self._off(kind):
-                            ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
-                            out.append(Track("latency_ms", (now - node.start) * 1000.0,
-                                             "metric", ctx))
+                        else:
+                            if not self._off(kind):
+                                ctx = {"kind": kind, "step": node.name.rsplit(".", 1)[-1]}
+                                out.append(Track("latency_ms", (now - node.start) * 1000.0,
+                                                 "metric", ctx))
                             if type(result).__name__ == "ToolCallResult":
                                 self._tool_not_run(out, node, result)
                     except Exception as exc:  # the request must still end
@@ -1292,9 +1296,11 @@ class Observer:
 
     # -- tools ------------------------------------------------------------------------
     def _tool(self, out: list[Record], node: _Node, instance: Any, bound_args: Any,
-              result: Any, err: BaseException | None, counted: bool = False) -> None:
+              result: Any, err: BaseException | None, counted: bool = False
+              ) -> BaseException | None:
         """latency, the `tool_call` text, and the tool's error — unless `counted`: recorded
-        already under the tool (its own LLM call failed, say): one exception, counted once."""
+        already under the tool (its own LLM call failed, say): one exception, counted once.
+        Returns the error it ended with (an error output's stands for it), if any."""
         name = "tool"
         try:
             name = str(instance.metadata.name)
@@ -1302,12 +1308,12 @@ class Observer:
             name = node.name.split(".", 1)[0]
         if err is None and getattr(result, "is_error", False):
             err = RuntimeError(str(getattr(result, "content", "tool error")))
+        failed = err is not None and not _cancelled(err) and not pausing(err)
         if self._off("tool"):
             # its records are not wanted, its failure still is (`exception` governs errors)
-            if (err is not None and not counted and not _cancelled(err)
-                    and not pausing(err)):
-                self._error(out, "tool", name, err)
-            return
+            if failed and not counted:
+                self._error(out, "tool", name, err)  # type: ignore[arg-type]
+            return err if failed else None
         ctx = {"kind": "tool", "tool": name}
         step = _next_step(self._component_steps, "tool:" + name)
         if err is None or not pausing(err):  # (a paused attempt is no call's latency)
@@ -1336,6 +1342,7 @@ class Observer:
                 arguments = {}
             self._text(out, "tool_call", render.render_tool_call(
                 name, arguments, output, self.policy.redact_head), ctx, step)
+        return err if failed else None
 
     def _tool_not_run(self, out: list[Record], node: _Node, result: Any) -> None:
         """An agent's `call_tool` step that answered with an error without running a tool (the
@@ -1800,10 +1807,12 @@ def _repeats_tool_errors(err: BaseException, span: str,
         return False
     text = str(err)
     for e in recorded:
-        part = f"Encountered error: {e}"  # (one output among others, whole: `\n\n` around it)
-        if (text == part or text.startswith(part + "\n\n") or text.endswith("\n\n" + part)
-                or f"\n\n{part}\n\n" in text):
-            return True
+        # (one output among others, whole: `\n\n` around it; a raised error's output is
+        # "Encountered error: <message>", an error output's its content, our error's message)
+        for part in (f"Encountered error: {e}", str(e)):
+            if part and (text == part or text.startswith(part + "\n\n")
+                         or text.endswith("\n\n" + part) or f"\n\n{part}\n\n" in text):
+                return True
     return False
 
 
