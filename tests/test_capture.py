@@ -2967,6 +2967,28 @@ def test_predict_and_call_failing_on_a_tools_error_is_one_error(repo: Path, tool
     assert bool(run.text("tool_call", kind="tool", tool="divide")) == (tools == "recorded")
 
 
+def test_a_tool_failing_after_an_inner_tools_error_output_is_its_own_error(repo: Path) -> None:
+    from llama_index.core.tools import FunctionTool, ToolOutput
+
+    def lookup(a: int) -> int:
+        """Look a up."""
+        return a
+
+    inner = FunctionTool.from_defaults(lookup, callback=lambda out: ToolOutput(
+        content="inner boom", tool_name="lookup", raw_input={}, raw_output=None, is_error=True))
+
+    def outer(a: int) -> int:
+        """Use lookup, then fail for a reason of its own."""
+        inner.call(a=a)
+        raise KeyError("outer broke for its own reason")
+
+    with recording(repo), pytest.raises(KeyError):
+        FunctionTool.from_defaults(outer, name="outer").call(a=1)
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0, 1.0]
+    assert sorted(e["args"]["span"] for e in _log_records(repo, run.hash)) == ["lookup", "outer"]
+
+
 @pytest.mark.parametrize("tools", ["recorded", "ignored"])
 @pytest.mark.parametrize("how", ["called directly", "under predict_and_call"])
 def test_a_tool_returning_an_error_is_one_error(repo: Path, tools: str, how: str) -> None:

@@ -431,17 +431,21 @@ def test_secret_names_are_told_by_their_words_and_masking_a_long_value_is_quick(
     secret = ["api_key", "OPENAI_API_KEY", "OPENAIAPIKEY", "githubToken", "X-Auth-Token",
               "Authorization", "authtoken", "accesstoken", "secretkey", "privatekey", "db_pass",
               "db-password", "pwd", "token", "passphrase", "api_tokens", "ssh_keys",
-              "connection_string", "dsn", "sig", "webhook_url", "session_id"]
+              "connection_string", "dsn", "sig", "webhook_url", "session_id", "new_token",
+              "input_token", "api_token_per_user", "hftoken", "access_tokens", "signing_keys"]
     plain = ["max_tokens", "tokens_used", "token_count", "prompt_tokens", "tokenizer", "author",
-             "monkey", "model", "temperature", "bypass", "keyword", "passthrough"]
+             "monkey", "model", "temperature", "bypass", "keyword", "passthrough",
+             "chunk_size_tokens", "cached_tokens", "num_keys", "primary_keys"]
     assert [n for n in secret if not secret_name(n)] == []
     assert [n for n in plain if secret_name(n)] == []
     # a URL's password, whatever it holds (`,` `/` `'` `@`, 300 characters), up to the last
     # `@` of its word (two URLs joined by a comma: the first host goes too, the safe side)
-    for password in ("pa,ss", "p//w", "pa'ss", "p@ss", "p" * 300):
+    for password in ("pa,ss", "p//w", "pa'ss", "p@ss", "p" * 300, "123456", "1234/5"):
         assert mask_secrets(f"x aim://user:{password}@host:53800 y") == \
             "x aim://user:***@host:53800 y", password
     assert "p@" not in mask_secrets("'aim://u:p@h1/x,aim://v:q@h2'")
+    # (a URL with a port and a path first in the word does not shield a later one)
+    assert "hunter2" not in mask_secrets('{"a":"http://localhost:5432/db","b":"pg://u:hunter2@h"}')
     for plain_text in ("aim://host:53800 or user@example.com", "git@github.com:x/y.git",
                        "https://registry.npmjs.org:443/@types/node"):
         assert mask_secrets(plain_text) == plain_text

@@ -36,16 +36,20 @@ def _patterns() -> list[re.Pattern[str]]:
     return _compiled
 
 
-# What makes a key's name secret: one of these words (`api_key`, `X-Auth-Token`, `pwd`,
-# `ssh_keys`), or one of the longer parts anywhere in it, words joined or not (`authtoken`,
-# `OPENAIAPIKEY`, `Authorization`, `db_password`, `connection_string`), or `token` anywhere
-# but in a count (`max_tokens`, `token_count`) or a tokenizer. Not `author`, `monkey`.
-_SECRET_WORDS = frozenset({"key", "keys", "auth", "pwd", "pass", "sig", "dsn", "jwt"})
+# What makes a key's name secret: one of these words (`api_key`, `X-Auth-Token`, `pwd`), or
+# one of the longer parts anywhere in it, words joined or not (`authtoken`, `OPENAIAPIKEY`,
+# `Authorization`, `db_password`, `ssh_keys`, `connection_string`); or `token`: as a word
+# (`githubToken`, `new_token`) unless a count (`token_count`, `max_token`), as `tokens` only
+# with a credential's word (`api_tokens`, not `max_tokens`, `cached_tokens`); not in
+# `tokenizer`. Not `author`, `monkey`, `num_keys`.
+_SECRET_WORDS = frozenset({"key", "auth", "pwd", "pass", "sig", "dsn", "jwt"})
 _SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "apikey", "privatekey",
-                 "accesskey", "authorization", "authtoken", "credential", "bearer", "cookie",
-                 "signature", "session", "webhook", "connectionstring", "connstr", "databaseurl")
-_COUNT_WORDS = frozenset({"max", "min", "num", "total", "prompt", "completion", "count", "used",
-                          "limit", "new", "input", "output", "per"})
+                 "accesskey", "sshkey", "signingkey", "encryptionkey", "authorization",
+                 "authtoken", "accesstoken", "credential", "bearer", "cookie", "signature",
+                 "session", "webhook", "connectionstring", "connstr", "databaseurl")
+_COUNT_WORDS = frozenset({"count", "num", "limit", "max", "min", "total", "size"})
+_CREDENTIAL_WORDS = frozenset({"api", "access", "auth", "refresh", "bearer", "oauth", "id",
+                               "personal", "service", "bot", "app", "user", "github", "hf"})
 
 
 def secret_name(name: str) -> bool:
@@ -54,8 +58,13 @@ def secret_name(name: str) -> bool:
     if any(part in low for part in _SECRET_PARTS):
         return True
     words = {w.lower() for w in _patterns()[3].findall(name)}
-    if "token" in low and "tokeniz" not in low and not words & _COUNT_WORDS:
+    if "token" in words and not words & _COUNT_WORDS:
         return True
+    if "tokens" in words and words & _CREDENTIAL_WORDS:
+        return True
+    if "token" not in words and "tokens" not in words and "token" in low \
+            and "tokeniz" not in low and "tokens" not in low:
+        return True  # (joined: `hftoken`, `slacktoken`)
     return bool(words & _SECRET_WORDS)
 
 
@@ -70,13 +79,16 @@ def mask_url_password(text: str) -> str:
     start = _patterns()[0]
     words = re.split(r"(\s+)", text)
     for i, word in enumerate(words):
-        found = start.search(word) if "@" in word else None
-        if found is None:
+        if "@" not in word:
             continue
         at = word.rfind("@")
-        if at < found.end() or word[found.end():at].split("/", 1)[0].isdigit():
-            continue  # (no `@` after it; or `host:port/…@…`, a path)
-        words[i] = f"{word[:found.end()]}***{word[at:]}"
+        found = start.search(word)
+        while found is not None and found.end() <= at:
+            if not re.fullmatch(r"\d{1,5}/", word[found.end():at]):  # (`:443/@types`: a path)
+                word = f"{word[:found.end()]}***{word[at:]}"
+                break
+            found = start.search(word, found.end())
+        words[i] = word
     return "".join(words)
 
 

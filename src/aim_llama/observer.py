@@ -587,8 +587,10 @@ class Observer:
                                 failed = self._tool(out, node, instance, bound_args, result,
                                                     None, counted=under > 0)
                                 if failed is not None and under == 0:
-                                    # (an error output: what fails with it above is not new)
-                                    self._note_error(root, failed, node)
+                                    # (an error output: `predict_and_call`'s ValueError made
+                                    # of it is not new; the tools above still count their own)
+                                    root.errors.append(failed)
+                                    del root.errors[:-8]
                         elif kind == "postprocess":
                             given = self._postprocessing.pop(id_, None)
                             if given is not None and isinstance(result, list):
