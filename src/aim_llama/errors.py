@@ -25,10 +25,10 @@ def _patterns() -> list[re.Pattern[str]]:
             # masked if the key's name looks secret (`secret_name`); a value cut short
             # (`"sk-…...'`) ends at a quote, space or bracket
             re.compile(
-                r"""(["'])([^"'\s=:]{1,200})\1(\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'"""
-                r"""|["']?[^\s,}\]"']+)"""),
+                r"""(["'])([^"'=:]{1,200})\1(\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'"""
+                r"""|\[[^\]]{0,2000}\]?|\{[^}]{0,2000}\}?|["']?[^\s,}\]"']+)"""),
             # a quoted `NAME=VALUE` (`--set 'api_key=…'`): its value, if the name looks secret
-            re.compile(r"""(["'])([A-Za-z0-9_.\-]{1,200})=([^"']*)\1"""),
+            re.compile(r"""(["'])([A-Za-z0-9_.\- ]{1,200})=(.{0,200}?)\1(?=[:\s,)]|$)"""),
             # the words of a key name (`openai_api_key`, `githubToken`, `X-Auth-Token`)
             re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])"),
             *compile_patterns(DEFAULT_SECRET_PATTERNS),
@@ -36,20 +36,21 @@ def _patterns() -> list[re.Pattern[str]]:
     return _compiled
 
 
-# What makes a key's name secret: one of these words (`api_key`, `X-Auth-Token`, `pwd`), or
-# one of the longer parts anywhere in it, words joined or not (`authtoken`, `OPENAIAPIKEY`,
-# `Authorization`, `db_password`, `ssh_keys`, `connection_string`); or `token`: as a word
-# (`githubToken`, `new_token`) unless a count (`token_count`, `max_token`), as `tokens` only
-# with a credential's word (`api_tokens`, not `max_tokens`, `cached_tokens`); not in
-# `tokenizer`. Not `author`, `monkey`, `num_keys`.
-_SECRET_WORDS = frozenset({"key", "auth", "pwd", "pass", "sig", "dsn", "jwt"})
-_SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "apikey", "privatekey",
-                 "accesskey", "sshkey", "signingkey", "encryptionkey", "authorization",
-                 "authtoken", "accesstoken", "credential", "bearer", "cookie", "signature",
-                 "session", "webhook", "connectionstring", "connstr", "databaseurl")
+# What makes a key's name secret: one of these words (`api_key`, `X-Auth-Token`, `pw`,
+# `ssh_keys`), or one of the longer parts anywhere in it, words joined or not (`authtoken`,
+# `OPENAIAPIKEY`, `Authorization`, `db_password`, `connection_string`); or `token(s)` as a
+# word unless the name counts them (`max_tokens`, `token_count`, `cached_tokens`), or joined
+# (`hftoken`), not in `tokenizer`. Not `author`, `monkey`. Masking more is the safe side.
+_SECRET_WORDS = frozenset({"key", "keys", "auth", "pwd", "pw", "pass", "sig", "dsn", "jwt",
+                           "pat", "otp", "pin", "pk", "sk", "cred", "creds"})
+_SECRET_PARTS = ("password", "passwd", "passphrase", "passcode", "secret", "apikey",
+                 "privatekey", "privkey", "accesskey", "authkey", "appkey", "masterkey",
+                 "sshkey", "signingkey", "encryptionkey", "authorization", "authtoken",
+                 "accesstoken", "credential", "bearer", "cookie", "signature", "session",
+                 "webhook", "connectionstring", "connstr", "databaseurl")
 _COUNT_WORDS = frozenset({"count", "num", "limit", "max", "min", "total", "size"})
-_CREDENTIAL_WORDS = frozenset({"api", "access", "auth", "refresh", "bearer", "oauth", "id",
-                               "personal", "service", "bot", "app", "user", "github", "hf"})
+_COUNTED_WORDS = _COUNT_WORDS | {"prompt", "completion", "cached", "context", "reasoning",
+                                 "input", "output", "used", "new", "per", "chunk"}
 
 
 def secret_name(name: str) -> bool:
@@ -60,7 +61,7 @@ def secret_name(name: str) -> bool:
     words = {w.lower() for w in _patterns()[3].findall(name)}
     if "token" in words and not words & _COUNT_WORDS:
         return True
-    if "tokens" in words and words & _CREDENTIAL_WORDS:
+    if "tokens" in words and not words & _COUNTED_WORDS:
         return True
     if "token" not in words and "tokens" not in words and "token" in low \
             and "tokeniz" not in low and "tokens" not in low:

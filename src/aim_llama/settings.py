@@ -29,7 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .errors import ConfigError, mask_secrets, mask_url_password, one_line, secret_name
+from .errors import ConfigError, mask_secrets, one_line, secret_name
 from .switches import (
     COMMAND_LINE_ENV,
     CONFIG_ENV,
@@ -937,12 +937,15 @@ def _to_config_error(
 
 
 def redact_for_display(name: str, value: Any) -> Any:
-    """Mask secrets before printing settings: credentials in URLs, secret-looking param names."""
+    """Mask secrets before printing settings: credentials in URLs, the built-in secret
+    patterns (`sk-…`, `Bearer …`), the values of secret-looking names, in lists too."""
     if isinstance(value, str):
-        return mask_url_password(value)
+        return mask_secrets(value, keys=False)
     if isinstance(value, dict):
         return {
             k: ("***" if secret_name(str(k)) else redact_for_display(str(k), v))
             for k, v in value.items()
         }
+    if isinstance(value, (list, tuple)):
+        return [redact_for_display(name, v) for v in value]
     return value
