@@ -1313,8 +1313,8 @@ class Observer:
         failed = err is not None and not _cancelled(err) and not pausing(err)
         if self._off("tool"):
             # its records are not wanted, its failure still is (`exception` governs errors)
-            if failed and not counted:
-                self._error(out, "tool", name, err)  # type: ignore[arg-type]
+            if err is not None and failed and not counted:
+                self._error(out, "tool", name, err)
             return err if failed else None
         ctx = {"kind": "tool", "tool": name}
         step = _next_step(self._component_steps, "tool:" + name)

@@ -75,7 +75,7 @@ def switch(name: str, environ: Mapping[str, str] | None = None,
 
 def switch_source(name: str, environ: Mapping[str, str] | None = None, *,
                   quick: bool = False) -> tuple[bool | None, str]:
-    """`switch` without keyword arguments, and the source that set it (`env VAR`, `FILE: key`,
+    """`switch` (without overrides), and the source that set it (`env VAR`, `FILE: key`,
     or `default`), e.g. for `aim-llama doctor` to say where the kill switch is."""
     env = os.environ if environ is None else environ
     raw = env.get(ENV[name], "")
