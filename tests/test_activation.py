@@ -175,43 +175,39 @@ def test_an_unreadable_pyproject_is_one_warning_and_the_app_is_recorded(workdir,
     assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["still recorded"]
 
 
-def test_an_app_in_a_deleted_working_directory_is_still_recorded(workdir, repo):
+def _in_a_deleted_directory(workdir, *args: str, **env: str):
+    """Run `args` (python and its arguments) in a working directory deleted just before."""
     import subprocess
-    import sys
-    import textwrap
 
     from conftest import clean_env
 
     gone = workdir / "gone"
     gone.mkdir()
+    return subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone), *args],
+        env=clean_env(**env), capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_an_app_in_a_deleted_working_directory_is_still_recorded(workdir, repo):
+    import sys
+    import textwrap
+
     script = workdir / "app.py"
     script.write_text(textwrap.dedent(LIGHT_APP))
-    proc = subprocess.run(
-        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3"', "sh", str(gone), sys.executable,
-         str(script)],
-        env=clean_env(AIM_REPO=str(repo)), capture_output=True, text=True, timeout=120,
-    )
+    proc = _in_a_deleted_directory(workdir, sys.executable, str(script), AIM_REPO=str(repo))
     assert proc.returncode == 0 and "APP RAN True" in proc.stdout, proc.stderr
     assert "Traceback" not in proc.stderr
     assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["still recorded"]
 
 
 def test_a_deleted_working_directory_with_the_default_repo_says_so_at_once(workdir):
-    import subprocess
     import sys
     import textwrap
 
-    from conftest import clean_env
-
-    gone = workdir / "gone"
-    gone.mkdir()
     script = workdir / "app.py"
     script.write_text(textwrap.dedent(LIGHT_APP))
-    proc = subprocess.run(
-        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3"', "sh", str(gone), sys.executable,
-         str(script)],
-        env=clean_env(), capture_output=True, text=True, timeout=120,
-    )
+    proc = _in_a_deleted_directory(workdir, sys.executable, str(script))
     assert proc.returncode == 0 and "APP RAN False" in proc.stdout, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -219,12 +215,8 @@ def test_a_deleted_working_directory_with_the_default_repo_says_so_at_once(workd
                                "no longer exists"), lines[0]
     assert "set AIM_REPO to an absolute path" in lines[0]
     # strict mode validates at start-up: a program that never uses LlamaIndex still runs there
-    gone.mkdir()
-    proc = subprocess.run(
-        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" -c "import aim_llama.auto; print(1)"',
-         "sh", str(gone), sys.executable],
-        env=clean_env(AIM_LLAMA_STRICT="1"), capture_output=True, text=True, timeout=120,
-    )
+    proc = _in_a_deleted_directory(workdir, sys.executable, "-c", "import aim_llama.auto; print(1)",
+                                   AIM_LLAMA_STRICT="1")
     assert proc.returncode == 0 and proc.stdout == "1\n" and proc.stderr == "", proc.stderr
 
 
