@@ -562,7 +562,9 @@ def test_a_request_cut_off_by_shutdown_shows_how_long_it_had_run(repo: Path) -> 
     worker.join()
     (trace,) = traces(only_run(repo), "query")
     header = trace.splitlines()[1]
-    assert "incomplete at shutdown" in header and float(header.split(" ms")[0]) >= 600, trace
+    # (timed to the shutdown, ~0.6 s after the thread started, not to its last finished span,
+    # ~15 ms; the request itself starts a little after its thread)
+    assert "incomplete at shutdown" in header and float(header.split(" ms")[0]) >= 450, trace
     assert re.search(r"RetrieverQueryEngine\.aquery \d+\.\dms running", trace), trace
     assert " open " not in trace, trace
 
