@@ -2412,6 +2412,40 @@ def test_redaction_truncation_and_default_secrets(repo: Path) -> None:
     assert "[truncated" in run.text("prompt", kind="llm")[0][1]
 
 
+def test_each_cut_falls_where_the_readme_says(repo: Path) -> None:
+    """A text of exactly a limit is kept whole; one character more is cut at the limit, with
+    its mark: `max_text_length` (`… [truncated N chars]`), the trace's first line (300), a
+    retrieved node's snippet (200) and a tool argument, positional or keyword (500, `…`)."""
+    from llama_index.core.tools import FunctionTool
+
+    def echo(q: str) -> str:
+        """Says ok."""
+        return "ok"
+
+    tool = FunctionTool.from_defaults(echo, name="echo")
+    index = VectorStoreIndex.from_documents([Document(text="y" * 201), Document(text="z" * 200)])
+    engine = index.as_query_engine(similarity_top_k=2)
+    asked = ["w" * 300, "w" * 301, "v" * 1000, "v" * 1001]
+    with recording(repo, max_text_length=1000):
+        for q in asked:
+            engine.query(q)
+        tool.call("p" * 500)
+        tool.call("p" * 501)
+        tool.call(q="k" * 500)
+        tool.call(q="k" * 501)
+    run = only_run(repo)
+    assert [t for _, t in run.text("question", kind="query")] == [
+        asked[0], asked[1], asked[2], "v" * 1000 + "… [truncated 1 chars]"]
+    first_lines = [t.split("\n", 1)[0] for t in traces(run, "query")]
+    assert first_lines == ["query: " + "w" * 300] + ["query: " + c * 300 + "…" for c in "wvv"]
+    for _, text in run.text("retrieved", **RETRIEVE):
+        snippets = sorted(line.rsplit(" | ", 1)[1] for line in text.splitlines()[1:])
+        assert snippets == ["y" * 200, "z" * 200], text
+    calls = [t.split("\n", 1)[0] for _, t in run.text("tool_call", kind="tool", tool="echo")]
+    assert calls == ["echo(" + "p" * 500 + ")", "echo(" + "p" * 500 + "…)",
+                     "echo(q=" + "k" * 500 + ")", "echo(q=" + "k" * 500 + "…)"]
+
+
 def test_sample_rate_zero_keeps_counters(repo: Path) -> None:
     engine = _index().as_query_engine(similarity_top_k=2)
     with recording(repo, sample_rate=0.0):
