@@ -2396,18 +2396,20 @@ def test_capture_content_false_keeps_structure_and_metrics(repo: Path) -> None:
 
 def test_redaction_truncation_and_default_secrets(repo: Path) -> None:
     aws = "AKIA" + "ABCDEFGHIJKLMNOP"
-    question = f"my key is sk-{'a1' * 12} and {aws}, Bearer abc.def.ghi123, ssn 123-45-6789 " + (
-        "x" * 500)
+    # (the shortest bearer token the pattern takes: 8 characters)
+    question = (f"my key is sk-{'a1' * 12} and {aws}, Bearer abc.def.ghi123, bearer abcdefgh, "
+                "ssn 123-45-6789 " + "x" * 500)
     engine = _index().as_query_engine(similarity_top_k=2)
     with recording(repo, redact=[r"\d{3}-\d{2}-\d{4}"], max_text_length=200):
         engine.query(question)
     run = only_run(repo)
     texts = [t for seq in run.texts.values() for _, t in seq]
     joined = "\n".join(texts)
-    for secret in ("sk-a1a1", aws, "abc.def.ghi123", "123-45-6789"):
+    for secret in ("sk-a1a1", aws, "abc.def.ghi123", "abcdefgh", "123-45-6789"):
         assert secret not in joined, secret
     q = run.text("question", kind="query")[0][1]
-    assert q.startswith("my key is [REDACTED] and [REDACTED], [REDACTED], ssn [REDACTED] ")
+    assert q.startswith("my key is [REDACTED] and [REDACTED], [REDACTED], [REDACTED], "
+                        "ssn [REDACTED] ")
     assert q.endswith(f"… [truncated {len(question) - 200} chars]")
     assert "[truncated" in run.text("prompt", kind="llm")[0][1]
 
