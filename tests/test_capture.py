@@ -1088,6 +1088,28 @@ def test_a_structured_llm_call_keeps_the_providers_token_usage(repo: Path) -> No
         assert not run.metric(name, kind="llm", source="estimated")
 
 
+def test_the_providers_counts_are_read_wherever_providers_put_them(repo: Path) -> None:
+    """OpenAI-style `raw["usage"]` (its total kept as reported: reasoning tokens make it more
+    than prompt + completion), Gemini-style `raw["usage_metadata"]`, and the response's
+    `additional_kwargs` (llama-index-llms-openai's), also for a chat made of a completion."""
+    from llama_index.core.llms import ChatMessage
+
+    reasoning = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 25}
+    gemini = {"prompt_token_count": 12, "candidates_token_count": 8, "total_token_count": 21}
+    with recording(repo):
+        RuleLLM(usage=reasoning).complete("a")
+        RuleLLM(usage=gemini, usage_at="usage_metadata").complete("b")
+        RuleLLM(usage=USAGE, usage_at="additional_kwargs").complete("c")
+        RuleLLM(usage=USAGE, usage_at="additional_kwargs").chat(
+            [ChatMessage(role="user", content="d")])
+    run = only_run(repo)
+    expected = {"prompt_tokens": [11, 12, 11, 11], "completion_tokens": [7, 8, 7, 7],
+                "total_tokens": [25, 21, 18, 18]}
+    for name, values in expected.items():
+        assert run.metric(name, kind="llm", source="provider") == list(enumerate(values)), name
+        assert not run.metric(name, kind="llm", source="estimated"), name
+
+
 def test_a_streamed_structured_llm_call_is_one_call(repo: Path) -> None:
     """`as_structured_llm(...).stream_chat` / `astream_chat` return a stream whose body calls
     the wrapped LLM only as it is read, after the outer call's span ended: that inner call is

@@ -182,7 +182,8 @@ class RuleLLM(CustomLLM):
     fail_after: int | None = None  # streams raise RuntimeError after this many chunks
     first_delay: float = 0.0  # seconds before a stream's first chunk (time to first token)
     chunk_delay: float = 0.0  # seconds between a stream's chunks
-    usage: dict[str, int] | None = None  # reported in `raw["usage"]` of non-streamed responses
+    usage: dict[str, int] | None = None  # reported with non-streamed responses, ...
+    usage_at: str = "usage"  # ... in `raw[usage_at]`, or in the response's "additional_kwargs"
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -208,8 +209,11 @@ class RuleLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        raw = {"usage": dict(self.usage)} if self.usage else None
-        return CompletionResponse(text=self._text(prompt), raw=raw)
+        if not self.usage:
+            return CompletionResponse(text=self._text(prompt))
+        if self.usage_at == "additional_kwargs":
+            return CompletionResponse(text=self._text(prompt), additional_kwargs=dict(self.usage))
+        return CompletionResponse(text=self._text(prompt), raw={self.usage_at: dict(self.usage)})
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
