@@ -1065,6 +1065,8 @@ def test_node_postprocessors_without_rerank_events_record_rerank_values(repo: Pa
         before, after = text.split("\nafter:\n")
         assert "score=100.0000" not in before and f"score={max(scores):.4f}" in before, text
         assert "score=100.0000" in after and "score=102.0000" in after, text
+        # (the best score out, though the nodes come out in rising order)
+        assert run.metric("top_score", kind="rerank", reranker=reranker) == [(0, 102.0)]
 
 
 def test_a_structured_llm_call_keeps_the_providers_token_usage(repo: Path) -> None:
