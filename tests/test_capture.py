@@ -1232,9 +1232,15 @@ def test_function_agent_with_tool(repo: Path) -> None:
     (call,) = [t for _, t in run.text("tool_call", kind="tool", tool="add")]
     assert call == "add(a=2, b=3)\n-> 5"
     assert len(run.metric("latency_ms", kind="tool", tool="add")) == 1
-    assert run.metric("latency_ms", kind="agent_step", step="run_agent_step")
     (trace,) = traces(run, "agent")
     assert trace.startswith("agent: what is 2+3?\n")
+    # the header's totals: both calls, the provider's exact counts
+    assert trace.splitlines()[1].endswith(" · ok · llm calls 2 · tokens 36"), trace
+    # each step's latency is its own (as its trace line shows it), not the run's so far
+    shown = [float(ms) for ms in re.findall(r"\.run_agent_step ([\d.]+)ms", trace)]
+    timed = [v for _, v in run.metric("latency_ms", kind="agent_step", step="run_agent_step")]
+    assert len(timed) == len(shown) == 2
+    assert all(abs(t - s) <= 0.05 + 1e-9 for t, s in zip(timed, shown)), (timed, shown)
     assert "FunctionTool.acall" in trace and "tool=add" in trace
     assert "agent=" not in trace  # (one agent: no need to say which)
     assert [t for _, t in run.text("answer", kind="agent")] == ["final: 5"]
