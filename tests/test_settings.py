@@ -89,11 +89,18 @@ def test_event_lists_comma_json_and_case(cwd: Path) -> None:
     assert s.event_ends_to_ignore == ["embedding", "query"]
 
 
-def test_plain_pydantic_settings_model_reads_env(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plain_pydantic_settings_model_reads_every_source_in_order(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIM_EXPERIMENT", "via-model")
     monkeypatch.setenv("AIM_RUN_PARAMS", '{"a": 1}')
+    # the same precedence as `load_settings`: the environment over the files, which fill in
+    (cwd / "aim_llama.toml").write_text('experiment = "from-file"\nqueue_size = 123\n')
+    (cwd / "pyproject.toml").write_text('[tool.aim_llama]\nqueue_size = 700\nflush_timeout = 3.5\n')
     s = AimLlamaSettings()
     assert s.experiment == "via-model" and s.run_params == {"a": 1}
+    assert s.queue_size == 123 and s.flush_timeout == 3.5
+    # and keyword arguments over everything
+    assert AimLlamaSettings(experiment="kw", queue_size=500).model_dump(
+        include={"experiment", "queue_size"}) == {"experiment": "kw", "queue_size": 500}
 
 
 # (environment, files {name: text}, overrides, fragments the one-line message must contain)
