@@ -1240,7 +1240,7 @@ def test_function_agent_with_tool(repo: Path) -> None:
     shown = [float(ms) for ms in re.findall(r"\.run_agent_step ([\d.]+)ms", trace)]
     timed = [v for _, v in run.metric("latency_ms", kind="agent_step", step="run_agent_step")]
     assert len(timed) == len(shown) == 2
-    assert all(abs(t - s) <= 0.05 + 1e-9 for t, s in zip(timed, shown)), (timed, shown)
+    assert all(abs(t - s) <= 0.05 + 1e-9 for t, s in zip(timed, shown, strict=True)), (timed, shown)
     assert "FunctionTool.acall" in trace and "tool=add" in trace
     assert "agent=" not in trace  # (one agent: no need to say which)
     assert [t for _, t in run.text("answer", kind="agent")] == ["final: 5"]

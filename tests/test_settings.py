@@ -89,7 +89,8 @@ def test_event_lists_comma_json_and_case(cwd: Path) -> None:
     assert s.event_ends_to_ignore == ["embedding", "query"]
 
 
-def test_plain_pydantic_settings_model_reads_every_source_in_order(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plain_pydantic_settings_model_reads_every_source_in_order(
+        cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIM_EXPERIMENT", "via-model")
     monkeypatch.setenv("AIM_RUN_PARAMS", '{"a": 1}')
     # the same precedence as `load_settings`: the environment over the files, which fill in
