@@ -2513,6 +2513,18 @@ def test_sample_rate_half_samples_whole_requests(repo: Path) -> None:
     assert len(run.metric("latency_ms", kind="llm")) == 40
 
 
+def test_a_low_sample_rate_keeps_few_requests_texts(repo: Path) -> None:
+    """The rate is the share of requests kept, not of those left out."""
+    engine = _index().as_query_engine(similarity_top_k=2)
+    with recording(repo, sample_rate=0.1):
+        for i in range(60):
+            engine.query(f"question number {i}")
+    run = only_run(repo)
+    kept = len(run.text("question", kind="query"))
+    assert kept <= 20, kept  # Binomial(60, 0.1): above 20, p < 1e-6
+    assert len(run.metric("latency_ms", kind="query")) == 60
+
+
 def test_ignore_lists_suppress_dispatcher_data(repo: Path) -> None:
     engine = _index().as_query_engine(similarity_top_k=2)
     # (RuleLLM: MockLLM's last streamed chunk lags its deltas by one word)
