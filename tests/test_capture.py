@@ -595,6 +595,28 @@ def test_streams_dropped_unread_end_their_call_and_request_as_abandoned(repo: Pa
     assert len(run.text("answer", kind="query")) == 1
 
 
+def test_a_dropped_stream_is_timed_to_when_the_app_let_go_of_it(repo: Path) -> None:
+    """Not to the next span, which in a quiet service may come hours later: that idle time
+    was the `latency_ms` of the LLM call and of the request."""
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True)
+    llm = MockLLM(max_tokens=4)
+    with recording(repo):
+        llm.stream_complete("dropped")  # never read
+        time.sleep(1.0)
+        engine.query(QUESTIONS[0])  # its StreamingResponse, never read
+        time.sleep(1.0)
+        engine.query(QUESTIONS[1]).get_response()  # the next span ends the dropped ones
+    run = only_run(repo)
+    (abandoned,) = [s for s, t in run.text("response", kind="llm")
+                    if t.endswith("[stream abandoned]")]
+    assert dict(run.metric("latency_ms", kind="llm"))[abandoned] < 500
+    (first, second) = [v for _, v in run.metric("latency_ms", kind="query")]
+    assert first < 500, first
+    (trace, _) = traces(run, "query")
+    assert "· abandoned ·" in trace
+    assert float(trace.splitlines()[1].split(" ms")[0]) < 500, trace
+
+
 def test_llm_calls_in_flight_at_shutdown_keep_their_prompt_and_what_was_read(repo: Path) -> None:
     """A stream the app was still reading when it shut down: the LLM call's prompt and the text
     read so far are recorded (marked), without a latency or token counts it never had; before,

@@ -314,7 +314,7 @@ class Observer:
         self._classes = _component_classes()
         # streams the application dropped (weakref callbacks, from whichever thread let go of
         # them): their calls and requests are ended at the next span, under the lock
-        self._dropped: collections.deque[Any] = collections.deque()
+        self._dropped: collections.deque[tuple[Any, float]] = collections.deque()
         # called at each new request (autoinstrument: follow `Settings.callback_manager`)
         self.on_new_request: Callable[[], None] | None = None
         # The event handler routes by class name (`dispatcher.AimEventHandler.handle`).
@@ -740,7 +740,10 @@ class Observer:
         out: list[Record] = []
         root: _Root | None
         while self._dropped:
-            item = self._dropped.popleft()
+            item, at = self._dropped.popleft()
+            # (timed to when the app let go of it, not to now: the next span may come hours
+            # later in a quiet service)
+            at = min(at, now)
             if isinstance(item, _Root):
                 root = item
                 if root.finalized or not root.hold:
@@ -752,7 +755,7 @@ class Observer:
                     continue  # (it ended: read to the end, or closed part-way)
                 del self._calls[item]
                 try:
-                    self._llm_records(out, call, call.last, now, GeneratorExit())
+                    self._llm_records(out, call, call.last, at, GeneratorExit())
                 except Exception as exc:  # the request must still end
                     self.failed("dropped stream", exc)
                 root = call.root
@@ -761,7 +764,7 @@ class Observer:
                 root.pending -= 1
             if root.node.end is not None and root.node.status == "ok":
                 root.node.status = "abandoned"
-            out.extend(self._maybe_finish(root, now))
+            out.extend(self._maybe_finish(root, max(at, root.last_seen)))
         return out
 
     # -- events -----------------------------------------------------------------------
@@ -1563,7 +1566,8 @@ def _unread(result: Any) -> bool:
 _WRITES_HISTORY = "write_response_to_history"
 
 
-def _when_written(result: Any, root: _Root, dropped: collections.deque[Any]) -> None:
+def _when_written(result: Any, root: _Root,
+                  dropped: collections.deque[tuple[Any, float]]) -> None:
     """A chat response's history task that ends without running (cancelled before its first
     step: no span, no event) still ends the request, at the next span (`_reap_dropped`)."""
     task = getattr(result, "awrite_response_to_history_task", None)
@@ -1583,7 +1587,7 @@ def _read_by_llamaindex(result: Any) -> bool:
 
 def _follow_stream(result: Any, root: _Root,
                    ended: Callable[[_Root, str], None] | None = None,
-                   dropped: collections.deque[Any] | None = None) -> bool:
+                   dropped: collections.deque[tuple[Any, float]] | None = None) -> bool:
     """Make the LLM call of a streaming query's response join its request when it is read.
 
     A `StreamingResponse`'s generator makes its LLM call only when it is first read — in
@@ -1611,11 +1615,12 @@ def _follow_stream(result: Any, root: _Root,
 _STREAMS = (types.GeneratorType, types.AsyncGeneratorType)
 
 
-def _when_dropped(dropped: collections.deque[Any], item: Any) -> Callable[[Any], None]:
-    """A weakref callback that notes `item` (a call's key, or a request) as dropped: it may
-    run in any thread, in the middle of anything, so it only appends."""
+def _when_dropped(dropped: collections.deque[tuple[Any, float]], item: Any
+                  ) -> Callable[[Any], None]:
+    """A weakref callback that notes `item` (a call's key, or a request) as dropped, and when:
+    it may run in any thread, in the middle of anything, so it only appends."""
     def note(_ref: Any) -> None:
-        dropped.append(item)
+        dropped.append((item, _now()))
     return note
 
 
