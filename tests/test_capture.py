@@ -610,11 +610,68 @@ def test_a_dropped_stream_is_timed_to_when_the_app_let_go_of_it(repo: Path) -> N
     (abandoned,) = [s for s, t in run.text("response", kind="llm")
                     if t.endswith("[stream abandoned]")]
     assert dict(run.metric("latency_ms", kind="llm"))[abandoned] < 500
-    (first, second) = [v for _, v in run.metric("latency_ms", kind="query")]
+    (first, _) = [v for _, v in run.metric("latency_ms", kind="query")]
     assert first < 500, first
     (trace, _) = traces(run, "query")
     assert "· abandoned ·" in trace
     assert float(trace.splitlines()[1].split(" ms")[0]) < 500, trace
+
+
+def test_a_stream_dropped_longer_ago_than_the_request_ttl_was_abandoned_not_expired(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next span after a quiet spell ends what was dropped (at its drop) before it expires
+    what was kept: the LLM call was lost, the request said `expired`, with no latency."""
+    from aim_llama import observer as observer_module
+
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True)
+    llm = MockLLM(max_tokens=4)
+    with recording(repo):
+        from aim_llama.autoinstrument import _active
+
+        observer = _active.handler.observer  # type: ignore[union-attr]
+        monkeypatch.setattr(observer_module, "ROOT_TTL", 0.5)
+        monkeypatch.setattr(observer_module, "SWEEP_INTERVAL", 0.0)
+        response = engine.query(QUESTIONS[0])
+        stream = llm.stream_complete("dropped")
+        del response, stream  # both dropped unread, no span since
+        time.sleep(1.0)
+        observer._next_sweep = 0.0  # (the next span sweeps)
+        engine.query(QUESTIONS[1]).get_response()
+    run = only_run(repo)
+    responses = [t for _, t in run.text("response", kind="llm")]
+    assert responses[0] == "[stream abandoned]", responses
+    assert len(run.metric("latency_ms", kind="llm")) == 2
+    first = traces(run, "query")[0]
+    assert first.startswith(f"query: {QUESTIONS[0]}\n") and "· abandoned ·" in first, first
+    assert [v < 500 for _, v in run.metric("latency_ms", kind="query")] == [True, True]
+
+
+def test_a_request_ends_no_earlier_than_its_own_streams(repo: Path) -> None:
+    """A request with two streams, one dropped unread and one read to its end a second later,
+    ends with the second (it was timed to the drop, before its own LLM call ended)."""
+    from llama_index.core.query_engine import CustomQueryEngine
+
+    streams: list[Any] = []
+
+    class TwoStreams(CustomQueryEngine):
+        def custom_query(self, query_str: str) -> str:
+            streams.append(Settings.llm.stream_complete("A " + query_str))
+            streams.append(Settings.llm.stream_complete("B " + query_str))
+            return "done"
+
+    with recording(repo):
+        TwoStreams().query("two")
+        read = streams.pop()
+        streams.clear()  # the first dropped unread
+        for _ in range(8):  # every chunk of the second (MockLLM(max_tokens=8))
+            next(read)
+        time.sleep(0.6)  # then the app pauses before the stream's end
+        assert list(read) == []
+        Settings.llm.complete("the next span")
+    run = only_run(repo)
+    (request,) = [v for _, v in run.metric("latency_ms", kind="query")]
+    read_call = max(v for _, v in run.metric("latency_ms", kind="llm"))
+    assert read_call >= 600 and request >= read_call, (request, read_call)
 
 
 def test_llm_calls_in_flight_at_shutdown_keep_their_prompt_and_what_was_read(repo: Path) -> None:
@@ -2469,9 +2526,10 @@ def test_redaction_truncation_and_default_secrets(repo: Path) -> None:
 
 
 def test_each_cut_falls_where_the_readme_says(repo: Path) -> None:
-    """A text of exactly a limit is kept whole; one character more is cut at the limit, with
-    its mark: `max_text_length` (`… [truncated N chars]`), the trace's first line (300), a
-    retrieved node's snippet (200) and a tool argument, positional or keyword (500, `…`)."""
+    """A text of exactly a limit is kept whole; one character more is cut at the limit:
+    `max_text_length` (then `… [truncated N chars]`), the trace's first line (300, `…`), a
+    retrieved node's snippet (200, no mark) and a tool argument, positional or keyword (500,
+    `…`)."""
     from llama_index.core.tools import FunctionTool
 
     def echo(q: str) -> str:
@@ -2690,7 +2748,7 @@ def test_abandoned_stream_expires(repo: Path, monkeypatch: pytest.MonkeyPatch) -
         from aim_llama.autoinstrument import _active
 
         observer = _active.handler.observer  # type: ignore[union-attr]
-        engine.query("never consumed")  # the StreamingResponse is dropped unread
+        kept = engine.query("never consumed")  # a StreamingResponse kept, never read
         assert observer.open_state()["roots"] == 1  # waiting for its stream
         monkeypatch.setattr(observer_module, "ROOT_TTL", 0.2)
         monkeypatch.setattr(observer_module, "SWEEP_INTERVAL", 0.0)
@@ -2701,6 +2759,7 @@ def test_abandoned_stream_expires(repo: Path, monkeypatch: pytest.MonkeyPatch) -
     run = only_run(repo)
     expired = [t for t in traces(run, "query") if t.startswith("query: never consumed")]
     assert len(expired) == 1 and "expired" in expired[0]
+    del kept
 
 
 def test_a_long_async_embedding_batch_outlives_the_request_ttl(

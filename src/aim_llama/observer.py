@@ -410,10 +410,12 @@ class Observer:
                     kind = self._kind(instance)
             out: list[Record] | None = None
             with self._lock:
-                if now >= self._next_sweep or len(self._roots) > MAX_OPEN_ROOTS:
-                    out = self._sweep(now)
                 if self._dropped:
-                    out = (out or []) + self._reap_dropped(now)
+                    # (before the sweep: a stream dropped more than ROOT_TTL ago was abandoned
+                    # then, not expired now)
+                    out = self._reap_dropped(now)
+                if now >= self._next_sweep or len(self._roots) > MAX_OPEN_ROOTS:
+                    out = (out or []) + self._sweep(now)
                 parent = self._spans.get(parent_id) if parent_id else None
                 if parent is None:
                     parent = self._late_parent(id_, kind, parent_id, instance, bound_args)
@@ -939,6 +941,7 @@ class Observer:
             root = call.root
             with self._lock:
                 if root is not None:
+                    root.last_seen = max(root.last_seen, now)  # (a dropped stream ends no later)
                     root.pending -= 1
                     if root.hold and root.node.end is not None:
                         root.hold = 0  # the stream of a streaming chat finished
@@ -992,6 +995,7 @@ class Observer:
             root = call.root
             with self._lock:
                 if root is not None:
+                    root.last_seen = max(root.last_seen, now)  # (a dropped stream ends no later)
                     if isinstance(err, BaseException):
                         self._note_error(root, err, call.node)
                         status = _stream_status(err)
