@@ -184,6 +184,13 @@ BAD: list[tuple[str, dict[str, str], dict[str, str], dict[str, object], list[str
      ["repo", "aim_llama.toml: repo", "cannot contain a NUL character"]),
     ("config-is-a-pyproject", {}, {"aim_llama.toml": "[tool.aim_llama]\nqueue_size = 500\n"}, {},
      ["unknown setting 'tool'", "at its top level, not in a [tool.aim_llama] table"]),
+    ("queue-size-99", {"AIM_LLAMA_QUEUE_SIZE": "99"}, {}, {}, ["queue_size", "99 is below 100"]),
+    ("queue-size-one-over", {"AIM_LLAMA_QUEUE_SIZE": "10000001"}, {}, {},
+     ["queue_size", "is more than 10000000"]),
+    ("flush-timeout-over-a-day", {"AIM_LLAMA_FLUSH_TIMEOUT": "86400.5"}, {}, {},
+     ["flush_timeout", "86400.5 is more than a day"]),
+    ("interval-over-a-day", {"AIM_SYSTEM_TRACKING_INTERVAL": "86401"}, {}, {},
+     ["system_tracking_interval", "86401 is more than a day"]),
     ("queue-size-word", {"AIM_LLAMA_QUEUE_SIZE": "lots"}, {}, {},
      ["queue_size", "'lots' is not a whole number"]),
     ("flush-timeout-zero", {"AIM_LLAMA_FLUSH_TIMEOUT": "0"}, {}, {},
@@ -255,6 +262,18 @@ def test_bad_input_gives_one_clear_line(
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_the_bounds_themselves_are_allowed(cwd: Path) -> None:
+    """The README's ranges are inclusive: a queue of 100 or 10,000,000 records, a flush timeout
+    or tracking interval of a whole day."""
+    for queue_size, seconds in (("100", "86400"), ("10000000", "86400.0")):
+        loaded = load_settings(environ={"AIM_LLAMA_QUEUE_SIZE": queue_size,
+                                        "AIM_LLAMA_FLUSH_TIMEOUT": seconds,
+                                        "AIM_SYSTEM_TRACKING_INTERVAL": "86400"})
+        assert loaded.settings.queue_size == int(queue_size)
+        assert loaded.settings.flush_timeout == 86400.0
+        assert loaded.settings.system_tracking_interval == 86400
 
 
 def test_a_table_comes_whole_from_its_highest_source(cwd: Path) -> None:
