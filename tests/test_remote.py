@@ -467,3 +467,28 @@ def test_a_service_that_is_not_aim_is_named_so(workdir):
     # (which words the loss gets depends on whether the writer was still trying at the deadline)
     assert re.search(r"(\d+) records (could not be stored|were not delivered)", proc.stderr), \
         proc.stderr
+
+
+def test_reconnection_backoff_doubles_from_half_a_second_to_five_with_a_fifth_of_jitter(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the README promises of retries against a server that is down: 0.5 s doubling to
+    5 s, ±20 % jitter (so many processes do not retry in lock step)."""
+    import random
+
+    from aim_llama import remote
+
+    for jitter, factor in (("high", 1.2), ("low", 0.8)):
+        monkeypatch.setattr(random, "uniform", lambda a, b, j=jitter: b if j == "high" else a)
+        backoff = remote.Backoff()
+        delays = [backoff.failed(now=0.0) for _ in range(6)]
+        assert delays == pytest.approx([factor * d for d in (0.5, 1, 2, 4, 5, 5)]), jitter
+        assert backoff.next_at == pytest.approx(delays[-1]) and backoff.attempts == 6
+    monkeypatch.undo()
+    many = [remote.Backoff().failed(now=0.0) for _ in range(200)]
+    assert 0.4 <= min(many) < 0.45 and 0.55 < max(many) <= 0.6  # spread over the whole range
+
+
+def test_a_local_writer_stores_on_for_a_minute_or_six_flush_timeouts_after_the_app_left() -> None:
+    from aim_llama.writer_process import local_grace
+
+    assert [local_grace(t) for t in (0.5, 10, 20)] == [60.0, 60.0, 120.0]
