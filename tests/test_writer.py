@@ -140,6 +140,8 @@ def test_queue_overflow_drops_are_counted_and_reported(repo, workdir):
     assert stored + dropped == 100000  # nothing vanished without being counted
     warnings = [line for line in err.splitlines() if "queue is full" in line]
     assert len(warnings) == 1  # reported once, not per record
+    # (naming the setting and its variable, with the size in force)
+    assert "queue is full (500 records: setting queue_size, AIM_LLAMA_QUEUE_SIZE)" in warnings[0]
     assert f"{dropped} dropped because the queue was full" in err  # and summarized at exit
 
 
@@ -371,7 +373,7 @@ def test_exit_never_exceeds_the_flush_timeout(repo, workdir):
     assert float(out.split("CLOSE_TOOK ")[1].split()[0]) < 1.0 + 1.5
     # ... and the whole exit, Aim's and Python's teardown included, never hangs
     assert ended - exiting < 1.0 + 4.0
-    assert "did not finish within the flush timeout (1s" in err
+    assert "did not finish within the flush timeout (1s, AIM_LLAMA_FLUSH_TIMEOUT)" in err
     assert "records not handed to it" in err
 
 
