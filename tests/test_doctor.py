@@ -74,6 +74,7 @@ def test_server_down_fails_with_a_fix_naming_aim_server(workdir):
     assert f"fix: start the server (aim server --repo DIR --host 0.0.0.0 --port {port})" in got[
         "reachable"]
     assert got["probe"].startswith("FAIL") and "skipped" in got["probe"]
+    assert proc.stderr.strip().splitlines()[-1] == f"1 of {len(got)} checks passed", proc.stderr
 
 
 @pytest.fixture
@@ -122,6 +123,7 @@ def test_local_repo_probe_writes_reads_back_and_cleans_up(workdir, repo):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = lines(proc)
     assert list(got) == ["config", "repo", "probe"]
+    assert proc.stderr.strip().splitlines()[-1] == "3 of 3 checks passed", proc.stderr
     assert "will be created" in got["repo"]
     assert "read it back and removed it" in got["probe"]
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
