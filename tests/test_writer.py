@@ -1218,3 +1218,34 @@ def test_a_record_the_writer_process_cannot_read_is_counted_and_the_others_store
     run = only_run(repo)
     assert run.metric("value", kind="t") == [(i, float(i)) for i in range(6)]
     assert run.end_time is not None
+
+
+def test_records_made_after_close_are_said_once_and_counted_by_a_later_close(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """README, failure modes: not stored; one warning when the first one comes; a later
+    `close()` (the exit hook after SIGTERM's) gives the count."""
+    import logging
+
+    from aim_llama.aimrun import RunConfig
+    from aim_llama.log import reset_reported
+    from aim_llama.records import Track
+    from aim_llama.writer import Writer
+
+    reset_reported()
+    repo = tmp_path / "repo"
+    writer = Writer(RunConfig(repo=str(repo), system_tracking_interval=None,
+                              log_system_params=False), backend="thread")
+    writer.submit(Track("x", 1.0, "metric", {"kind": "t"}))
+    writer.close()
+    with caplog.at_level(logging.WARNING, logger="aim_llama"):
+        for i in range(3):
+            writer.submit(Track("x", 2.0 + i, "metric", {"kind": "t"}))
+        said = [r.getMessage() for r in caplog.records]
+        assert len([m for m in said if "writer was closed" in m]) == 1, said
+        assert any(m.startswith("records made after aim-llama's writer was closed") and
+                   "are not stored" in m for m in said), said
+        writer.close()
+        said = [r.getMessage() for r in caplog.records]
+    assert "3 records made after aim-llama's writer was closed were not stored" in said, said
+    assert writer.after_close == 3
+    assert read_run(repo, writer.run_hash).metric("x", kind="t") == [(0, 1.0)]
