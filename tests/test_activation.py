@@ -709,6 +709,36 @@ def test_an_invalid_instrument_call_after_activation_says_recording_continues(ru
     assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["a", "b"]
 
 
+def test_an_invalid_instrument_call_in_strict_mode_raises_and_keeps_what_was_recorded(
+        run_py, repo):
+    proc = run_py(
+        "import aim_llama, aim_llama.auto\n"
+        "from llama_index.core.llms import MockLLM\n"
+        "MockLLM(max_tokens=2).complete('a')\n"
+        "aim_llama.instrument(queue_size=5)\n"
+        "print('NOT REACHED')\n", env={"AIM_LLAMA_STRICT": "1"}, check=False)
+    assert proc.returncode == 1 and "NOT REACHED" not in proc.stdout, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "aim_llama.errors.ConfigError: invalid setting queue_size (instrument(queue_size=5))"
+    ), proc.stderr
+    assert [t for _, t in only_run(repo).text("prompt", kind="llm")] == ["a"]
+
+
+def test_instrument_enabled_false_wins_over_a_broken_configuration(run_py, repo):
+    """The kill switch from any source, here the keyword, wins even over an invalid setting
+    elsewhere, also in strict mode: nothing said, nothing raised, nothing recorded."""
+    for strict in ("0", "1"):
+        proc = run_py("import aim_llama\n"
+                      "print('RESULT', aim_llama.instrument(enabled=False))\n"
+                      "from llama_index.core.llms import MockLLM\n"
+                      "MockLLM(max_tokens=2).complete('a')\n"
+                      "print('ACTIVE', aim_llama.is_instrumented())\n",
+                      env={"AIM_LLAMA_QUEUE_SIZE": "5", "AIM_LLAMA_STRICT": strict})
+        assert "RESULT False" in proc.stdout and "ACTIVE False" in proc.stdout, proc.stderr
+        assert proc.stderr.strip() == "", proc.stderr
+    assert run_hashes(repo) == []
+
+
 def test_instrument_accepts_a_path_and_rejects_non_utf8_names(run_py, repo, workdir):
     proc = run_py("import pathlib, llama_index.core, aim_llama\n"
                   "from llama_index.core.llms import MockLLM\n"
