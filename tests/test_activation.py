@@ -255,6 +255,18 @@ def test_bad_config_fails_open_with_one_line(run_py, repo):
     assert run_hashes(repo) == []
 
 
+def test_an_app_that_configured_logging_gets_the_line_once_through_its_own_handler(run_py, repo):
+    """The fallback stderr line is for apps with no logging set up; beside the app's handler
+    it would be the same message twice."""
+    proc = run_py("import logging\n"
+                  "logging.basicConfig(format='APP %(levelname)s %(message)s')\n"
+                  "import aim_llama.auto\n"
+                  "import llama_index.core\n", env={"AIM_LLAMA_QUEUE_SIZE": "5"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("APP WARNING invalid setting queue_size"), lines
+    assert run_hashes(repo) == []
+
+
 def test_bad_toml_key_reported_with_file_and_suggestion(run_py, repo, workdir):
     (workdir / "aim_llama.toml").write_text('experimnet = "x"\n')
     proc = run_py(script=APPS / "rag.py", args=["1"])
