@@ -559,6 +559,23 @@ def test_spawn_forwards_a_sigint_sent_to_the_launcher(workdir):
     assert "CHILD GOT SIGINT" in out
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
+def test_spawn_forwards_other_signals_sent_to_the_launcher(workdir, sig):
+    """`kill` / a supervisor signals the launcher's process: the command gets the signal, and
+    the launcher exits as the command did."""
+    code = ("import signal, sys, time\n"
+            f"signal.signal({int(sig)}, lambda n, f: (print('CHILD GOT', n, flush=True),"
+            " sys.exit(6)))\n"
+            "print('READY', flush=True)\ntime.sleep(60)\n")
+    proc = spawn_python(code, workdir)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "READY"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 6, err
+    assert f"CHILD GOT {int(sig)}" in out
+
+
 def test_relative_config_and_repo_options_mean_where_the_launcher_ran(workdir):
     """A child that runs in another directory still reads the same file and writes the same repo."""
     (workdir / "cfg.toml").write_text('experiment = "relative"\n')
