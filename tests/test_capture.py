@@ -646,6 +646,29 @@ def test_a_stream_dropped_longer_ago_than_the_request_ttl_was_abandoned_not_expi
     assert [v < 500 for _, v in run.metric("latency_ms", kind="query")] == [True, True]
 
 
+def test_a_stream_kept_idle_past_the_request_ttl_then_dropped_has_expired(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its request was idle for the TTL while the app still held the stream: it expired then
+    (no latency), whenever the drop is noticed — not `abandoned` after the whole hold."""
+    from aim_llama import observer as observer_module
+
+    engine = _index().as_query_engine(similarity_top_k=2, streaming=True)
+    llm = MockLLM(max_tokens=4)
+    with recording(repo):
+        monkeypatch.setattr(observer_module, "ROOT_TTL", 0.5)
+        response = engine.query(QUESTIONS[0])
+        stream = llm.stream_complete("held")
+        time.sleep(1.0)  # no span meanwhile: nothing swept
+        del response, stream
+        engine.query(QUESTIONS[1]).get_response()
+    run = only_run(repo)
+    first, second = traces(run, "query")
+    assert first.startswith(f"query: {QUESTIONS[0]}\n") and "· expired (incomplete) ·" in first
+    assert "· ok ·" in second
+    assert len(run.metric("latency_ms", kind="query")) == 1  # the second query's
+    assert all(v < 500 for _, v in run.metric("latency_ms", kind="llm"))
+
+
 def test_a_request_ends_no_earlier_than_its_own_streams(repo: Path) -> None:
     """A request with two streams, one dropped unread and one read to its end a second later,
     ends with the second (it was timed to the drop, before its own LLM call ended)."""

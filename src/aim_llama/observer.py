@@ -54,6 +54,7 @@ REQUEST_KINDS = frozenset({"query", "chat", "agent", "workflow", "retrieve"})
 ANSWER_KINDS = frozenset({"query", "chat", "agent", "workflow"})
 TOOL_NOT_FOUND = "<not found>"  # the `tool` context of a tool the model named that does not exist
 AT_SHUTDOWN = "incomplete at shutdown"  # a request's status when the process ends under it
+EXPIRED = "expired (incomplete)"  # a request's status when it was idle for ROOT_TTL
 # spans with records at exit
 _SPECIAL_EXIT = frozenset({"tool", "agent_step", "workflow_step", "postprocess"})
 _STEP_KINDS = frozenset({"agent_step", "workflow_step"})
@@ -750,11 +751,17 @@ class Observer:
                 root = item
                 if root.finalized or not root.hold:
                     continue  # (it ended as it was read or closed)
+                if at - root.last_seen > ROOT_TTL:  # kept idle past the TTL, then dropped
+                    out.extend(self._expire([root], at, EXPIRED))
+                    continue
                 root.hold = 0
             else:
                 call = self._calls.get(item)
                 if call is None or call.nested:
                     continue  # (it ended: read to the end, or closed part-way)
+                if call.root is not None and at - call.root.last_seen > ROOT_TTL:
+                    out.extend(self._expire([call.root], at, EXPIRED))
+                    continue
                 del self._calls[item]
                 try:
                     self._llm_records(out, call, call.last, at, GeneratorExit())
@@ -1460,7 +1467,7 @@ class Observer:
             if over > 0:
                 for key in list(itertools.islice(pending, over)):
                     pending.pop(key, None)  # type: ignore[arg-type]
-        return self._expire(expired, now, "expired (incomplete)")
+        return self._expire(expired, now, EXPIRED)
 
     def _expire(self, roots: list[_Root], now: float, status: str) -> list[Record]:
         if not roots:
