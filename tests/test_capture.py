@@ -669,6 +669,34 @@ def test_a_stream_kept_idle_past_the_request_ttl_then_dropped_has_expired(
     assert all(v < 500 for _, v in run.metric("latency_ms", kind="llm"))
 
 
+def test_a_workflow_step_that_drops_a_stream_after_a_long_wait_keeps_its_run(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run still going never expires (it may wait for a human): a stream one of its steps
+    held through a wait longer than the TTL and then dropped does not end the run."""
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    from aim_llama import observer as observer_module
+
+    class Holder(Workflow):
+        @step
+        async def hold(self, ev: StartEvent) -> StopEvent:
+            stream = Settings.llm.stream_complete("held")
+            await asyncio.sleep(1.0)
+            del stream
+            Settings.llm.complete("after the wait")
+            return StopEvent(result="done")
+
+    with recording(repo):
+        monkeypatch.setattr(observer_module, "ROOT_TTL", 0.5)
+        asyncio.run(_run(Holder(), topic="t"))
+    run = only_run(repo)
+    (trace,) = traces(run, "workflow")
+    assert "· ok ·" in trace.splitlines()[1] and "expired" not in trace, trace
+    assert [t for _, t in run.text("answer", kind="workflow")] == ["done"]
+    responses = [t for _, t in run.text("response", kind="llm")]
+    assert responses[0] == "[stream abandoned]" and len(responses) == 2, responses
+
+
 def test_a_request_ends_no_earlier_than_its_own_streams(repo: Path) -> None:
     """A request with two streams, one dropped unread and one read to its end a second later,
     ends with the second (it was timed to the drop, before its own LLM call ended)."""

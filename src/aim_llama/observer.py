@@ -751,7 +751,7 @@ class Observer:
                 root = item
                 if root.finalized or not root.hold:
                     continue  # (it ended as it was read or closed)
-                if at - root.last_seen > ROOT_TTL:  # kept idle past the TTL, then dropped
+                if _expired(root, at):  # kept idle past the TTL, then dropped
                     out.extend(self._expire([root], at, EXPIRED))
                     continue
                 root.hold = 0
@@ -759,7 +759,7 @@ class Observer:
                 call = self._calls.get(item)
                 if call is None or call.nested:
                     continue  # (it ended: read to the end, or closed part-way)
-                if call.root is not None and at - call.root.last_seen > ROOT_TTL:
+                if call.root is not None and _expired(call.root, at):
                     out.extend(self._expire([call.root], at, EXPIRED))
                     continue
                 del self._calls[item]
@@ -1454,8 +1454,7 @@ class Observer:
         self._next_sweep = now + SWEEP_INTERVAL
         # (an agent or workflow run still going is not idle: it may wait hours for a human's
         # answer, or on a step; it ends with the workflow's own timeout or cancellation)
-        expired = [r for r in self._roots.values() if now - r.last_seen > ROOT_TTL
-                   and (r.end is not None or r.kind not in _RUNS)]
+        expired = [r for r in self._roots.values() if _expired(r, now)]
         excess = len(self._roots) - len(expired) - MAX_OPEN_ROOTS
         if excess > 0:
             expired.extend(list(self._roots.values())[:excess])
@@ -1624,6 +1623,12 @@ def _follow_stream(result: Any, root: _Root,
 
 
 _STREAMS = (types.GeneratorType, types.AsyncGeneratorType)
+
+
+def _expired(root: _Root, now: float) -> bool:
+    """Whether a request had been idle for ROOT_TTL at `now` (an agent or workflow run still
+    going never expires: it may wait for a human as long as it likes)."""
+    return now - root.last_seen > ROOT_TTL and (root.end is not None or root.kind not in _RUNS)
 
 
 def _when_dropped(dropped: collections.deque[tuple[Any, float]], item: Any
