@@ -179,3 +179,36 @@ def test_the_kill_switch_is_said_and_the_settings_are_still_checked(workdir):
     assert len(config) == 2 and config[0].startswith("ok    config    valid"), config
     assert f"enabled = false ({workdir / 'aim_llama.toml'}: enabled)" in config[1], config
     assert got["repo"].startswith("ok"), got  # (checked as for the day it is switched on)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("--keep-probe",), "--keep-probe keeps the run of --probe: add --probe"),
+    (("--timeout", "0.09"), "'0.09' is not a number of seconds from 0.1 to 86400"),
+    (("--timeout", "86400.5"), "'86400.5' is not a number of seconds from 0.1 to 86400"),
+    (("--timeout", "nan"), "'nan' is not a number of seconds from 0.1 to 86400"),
+    (("--timeout", "soon"), "'soon' is not a number of seconds from 0.1 to 86400"),
+])
+def test_a_usage_error_exits_2_with_one_line_and_checks_nothing(workdir, args, said):
+    """A mistyped command line is not a failed check: exit 2 (as argparse's own errors), one
+    line saying what is allowed, and nothing probed or created."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "aim_llama", "doctor", *args], cwd=workdir,
+        env=clean_env(AIM_REPO=str(workdir / "repo")), capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert said in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("aim-llama")
+    assert not (workdir / "repo").exists()
+
+
+@pytest.mark.parametrize("seconds", ["0.1", "86400"])
+def test_the_timeout_bounds_are_inclusive(workdir, seconds):
+    proc = subprocess.run(
+        [sys.executable, "-m", "aim_llama", "doctor", "--timeout", seconds], cwd=workdir,
+        env=clean_env(AIM_REPO=str(workdir / "repo")), capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "2 of 2 checks passed"
