@@ -225,3 +225,18 @@ def test_tool_values_that_cannot_be_shown_do_not_fail_the_record() -> None:
     message = ChatMessage(role="assistant", content="calling", additional_kwargs={"tool_calls": [
         {"function": {"name": "book", "arguments": {"day": datetime.date(2024, 1, 1)}}}]})
     assert render_message(message) == 'assistant: calling\n  tool_call: book({"day": "2024-01-01"})'
+
+
+def test_chunk_headers_count_every_record_of_every_chunk() -> None:
+    """What a root writer will not unpickle (a sender that is gone) is counted from the chunk
+    headers alone: every record of every chunk (a handler hands several per chunk), not one
+    per chunk; a control message counts none."""
+    import pickle
+
+    from aim_llama import wire
+    from aim_llama.records import Param, Track
+
+    frame = (wire.dumps([Track("a", 1.0), Track("b", 2.0), Param("k", 1)])
+             + wire.dumps([Track("c", 3.0), Track("d", 4.0)]))
+    assert wire.count_records(frame) == 5
+    assert wire.count_records(pickle.dumps(("close", 1.0))) == 0

@@ -232,3 +232,27 @@ def test_a_chunk_the_writer_cannot_read_is_counted_lost_and_the_rest_is_stored(
     assert sink.lost == 2
     run = read_run(repo, str(sink.run_hash))
     assert run.text("prompt", kind="llm") == [(0, "plain subclass"), (2, "after")]
+
+
+def test_a_batch_the_repo_refuses_is_counted_lost_not_stored(tmp_path, monkeypatch) -> None:
+    """The repo stops taking writes at a batch's commit (a full disk): that batch and every
+    later record are lost, and none of them may still count as stored (the exit summary is
+    what the writer received minus what it stored)."""
+    from aim.storage.rockscontainer import RocksContainer
+
+    from aim_llama.aimrun import RunConfig, RunSink
+    from aim_llama.records import Track
+
+    sink = RunSink(RunConfig(repo=str(tmp_path / "repo"), system_tracking_interval=None,
+                             log_system_params=False))
+    sink.apply([Track("value", float(i), "metric", {"kind": "t"}, i) for i in range(3)])
+    assert (sink.stored, sink.lost) == (3, 0)
+
+    def refuse(container, batch):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RocksContainer, "_aim_llama_commit", staticmethod(refuse))
+    sink.apply([Track("value", float(i), "metric", {"kind": "t"}, i) for i in range(3, 8)])
+    sink.apply([Track("value", 8.0, "metric", {"kind": "t"}, 8)])
+    assert sink.failed is not None and "No space left on device" in sink.failed
+    assert (sink.confirmed, sink.lost) == (3, 6)
