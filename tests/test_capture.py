@@ -3278,3 +3278,328 @@ def test_an_llm_failure_quoting_a_tools_error_is_an_error_of_its_own(repo: Path)
     run = only_run(repo)
     assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
     assert [v for _, v in run.metric("errors", kind="llm")] == [1.0]
+
+
+# -- Edges no test pinned before a mutation audit of the observer (2026-11-28): an error counted
+# once whichever way it travels, cancellation that is no error, requests cut off by shutdown,
+# rough token counts marked, the open-request cap.
+
+
+# (LlamaIndex's history thread dies of the stream's error, with or without aim-llama)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_chat_stream_failing_before_stream_chat_returns_fails_its_request(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LlamaIndex's history thread read the chat's stream, which raised, before `stream_chat`
+    returned (a preempted caller; forced here): the chat failed, with no answer."""
+    import llama_index.core.chat_engine.simple as simple
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    class DoneBeforeReturn(simple.Thread):
+        def start(self) -> None:
+            super().start()
+            self.join()
+
+    monkeypatch.setattr(simple, "Thread", DoneBeforeReturn)
+    with recording(repo):
+        chat = SimpleChatEngine.from_defaults(llm=RuleLLM(fail_after=2)).stream_chat("hello")
+        with pytest.raises(RuntimeError, match="stream broke"):
+            "".join(chat.response_gen)
+    run = only_run(repo)
+    (trace,) = traces(run, "chat")
+    assert "· error RuntimeError ·" in trace.splitlines()[1], trace
+    assert not run.text("answer", kind="chat")
+
+
+def test_a_cancelled_tool_call_says_cancelled_and_is_no_error(repo: Path) -> None:
+    """README: a cancelled tool is recorded as cancelled, not as an error: its `tool_call`
+    ends `-> cancelled`."""
+    import asyncio
+
+    from llama_index.core.tools import FunctionTool
+
+    async def slow_lookup(city: str) -> str:
+        await asyncio.sleep(5)
+        return f"{city}: sunny"
+
+    tool = FunctionTool.from_defaults(async_fn=slow_lookup, name="slow_lookup")
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(tool.acall(city="Oslo"), 0.2)  # the app gives up
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    ((_, call),) = run.text("tool_call", kind="tool", tool="slow_lookup")
+    assert call == "slow_lookup(city=Oslo)\n-> cancelled", call
+    assert not run.metric("errors", kind="tool")
+    ((_, latency),) = run.metric("latency_ms", kind="tool", tool="slow_lookup")
+    assert 150 < latency < 5000
+
+
+def test_a_tool_returning_an_error_for_its_own_failed_llm_call_is_one_error(repo: Path) -> None:
+    """README: a tool that fails *or returns an error* because of an error already counted
+    under it (its own LLM call) adds none."""
+    from fakellm import FailingLLM
+    from llama_index.core.tools import FunctionTool, ToolOutput
+
+    from test_capture import _log_records
+
+    inner = FailingLLM()
+
+    def ask(q: str) -> str:
+        """Asks a failing LLM."""
+        try:
+            return inner.complete(q).text
+        except Exception as exc:
+            return f"could not ask: {exc}"
+
+    tool = FunctionTool.from_defaults(ask, name="ask", callback=lambda out: ToolOutput(
+        content=str(out), tool_name="ask", raw_input={}, raw_output=out,
+        is_error=str(out).startswith("could not ask")))
+    with recording(repo):
+        assert tool.call(q="hello").is_error
+    run = only_run(repo)
+    assert len(run.metric("errors", kind="llm")) == 1
+    assert not run.metric("errors", kind="tool")
+    assert len(_log_records(repo, run.hash)) == 1
+
+
+def test_predict_and_call_failing_on_the_last_of_parallel_tools_is_one_error(
+        repo: Path) -> None:
+    """Parallel tool calls under `predict_and_call(error_on_tool_error=True)`: the
+    ValueError joins every output by blank lines; the failing tool's, last here, was
+    counted under its tool already: one error, not an LLM failure too."""
+    from llama_index.core.tools import FunctionTool
+
+    from test_capture import _log_records, _TwoToolsAtOnce
+
+    def alpha(x: int) -> str:
+        """Tool alpha."""
+        return "alpha fine"
+
+    def beta(x: int) -> str:
+        """Tool beta."""
+        raise KeyError("beta broke")
+
+    tools = [FunctionTool.from_defaults(alpha, name="alpha"),
+             FunctionTool.from_defaults(beta, name="beta")]
+    with recording(repo), pytest.raises(ValueError, match="beta broke"):
+        _TwoToolsAtOnce().predict_and_call(tools, user_msg="use both",
+                                           allow_parallel_tool_calls=True,
+                                           error_on_tool_error=True)
+    run = only_run(repo)
+    assert [v for _, v in run.metric("errors", kind="tool")] == [1.0]
+    assert not run.metric("errors", kind="llm")
+    (entry,) = _log_records(repo, run.hash)
+    assert entry["args"]["exception_type"] == "KeyError"
+
+
+def test_an_earlier_error_reraised_after_a_later_one_is_still_one_error(repo: Path) -> None:
+    """README: `errors` once per exception, at the innermost component that raised it. Two
+    tools fail; the step re-raises the first one after the second was counted: the step
+    adds no third error."""
+    import asyncio
+
+    from llama_index.core.tools import FunctionTool
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    async def alpha(x: int) -> str:
+        """Tool alpha."""
+        raise ValueError("alpha broke")
+
+    async def beta(x: int) -> str:
+        """Tool beta."""
+        raise KeyError("beta broke")
+
+    tools = [FunctionTool.from_defaults(async_fn=alpha, name="alpha"),
+             FunctionTool.from_defaults(async_fn=beta, name="beta")]
+
+    class Both(Workflow):
+        @step
+        async def go(self, ev: StartEvent) -> StopEvent:
+            first, _second = await asyncio.gather(*(t.acall(x=1) for t in tools),
+                                                  return_exceptions=True)
+            raise first
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="alpha broke"):
+            await Both(timeout=30).run()
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    assert len(run.metric("errors", kind="tool")) == 2
+    assert not run.metric("errors", kind="workflow_step")
+    assert not run.metric("errors", kind="workflow")
+
+
+def test_a_tool_failing_because_of_an_llm_failure_under_an_inner_tool_is_one_error(
+        repo: Path) -> None:
+    """An LLM call fails under an inner tool, which swallows it; the outer tool then gives
+    up because of it: the error counted under it (two levels down) is its only one."""
+    from fakellm import FailingLLM
+    from llama_index.core.tools import FunctionTool
+
+    llm = FailingLLM()
+
+    def ask(q: str) -> str:
+        """Asks a failing LLM, quietly."""
+        try:
+            return llm.complete(q).text
+        except Exception:
+            return ""
+
+    inner = FunctionTool.from_defaults(ask, name="ask")
+
+    def research(q: str) -> str:
+        """Research through `ask`."""
+        if not inner.call(q=q).content:
+            raise RuntimeError("research gave up")
+        return "found"
+
+    with recording(repo), pytest.raises(RuntimeError, match="gave up"):
+        FunctionTool.from_defaults(research, name="research").call(q="hello")
+    run = only_run(repo)
+    assert len(run.metric("errors", kind="llm")) == 1
+    assert not run.metric("errors", kind="tool")
+
+
+def test_a_failure_the_callback_channel_sees_first_is_one_error(repo: Path) -> None:
+    """README: `errors` once per exception, also when it reaches both channels. A splitter
+    fails inside a workflow step: its NODE_PARSING event's payload carries the exception
+    before the step's span fails with it; the step and the run add none."""
+    import asyncio
+
+    from llama_index.core import Document
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    class Broken(SentenceSplitter):
+        def _parse_nodes(self, nodes: Any, show_progress: bool = False, **kwargs: Any) -> Any:
+            raise ValueError("cannot split")
+
+    class Ingest(Workflow):
+        @step
+        async def split(self, ev: StartEvent) -> StopEvent:
+            Broken().get_nodes_from_documents([Document(text="one two three")])
+            return StopEvent(result="never")
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="cannot split"):
+            await Ingest(timeout=30).run()
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    errors = {k: v for k, v in run.metrics.items() if k[0] == "errors"}
+    assert sum(len(v) for v in errors.values()) == 1, errors
+    assert "error ValueError" in traces(run, "workflow")[0]
+
+
+def test_a_query_cancelled_by_a_timeout_says_cancelled_not_error(repo: Path) -> None:
+    """README: a cancelled call is recorded as cancelled, not as an error; the trace says
+    status `cancelled` (the request's and its LLM call's spans)."""
+    import asyncio
+
+    from fakellm import SlowLLM
+
+    engine = _index().as_query_engine(llm=SlowLLM(delay=5.0))
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(engine.aquery(QUESTIONS[0]), 0.3)  # the app gives up
+
+    with recording(repo):
+        asyncio.run(main())
+    run = only_run(repo)
+    (trace,) = traces(run, "query")
+    lines = trace.splitlines()
+    assert "· cancelled ·" in lines[1], trace
+    assert [line.split()[2] for line in lines[2:] if "SlowLLM" in line] == ["cancelled"], trace
+    assert not [k for k in run.metrics if k[0] == "errors"], trace
+    assert not run.text("answer", kind="query")
+
+
+def test_a_request_whose_stream_is_being_read_at_shutdown_is_timed_to_the_shutdown(
+        repo: Path) -> None:
+    """README: `incomplete at shutdown` is timed to the shutdown when something still ran
+    under it — its LLM stream, read part-way, counts (its spans had all returned)."""
+    engine = _index().as_query_engine(streaming=True, llm=RuleLLM())
+    with recording(repo):
+        reading = engine.query(QUESTIONS[0]).response_gen
+        next(reading), next(reading)
+        time.sleep(0.6)  # still reading when the app shuts down
+    run = only_run(repo)
+    (trace,) = traces(run, "query")
+    header = trace.splitlines()[1]
+    assert "incomplete at shutdown" in header, trace
+    assert float(header.split(" ms")[0]) >= 550, trace
+    del reading
+
+
+def test_a_request_cut_off_by_shutdown_has_no_answer_from_an_earlier_llm_call(
+        repo: Path) -> None:
+    """README: at shutdown a request has an answer only if one was complete — not the text
+    of an LLM call it made before it was cut off."""
+    import asyncio
+    import contextvars
+    import threading
+
+    from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+    class Draft(Workflow):
+        @step
+        async def write(self, ev: StartEvent) -> StopEvent:
+            draft = await Settings.llm.acomplete(f"draft about {ev.topic}")
+            await asyncio.sleep(2.0)  # still polishing when the app shuts down
+            return StopEvent(result=str(draft))
+
+    from llama_index.core import Settings
+
+    async def main() -> None:
+        await Draft(timeout=30).run(topic="cats")
+
+    with recording(repo):
+        worker = threading.Thread(target=contextvars.copy_context().run,
+                                  args=(asyncio.run, main()))
+        worker.start()
+        time.sleep(0.6)
+    worker.join()
+    run = only_run(repo)
+    (trace,) = traces(run, "workflow")
+    assert "incomplete at shutdown" in trace.splitlines()[1], trace
+    assert [q for _, q in run.text("question", kind="workflow")] == ["cats"]
+    assert not run.text("answer", kind="workflow")
+
+
+def test_rough_token_counts_are_marked_in_the_trace(repo: Path) -> None:
+    """README: trace token counts marked `~` are rough (characters / 4); a total with a
+    rough part is marked `~` too."""
+    engine = _index().as_query_engine(similarity_top_k=2)  # MockLLM: no provider usage
+    with recording(repo):
+        engine.query(QUESTIONS[0])
+    (trace,) = traces(only_run(repo), "query")
+    import re
+
+    assert re.search(r" · tokens ~\d+$", trace.splitlines()[1]), trace
+    assert re.search(r"MockLLM\.predict .* llm [\d.]+ms tokens=~\d+\+~\d+$", trace, re.M), trace
+
+
+def test_past_the_open_request_cap_the_oldest_expire_first(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README (Bounds): at most 10,000 requests are tracked at once (the oldest expire
+    first). Cap 2 here: three streaming queries kept unread; the first one expires."""
+    from aim_llama import observer
+
+    monkeypatch.setattr(observer, "MAX_OPEN_ROOTS", 2)
+    engine = _index().as_query_engine(streaming=True)
+    with recording(repo):
+        kept = [engine.query(q) for q in QUESTIONS[:3]]
+    run = only_run(repo)
+    questions = dict(run.text("question", kind="query"))
+    status = {questions[s]: t.splitlines()[1] for s, t in run.text("trace", kind="query")}
+    assert "expired (incomplete)" in status[QUESTIONS[0]], status
+    for q in QUESTIONS[1:3]:
+        assert "incomplete at shutdown" in status[q], status
+    del kept
