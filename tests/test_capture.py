@@ -3313,7 +3313,6 @@ def test_a_chat_stream_failing_before_stream_chat_returns_fails_its_request(
 def test_a_cancelled_tool_call_says_cancelled_and_is_no_error(repo: Path) -> None:
     """README: a cancelled tool is recorded as cancelled, not as an error: its `tool_call`
     ends `-> cancelled`."""
-    import asyncio
 
     from llama_index.core.tools import FunctionTool
 
@@ -3340,10 +3339,8 @@ def test_a_cancelled_tool_call_says_cancelled_and_is_no_error(repo: Path) -> Non
 def test_a_tool_returning_an_error_for_its_own_failed_llm_call_is_one_error(repo: Path) -> None:
     """README: a tool that fails *or returns an error* because of an error already counted
     under it (its own LLM call) adds none."""
-    from fakellm import FailingLLM
     from llama_index.core.tools import FunctionTool, ToolOutput
 
-    from test_capture import _log_records
 
     inner = FailingLLM()
 
@@ -3372,7 +3369,6 @@ def test_predict_and_call_failing_on_the_last_of_parallel_tools_is_one_error(
     counted under its tool already: one error, not an LLM failure too."""
     from llama_index.core.tools import FunctionTool
 
-    from test_capture import _log_records, _TwoToolsAtOnce
 
     def alpha(x: int) -> str:
         """Tool alpha."""
@@ -3399,7 +3395,6 @@ def test_an_earlier_error_reraised_after_a_later_one_is_still_one_error(repo: Pa
     """README: `errors` once per exception, at the innermost component that raised it. Two
     tools fail; the step re-raises the first one after the second was counted: the step
     adds no third error."""
-    import asyncio
 
     from llama_index.core.tools import FunctionTool
     from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
@@ -3438,7 +3433,6 @@ def test_a_tool_failing_because_of_an_llm_failure_under_an_inner_tool_is_one_err
         repo: Path) -> None:
     """An LLM call fails under an inner tool, which swallows it; the outer tool then gives
     up because of it: the error counted under it (two levels down) is its only one."""
-    from fakellm import FailingLLM
     from llama_index.core.tools import FunctionTool
 
     llm = FailingLLM()
@@ -3469,9 +3463,7 @@ def test_a_failure_the_callback_channel_sees_first_is_one_error(repo: Path) -> N
     """README: `errors` once per exception, also when it reaches both channels. A splitter
     fails inside a workflow step: its NODE_PARSING event's payload carries the exception
     before the step's span fails with it; the step and the run add none."""
-    import asyncio
 
-    from llama_index.core import Document
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
 
@@ -3500,9 +3492,7 @@ def test_a_failure_the_callback_channel_sees_first_is_one_error(repo: Path) -> N
 def test_a_query_cancelled_by_a_timeout_says_cancelled_not_error(repo: Path) -> None:
     """README: a cancelled call is recorded as cancelled, not as an error; the trace says
     status `cancelled` (the request's and its LLM call's spans)."""
-    import asyncio
 
-    from fakellm import SlowLLM
 
     engine = _index().as_query_engine(llm=SlowLLM(delay=5.0))
 
@@ -3542,9 +3532,7 @@ def test_a_request_cut_off_by_shutdown_has_no_answer_from_an_earlier_llm_call(
         repo: Path) -> None:
     """README: at shutdown a request has an answer only if one was complete — not the text
     of an LLM call it made before it was cut off."""
-    import asyncio
     import contextvars
-    import threading
 
     from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
 
@@ -3555,7 +3543,6 @@ def test_a_request_cut_off_by_shutdown_has_no_answer_from_an_earlier_llm_call(
             await asyncio.sleep(2.0)  # still polishing when the app shuts down
             return StopEvent(result=str(draft))
 
-    from llama_index.core import Settings
 
     async def main() -> None:
         await Draft(timeout=30).run(topic="cats")
@@ -3580,7 +3567,6 @@ def test_rough_token_counts_are_marked_in_the_trace(repo: Path) -> None:
     with recording(repo):
         engine.query(QUESTIONS[0])
     (trace,) = traces(only_run(repo), "query")
-    import re
 
     assert re.search(r" · tokens ~\d+$", trace.splitlines()[1]), trace
     assert re.search(r"MockLLM\.predict .* llm [\d.]+ms tokens=~\d+\+~\d+$", trace, re.M), trace

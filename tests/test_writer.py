@@ -1349,7 +1349,6 @@ def test_aim_llamas_threads_block_sigpipe_as_well_as_the_process_signals() -> No
     """The sender thread writes to the writer process's pipe: with SIGPIPE blocked there, a
     writer that died makes the write fail with EPIPE instead of killing an application that
     restored SIGPIPE's default action (`prog | head`)."""
-    import signal
     import threading
 
     from aim_llama.lifecycle import start_background
