@@ -3463,7 +3463,6 @@ def test_a_failure_the_callback_channel_sees_first_is_one_error(repo: Path) -> N
     """README: `errors` once per exception, also when it reaches both channels. A splitter
     fails inside a workflow step: its NODE_PARSING event's payload carries the exception
     before the step's span fails with it; the step and the run add none."""
-
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
 
@@ -3492,8 +3491,6 @@ def test_a_failure_the_callback_channel_sees_first_is_one_error(repo: Path) -> N
 def test_a_query_cancelled_by_a_timeout_says_cancelled_not_error(repo: Path) -> None:
     """README: a cancelled call is recorded as cancelled, not as an error; the trace says
     status `cancelled` (the request's and its LLM call's spans)."""
-
-
     engine = _index().as_query_engine(llm=SlowLLM(delay=5.0))
 
     async def main() -> None:
@@ -3543,7 +3540,6 @@ def test_a_request_cut_off_by_shutdown_has_no_answer_from_an_earlier_llm_call(
             await asyncio.sleep(2.0)  # still polishing when the app shuts down
             return StopEvent(result=str(draft))
 
-
     async def main() -> None:
         await Draft(timeout=30).run(topic="cats")
 
@@ -3567,7 +3563,6 @@ def test_rough_token_counts_are_marked_in_the_trace(repo: Path) -> None:
     with recording(repo):
         engine.query(QUESTIONS[0])
     (trace,) = traces(only_run(repo), "query")
-
     assert re.search(r" · tokens ~\d+$", trace.splitlines()[1]), trace
     assert re.search(r"MockLLM\.predict .* llm [\d.]+ms tokens=~\d+\+~\d+$", trace, re.M), trace
 
