@@ -3584,3 +3584,206 @@ def test_past_the_open_request_cap_the_oldest_expire_first(
     for q in QUESTIONS[1:3]:
         assert "incomplete at shutdown" in status[q], status
     del kept
+
+
+# -- Edges found by a mutation audit of activation, the callback handler and the dispatcher
+# records (2026-11-28).
+
+
+def test_reranks_and_sub_questions_are_recorded_by_the_dispatcher_only(repo: Path) -> None:
+    """README: each piece of data goes to exactly one channel. A reranker and a sub-question
+    engine built while recording also report CallbackManager events (`reranking`,
+    `sub_question`); those are the dispatcher's, so they add no second `latency_ms` line."""
+    from llama_index.core.postprocessor.structured_llm_rerank import StructuredLLMRerank
+    from llama_index.core.query_engine import SubQuestionQueryEngine
+    from llama_index.core.question_gen import LLMQuestionGenerator
+    from llama_index.core.tools import QueryEngineTool
+
+    with recording(repo):
+        reranked = _index().as_query_engine(
+            similarity_top_k=3, node_postprocessors=[StructuredLLMRerank(llm=RuleLLM(), top_n=2)])
+        reranked.query("rank these")
+        rule = RuleLLM()
+        tool = QueryEngineTool.from_defaults(_index().as_query_engine(), name="docs",
+                                             description="the docs")
+        SubQuestionQueryEngine.from_defaults(
+            query_engine_tools=[tool], llm=rule,
+            question_gen=LLMQuestionGenerator.from_defaults(llm=rule), use_async=False,
+        ).query("compare topic 1 and topic 2")
+    run = only_run(repo)
+    assert len(run.metric("latency_ms", kind="rerank", reranker="StructuredLLMRerank")) == 1
+    kinds = {dict(ctx).get("kind") for _, ctx in run.sequences()}
+    assert not kinds & {"reranking", "sub_question"}, kinds
+
+
+class _BrokenSplitter:
+    """A `SentenceSplitter` whose splitting fails (inside LlamaIndex's CHUNKING event)."""
+
+    @staticmethod
+    def make() -> Any:
+        from llama_index.core.node_parser import SentenceSplitter
+
+        class Broken(SentenceSplitter):
+            def _split(self, text: str, chunk_size: int) -> Any:
+                raise ValueError("splitter broke")
+
+        return Broken()
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_an_index_build_failure_follows_the_exception_ignore_list(repo: Path, ignored: bool) -> None:
+    """README: with `exception` in the ignore lists no `errors` point or Logs entry is
+    recorded, whichever channel sees the error — also a splitter's failure in an index build,
+    which only the CallbackManager's CHUNKING event carries (no request is open)."""
+    overrides = {"event_ends_to_ignore": ["exception"]} if ignored else {}
+    with recording(repo, **overrides), pytest.raises(ValueError, match="splitter broke"):
+        VectorStoreIndex.from_documents([Document(text="one. two. three.")],
+                                        transformations=[_BrokenSplitter.make()])
+    run = only_run(repo)
+    errors = [k for k in run.metrics if k[0] == "errors"]
+    assert (errors == []) if ignored else (run.metric("errors", kind="chunking") == [(0, 1.0)]), errors
+
+
+def test_the_usage_of_every_inner_call_counts_for_the_outer_one(repo: Path) -> None:
+    """README: the provider's usage of an inner call counts for the outer one when the outer
+    response carries none — of each inner call, when the outer makes several (a draft, then a
+    refinement): the one recorded call holds their sum, not the last one's usage."""
+    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+    from llama_index.core.llms.callbacks import llm_completion_callback
+
+    inner = RuleLLM(usage=USAGE)
+
+    class TwoStep(CustomLLM):
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(model_name="two-step")
+
+        @llm_completion_callback()
+        def complete(self, prompt: str, formatted: bool = False, **kw: Any) -> CompletionResponse:
+            draft = inner.complete("draft: " + prompt).text
+            return CompletionResponse(text=inner.complete("refine: " + draft).text)
+
+        @llm_completion_callback()
+        def stream_complete(self, prompt: str, formatted: bool = False, **kw: Any) -> Any:
+            raise NotImplementedError
+
+    with recording(repo):
+        TwoStep().complete("hello")
+    run = only_run(repo)
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["hello"]  # one call
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert run.metric(name, kind="llm", source="provider") == [(0, 2.0 * USAGE[name])], name
+
+
+def test_a_new_settings_callback_manager_is_followed_with_terminal_capture_on(repo: Path) -> None:
+    """README: a manager the app puts in `Settings.callback_manager` after activation gets the
+    handler at its next request — with the default `capture_terminal_logs = true` too (which
+    chains its own per-request hook; test_capture's pipelines run with it off)."""
+    from llama_index.core.callbacks import CallbackManager, LlamaDebugHandler
+
+    original = Settings.callback_manager
+    try:
+        assert aim_llama.instrument(repo=str(repo), writer="thread", system_tracking_interval=None,
+                                    log_system_params=False, capture_terminal_logs=True)
+        from aim_llama import autoinstrument
+
+        writer = autoinstrument._active.writer
+        Settings.callback_manager = CallbackManager([LlamaDebugHandler(print_trace_on_end=False)])
+        docs = [Document(text=f"Document {i} is about topic {i % 3}. " * 5) for i in range(4)]
+        VectorStoreIndex.from_documents(docs).as_query_engine().query("what about topic 1?")
+        aim_llama.uninstrument()
+        _runs.append(writer.run_hash)
+    finally:
+        Settings.callback_manager = original
+    run = only_run(repo)
+    assert len(run.text("chunk", kind="chunking")) == 4
+    assert len(run.metric("latency_ms", kind="synthesize")) == 1
+
+
+def test_a_postprocessor_given_no_list_records_no_rerank_values(repo: Path) -> None:
+    """`_nodes_given`: nodes that are not a list (a tuple handed in by the app) are not
+    counted (-1 would be stored as `rerank_nodes_in`); a list is."""
+    from llama_index.core.postprocessor import SimilarityPostprocessor
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    nodes = [NodeWithScore(node=TextNode(text=f"n{i}"), score=i / 4) for i in range(4)]
+    cutoff = SimilarityPostprocessor(similarity_cutoff=0.3)
+    with recording(repo):
+        cutoff.postprocess_nodes(tuple(nodes))  # type: ignore[arg-type]
+        cutoff.postprocess_nodes(nodes)
+    run = only_run(repo)
+    ctx = {"kind": "rerank", "reranker": "SimilarityPostprocessor"}
+    assert run.metric("rerank_nodes_in", **ctx) == [(0, 4.0)]
+
+
+def test_a_failed_rerank_has_no_latency_point(repo: Path) -> None:
+    """README: `latency_ms` for each call, also one that raised — none for a failed rerank,
+    whose records need the nodes it returned (and never one without its `reranker`)."""
+    from llama_index.core.postprocessor.structured_llm_rerank import StructuredLLMRerank
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    rerank = StructuredLLMRerank(llm=FailingLLM(), top_n=2)
+    nodes = [NodeWithScore(node=TextNode(text=f"n{i}"), score=0.5) for i in range(3)]
+    with recording(repo), pytest.raises(RuntimeError):
+        rerank.postprocess_nodes(nodes, query_str="rank these")
+    run = only_run(repo)
+    assert run.metric("errors", kind="llm") == [(0, 1.0)]
+    assert not [ctx for name, ctx in run.sequences()
+                if name == "latency_ms" and dict(ctx).get("kind") == "rerank"]
+
+
+def test_embedding_tokens_count_every_embedded_text(repo: Path) -> None:
+    """README: `embedding_tokens` per embedding call — all of its texts, not the first one."""
+    texts = [f"text number {i} with a few more words in it" for i in range(5)]
+    with recording(repo):
+        Settings.embed_model.get_text_embedding_batch(texts)
+    run = only_run(repo)
+    ((_, tokens),) = run.metric("embedding_tokens", kind="embedding", source="estimated")
+    each = len(Settings.tokenizer(texts[0]))
+    assert tokens >= 4 * each, (tokens, each)
+
+
+def test_instrument_with_the_same_settings_after_recording_says_nothing(
+        repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """README: a later `instrument(**settings)` warns (strict mode: raises) only about settings
+    that differ from the active ones; the same settings again change nothing, silently."""
+    import logging
+
+    from aim_llama.log import reset_reported
+
+    reset_reported()
+    same = dict(repo=str(repo), writer="thread", system_tracking_interval=None,
+                log_system_params=False, capture_terminal_logs=False)
+    caplog.set_level(logging.WARNING, logger="aim_llama")
+    with recording(repo):
+        Settings.llm.complete("recorded first")
+        from aim_llama import autoinstrument
+
+        aim_llama.flush()
+        assert autoinstrument._active.writer._started
+        assert aim_llama.instrument(**same) is True
+        assert aim_llama.instrument(**same, strict=False) is True
+    assert not [r for r in caplog.records if "came after" in r.getMessage()], caplog.text
+
+
+def test_flush_says_false_when_records_were_dropped(repo: Path) -> None:
+    """README (`aim_llama.flush`): False when records were dropped since the previous flush
+    (a full queue), True again at the next one once nothing more was lost."""
+    from aim_llama import autoinstrument
+    from aim_llama.records import Track
+
+    with recording(repo, queue_size=100):
+        Settings.llm.complete("before the burst")
+        assert aim_llama.flush() is True
+        writer = autoinstrument._active.writer
+        # one hand-off larger than the whole queue: dropped, whatever the sender's pace
+        writer.submit_many([Track("burst", float(i), "metric", {"kind": "t"})
+                            for i in range(101)])
+        assert aim_llama.flush() is False
+        Settings.llm.complete("after the burst")
+        assert aim_llama.flush() is True
+    run = only_run(repo)
+    assert not run.metric("burst", kind="t")
+    assert [t for _, t in run.text("prompt", kind="llm")] == ["before the burst",
+                                                            "after the burst"]
+    assert run.metric("dropped_records", kind="queue")[-1][1] == 101.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
@@ -139,3 +140,48 @@ def test_document_and_video_blocks_show_their_type() -> None:
         TextBlock(text="see"), DocumentBlock(data=b"%PDF-1.4 x", document_mimetype="application/pdf"),
         VideoBlock(video=b"\x00\x00\x00 ftypmp42", video_mimetype="video/mp4")])
     assert render_message(message) == "user: see\n[document: application/pdf]\n[video: video/mp4]"
+
+
+def test_llm_models_lists_the_first_100_models() -> None:
+    """README: `llm_models` lists the first 100 models (not 99), and stops there."""
+    from aim_llama.observer import Observer, _Call
+    from aim_llama.records import Param
+
+    sink: list[Any] = []
+    observer = Observer(sink.extend)
+    for i in range(102):
+        call = _Call(0.0, None, False)
+        call.model = {"model": f"model-{i}"}
+        observer._model_param(call, None)
+    params = [r for r in sink if isinstance(r, Param) and r.key == "llm_models"]
+    assert len(params) == 100
+    assert list(params[-1].value) == [f"model-{i}" for i in range(100)]
+
+
+def test_the_callback_handler_keeps_a_bounded_number_of_open_events() -> None:
+    """Start times of events whose end never comes (an aborted stream) are bounded
+    (`MAX_OPEN_EVENTS`), the oldest dropped first; a recent event still gets its latency."""
+    from llama_index.core.callbacks.schema import CBEventType
+
+    from aim_llama.handler import MAX_OPEN_EVENTS, AimLlamaHandler
+    from aim_llama.records import Track
+
+    sink: list[Any] = []
+    handler = AimLlamaHandler(sink.append)
+    for n in range(MAX_OPEN_EVENTS + 5):
+        handler.on_event_start(CBEventType.NODE_PARSING, {}, event_id=f"e{n}")
+    assert len(handler._open) <= MAX_OPEN_EVENTS
+    assert "e0" not in handler._open
+    handler.on_event_end(CBEventType.NODE_PARSING, {}, event_id=f"e{MAX_OPEN_EVENTS + 4}")
+    assert [r.name for r in sink if isinstance(r, Track)] == ["latency_ms"]
+
+
+def test_token_estimates_extrapolate_beyond_the_tokenized_part() -> None:
+    """README: token estimates tokenize at most 100,000 characters and extrapolate beyond
+    (the app-thread path, used with a custom tokenizer)."""
+    from aim_llama.observer import _estimate_many
+
+    text = "word " * 20_000  # 100,000 characters
+    one = _estimate_many([text])
+    assert one > 0
+    assert abs(_estimate_many([text, text, text]) - 3 * one) <= 3

@@ -523,3 +523,46 @@ def test_a_link_leading_nowhere_is_an_error_like_a_directory(cwd: Path, target: 
     with pytest.raises(ConfigError) as info:
         load_settings(environ={"AIM_LLAMA_CONFIG": "aim_llama.toml"})
     assert f"aim_llama.toml' {said} (named by env AIM_LLAMA_CONFIG)" in str(info.value)
+
+
+def test_a_blank_switch_variable_counts_as_unset(cwd: Path) -> None:
+    """README: an empty (or all-blank) environment variable counts as unset — so the file's
+    kill switch still wins (over a broken configuration too)."""
+    from aim_llama.switches import switch
+
+    (cwd / "aim_llama.toml").write_text("enabled = false\nqueue_size = 'abc'\n")
+    for blank in ("", "  ", "\t"):
+        assert switch("enabled", {"AIM_LLAMA_ENABLED": blank}) is False, repr(blank)
+
+
+def test_the_switches_follow_the_file_precedence(cwd: Path) -> None:
+    """README: the TOML file > `[tool.aim_llama]` in pyproject.toml, for the switches too."""
+    from aim_llama.switches import switch
+
+    (cwd / "aim_llama.toml").write_text("enabled = true\nstrict = false\n")
+    (cwd / "pyproject.toml").write_text("[tool.aim_llama]\nenabled = false\nstrict = true\n")
+    assert switch("enabled", {}) is True and switch("strict", {}) is False
+    assert switch("strict", {}, quick=True) is False
+
+
+def test_another_tools_strict_line_is_not_ours_in_a_broken_file(cwd: Path) -> None:
+    """A plain `strict = true` line counts in a file TOML cannot parse only in aim-llama's own
+    table: mypy's `[tool.mypy] strict = true` beside a broken `[tool.aim_llama]` is not strict
+    mode (which would stop every Python process at start-up)."""
+    from aim_llama.switches import switch
+
+    (cwd / "pyproject.toml").write_text(
+        "[tool.mypy]\nstrict = true\n[tool.aim_llama]\nqueue_size =\n")
+    assert switch("strict", {}) is None
+    assert switch("strict", {}, quick=True) is None
+
+
+def test_a_line_separator_alone_is_escaped_in_messages() -> None:
+    """Every message and source stays one line: U+2028 / U+2029 (which `str.splitlines` and
+    many viewers break at) are escaped even in a text with no other control character."""
+    from aim_llama.errors import ConfigError, one_line
+
+    assert one_line("a\u2028b") == "a\\u2028b"
+    assert one_line("a\u2029b") == "a\\u2029b"
+    exc = ConfigError("invalid setting experiment (env AIM_EXPERIMENT='x\u2028y')")
+    assert len(str(exc).splitlines()) == 1
