@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aim_llama.errors import ConfigError
+from aim_llama.errors import ConfigError, mask_secrets, secret_name
 from aim_llama.settings import EVENT_TYPES, AimLlamaSettings, check_resolvable, load_settings
 
 
@@ -566,3 +566,60 @@ def test_a_line_separator_alone_is_escaped_in_messages() -> None:
     assert one_line("a\u2029b") == "a\\u2029b"
     exc = ConfigError("invalid setting experiment (env AIM_EXPERIMENT='x\u2028y')")
     assert len(str(exc).splitlines()) == 1
+
+
+def test_redact_secrets_false_turns_off_the_built_ins_but_keeps_redact(cwd: Path) -> None:
+    key = "sk-" + "a1B2" * 8
+    settings = load_settings(environ={"AIM_LLAMA_REDACT_SECRETS": "false",
+                                      "AIM_LLAMA_REDACT": r"\d{3}-\d{2}-\d{4}"}).settings
+    from aim_llama.content import ContentPolicy
+
+    policy = ContentPolicy.from_settings(settings)
+    assert policy.redact(f"{key} ssn 123-45-6789") == f"{key} ssn [REDACTED]"
+
+
+def test_an_all_blank_environment_variable_counts_as_unset(cwd: Path) -> None:
+    loaded = load_settings(environ={"AIM_LLAMA_QUEUE_SIZE": "   ", "AIM_LLAMA_SAMPLE_RATE": "\t"})
+    assert loaded.settings.queue_size == 50_000 and loaded.settings.sample_rate == 1.0
+    assert loaded.sources["queue_size"] == "default"
+
+
+@pytest.mark.parametrize(("word", "value"), [("true", True), ("yes", True), ("on", True),
+                                             ("1", True), ("false", False), ("no", False),
+                                             ("off", False), ("0", False)])
+def test_every_boolean_spelling_the_error_line_allows_is_accepted(
+        cwd: Path, word: str, value: bool) -> None:
+    """Every boolean's error says `true or false (also yes/no, on/off, 1/0)`."""
+    s = load_settings(environ={"AIM_LLAMA_CAPTURE_CONTENT": word,
+                               "AIM_LLAMA_REDACT_SECRETS": word.upper()}).settings
+    assert s.capture_content is value and s.redact_secrets is value
+
+
+@pytest.mark.parametrize(("env", "allowed"), [
+    ({"AIM_LLAMA_SAMPLE_RATE": "2"}, "allowed: a number from 0 to 1"),
+    ({"AIM_LLAMA_QUEUE_SIZE": "5"}, "allowed: a whole number of records from 100 to 10000000"),
+    ({"AIM_LLAMA_FLUSH_TIMEOUT": "0"}, "allowed: a number of seconds > 0 and <= 86400"),
+    ({"AIM_LLAMA_MAX_TEXT_LENGTH": "-3"}, "none/off/0 for no limit"),
+    ({"AIM_LLAMA_CAPTURE_CONTENT": "maybe"}, "allowed: true or false"),
+    ({"AIM_LLAMA_PROPAGATE": "maybe"}, "allowed: true or false"),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else "")
+def test_every_setting_error_says_what_is_allowed(cwd: Path, env: dict[str, str],
+                                                  allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    assert allowed in str(info.value), str(info.value)
+
+
+def test_an_invalid_redact_pattern_is_named_even_in_a_long_list(cwd: Path) -> None:
+    """README: an invalid regex is a configuration error naming it (the value quoted in the
+    source part is cut at 60 characters, so the message itself must name it)."""
+    good = [f"customer-id-{i}-[0-9]{{8}}" for i in range(5)]
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"AIM_LLAMA_REDACT": "\n".join([*good, "broken(group"])})
+    assert "'broken(group'" in str(info.value), str(info.value)
+
+
+def test_an_auth_word_makes_a_name_secret() -> None:
+    """README: a word such as `auth` makes a key's value secret (`basic_auth`)."""
+    assert secret_name("basic_auth") and secret_name("proxy-auth")
+    assert "hunter2" not in mask_secrets('{"basic_auth": "user:hunter2"}')
