@@ -2940,6 +2940,19 @@ def test_two_tools_that_fail_at_the_same_time_are_two_errors(repo: Path) -> None
         messages
 
 
+def _history_written_before_stream_chat_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force what a preempted caller sees: a chat engine's history thread (which reads the
+    LLM stream) runs to its end before `stream_chat` returns."""
+    import llama_index.core.chat_engine.simple as simple
+
+    class DoneBeforeReturn(simple.Thread):
+        def start(self) -> None:
+            super().start()
+            self.join()
+
+    monkeypatch.setattr(simple, "Thread", DoneBeforeReturn)
+
+
 def test_a_tool_whose_own_llm_call_failed_is_still_one_error(repo: Path) -> None:
     # (what the per-tool count is for: the tool fails because of the error under it)
     from llama_index.core.tools import FunctionTool
@@ -2967,15 +2980,9 @@ def test_a_streaming_chat_read_by_llamaindex_before_it_returns_still_ends(
     that thread is done before `stream_chat` returns (a preempted caller; forced here), the
     chat response's `response_gen` is still an unstarted generator — a property that makes
     a new one each time. The request must not wait for it: it stayed open until shutdown."""
-    import llama_index.core.chat_engine.simple as simple
     from llama_index.core.chat_engine import SimpleChatEngine
 
-    class DoneBeforeReturn(simple.Thread):
-        def start(self) -> None:
-            super().start()
-            self.join()
-
-    monkeypatch.setattr(simple, "Thread", DoneBeforeReturn)
+    _history_written_before_stream_chat_returns(monkeypatch)
     with recording(repo):
         response = SimpleChatEngine.from_defaults(llm=MockLLM(max_tokens=4)).stream_chat("hi")
         read = "".join(response.response_gen)
@@ -3291,15 +3298,9 @@ def test_a_chat_stream_failing_before_stream_chat_returns_fails_its_request(
         repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LlamaIndex's history thread read the chat's stream, which raised, before `stream_chat`
     returned (a preempted caller; forced here): the chat failed, with no answer."""
-    import llama_index.core.chat_engine.simple as simple
     from llama_index.core.chat_engine import SimpleChatEngine
 
-    class DoneBeforeReturn(simple.Thread):
-        def start(self) -> None:
-            super().start()
-            self.join()
-
-    monkeypatch.setattr(simple, "Thread", DoneBeforeReturn)
+    _history_written_before_stream_chat_returns(monkeypatch)
     with recording(repo):
         chat = SimpleChatEngine.from_defaults(llm=RuleLLM(fail_after=2)).stream_chat("hello")
         with pytest.raises(RuntimeError, match="stream broke"):
