@@ -48,6 +48,17 @@ def test_token_estimates_extrapolate_beyond_the_characters_tokenized() -> None:
     assert count_in_writer(["  " + text[2:]]) == pytest.approx(expected, rel=0.01)
 
 
+def test_a_batch_estimate_extrapolates_beyond_the_texts_tokenized() -> None:
+    """The same for many texts at once (an embedding batch, counted on the app thread with a
+    custom tokenizer): about 100,000 characters of them are tokenized, the rest extrapolated."""
+    from aim_llama.observer import _estimate_many
+
+    text = "word " * 20_000  # 100,000 characters
+    one = _estimate_many([text])
+    assert one > 0
+    assert abs(_estimate_many([text, text, text]) - 3 * one) <= 3
+
+
 def test_provider_counts_outside_the_int64_range_are_not_taken() -> None:
     """README: token counts outside 0…2⁶³ are not taken from the provider (estimated)."""
     from types import SimpleNamespace

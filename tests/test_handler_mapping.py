@@ -174,14 +174,3 @@ def test_the_callback_handler_keeps_a_bounded_number_of_open_events() -> None:
     assert "e0" not in handler._open
     handler.on_event_end(CBEventType.NODE_PARSING, {}, event_id=f"e{MAX_OPEN_EVENTS + 4}")
     assert [r.name for r in sink if isinstance(r, Track)] == ["latency_ms"]
-
-
-def test_token_estimates_extrapolate_beyond_the_tokenized_part() -> None:
-    """README: token estimates tokenize at most 100,000 characters and extrapolate beyond
-    (the app-thread path, used with a custom tokenizer)."""
-    from aim_llama.observer import _estimate_many
-
-    text = "word " * 20_000  # 100,000 characters
-    one = _estimate_many([text])
-    assert one > 0
-    assert abs(_estimate_many([text, text, text]) - 3 * one) <= 3
